@@ -1,0 +1,59 @@
+"""Perplexity, with one documented protocol used by the CLI, the benchmarks and model cards.
+
+Protocol: tokenize the whole text as one string (no special tokens added); keep the first ``max_tokens``
+tokens (default 32768); cut them into non-overlapping windows of ``seqlen`` tokens (default 512; a last
+partial window is dropped); score each window independently (no context carried over); average the negative
+log-likelihood over every predicted token (``seqlen - 1`` per window); report ``exp`` of that mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    tokens: int  # tokens scored (predicted)
+    windows: int
+    seqlen: int
+    max_tokens: int
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, *, seqlen: int = 512, max_tokens: int = 32768, batch_size: int = 4,
+               progress: bool = True) -> PerplexityResult:
+    if seqlen < 2:
+        raise ConfigError(f"seqlen must be at least 2, got {seqlen}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
+    n_windows = ids.numel() // seqlen
+    if n_windows == 0:
+        raise ConfigError(f"Text has {ids.numel()} tokens, fewer than one window of {seqlen}.")
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress, unit="batch"):
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                  reduction="sum")
+            total += nll.item()
+            count += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    mean = total / count
+    return PerplexityResult(math.exp(mean), mean, count, n_windows, seqlen, max_tokens)

@@ -1,0 +1,123 @@
+"""`HfCompressQuantizer`: the transformers weight-loading hook for hf-compress checkpoints.
+
+* pre-quantized load: before weights are read, swap each recorded module for its compressed type, after
+  checking the checkpoint's tensors (names, shapes, completeness) against the config — so a bad file fails
+  with an error naming it, never by loading random weights;
+* compress-on-load (``from_pretrained(dense, quantization_config=CompressionConfig(...))``): weights load dense,
+  then data-free methods compress them.
+"""
+
+from __future__ import annotations
+
+from transformers.quantizers import HfQuantizer, register_quantizer
+
+from . import __version__
+from .checkpoint import read_headers
+from .config import QUANT_METHOD, CompressionConfig
+from .errors import CheckpointError, ConfigError, UnsupportedModuleError
+from .modules import MODULE_TYPES
+from .targets import SUPPORTED, set_module, shape_of
+
+
+def compressed_modules(model):
+    """name -> module for every hf-compress module inside ``model``."""
+    types = tuple(MODULE_TYPES.values())
+    return {name: m for name, m in model.named_modules() if isinstance(m, types)}
+
+
+def refresh_records(model, config: CompressionConfig) -> None:
+    config.modules = {name: m.record() for name, m in compressed_modules(model).items()}
+
+
+def attach(model, config: CompressionConfig) -> None:
+    """Mark an in-memory compressed model the way ``from_pretrained`` marks a loaded one."""
+    quantizer = HfCompressQuantizer(config, pre_quantized=True)
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    quantizer.postprocess_model(model)
+
+
+@register_quantizer(QUANT_METHOD)
+class HfCompressQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: CompressionConfig
+
+    def validate_environment(self, *args, **kwargs):
+        from .methods import get_method
+
+        if not self.pre_quantized and get_method(self.quantization_config.method).requires_calibration:
+            raise ConfigError(
+                f"method {self.quantization_config.method!r} needs calibration data, so it cannot run inside "
+                "from_pretrained; load the dense model and call hf_compress.compress(model, config, ...)."
+            )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not self.pre_quantized:
+            return
+        records = self.quantization_config.modules
+        headers = read_headers(checkpoint_files or [])
+        prefix = getattr(model, "base_model_prefix", "")
+        for name, record in records.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"Config records compressed module {name!r}, which {type(model).__name__} lacks.") from None
+            if not isinstance(module, SUPPORTED):
+                raise UnsupportedModuleError(f"Config records {name!r} as compressed, but it is a {type(module).__name__}.")
+            kind = record.get("type")
+            if kind not in MODULE_TYPES:
+                raise CheckpointError(f"Module {name!r} has unknown compressed type {kind!r} (newer hf-compress?).")
+            out_f, in_f = shape_of(module)
+            ref = module.weight
+            try:
+                new = MODULE_TYPES[kind].from_record(record, in_f, out_f, device="meta", dtype=ref.dtype)
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"Config record of {name!r} is invalid: {e}") from None
+            for tensor, shape in new.expected_tensors().items():
+                key = _find_key(headers, f"{name}.{tensor}", prefix)
+                if key is None:
+                    raise CheckpointError(f"Checkpoint lacks tensor {name}.{tensor} recorded in its config.")
+                found = tuple(headers[key]["shape"])
+                if found != shape:
+                    raise CheckpointError(
+                        f"Tensor {key} has shape {found}, but the config ({record}) and the model "
+                        f"({out_f}x{in_f}) imply {shape}."
+                    )
+            set_module(model, name, new)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from .auto import use_compressed_config_class
+        from .compressor import compress_modules
+
+        if not self.pre_quantized:
+            compress_modules(model, self.quantization_config)
+        refresh_records(model, self.quantization_config)
+        use_compressed_config_class(model)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        # Called by save_pretrained before config.json is written: record what the model holds *now*
+        # (a merge of adapters may have changed ranks since loading).
+        refresh_records(model, self.quantization_config)
+        return None, {"hf_compress_version": __version__}
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in compressed_modules(model).items():
+            set_module(model, name, module.to_dense())
+        return model
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def _find_key(headers: dict, key: str, prefix: str) -> str | None:
+    for candidate in (key, f"{prefix}.{key}" if prefix else None,
+                      key.removeprefix(prefix + ".") if prefix else None):
+        if candidate and candidate in headers:
+            return candidate
+    return None
