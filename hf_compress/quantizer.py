@@ -58,11 +58,11 @@ class HfCompressQuantizer(HfQuantizer):
         records = self.quantization_config.modules
         headers = read_headers(checkpoint_files or [])
         prefix = getattr(model, "base_model_prefix", "")
-        for name, record in records.items():
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise CheckpointError(f"Config records compressed module {name!r}, which {type(model).__name__} lacks.") from None
+        for recorded, record in records.items():
+            name = _resolve_module_name(model, recorded, prefix)
+            if name is None:
+                raise CheckpointError(f"Config records compressed module {recorded!r}, which {type(model).__name__} lacks.")
+            module = model.get_submodule(name)
             if not isinstance(module, SUPPORTED):
                 raise UnsupportedModuleError(f"Config records {name!r} as compressed, but it is a {type(module).__name__}.")
             kind = record.get("type")
@@ -113,6 +113,20 @@ class HfCompressQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def _resolve_module_name(model, name: str, prefix: str) -> str | None:
+    """The module's name in ``model``, allowing for a head model's checkpoint loaded into its base model and back."""
+    candidates = [name]
+    if prefix:
+        candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+    for candidate in candidates:
+        try:
+            model.get_submodule(candidate)
+            return candidate
+        except AttributeError:
+            continue
+    return None
 
 
 def _find_key(headers: dict, key: str, prefix: str) -> str | None:

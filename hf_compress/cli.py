@@ -1,0 +1,143 @@
+"""The ``hf-compress`` command line: compress, eval, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .errors import HfCompressError
+
+
+def _add_compression_args(p: argparse.ArgumentParser) -> None:
+    from .methods import available_methods
+
+    p.add_argument("--method", default="svd", choices=available_methods(), help="compression method (default: svd)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ratio", type=float, help="fraction of the targeted layers' parameters to remove, in (0, 1)")
+    g.add_argument("--rank", type=int, help="one rank for every targeted layer")
+    p.add_argument("--targets", nargs="+", help="module name patterns (default: all linear layers in the blocks)")
+    p.add_argument("--skip", nargs="+", default=[], help="module name patterns to leave dense")
+
+
+def _config_from_args(args):
+    from .config import CompressionConfig
+
+    ratio = args.ratio if (args.ratio is not None or args.rank is not None) else 0.2
+    return CompressionConfig(method=args.method, ratio=ratio, rank=args.rank, targets=args.targets, skip=args.skip)
+
+
+def cmd_compress(args) -> int:
+    from . import compress, save_pretrained
+    from .loading import load_model, read_text
+    from .summary import layer_table
+
+    config = _config_from_args(args)
+    t0 = time.time()
+    model, tokenizer = load_model(args.model)
+    print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s")
+    t0 = time.time()
+    compress(model, config)
+    rows = layer_table(model)
+    now, dense = sum(r.bytes for r in rows), sum(r.dense_bytes for r in rows)
+    print(f"compressed {sum(r.kind != 'dense' for r in rows)} layers with {config.method} in {time.time() - t0:.1f}s; "
+          f"linear-layer bytes {dense:,} -> {now:,} ({now / dense:.3f}x)")
+    if args.eval_text:
+        _print_ppl(model, tokenizer, read_text(args.eval_text), args)
+    save_pretrained(model, args.output, tokenizer=tokenizer)
+    print(f"saved {args.output}")
+    return 0
+
+
+def _print_ppl(model, tokenizer, text, args):
+    from .evaluation import perplexity
+
+    t0 = time.time()
+    r = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_tokens=args.max_tokens)
+    print(f"tokens {r.tokens}  windows {r.windows}x{r.seqlen}  perplexity {r.perplexity:.4g}  ({time.time() - t0:.0f}s)")
+    return r
+
+
+def cmd_eval(args) -> int:
+    from .loading import load_model, read_text
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise HfCompressError(f"{args.model} has no tokenizer; save it beside the model to evaluate.")
+    r = _print_ppl(model, tokenizer, read_text(args.text), args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, "text": args.text, **r.to_dict()}, f, indent=2)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .loading import load_model
+    from .summary import format_table
+
+    model, _ = load_model(args.model)
+    q = getattr(model.config, "quantization_config", None)
+    print(f"{args.model}: {type(model).__name__}" + (f", hf-compress method {q.method}" if hasattr(q, "method") else ", dense"))
+    print(format_table(model))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(ratio=args.ratio, method=args.method, text_path=args.text, max_tokens=args.max_tokens,
+             output=args.output, targets=args.targets)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-compress", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a model and save a checkpoint")
+    p.add_argument("model", help="local checkpoint directory, .gguf file, or Hub id")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    _add_compression_args(p)
+    p.add_argument("--eval-text", help="also report perplexity on this text file before saving")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="perplexity of a model on a text file")
+    p.add_argument("model")
+    p.add_argument("--text", required=True, help="plain-text file")
+    p.add_argument("--json", help="write the result to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    for p in (sub.choices["compress"], sub.choices["eval"]):
+        p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+        p.add_argument("--max-tokens", type=int, default=32768, help="tokens of the text scored (default 32768)")
+
+    p = sub.add_parser("info", help="per-layer table of a (compressed) model")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="offline end-to-end demo on SmolLM2-135M")
+    p.add_argument("--method", default="svd")
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--targets", nargs="+", default=None)
+    p.add_argument("--text", help="evaluation text (default: ../shared/data WikiText-2 if found, else a shipped excerpt)")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("-o", "--output", help="where to save the compressed checkpoint (default: a temporary folder)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (HfCompressError, FileNotFoundError) as e:
+        print(f"hf-compress: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

