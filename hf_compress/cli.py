@@ -40,10 +40,10 @@ def cmd_compress(args) -> int:
     print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s")
     t0 = time.time()
     compress(model, config)
-    rows = layer_table(model)
+    rows = [r for r in layer_table(model) if r.kind != "dense"]
     now, dense = sum(r.bytes for r in rows), sum(r.dense_bytes for r in rows)
-    print(f"compressed {sum(r.kind != 'dense' for r in rows)} layers with {config.method} in {time.time() - t0:.1f}s; "
-          f"linear-layer bytes {dense:,} -> {now:,} ({now / dense:.3f}x)")
+    print(f"compressed {len(rows)} layers with {config.method} in {time.time() - t0:.1f}s; "
+          f"their bytes {dense:,} -> {now:,} ({now / max(dense, 1):.3f}x)")
     if args.eval_text:
         _print_ppl(model, tokenizer, read_text(args.eval_text), args)
     save_pretrained(model, args.output, tokenizer=tokenizer)

