@@ -1,8 +1,14 @@
-"""Rank per layer from a budget. `uniform`: every layer keeps the same fraction of its parameters."""
+"""Rank per layer from a budget.
+
+* ``uniform``: every layer keeps the same fraction of its parameters;
+* ``energy``: one global budget, ranks where the measured spectra say they buy the most (`allocate_energy`).
+"""
 
 from __future__ import annotations
 
 import math
+
+import torch
 
 from .errors import ConfigError
 
@@ -31,3 +37,62 @@ def plan_ranks(shapes: dict[str, tuple[int, int]], ratio: float | None, rank: in
             r = uniform_rank(out_f, in_f, ratio)
         plan[name] = r if (saves_parameters(out_f, in_f, r) or not dense_fallback) else None
     return plan
+
+
+ALLOCATORS = ("uniform", "energy")
+
+
+def max_ratio(shapes: dict[str, tuple[int, int]]) -> float:
+    """Largest removable fraction: every layer at rank 1."""
+    dense = sum(o * i for o, i in shapes.values())
+    return 1.0 - sum(o + i for o, i in shapes.values()) / dense
+
+
+def allocate_energy(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float,
+                    weights: dict[str, float] | None = None) -> dict[str, int | None]:
+    """Ranks under one global budget: minimise Σ_l w_l·(Σ_{k>r_l} σ_{l,k}² / Σ_k σ_{l,k}²) subject to
+    Σ_l cost_l(r_l) ≤ (1 − ratio)·Σ_l m_l·n_l, where cost = r·(m+n), or m·n for a layer kept dense (error 0).
+
+    σ are each layer's singular values in its method's metric (whitened for SVD-LLM), so the objective is the sum
+    of relative output errors. Solved exactly per layer for a Lagrange multiplier λ (error + λ·cost), with λ found
+    by bisection so that the budget is met; non-convex error curves and the dense option are handled by the
+    per-layer argmin. Returns name -> rank, or None where the layer stays dense."""
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"ratio must lie strictly between 0 and 1, got {ratio}")
+    top = max_ratio(shapes)
+    if ratio > top:
+        raise ConfigError(f"ratio {ratio} cannot be met: with rank 1 everywhere the targeted layers lose at most "
+                          f"{top:.4f} of their parameters; feasible range is (0, {top:.4f}].")
+    budget = (1.0 - ratio) * sum(o * i for o, i in shapes.values())
+    curves = {}
+    for name, (o, i) in shapes.items():
+        s2 = spectra[name].double().pow(2)
+        tail = s2.flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{k>=r} σ_k² (0-based): error of keeping r
+        total = tail[0].clamp_min(1e-30)
+        r_max = min(o, i)
+        ranks = torch.arange(1, r_max + 1, dtype=torch.float64)
+        err = torch.cat([tail[1:], tail.new_zeros(1)])[: r_max] / total * (weights or {}).get(name, 1.0)
+        curves[name] = (ranks, err, float(o + i), float(o * i))
+
+    def solve(lam: float):
+        plan, cost = {}, 0.0
+        for name, (ranks, err, per_rank, dense) in curves.items():
+            obj = err + lam * ranks * per_rank
+            k = int(torch.argmin(obj))
+            if lam * dense <= float(obj[k]) or float(ranks[k]) * per_rank >= dense:
+                plan[name], c = None, dense
+            else:
+                plan[name], c = int(ranks[k]), float(ranks[k]) * per_rank
+            cost += c
+        return plan, cost
+
+    lo, hi = 0.0, 1.0
+    while solve(hi)[1] > budget:
+        hi *= 4.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if solve(mid)[1] > budget:
+            lo = mid
+        else:
+            hi = mid
+    return solve(hi)[0]

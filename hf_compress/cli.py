@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -20,13 +21,25 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, help="one rank for every targeted layer")
     p.add_argument("--targets", nargs="+", help="module name patterns (default: all linear layers in the blocks)")
     p.add_argument("--skip", nargs="+", default=[], help="module name patterns to leave dense")
+    p.add_argument("--alloc", choices=["uniform", "energy"], help="rank allocation (default: the method's best)")
+    p.add_argument("--calib", help="calibration text file (calibrated methods)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--method-kwargs", default="{}", help='method options as JSON, e.g. \'{"alpha": 0.5}\'')
 
 
 def _config_from_args(args):
     from .config import CompressionConfig
 
     ratio = args.ratio if (args.ratio is not None or args.rank is not None) else 0.2
-    return CompressionConfig(method=args.method, ratio=ratio, rank=args.rank, targets=args.targets, skip=args.skip)
+    try:
+        method_kwargs = json.loads(args.method_kwargs)
+    except json.JSONDecodeError as e:
+        raise HfCompressError(f"--method-kwargs is not valid JSON: {e}") from None
+    calibration = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                   "source": os.path.basename(args.calib) if args.calib else None}
+    return CompressionConfig(method=args.method, ratio=ratio, rank=args.rank, targets=args.targets, skip=args.skip,
+                             alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration)
 
 
 def cmd_compress(args) -> int:
@@ -39,7 +52,7 @@ def cmd_compress(args) -> int:
     model, tokenizer = load_model(args.model)
     print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s")
     t0 = time.time()
-    compress(model, config)
+    compress(model, config, calibration=args.calib, tokenizer=tokenizer)
     rows = [r for r in layer_table(model) if r.kind != "dense"]
     now, dense = sum(r.bytes for r in rows), sum(r.dense_bytes for r in rows)
     print(f"compressed {len(rows)} layers with {config.method} in {time.time() - t0:.1f}s; "
@@ -111,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     for p in (sub.choices["compress"], sub.choices["eval"]):
-        p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+        p.add_argument("--seqlen", type=int, default=512,
+                       help="window length of calibration and evaluation windows (default 512)")
         p.add_argument("--max-tokens", type=int, default=32768, help="tokens of the text scored (default 32768)")
 
     p = sub.add_parser("info", help="per-layer table of a (compressed) model")

@@ -1,14 +1,30 @@
-"""`compress(model, config)`: compress a loaded transformers model in place."""
+"""`compress(model, config)`: compress a loaded transformers model in place.
+
+Data-free methods factorize each targeted weight directly. Calibrated methods run block by block
+(`hf_compress.calibration.BlockwiseRunner`):
+
+1. capture every block's inputs for the calibration windows (one forward of the model);
+2. when ranks are allocated from measurements: one pass over the blocks on the dense stream, collecting each
+   layer's statistics, keeping only its spectrum, then `allocate_energy` under the global budget;
+3. the compression pass, block i at a time: inside the block, layers that share an input (q/k/v; o; gate/up;
+   down) are fitted group by group on the inputs the *compressed* model really produces (blocks 0..i-1 and the
+   block's earlier groups already compressed) against the dense model's inputs where the method compensates;
+   then the compressed block produces block i+1's inputs. One block and the calibration activations are what
+   is held at any time.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import plan_ranks
+from .allocation import allocate_energy, plan_ranks
+from .calibration import BlockwiseRunner, LayerStats, calibration_windows, find_blocks, input_groups
 from .config import CompressionConfig
 from .errors import ConfigError, NonFiniteWeightError
 from .methods import get_method
@@ -18,43 +34,217 @@ from .targets import dense_weight, find_targets, set_module, shape_of, source_of
 logger = logging.getLogger(__name__)
 
 
-def compress(model: nn.Module, config: CompressionConfig | dict | str, *, progress: bool = True) -> nn.Module:
+def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibration=None, tokenizer=None,
+             progress: bool = True) -> nn.Module:
     """Compress ``model`` in place according to ``config`` and return it.
 
-    The model keeps its class (``LlamaForCausalLM`` stays ``LlamaForCausalLM``); targeted layers become
-    compressed modules, and the model is marked so that ``save_pretrained`` writes an hf-compress checkpoint.
+    ``calibration`` (calibrated methods): a text file path, a list of strings, a ``datasets.Dataset`` (``text``
+    column) or a tensor of token ids; ``tokenizer`` tokenizes text sources. The model keeps its class
+    (``LlamaForCausalLM`` stays ``LlamaForCausalLM``); targeted layers become compressed modules, and the model is
+    marked so that ``save_pretrained`` writes an hf-compress checkpoint.
     """
     from .quantizer import attach
 
     config = CompressionConfig.coerce(config)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise ConfigError("This model is already compressed/quantized; load the dense model to compress it again.")
-    compress_modules(model, config, progress=progress)
+    compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress)
     attach(model, config)
     return model
 
 
-def compress_modules(model: nn.Module, config: CompressionConfig, *, progress: bool = True) -> None:
-    """Replace the targeted modules of ``model`` by compressed ones (no bookkeeping on the model)."""
-    method_cls = get_method(config.method)
-    if method_cls.requires_calibration:
-        raise ConfigError(f"method {config.method!r} needs calibration data")
-    method = method_cls(**config.method_kwargs)
+def _checked_weight(name: str, module: nn.Module) -> torch.Tensor:
+    weight = dense_weight(module).detach()
+    if not torch.isfinite(weight).all():
+        raise NonFiniteWeightError(f"Weight of {name} contains NaN or Inf; refusing to compress it.")
+    return weight
 
+
+def _replace(model, name, module, method, rank, stats=None, heldout=None) -> None:
+    weight = _checked_weight(name, module)
+    with torch.no_grad():
+        u, v = method.factorize(weight.float(), rank, stats, heldout)
+    set_module(model, name, LowRankLinear.from_factors(u, v, module.bias, source=source_of(module),
+                                                       dtype=weight.dtype, device=weight.device))
+
+
+def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration=None, tokenizer=None,
+                     progress: bool = True) -> dict:
+    """Replace the targeted modules of ``model`` by compressed ones (no bookkeeping on the model).
+
+    Returns a small report: {"ranks": {name: rank|None}, "betas": {...}, "seconds": ...}."""
+    method = get_method(config.method)(**config.method_kwargs)
+    alloc = config.alloc or method.default_alloc
+    if config.rank is not None:
+        alloc = "uniform"
     targets = find_targets(model, config.targets, config.skip)
+    for name, module in targets.items():
+        _checked_weight(name, module)
     shapes = {name: shape_of(m) for name, m in targets.items()}
-    plan = plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
+    t0 = time.time()
 
-    for name in tqdm(list(targets), desc=f"hf-compress {config.method}", disable=not progress, unit="layer"):
-        module, rank = targets[name], plan[name]
-        if rank is None:
-            logger.info("%s stays dense: rank would not save parameters", name)
-            continue
-        with torch.no_grad():
-            weight = dense_weight(module)
-            if not torch.isfinite(weight).all():
-                raise NonFiniteWeightError(f"Weight of {name} contains NaN or Inf; refusing to compress it.")
-            u, v = method.factorize(weight.detach().float(), rank)
-        new = LowRankLinear.from_factors(u, v, module.bias, source=source_of(module),
-                                         dtype=weight.dtype, device=weight.device)
-        set_module(model, name, new)
+    if not method.needs:
+        if alloc == "uniform":
+            plan = plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
+        else:
+            spectra = {n: method.spectrum(dense_weight(m).detach().float()) for n, m in targets.items()}
+            plan = allocate_energy(spectra, shapes, config.ratio)
+        for name in tqdm(list(targets), desc=f"hf-compress {config.method}", disable=not progress, unit="layer"):
+            if plan[name] is not None:
+                _replace(model, name, targets[name], method, plan[name])
+        return {"ranks": plan, "seconds": time.time() - t0}
+
+    if calibration is None:
+        raise ConfigError(f"method {config.method!r} needs calibration data: pass calibration=<text file, list of "
+                          "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
+    return _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress, t0)
+
+
+def _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress, t0):
+    cal = config.calibration
+    windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
+    n_tokens = windows.numel()
+    widest = max(i for _, i in shapes.values())
+    if n_tokens < 4 * widest:
+        logger.warning("Only %d calibration tokens for layers with up to %d inputs: the input Gram matrices are "
+                       "poorly conditioned; use at least %d tokens (nsamples x seqlen).", n_tokens, widest, 4 * widest)
+    n_val = max(1, windows.shape[0] // 8) if method.needs_heldout and windows.shape[0] >= 2 else 0
+    bs = cal["batch_size"]
+    train, val = windows[: windows.shape[0] - n_val], windows[windows.shape[0] - n_val :]
+    batches = list(train.split(bs)) + (list(val.split(bs)) if n_val else [])
+    n_train_batches = len(train.split(bs))
+
+    prefix, blocks = find_blocks(model, targets)
+    per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
+    for name in targets:
+        idx = int(name[len(prefix) + 1 :].split(".")[0])
+        per_block[idx][name] = targets[name]
+
+    fisher = _fisher_rows(model, targets, batches[:n_train_batches], progress) if "fisher" in method.needs else {}
+
+    runner = BlockwiseRunner(model, blocks, torch.cat(batches), batch_size=bs)
+    was_training = model.training
+    model.eval()
+    runner.capture()
+
+    # (2) ranks
+    if alloc == "uniform":
+        plan = plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
+    else:
+        spectra = {}
+        hidden = runner.hidden
+        for i in tqdm(range(len(blocks)), desc="hf-compress measure spectra", disable=not progress, unit="block"):
+            stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher)
+            for name, st in stats.items():
+                spectra[name] = method.spectrum(dense_weight(targets[name]).detach().float(), st)
+            hidden = runner.run(i, blocks[i], hidden)
+        plan = allocate_energy(spectra, shapes, config.ratio)
+
+    # (3) sequential compression
+    need_cross = "cross" in method.needs
+    comp = list(runner.hidden)
+    ref = list(runner.hidden) if need_cross else None
+    betas = {}
+    for i in tqdm(range(len(blocks)), desc=f"hf-compress {config.method}", disable=not progress, unit="block"):
+        block, layers = blocks[i], per_block[i]
+        todo = {n: m for n, m in layers.items() if plan[n] is not None}
+        if todo:
+            ref_inputs, ref_out = ({}, None)
+            if need_cross:
+                ref_inputs, ref_out = _reference_inputs(runner, i, copy.deepcopy(block), todo, prefix, ref)
+            for group in input_groups(block, _local(todo, prefix, i), runner, i, comp[0]):
+                names = [f"{prefix}.{i}.{n}" for n in group]
+                stats = _collect(runner, i, block, {n: model.get_submodule(n) for n in names}, comp, n_train_batches,
+                                 fisher, ref_inputs=ref_inputs, heldout=True, stop_after=True)
+                for n in names:
+                    train_stats, val_stats = stats[n]
+                    _replace(model, n, model.get_submodule(n), method, plan[n], train_stats, val_stats)
+                    if hasattr(method, "last_beta"):
+                        betas[n] = method.last_beta
+            ref = ref_out if need_cross else None
+        elif need_cross:
+            ref = runner.run(i, block, ref)
+        comp = runner.run(i, block, comp)
+        runner.inputs[i] = []  # this block's captured calls are no longer needed
+    model.train(was_training)
+    return {"ranks": plan, "betas": betas, "seconds": time.time() - t0, "calibration_tokens": n_tokens}
+
+
+def _local(layers: dict[str, nn.Module], prefix: str, i: int) -> dict[str, nn.Module]:
+    cut = len(f"{prefix}.{i}.")
+    return {n[cut:]: m for n, m in layers.items()}
+
+
+def _reference_inputs(runner, i, dense_block, layers, prefix, ref_hidden):
+    """Run the dense copy of block i on the reference stream; keep each target layer's inputs per batch."""
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = []
+    for n in layers:
+        sub = dense_block.get_submodule(n[len(f"{prefix}.{i}.") :])
+        handles.append(sub.register_forward_pre_hook(lambda mod, args, n=n: captured[n].append(args[0].detach())))
+    try:
+        out = runner.run(i, dense_block, ref_hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, out
+
+
+def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_batches, fisher, *, ref_inputs=None,
+             heldout=False, stop_after=False):
+    """Statistics of each layer's inputs over the batches of ``hidden`` run through ``block``.
+
+    Returns {name: LayerStats} or, with ``heldout``, {name: (train LayerStats, held-out LayerStats | None)}."""
+    train = {n: LayerStats() for n in layers}
+    val = {n: LayerStats() for n in layers}
+    current = {"b": 0}
+    need_cross = bool(ref_inputs)
+
+    def make(n):
+        def hook(module, args):
+            b = current["b"]
+            target = train[n] if b < n_train_batches else val[n]
+            target.add(args[0], ref_inputs[n][b] if need_cross else None, need_cross=need_cross)
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in layers.items()]
+    last = list(layers.values())[-1] if stop_after else None
+    try:
+        runner.run(i, block, hidden, per_batch=lambda b: current.__setitem__("b", b), stop_after=last)
+    finally:
+        for h in handles:
+            h.remove()
+    for n in layers:
+        train[n].fisher_rows = fisher.get(n)
+        train[n].check_finite(n)
+        if val[n].count:
+            val[n].check_finite(n)
+    if heldout:
+        return {n: (train[n], val[n] if val[n].count else None) for n in layers}
+    return train
+
+
+def _fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict[str, torch.Tensor]:
+    """Per output row of each target: Σ_j Σ_batches (∂L/∂W_ij)² of the LM loss (diagonal empirical Fisher)."""
+    rows = {n: torch.zeros(shape_of(m)[0], dtype=torch.float64) for n, m in targets.items()}
+    params = {n: dense_weight(m) for n, m in targets.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in targets.values():
+        m.weight.requires_grad_(True)
+    try:
+        for batch in tqdm(batches, desc="hf-compress fisher", disable=not progress, unit="batch"):
+            for sample in batch.split(1):  # per-sample gradients: the Fisher is an expectation of squares
+                model.zero_grad(set_to_none=True)
+                loss = model(input_ids=sample.to(next(model.parameters()).device), labels=sample.to(next(model.parameters()).device), use_cache=False).loss
+                loss.backward()
+                for n, m in targets.items():
+                    g = m.weight.grad
+                    g = g.T if g.shape != params[n].shape else g
+                    rows[n] += g.double().pow(2).sum(1).cpu()
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return rows

@@ -19,6 +19,7 @@ from . import __version__
 from .errors import ConfigError
 
 QUANT_METHOD = "hf_compress"
+CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 8, "source": None}
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -36,7 +37,12 @@ class CompressionConfig(QuantizationConfigMixin):
         skip: patterns (same rules) of modules to leave untouched.
         dense_fallback: keep a layer dense when its low-rank form would not have fewer parameters. Turn off only to
             test factorisations at full rank.
-        method_kwargs: extra, method-specific options (JSON-serialisable).
+        method_kwargs: extra, method-specific options (JSON-serialisable), e.g. ``{"alpha": 0.5}`` for asvd or
+            ``{"compensation": "auto" | "off" | β}`` for svd_llm.
+        alloc: rank allocation, ``"uniform"`` or ``"energy"`` (one global budget spent where the measured spectra
+            say it buys the most). ``None``: the method's best default.
+        calibration: for calibrated methods, ``{"nsamples": 32, "seqlen": 512, "seed": 0, "source": <name>}``;
+            the text itself is passed to `compress` (``calibration=``). ``source`` is informational.
         modules: filled in by hf-compress: the compressed modules of a model, ``{name: {"type": ..., ...}}``.
             It is refreshed from the live modules each time the model is saved.
     """
@@ -50,6 +56,8 @@ class CompressionConfig(QuantizationConfigMixin):
         skip: list[str] | str | None = None,
         dense_fallback: bool = True,
         method_kwargs: dict[str, Any] | None = None,
+        alloc: str | None = None,
+        calibration: dict[str, Any] | None = None,
         modules: dict[str, dict[str, Any]] | None = None,
         hf_compress_version: str | None = None,
         quant_method: str = QUANT_METHOD,
@@ -70,6 +78,8 @@ class CompressionConfig(QuantizationConfigMixin):
         self.skip = [skip] if isinstance(skip, str) else list(skip or [])
         self.dense_fallback = bool(dense_fallback)
         self.method_kwargs = dict(method_kwargs or {})
+        self.alloc = alloc
+        self.calibration = {**CALIBRATION_DEFAULTS, **(calibration or {})}
         self.modules = dict(modules or {})
         self.hf_compress_version = hf_compress_version or __version__
         self.post_init()
@@ -77,7 +87,19 @@ class CompressionConfig(QuantizationConfigMixin):
     def post_init(self):
         from .methods import get_method
 
-        get_method(self.method)  # raises a clear error for unknown methods
+        from .allocation import ALLOCATORS
+
+        get_method(self.method)(**self.method_kwargs)  # raises a clear error for unknown methods / options
+        if self.alloc is not None and self.alloc not in ALLOCATORS:
+            raise ConfigError(f"alloc must be one of {ALLOCATORS}, got {self.alloc!r}")
+        if self.alloc == "energy" and self.rank is not None:
+            raise ConfigError("alloc='energy' distributes a ratio; give ratio, not rank")
+        unknown = set(self.calibration) - set(CALIBRATION_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"Unknown calibration option(s) {sorted(unknown)}; known: {sorted(CALIBRATION_DEFAULTS)}")
+        for key in ("nsamples", "seqlen"):
+            if not isinstance(self.calibration[key], int) or self.calibration[key] < (2 if key == "seqlen" else 1):
+                raise ConfigError(f"calibration {key} must be a positive integer, got {self.calibration[key]!r}")
         if self.ratio is not None and self.rank is not None:
             raise ConfigError("Give either ratio or rank, not both.")
         if self.ratio is None and self.rank is None and not self.modules:
@@ -113,6 +135,8 @@ class CompressionConfig(QuantizationConfigMixin):
             "skip": list(self.skip),
             "dense_fallback": self.dense_fallback,
             "method_kwargs": copy.deepcopy(self.method_kwargs),
+            "alloc": self.alloc,
+            "calibration": copy.deepcopy(self.calibration),
             "modules": copy.deepcopy(self.modules),
             "hf_compress_version": self.hf_compress_version,
         }

@@ -46,7 +46,7 @@ class HfCompressQuantizer(HfQuantizer):
     def validate_environment(self, *args, **kwargs):
         from .methods import get_method
 
-        if not self.pre_quantized and get_method(self.quantization_config.method).requires_calibration:
+        if not self.pre_quantized and get_method(self.quantization_config.method).needs:
             raise ConfigError(
                 f"method {self.quantization_config.method!r} needs calibration data, so it cannot run inside "
                 "from_pretrained; load the dense model and call hf_compress.compress(model, config, ...)."

@@ -64,3 +64,21 @@ def test_bad_arguments_exit_2_with_message(dense_dir, tmp_path, args, message):
 def test_missing_model_path(tmp_path):
     proc = cli("eval", tmp_path / "nope", "--text", TEXT)
     assert proc.returncode == 2 and "neither a checkpoint directory" in proc.stderr
+
+
+def test_compress_calibrated_method(dense_dir, tmp_path):
+    out = tmp_path / "svdllm"
+    proc = cli("compress", dense_dir, "-o", out, "--method", "svd_llm", "--ratio", "0.4", "--calib", TEXT,
+               "--nsamples", "8", "--seqlen", "64", "--alloc", "energy")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((out / "config.json").read_text())["base_config"]["quantization_config"]
+    assert cfg["method"] == "svd_llm" and cfg["alloc"] == "energy"
+    assert cfg["calibration"] == {"nsamples": 8, "seqlen": 64, "seed": 0, "batch_size": 8, "source": "tinyshakespeare-excerpt.txt"}
+    info = cli("info", out)
+    for name, rec in cfg["modules"].items():
+        assert name in info.stdout and f"rank {rec['rank']}" in info.stdout
+
+
+def test_compress_calibrated_without_calib_file(dense_dir, tmp_path):
+    proc = cli("compress", dense_dir, "-o", tmp_path / "y", "--method", "asvd", "--ratio", "0.3")
+    assert proc.returncode == 2 and "needs calibration data" in proc.stderr and "--calib" in proc.stderr

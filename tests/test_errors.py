@@ -40,7 +40,7 @@ def test_ratio_and_rank_exclusive_and_one_required():
 
 
 def test_unknown_method():
-    with pytest.raises(ConfigError, match="Unknown compression method 'nope'; available: svd"):
+    with pytest.raises(ConfigError, match="Unknown compression method 'nope'; available: asvd, fwsvd, svd, svd_llm"):
         CompressionConfig(method="nope", ratio=0.2)
 
 

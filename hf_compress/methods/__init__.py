@@ -2,7 +2,7 @@
 
 from ..registry import METHODS
 from .base import CompressionMethod, LowRankMethod
-from . import svd  # noqa: F401  (registers "svd")
+from . import asvd, fwsvd, svd, svd_llm  # noqa: F401  (each registers its method)
 
 
 def get_method(name: str) -> type[CompressionMethod]:

