@@ -23,6 +23,23 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def _reset_peak_rss() -> None:
+    """Linux: restart the kernel's peak-RSS counter (VmHWM) so the next reading covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def run_row(args) -> dict:
     import torch
 
@@ -35,6 +52,9 @@ def run_row(args) -> dict:
     model, tok = load_model(smollm2_gguf_path())
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     row = {"method": args.method, "ratio": args.ratio, "alloc": args.alloc or "default"}
+    row["model_MB"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+    _reset_peak_rss()
+    rss0 = _peak_rss_mb()
     t0 = time.time()
     if args.method != "dense":
         cfg = {"method": args.method, "ratio": args.ratio, "targets": targets, "alloc": args.alloc,
@@ -42,6 +62,8 @@ def run_row(args) -> dict:
                "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}}
         hf_compress.compress(model, cfg, calibration=str(DATA / args.calib), tokenizer=tok, progress=False)
     row["compress_s"] = round(time.time() - t0, 1)
+    row["compress_peak_rss_MB"] = round(_peak_rss_mb())
+    row["rss_before_MB"] = round(rss0)
     rows = [r for r in layer_table(model) if r.name.split(".")[-1] in targets]
     row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     row["proj_MB"] = round(sum(r.bytes for r in rows) / 1e6, 1)
@@ -51,7 +73,7 @@ def run_row(args) -> dict:
     if args.second_text:
         row["ppl_second"] = perplexity(model, tok, read_text(DATA / args.second_text), max_tokens=args.eval_tokens,
                                        progress=False).perplexity
-    row["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0)
+    row["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # whole process
     return row
 
 
@@ -74,7 +96,7 @@ def main():
     if args.row:
         print("ROW " + json.dumps(run_row(args)), flush=True)
         return
-    jobs = ([] if args.no_dense else [("dense", 0.0)]) + [(m, r) for m in args.methods for r in args.ratios]
+    jobs = [(m, r) for m in args.methods for r in args.ratios] + ([] if args.no_dense else [("dense", 0.0)])
     results = []
     for method, ratio in jobs:
         cmd = [sys.executable, __file__, "--row", "--method", method, "--ratio", str(ratio),
@@ -89,7 +111,7 @@ def main():
         results.append(json.loads(line[0][4:]))
         print(json.dumps(results[-1]), flush=True)
     cols = ["method", "ratio", "alloc", "ppl_wikitext", "ppl_second", "params_M", "proj_MB", "dense_layers",
-            "compress_s", "peak_rss_MB"]
+            "compress_s", "rss_before_MB", "compress_peak_rss_MB", "peak_rss_MB"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |")

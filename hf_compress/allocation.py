@@ -39,7 +39,7 @@ def plan_ranks(shapes: dict[str, tuple[int, int]], ratio: float | None, rank: in
     return plan
 
 
-ALLOCATORS = ("uniform", "energy")
+ALLOCATORS = ("uniform", "energy", "loss")
 
 
 def max_ratio(shapes: dict[str, tuple[int, int]]) -> float:
@@ -49,12 +49,14 @@ def max_ratio(shapes: dict[str, tuple[int, int]]) -> float:
 
 
 def allocate_energy(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float,
-                    weights: dict[str, float] | None = None) -> dict[str, int | None]:
+                    weights: dict[str, float] | None = None, relative: bool = True) -> dict[str, int | None]:
     """Ranks under one global budget: minimise Σ_l w_l·(Σ_{k>r_l} σ_{l,k}² / Σ_k σ_{l,k}²) subject to
     Σ_l cost_l(r_l) ≤ (1 − ratio)·Σ_l m_l·n_l, where cost = r·(m+n), or m·n for a layer kept dense (error 0).
 
     σ are each layer's singular values in its method's metric (whitened for SVD-LLM), so the objective is the sum
-    of relative output errors. Solved exactly per layer for a Lagrange multiplier λ (error + λ·cost), with λ found
+    of relative output errors. With ``relative=False`` the errors are not divided by Σσ² (absolute output error
+    energy), which with ``weights`` = each layer's mean squared loss gradient at its output is a first-order
+    estimate of the loss increase (the ``loss`` allocator). Solved exactly per layer for a Lagrange multiplier λ (error + λ·cost), with λ found
     by bisection so that the budget is met; non-convex error curves and the dense option are handled by the
     per-layer argmin. Returns name -> rank, or None where the layer stays dense."""
     if not 0.0 < ratio < 1.0:
@@ -68,7 +70,7 @@ def allocate_energy(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[in
     for name, (o, i) in shapes.items():
         s2 = spectra[name].double().pow(2)
         tail = s2.flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{k>=r} σ_k² (0-based): error of keeping r
-        total = tail[0].clamp_min(1e-30)
+        total = tail[0].clamp_min(1e-30) if relative else 1.0
         r_max = min(o, i)
         ranks = torch.arange(1, r_max + 1, dtype=torch.float64)
         err = torch.cat([tail[1:], tail.new_zeros(1)])[: r_max] / total * (weights or {}).get(name, 1.0)

@@ -101,7 +101,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(ratio=args.ratio, method=args.method, text_path=args.text, max_tokens=args.max_tokens,
-             output=args.output, targets=args.targets)
+             output=args.output, targets=args.targets, nsamples=args.nsamples)
     return 0
 
 
@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="offline end-to-end demo on SmolLM2-135M")
-    p.add_argument("--method", default="svd")
+    p.add_argument("--method", default="svd_llm")
     p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens (default 16)")
     p.add_argument("--targets", nargs="+", default=None)
     p.add_argument("--text", help="evaluation text (default: ../shared/data WikiText-2 if found, else a shipped excerpt)")
     p.add_argument("--max-tokens", type=int, default=4096)

@@ -20,6 +20,7 @@ import logging
 import time
 
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,19 +54,42 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     return model
 
 
+def _is_offloaded(module: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in module.parameters(recurse=False))
+
+
 def _checked_weight(name: str, module: nn.Module) -> torch.Tensor:
-    weight = dense_weight(module).detach()
-    if not torch.isfinite(weight).all():
-        raise NonFiniteWeightError(f"Weight of {name} contains NaN or Inf; refusing to compress it.")
-    return weight
+    """The dense [out, in] weight, read through accelerate's offload hooks when the module is offloaded."""
+    offloaded = _is_offloaded(module)
+    with align_module_device(module):
+        weight = dense_weight(module).detach()
+        if weight.device.type == "meta":
+            raise ConfigError(f"Weight of {name} is on the meta device and no offload hook can load it.")
+        if not torch.isfinite(weight).all():
+            raise NonFiniteWeightError(f"Weight of {name} contains NaN or Inf; refusing to compress it.")
+        return weight.clone() if offloaded else weight  # an offloaded weight goes back to disk on exit
 
 
 def _replace(model, name, module, method, rank, stats=None, heldout=None) -> None:
     weight = _checked_weight(name, module)
+    with align_module_device(module):
+        bias = None if module.bias is None else module.bias.detach().clone()
     with torch.no_grad():
         u, v = method.factorize(weight.float(), rank, stats, heldout)
-    set_module(model, name, LowRankLinear.from_factors(u, v, module.bias, source=source_of(module),
+    # For an offloaded layer the (smaller) factors stay in memory on the hook's execution device.
+    set_module(model, name, LowRankLinear.from_factors(u, v, bias, source=source_of(module),
                                                        dtype=weight.dtype, device=weight.device))
+
+
+def _correct(module, method, stats, heldout) -> None:
+    """Let the method refit a layer that stays dense (in place; same shape, no parameter cost)."""
+    if _is_offloaded(module):
+        logger.info("not correcting an offloaded dense layer (its weights live in the offload store)")
+        return
+    new = method.correct(dense_weight(module).detach().float(), stats, heldout)
+    if new is not None:
+        with torch.no_grad():
+            dense_weight(module).copy_(new)
 
 
 def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration=None, tokenizer=None,
@@ -87,7 +111,7 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
         if alloc == "uniform":
             plan = plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
         else:
-            spectra = {n: method.spectrum(dense_weight(m).detach().float()) for n, m in targets.items()}
+            spectra = {n: method.spectrum(_checked_weight(n, m).float()) for n, m in targets.items()}
             plan = allocate_energy(spectra, shapes, config.ratio)
         for name in tqdm(list(targets), desc=f"hf-compress {config.method}", disable=not progress, unit="layer"):
             if plan[name] is not None:
@@ -136,9 +160,13 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         for i in tqdm(range(len(blocks)), desc="hf-compress measure spectra", disable=not progress, unit="block"):
             stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher)
             for name, st in stats.items():
-                spectra[name] = method.spectrum(dense_weight(targets[name]).detach().float(), st)
+                spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
             hidden = runner.run(i, blocks[i], hidden)
-        plan = allocate_energy(spectra, shapes, config.ratio)
+        if alloc == "loss":
+            sens = _output_sensitivity(model, targets, batches[:n_train_batches], progress)
+            plan = allocate_energy(spectra, shapes, config.ratio, weights=sens, relative=False)
+        else:
+            plan = allocate_energy(spectra, shapes, config.ratio)
 
     # (3) sequential compression
     need_cross = "cross" in method.needs
@@ -147,7 +175,8 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
     betas = {}
     for i in tqdm(range(len(blocks)), desc=f"hf-compress {config.method}", disable=not progress, unit="block"):
         block, layers = blocks[i], per_block[i]
-        todo = {n: m for n, m in layers.items() if plan[n] is not None}
+        correcting = getattr(method, "correct_dense", False)
+        todo = {n: m for n, m in layers.items() if plan[n] is not None or correcting}
         if todo:
             ref_inputs, ref_out = ({}, None)
             if need_cross:
@@ -158,7 +187,10 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
                                  fisher, ref_inputs=ref_inputs, heldout=True, stop_after=True)
                 for n in names:
                     train_stats, val_stats = stats[n]
-                    _replace(model, n, model.get_submodule(n), method, plan[n], train_stats, val_stats)
+                    if plan[n] is not None:
+                        _replace(model, n, model.get_submodule(n), method, plan[n], train_stats, val_stats)
+                    else:
+                        _correct(model.get_submodule(n), method, train_stats, val_stats)
                     if hasattr(method, "last_beta"):
                         betas[n] = method.last_beta
             ref = ref_out if need_cross else None
@@ -224,6 +256,45 @@ def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_bat
     return train
 
 
+def _output_sensitivity(model, targets: dict[str, nn.Module], batches, progress) -> dict[str, float]:
+    """Mean squared gradient of the LM loss w.r.t. each target layer's output (dense model), per element."""
+    sums = {n: 0.0 for n in targets}
+    counts = {n: 0 for n in targets}
+
+    def make(n):
+        def fwd(module, args, out):
+            def grad_hook(g):
+                sums[n] += float(g.double().pow(2).sum())
+                counts[n] += g.numel()
+            out.register_hook(grad_hook)
+        return fwd
+
+    handles = [m.register_forward_hook(make(n)) for n, m in targets.items()]
+    # Gradients flow from the embedding output on; no parameter needs (or gets) a gradient.
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.detach().requires_grad_(True)))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = _input_device(model)
+    try:
+        for batch in tqdm(batches, desc="hf-compress sensitivity", disable=not progress, unit="batch"):
+            for sample in batch.split(1):  # one window at a time bounds the memory of the backward pass
+                sample = sample.to(device)
+                model(input_ids=sample, labels=sample, use_cache=False).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return {n: sums[n] / max(counts[n], 1) for n in targets}
+
+
+def _input_device(model) -> torch.device:
+    from .calibration import _device_of
+
+    return _device_of(model)
+
+
 def _fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict[str, torch.Tensor]:
     """Per output row of each target: Σ_j Σ_batches (∂L/∂W_ij)² of the LM loss (diagonal empirical Fisher)."""
     rows = {n: torch.zeros(shape_of(m)[0], dtype=torch.float64) for n, m in targets.items()}
@@ -237,8 +308,8 @@ def _fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dic
         for batch in tqdm(batches, desc="hf-compress fisher", disable=not progress, unit="batch"):
             for sample in batch.split(1):  # per-sample gradients: the Fisher is an expectation of squares
                 model.zero_grad(set_to_none=True)
-                loss = model(input_ids=sample.to(next(model.parameters()).device), labels=sample.to(next(model.parameters()).device), use_cache=False).loss
-                loss.backward()
+                sample = sample.to(_input_device(model))
+                model(input_ids=sample, labels=sample, use_cache=False).loss.backward()
                 for n, m in targets.items():
                     g = m.weight.grad
                     g = g.T if g.shape != params[n].shape else g

@@ -10,22 +10,23 @@ from pathlib import Path
 
 import torch
 
-SHARED_TEXT = Path("shared") / "data" / "wikitext-2-raw-test.txt"
+SHARED = Path("shared") / "data"
 
 
-def find_demo_text() -> Path:
-    """WikiText-2 from a ``shared/data`` folder beside (or above) the working directory, else the excerpt of
+def find_demo_text(name: str = "wikitext-2-raw-test.txt") -> Path:
+    """``name`` from a ``shared/data`` folder beside (or above) the working directory, else the excerpt of
     Tiny Shakespeare shipped inside the package."""
     here = Path.cwd()
     for base in (here, *here.parents):
-        for candidate in (base / SHARED_TEXT, base.parent / SHARED_TEXT):
+        for candidate in (base / SHARED / name, base.parent / SHARED / name):
             if candidate.is_file():
                 return candidate
     return Path(str(resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt")))
 
 
-def run_demo(ratio: float = 0.2, method: str = "svd", text_path: str | None = None, max_tokens: int = 4096,
-             output: str | None = None, targets: list[str] | None = None, prompt: str = "The capital of France is") -> dict:
+def run_demo(ratio: float = 0.2, method: str = "svd_llm", text_path: str | None = None, max_tokens: int = 4096,
+             output: str | None = None, targets: list[str] | None = None, prompt: str = "The capital of France is",
+             nsamples: int = 16) -> dict:
     from transformers import AutoModelForCausalLM
 
     from . import CompressionConfig, compress, save_pretrained
@@ -46,9 +47,12 @@ def run_demo(ratio: float = 0.2, method: str = "svd", text_path: str | None = No
     print(f"[2/6] dense perplexity on the first {max_tokens} tokens of {text_file.name} (512-token windows)")
     dense_ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens)
 
-    config = CompressionConfig(method=method, ratio=ratio, targets=targets)
-    print(f"[3/6] compressing: method={method} ratio={ratio} targets={targets or 'all block linears'}")
-    compress(model, config)
+    calib = find_demo_text("gutenberg-pg1342.txt")
+    config = CompressionConfig(method=method, ratio=ratio, targets=targets,
+                               calibration={"nsamples": nsamples, "seqlen": 512, "source": calib.name})
+    print(f"[3/6] compressing: method={method} ratio={ratio} targets={targets or 'all block linears'}"
+          + (f", calibrated on {nsamples}x512 tokens of {calib.name}" if config.method != "svd" else ""))
+    compress(model, config, calibration=str(calib), tokenizer=tokenizer)
     rows = layer_table(model)
     comp_bytes = model_bytes(model)
 

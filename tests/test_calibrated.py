@@ -238,3 +238,61 @@ def test_calibrated_roundtrip_with_varied_ranks(method, tmp_path):
     assert (output_of(again, x) - output_of(model, x)).abs().max().item() <= 1e-5
     q = again.config.quantization_config
     assert q.method == method and q.alloc is None and q.calibration["nsamples"] == 16
+
+
+def test_loss_allocation_meets_budget_and_roundtrips(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.targets import find_targets, shape_of
+
+    model = make_tiny("llama")
+    shapes = {n: shape_of(m) for n, m in find_targets(model, None, []).items()}
+    ids = torch.randint(3, 96, (16, 32), generator=_gen(9))
+    hf_compress.compress(model, {"method": "svd_llm", "ratio": 0.4, "alloc": "loss",
+                                 "calibration": {"nsamples": 16, "seqlen": 32}}, calibration=ids, progress=False)
+    kept = 0
+    for name, (o, i) in shapes.items():
+        m = model.get_submodule(name)
+        kept += m.rank * (o + i) if isinstance(m, LowRankLinear) else o * i
+    assert kept <= 0.6 * sum(o * i for o, i in shapes.values())
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (output_of(again, ids[:2]) - output_of(model, ids[:2])).abs().max().item() <= 1e-5
+
+
+def test_dense_correction_is_heldout_selected_least_squares():
+    g = _gen(10)
+    x_ref = torch.randn(700, 8, generator=g)
+    x_c = x_ref @ (torch.eye(8) + 0.3 * torch.randn(8, 8, generator=g))
+    w = torch.randn(5, 8, generator=g)
+    m = get_method("svd_llm")(correct_dense=True)
+    new = m.correct(w, _stats(x_c[:600], x_ref[:600]), _stats(x_c[600:], x_ref[600:]))
+    assert new is not None and m.last_beta == 1.0  # a clean linear drift: full correction wins
+    lstsq = torch.linalg.lstsq(x_c.double(), (x_ref @ w.T).double()).solution.T
+    assert torch.allclose(new.double(), lstsq, atol=1e-4)
+    # the chosen correction never makes the held-out error worse than leaving the layer as it is
+    m2 = get_method("svd_llm")(correct_dense=True)
+    st, val = _stats(x_c[:600], x_ref[:600]), _stats(x_c[600:], x_ref[600:])
+    new2 = m2.correct(w, st, val)
+    eye = torch.eye(8, dtype=torch.float64)
+    assert m2._heldout_error(w.double(), new2.double(), eye, val) <= m2._heldout_error(w.double(), w.double(), eye, val)
+
+
+def test_disk_offloaded_model_compresses_like_in_memory(tmp_path):
+    """accelerate offload (every block on disk): the sequential engine reads weights through the offload hooks."""
+    from transformers import AutoModelForCausalLM
+
+    make_tiny("llama").save_pretrained(tmp_path / "dense")
+    ids = torch.randint(3, 96, (16, 32), generator=_gen(11))
+    cfg = {"method": "svd_llm", "ratio": 0.4, "calibration": {"nsamples": 16, "seqlen": 32}}
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    hf_compress.compress(ref, cfg, calibration=ids, progress=False)
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map="auto", max_memory={"cpu": 20000},
+                                               offload_folder=str(tmp_path / "offload"))
+    assert set(off.hf_device_map.values()) == {"disk"}
+    hf_compress.compress(off, cfg, calibration=ids, progress=False)
+    x = ids[:2, :10]
+    assert (output_of(off, x) - output_of(ref, x)).abs().max().item() <= 1e-5
+    off.save_pretrained(tmp_path / "c")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert (output_of(again, x) - output_of(ref, x)).abs().max().item() <= 1e-5

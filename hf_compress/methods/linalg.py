@@ -31,8 +31,8 @@ def whitening(gram: torch.Tensor, name: str = "") -> tuple[torch.Tensor, torch.T
 
 
 def truncated_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U·√Σ, √Σ·Vᵀ) of the best rank-``rank`` approximation of ``matrix``."""
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    """(U·√Σ, √Σ·Vᵀ) of the best rank-``rank`` approximation of ``matrix`` (in its own dtype)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = s[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 

@@ -11,7 +11,7 @@ from .linalg import spectrum, truncated_factors
 
 def balanced_truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` approximation of `matrix` (Eckart–Young) as (U·√Σ, √Σ·Vᵀ), computed in fp64."""
-    u, v = truncated_factors(matrix, rank)
+    u, v = truncated_factors(matrix.double(), rank)
     return u.float(), v.float()
 
 

@@ -29,12 +29,13 @@ BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 class SVDLLM(LowRankMethod):
     needs = frozenset({"gram", "cross"})
     needs_heldout = True
-    default_alloc = "energy"
+    default_alloc = "loss"  # measured on SmolLM2-135M: ppl 101 vs 354 (energy) at ratio 0.2, 662 vs 2343 at 0.4
 
-    def __init__(self, compensation: str | float = "auto"):
+    def __init__(self, compensation: str | float = "auto", correct_dense: bool = False):
         if compensation not in ("auto", "off") and not (isinstance(compensation, (int, float)) and 0 <= compensation <= 1):
             raise ConfigError(f"svd_llm compensation must be 'auto', 'off' or a number in [0, 1], got {compensation!r}")
         self.compensation = compensation
+        self.correct_dense = bool(correct_dense) and compensation != "off"
         if compensation == "off":
             self.needs = frozenset({"gram"})
             self.needs_heldout = False
@@ -43,19 +44,41 @@ class SVDLLM(LowRankMethod):
         s, _ = whitening(stats.gram)
         return spectrum(weight.double() @ s)
 
-    def _factors(self, w, stats, rank, beta):
+    @staticmethod
+    def _fits(w, stats, rank, betas, dtype=torch.float64):
+        """Factors (U, V) with U·V ≈ the rank-r whitened fit of the β-blended target, for each β."""
         s, s_inv = whitening(stats.gram)
-        target = w @ s
-        if beta > 0 and stats.cross is not None:
-            target = (1 - beta) * target + beta * (w @ stats.cross @ s_inv.T)
-        u, v = truncated_factors(target, rank)
-        return u, v @ s_inv
+        plain = w @ s
+        compensated = w @ stats.cross @ s_inv.T if stats.cross is not None else plain
+        fits = []
+        for b in betas:
+            u, v = truncated_factors(((1 - b) * plain + b * compensated).to(dtype), rank)
+            fits.append((u.double(), v.double() @ s_inv))
+        return fits
 
     @staticmethod
     def _heldout_error(w, u, v, val) -> float:
         """Σ_t ‖W' x_c − W x_d‖² on held-out tokens, from their statistics (W' = U·V)."""
         wp = u @ v
         return float(((wp @ val.gram) * wp).sum() - 2 * ((w @ val.cross) * wp).sum() + ((w @ val.ref_gram) * w).sum())
+
+    def correct(self, weight, stats, heldout=None):
+        """A layer kept dense, refitted to the dense model's output given its drifted inputs:
+        W ← (1−β)·W + β·W·G_dc·G_cc⁻¹ (no parameter cost), β measured on held-out windows like the factors'.
+        Returns the new weight, or None when β = 0 wins."""
+        if not self.correct_dense or stats.cross is None or heldout is None or heldout.count == 0:
+            return None
+        w = weight.double()
+        _, s_inv = whitening(stats.gram)
+        w_star = w @ stats.cross @ s_inv.T @ s_inv
+        errors = [self._heldout_error(w, w + b * (w_star - w), torch.eye(w.shape[1], dtype=w.dtype), heldout) for b in BETAS]
+        beta = BETAS[errors.index(min(errors))]
+        self.last_beta = beta
+        if beta == 0:
+            return None
+        both = stats.merged(heldout)
+        _, s_inv = whitening(both.gram)
+        return (w + beta * (w @ both.cross @ s_inv.T @ s_inv - w)).to(weight.dtype)
 
     def factorize(self, weight, rank, stats=None, heldout=None):
         w = weight.double()
@@ -66,8 +89,10 @@ class SVDLLM(LowRankMethod):
         elif heldout is None or heldout.count == 0:
             beta = 0.5
         else:
-            errors = {b: self._heldout_error(w, *self._factors(w, stats, rank, b), heldout) for b in BETAS}
-            beta = min(errors, key=errors.get)
+            # model selection in fp32 (one SVD per β), the final fit in fp64 on all windows
+            fits = self._fits(w, stats, rank, BETAS, dtype=torch.float32)
+            errors = [self._heldout_error(w, u, v, heldout) for u, v in fits]
+            beta = BETAS[errors.index(min(errors))]
         self.last_beta = beta
-        u, v = self._factors(w, stats.merged(heldout), rank, beta)
+        ((u, v),) = self._fits(w, stats.merged(heldout), rank, (beta,))
         return u.float(), v.float()
