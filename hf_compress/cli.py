@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="offline end-to-end demo on SmolLM2-135M")
-    p.add_argument("--method", default="svd_llm")
+    p.add_argument("--method", default="svd", help="svd (data-free, ~1 min) or a calibrated method such as svd_llm")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens (default 16)")
     p.add_argument("--targets", nargs="+", default=None)

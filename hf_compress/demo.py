@@ -24,7 +24,7 @@ def find_demo_text(name: str = "wikitext-2-raw-test.txt") -> Path:
     return Path(str(resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt")))
 
 
-def run_demo(ratio: float = 0.2, method: str = "svd_llm", text_path: str | None = None, max_tokens: int = 4096,
+def run_demo(ratio: float = 0.2, method: str = "svd", text_path: str | None = None, max_tokens: int = 4096,
              output: str | None = None, targets: list[str] | None = None, prompt: str = "The capital of France is",
              nsamples: int = 16) -> dict:
     from transformers import AutoModelForCausalLM

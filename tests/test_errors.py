@@ -40,8 +40,9 @@ def test_ratio_and_rank_exclusive_and_one_required():
 
 
 def test_unknown_method():
-    with pytest.raises(ConfigError, match="Unknown compression method 'nope'; available: asvd, fwsvd, svd, svd_llm"):
+    with pytest.raises(ConfigError, match="Unknown compression method 'nope'; available: ") as info:
         CompressionConfig(method="nope", ratio=0.2)
+    assert all(name in str(info.value) for name in ("asvd", "fwsvd", "svd", "svd_llm"))
 
 
 def test_patterns_matching_nothing():

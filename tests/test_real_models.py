@@ -86,7 +86,6 @@ def test_minilm_bert_full_rank_and_roundtrip(tmp_path):
 def test_demo_runs_offline(tmp_path):
     from hf_compress.demo import run_demo
 
-    # the fast data-free path keeps CI short; `hf-compress demo` itself defaults to svd_llm
     result = run_demo(method="svd", max_tokens=1024, output=str(tmp_path / "demo"))
     assert result["reload_max_diff"] <= 1e-5
     assert result["compressed_bytes"] < result["dense_bytes"]
