@@ -170,7 +170,7 @@ class BlockwiseRunner:
             return hook
 
         handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
-        device = _device_of(self.model)
+        device = device_of(self.model)
         try:
             for start in range(0, self.windows.shape[0], self.batch_size):
                 batch = self.windows[start : start + self.batch_size].to(device)
@@ -209,7 +209,8 @@ class BlockwiseRunner:
         return None if stop_after is not None else outs
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its first parameter that is not offloaded (meta), else the CPU."""
     for p in model.parameters():
         if p.device.type != "meta":
             return p.device

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import allocate_energy, plan_ranks
-from .calibration import BlockwiseRunner, LayerStats, calibration_windows, find_blocks, input_groups
+from .calibration import BlockwiseRunner, LayerStats, calibration_windows, device_of, find_blocks, input_groups
 from .config import CompressionConfig
 from .errors import ConfigError, NonFiniteWeightError
 from .methods import get_method
@@ -275,7 +275,7 @@ def _output_sensitivity(model, targets: dict[str, nn.Module], batches, progress)
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    device = _input_device(model)
+    device = device_of(model)
     try:
         for batch in tqdm(batches, desc="hf-compress sensitivity", disable=not progress, unit="batch"):
             for sample in batch.split(1):  # one window at a time bounds the memory of the backward pass
@@ -289,17 +289,12 @@ def _output_sensitivity(model, targets: dict[str, nn.Module], batches, progress)
     return {n: sums[n] / max(counts[n], 1) for n in targets}
 
 
-def _input_device(model) -> torch.device:
-    from .calibration import _device_of
-
-    return _device_of(model)
-
-
 def _fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict[str, torch.Tensor]:
     """Per output row of each target: Σ_j Σ_batches (∂L/∂W_ij)² of the LM loss (diagonal empirical Fisher)."""
     rows = {n: torch.zeros(shape_of(m)[0], dtype=torch.float64) for n, m in targets.items()}
     params = {n: dense_weight(m) for n, m in targets.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
+    device = device_of(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for m in targets.values():
@@ -308,7 +303,7 @@ def _fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dic
         for batch in tqdm(batches, desc="hf-compress fisher", disable=not progress, unit="batch"):
             for sample in batch.split(1):  # per-sample gradients: the Fisher is an expectation of squares
                 model.zero_grad(set_to_none=True)
-                sample = sample.to(_input_device(model))
+                sample = sample.to(device)
                 model(input_ids=sample, labels=sample, use_cache=False).loss.backward()
                 for n, m in targets.items():
                     g = m.weight.grad

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .calibration import device_of
 from .errors import ConfigError
 
 
@@ -41,7 +42,7 @@ def perplexity(model, tokenizer, text: str, *, seqlen: int = 512, max_tokens: in
     if n_windows == 0:
         raise ConfigError(f"Text has {ids.numel()} tokens, fewer than one window of {seqlen}.")
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-    device = next(model.parameters()).device
+    device = device_of(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
