@@ -1,5 +1,5 @@
-"""hf-compress: compress transformers models (low rank today; quantization and KV caches next) into
-checkpoints that load with ``AutoModelForCausalLM.from_pretrained``.
+"""hf-compress: compress transformers models (low rank, quantization, KV caches) into checkpoints that load with
+``AutoModelForCausalLM.from_pretrained`` and fine-tune with PEFT.
 
 ``import hf_compress`` registers the checkpoint format with transformers' Auto classes and quantizer registry.
 """
@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from .errors import CheckpointError, ConfigError, HfCompressError, NonFiniteWeightError, UnsupportedModuleError  # noqa: E402
 from .config import CompressionConfig  # noqa: E402
 from .methods import available_methods  # noqa: E402
-from .modules import LowRankLinear  # noqa: E402
+from .modules import LowRankLinear, QuantLinear, QuantLowRankLinear  # noqa: E402
 from . import quantizer as _quantizer  # noqa: E402,F401  (registers the quantizer)
 from . import auto as _auto  # noqa: E402
 from .compressor import compress  # noqa: E402
@@ -18,6 +18,10 @@ from .evaluation import perplexity  # noqa: E402
 
 _auto.register()
 
+from .integrations import peft as _peft  # noqa: E402
+
+_peft.register()
+
 __all__ = [
     "CompressionConfig",
     "compress",
@@ -25,6 +29,8 @@ __all__ = [
     "perplexity",
     "available_methods",
     "LowRankLinear",
+    "QuantLinear",
+    "QuantLowRankLinear",
     "HfCompressError",
     "ConfigError",
     "CheckpointError",

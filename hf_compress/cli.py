@@ -1,4 +1,4 @@
-"""The ``hf-compress`` command line: compress, eval, info, demo."""
+"""The ``hf-compress`` command line: compress, eval, info, finetune, demo."""
 
 from __future__ import annotations
 
@@ -26,12 +26,22 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--method-kwargs", default="{}", help='method options as JSON, e.g. \'{"alpha": 0.5}\'')
+    q = p.add_argument_group("quantization (with rtn|hqq|gptq; with a low-rank method: quantize its factors)")
+    q.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8")
+    q.add_argument("--group-size", type=int, default=128, help="quantization group size (default 128)")
+    q.add_argument("--eora-rank", type=int, help="rank of the EoRA low-rank compensation of the quantization error")
+    q.add_argument("--quantizer", help="how a low-rank method's factors are quantized (default: gptq when "
+                                       "calibrated, hqq otherwise)")
 
 
 def _config_from_args(args):
     from .config import CompressionConfig
 
-    ratio = args.ratio if (args.ratio is not None or args.rank is not None) else 0.2
+    from .methods import get_method
+
+    low_rank = get_method(args.method).family == "lowrank"
+    kv = getattr(args, "kv", None)
+    ratio = args.ratio if (args.ratio is not None or args.rank is not None or not low_rank) else (None if kv else 0.2)
     try:
         method_kwargs = json.loads(args.method_kwargs)
     except json.JSONDecodeError as e:
@@ -39,7 +49,8 @@ def _config_from_args(args):
     calibration = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                    "source": os.path.basename(args.calib) if args.calib else None}
     return CompressionConfig(method=args.method, ratio=ratio, rank=args.rank, targets=args.targets, skip=args.skip,
-                             alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration)
+                             alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration, bits=args.bits,
+                             group_size=args.group_size, eora_rank=args.eora_rank, quantizer=args.quantizer, kv=kv)
 
 
 def cmd_compress(args) -> int:
@@ -79,6 +90,10 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise HfCompressError(f"{args.model} has no tokenizer; save it beside the model to evaluate.")
+    if args.kv:  # perplexity with the KV cache in the loop (hf_compress/kv/cli.py)
+        from .kv.cli import eval_kv
+
+        return eval_kv(model, tokenizer, read_text(args.text), args)
     r = _print_ppl(model, tokenizer, read_text(args.text), args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -92,8 +107,40 @@ def cmd_info(args) -> int:
 
     model, _ = load_model(args.model)
     q = getattr(model.config, "quantization_config", None)
-    print(f"{args.model}: {type(model).__name__}" + (f", hf-compress method {q.method}" if hasattr(q, "method") else ", dense"))
+    what = ", dense"
+    if hasattr(q, "method"):
+        what = f", hf-compress method {q.method}" + (f", {q.bits}-bit g{q.group_size}" if q.bits else "")
+    print(f"{args.model}: {type(model).__name__}{what}")
+    if getattr(q, "kv", None):
+        print(f"KV cache (used by generate() by default): {json.dumps(q.kv)}")
     print(format_table(model))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from . import save_pretrained
+    from .finetune import recover
+    from .loading import load_model, read_text
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise HfCompressError(f"{args.model} has no tokenizer; save it beside the model to fine-tune.")
+    if args.eval_text:
+        before = _print_ppl(model, tokenizer, read_text(args.eval_text), args)
+    t0 = time.time()
+    model, losses = recover(model, tokenizer, args.text, steps=args.steps, rank=args.lora_rank, lr=args.lr,
+                            seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
+                            merge=not args.adapter_only)
+    print(f"fine-tuned {args.steps} steps in {time.time() - t0:.0f}s; training loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    if args.eval_text:
+        after = _print_ppl(model, tokenizer, read_text(args.eval_text), args)
+        print(f"perplexity {before.perplexity:.4g} -> {after.perplexity:.4g}")
+    if args.adapter_only:
+        model.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
+    else:
+        save_pretrained(model, args.output, tokenizer=tokenizer)
+    print(f"saved {args.output}")
     return 0
 
 
@@ -123,10 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    for p in (sub.choices["compress"], sub.choices["eval"]):
+    p = sub.add_parser("finetune", help="recovery fine-tuning: LoRA on the compressed layers, then an exact merge")
+    p.add_argument("model", help="compressed checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="output directory (merged checkpoint, or the adapter)")
+    p.add_argument("--text", required=True, help="training text file")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine schedule; default 2e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter-only", action="store_true", help="save the LoRA adapter instead of merging it")
+    p.add_argument("--eval-text", help="report perplexity on this text before and after")
+    p.set_defaults(func=cmd_finetune)
+
+    for p in (sub.choices["compress"], sub.choices["eval"], sub.choices["finetune"]):
         p.add_argument("--seqlen", type=int, default=512,
                        help="window length of calibration and evaluation windows (default 512)")
         p.add_argument("--max-tokens", type=int, default=32768, help="tokens of the text scored (default 32768)")
+        from .kv.cli import add_kv_args
+
+        add_kv_args(p, p is sub.choices["eval"])
 
     p = sub.add_parser("info", help="per-layer table of a (compressed) model")
     p.add_argument("model")

@@ -16,6 +16,7 @@ Data-free methods factorize each targeted weight directly. Calibrated methods ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 
@@ -29,7 +30,10 @@ from .calibration import BlockwiseRunner, LayerStats, calibration_windows, devic
 from .config import CompressionConfig
 from .errors import ConfigError, NonFiniteWeightError
 from .methods import get_method
-from .modules import LowRankLinear
+from .kernels import pack
+from .methods.eora import eora_factors
+from .modules import LowRankLinear, QuantLinear, QuantLowRankLinear
+from .modules.quant import SCALE_DTYPES
 from .targets import dense_weight, find_targets, set_module, shape_of, source_of
 
 logger = logging.getLogger(__name__)
@@ -49,7 +53,11 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     config = CompressionConfig.coerce(config)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise ConfigError("This model is already compressed/quantized; load the dense model to compress it again.")
-    compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress)
+    from .kv.hook import calibrate_kv, kv_only
+
+    if not kv_only(config):
+        compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress)
+    calibrate_kv(model, config, calibration=calibration, tokenizer=tokenizer)  # KV method (hf_compress/kv)
     attach(model, config)
     return model
 
@@ -70,15 +78,78 @@ def _checked_weight(name: str, module: nn.Module) -> torch.Tensor:
         return weight.clone() if offloaded else weight  # an offloaded weight goes back to disk on exit
 
 
-def _replace(model, name, module, method, rank, stats=None, heldout=None) -> None:
+def _replace(model, name, module, method, config, rank, stats=None, heldout=None) -> None:
+    """Swap the dense layer ``name`` for its compressed form. ``rank``: the low-rank rank, or for a quantization
+    method the EoRA rank (0: none)."""
     weight = _checked_weight(name, module)
     with align_module_device(module):
         bias = None if module.bias is None else module.bias.detach().clone()
+    kw = {"source": source_of(module), "dtype": weight.dtype, "device": weight.device}
     with torch.no_grad():
-        u, v = method.factorize(weight.float(), rank, stats, heldout)
-    # For an offloaded layer the (smaller) factors stay in memory on the hook's execution device.
-    set_module(model, name, LowRankLinear.from_factors(u, v, bias, source=source_of(module),
-                                                       dtype=weight.dtype, device=weight.device))
+        if method.family == "quant":
+            new = _quantized(name, weight.float(), bias, method, config, rank, stats, **kw)
+        else:
+            u, v = method.factorize(weight.float(), rank, stats, heldout)
+            if config.bits is None:
+                new = LowRankLinear.from_factors(u, v, bias, **kw)
+            else:
+                new = _quantized_factors(u, v, bias, config, None if stats is None else stats.merged(heldout), **kw)
+    # For an offloaded layer the (smaller) compressed module stays in memory on the hook's execution device.
+    set_module(model, name, new)
+
+
+def _pack(q, in_features: int, sdt, bias=None, u=None, v=None, **kw) -> QuantLinear:
+    return QuantLinear.from_codes(pack(q.codes, q.bits), q.scales.to(sdt), q.zeros.to(sdt), q.bits, q.group_size,
+                                  in_features, bias, u, v, **kw)
+
+
+def _quantized(name, w, bias, method, config, rank, stats, **kw) -> QuantLinear:
+    sdt = SCALE_DTYPES[config.scale_dtype]
+    q = method.quantize(w, config.bits, config.group_size, stats, sdt)
+    u = v = None
+    if rank:
+        error = w - q.dequantize(w.shape[1])
+        u, v = eora_factors(error, rank, None if stats is None else stats.gram, name)
+    return _pack(q, w.shape[1], sdt, bias, u, v, **kw)
+
+
+def factor_quantizer(config: CompressionConfig, have_stats: bool):
+    name = config.quantizer or ("gptq" if have_stats else "hqq")
+    return get_method(name)()
+
+
+def _quantized_factors(u, v, bias, config, stats, **kw) -> QuantLowRankLinear:
+    """Quantize V (input: the layer's x) then U (input: V̂x); a calibrated quantizer sees the Gram of each input,
+    G for V and V̂·G·V̂ᵀ for U, so U also absorbs the rounding error of V."""
+    sdt = SCALE_DTYPES[config.scale_dtype]
+    have_stats = stats is not None and stats.gram is not None
+    quantizer = factor_quantizer(config, have_stats)
+    qv = quantizer.quantize(v, config.bits, config.group_size, stats if have_stats else None, sdt)
+    u_stats = None
+    if have_stats:
+        v_hat = qv.dequantize(v.shape[1]).double().to(stats.gram.device)
+        u_stats = LayerStats(gram=v_hat @ stats.gram @ v_hat.T, count=stats.count)
+    qu = quantizer.quantize(u, config.bits, config.group_size, u_stats, sdt)
+    kw_q = {"dtype": kw["dtype"], "device": kw["device"]}
+    return QuantLowRankLinear.from_parts(_pack(qv, v.shape[1], sdt, **kw_q), _pack(qu, u.shape[1], sdt, **kw_q), bias,
+                                         source=kw["source"])
+
+
+def uses_calibration(config: CompressionConfig, calibration_given: bool) -> bool:
+    """Whether compression runs the calibrated (block-wise) pipeline."""
+    method = get_method(config.method)
+    if method.needs:
+        return True
+    if config.quantizer is not None and get_method(config.quantizer).needs:
+        return True
+    # optional statistics: EoRA in the inputs' eigenspace, GPTQ for low-rank factors
+    return calibration_given and bool(config.eora_rank if method.family == "quant" else config.bits)
+
+
+def _plan(config, method, shapes) -> dict[str, int | None]:
+    if method.family == "quant":
+        return {n: min(config.eora_rank or 0, o, i) for n, (o, i) in shapes.items()}
+    return plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
 
 
 def _correct(module, method, stats, heldout) -> None:
@@ -99,7 +170,7 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
     Returns a small report: {"ranks": {name: rank|None}, "betas": {...}, "seconds": ...}."""
     method = get_method(config.method)(**config.method_kwargs)
     alloc = config.alloc or method.default_alloc
-    if config.rank is not None:
+    if config.rank is not None or method.family == "quant":
         alloc = "uniform"
     targets = find_targets(model, config.targets, config.skip)
     for name, module in targets.items():
@@ -107,19 +178,20 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
     shapes = {name: shape_of(m) for name, m in targets.items()}
     t0 = time.time()
 
-    if not method.needs:
+    if not uses_calibration(config, calibration is not None):
         if alloc == "uniform":
-            plan = plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
+            plan = _plan(config, method, shapes)
         else:
             spectra = {n: method.spectrum(_checked_weight(n, m).float()) for n, m in targets.items()}
             plan = allocate_energy(spectra, shapes, config.ratio)
         for name in tqdm(list(targets), desc=f"hf-compress {config.method}", disable=not progress, unit="layer"):
             if plan[name] is not None:
-                _replace(model, name, targets[name], method, plan[name])
+                _replace(model, name, targets[name], method, config, plan[name])
         return {"ranks": plan, "seconds": time.time() - t0}
 
     if calibration is None:
-        raise ConfigError(f"method {config.method!r} needs calibration data: pass calibration=<text file, list of "
+        what = config.method if method.needs else f"{config.method} with quantizer {config.quantizer}"
+        raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
                           "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
     return _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress, t0)
 
@@ -153,7 +225,7 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
 
     # (2) ranks
     if alloc == "uniform":
-        plan = plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
+        plan = _plan(config, method, shapes)
     else:
         spectra = {}
         hidden = runner.hidden
@@ -188,7 +260,7 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
                 for n in names:
                     train_stats, val_stats = stats[n]
                     if plan[n] is not None:
-                        _replace(model, n, model.get_submodule(n), method, plan[n], train_stats, val_stats)
+                        _replace(model, n, model.get_submodule(n), method, config, plan[n], train_stats, val_stats)
                     else:
                         _correct(model.get_submodule(n), method, train_stats, val_stats)
                     if hasattr(method, "last_beta"):
@@ -231,21 +303,43 @@ def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_bat
     val = {n: LayerStats() for n in layers}
     current = {"b": 0}
     need_cross = bool(ref_inputs)
+    # Layers fed the very same input tensor (q/k/v; gate/up) share one set of statistics: the Gram is computed once.
+    # ``seen`` keeps this batch's inputs alive, so an id cannot be reused by another tensor within the batch.
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+    alias: dict[str, str] = {}
+
+    def new_batch(b):
+        current["b"] = b
+        seen.clear()
 
     def make(n):
         def hook(module, args):
             b = current["b"]
+            x = args[0]
+            x_ref = ref_inputs[n][b] if need_cross else None
+            key = (id(x), id(x_ref))
+            if key in seen and seen[key][0] != n:
+                first = seen[key][0]
+                if alias.setdefault(n, first) != first:
+                    raise RuntimeError(f"input sharing of {n} changed between calibration batches")
+                return
+            if n in alias:
+                raise RuntimeError(f"input sharing of {n} changed between calibration batches")
+            seen[key] = (n, x)
             target = train[n] if b < n_train_batches else val[n]
-            target.add(args[0], ref_inputs[n][b] if need_cross else None, need_cross=need_cross)
+            target.add(x, x_ref, need_cross=need_cross)
         return hook
 
     handles = [m.register_forward_pre_hook(make(n)) for n, m in layers.items()]
     last = list(layers.values())[-1] if stop_after else None
     try:
-        runner.run(i, block, hidden, per_batch=lambda b: current.__setitem__("b", b), stop_after=last)
+        runner.run(i, block, hidden, per_batch=new_batch, stop_after=last)
     finally:
         for h in handles:
             h.remove()
+        seen.clear()
+    for n, first in alias.items():
+        train[n], val[n] = dataclasses.replace(train[first]), dataclasses.replace(val[first])
     for n in layers:
         train[n].fisher_rows = fisher.get(n)
         train[n].check_finite(n)

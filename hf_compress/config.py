@@ -43,8 +43,22 @@ class CompressionConfig(QuantizationConfigMixin):
             say it buys the most). ``None``: the method's best default.
         calibration: for calibrated methods, ``{"nsamples": 32, "seqlen": 512, "seed": 0, "source": <name>}``;
             the text itself is passed to `compress` (``calibration=``). ``source`` is informational.
+        bits: weight quantization bits (2, 3, 4 or 8). With a quantization method (``rtn``, ``hqq``, ``gptq``) every
+            targeted layer becomes a `QuantLinear`; with a low-rank method the *factors* are quantized
+            (`QuantLowRankLinear`), by ``quantizer``.
+        group_size: quantization group size along the input dimension (default 128); when it does not divide the
+            input dimension, the last group of each row is partial (nothing is padded).
+        eora_rank: rank of the EoRA low-rank compensation of the quantization error (quantization methods only);
+            it uses the calibration inputs' Gram when calibration data is given, plain SVD of the error otherwise.
+        quantizer: quantization method for the factors of a low-rank method with ``bits`` (default: ``gptq`` when
+            the low-rank method is calibrated, ``hqq`` otherwise).
+        scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
         modules: filled in by hf-compress: the compressed modules of a model, ``{name: {"type": ..., ...}}``.
             It is refreshed from the live modules each time the model is saved.
+        kv: KV-cache compression that loads with the model (`hf_compress.kv`): a spec dict such as
+            ``{"method": "quant", "bits": 4}`` or a CLI string (``quant4``, ``quant2``, ``gear``, ``lowrank:0.5``,
+            ``xkv``, ``snapkv:0.25``); stored complete (defaults and calibrated ranks filled in). A config may hold
+            only ``kv`` (no ratio/rank): the weights then stay as they are.
     """
 
     def __init__(
@@ -58,7 +72,13 @@ class CompressionConfig(QuantizationConfigMixin):
         method_kwargs: dict[str, Any] | None = None,
         alloc: str | None = None,
         calibration: dict[str, Any] | None = None,
+        bits: int | None = None,
+        group_size: int = 128,
+        eora_rank: int | None = None,
+        quantizer: str | None = None,
+        scale_dtype: str = "float16",
         modules: dict[str, dict[str, Any]] | None = None,
+        kv: dict[str, Any] | str | None = None,
         hf_compress_version: str | None = None,
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
@@ -80,16 +100,27 @@ class CompressionConfig(QuantizationConfigMixin):
         self.method_kwargs = dict(method_kwargs or {})
         self.alloc = alloc
         self.calibration = {**CALIBRATION_DEFAULTS, **(calibration or {})}
+        self.bits = bits
+        self.group_size = group_size
+        self.eora_rank = eora_rank
+        self.quantizer = quantizer
+        self.scale_dtype = scale_dtype
         self.modules = dict(modules or {})
+        self.kv = kv
         self.hf_compress_version = hf_compress_version or __version__
         self.post_init()
 
     def post_init(self):
+        from .kv.registry import parse_kv_spec
         from .methods import get_method
+
+        self.kv = parse_kv_spec(self.kv)  # ConfigError naming unknown KV methods / options
 
         from .allocation import ALLOCATORS
 
-        get_method(self.method)(**self.method_kwargs)  # raises a clear error for unknown methods / options
+        method = get_method(self.method)
+        method(**self.method_kwargs)  # raises a clear error for unknown methods / options
+        self._check_quantization(method)
         if self.alloc is not None and self.alloc not in ALLOCATORS:
             raise ConfigError(f"alloc must be one of {ALLOCATORS}, got {self.alloc!r}")
         if self.alloc == "energy" and self.rank is not None:
@@ -102,7 +133,11 @@ class CompressionConfig(QuantizationConfigMixin):
                 raise ConfigError(f"calibration {key} must be a positive integer, got {self.calibration[key]!r}")
         if self.ratio is not None and self.rank is not None:
             raise ConfigError("Give either ratio or rank, not both.")
-        if self.ratio is None and self.rank is None and not self.modules:
+        if method.family == "quant":
+            if self.ratio is not None or self.rank is not None:
+                raise ConfigError(f"{self.method!r} quantizes; ratio/rank belong to low-rank methods "
+                                  "(for a low-rank compensation of the quantization error use eora_rank)")
+        elif self.ratio is None and self.rank is None and not self.modules and not self.kv:
             raise ConfigError("Give a target ratio (fraction of parameters removed, in (0, 1)) or a rank.")
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -124,6 +159,36 @@ class CompressionConfig(QuantizationConfigMixin):
         except TypeError as e:
             raise ConfigError(f"method_kwargs must be JSON-serialisable: {e}") from None
 
+    def _check_quantization(self, method) -> None:
+        from .kernels import SUPPORTED_BITS
+        from .methods import get_method
+
+        if method.family == "quant" and self.bits is None:
+            raise ConfigError(f"method {self.method!r} quantizes: give bits (one of {SUPPORTED_BITS})")
+        if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS):
+            raise ConfigError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.eora_rank is not None:
+            if method.family != "quant":
+                raise ConfigError("eora_rank compensates a quantization error: use it with rtn, hqq or gptq")
+            if isinstance(self.eora_rank, bool) or not isinstance(self.eora_rank, int) or self.eora_rank < 0:
+                raise ConfigError(f"eora_rank must be a non-negative integer, got {self.eora_rank!r}")
+        if self.quantizer is not None:
+            if method.family == "quant" or self.bits is None:
+                raise ConfigError("quantizer picks how a low-rank method's factors are quantized: give it with a "
+                                  "low-rank method and bits")
+            if get_method(self.quantizer).family != "quant":
+                raise ConfigError(f"quantizer must be a quantization method (rtn, hqq, gptq), got {self.quantizer!r}")
+        if self.scale_dtype not in ("float16", "bfloat16"):
+            raise ConfigError(f"scale_dtype must be 'float16' or 'bfloat16', got {self.scale_dtype!r}")
+
+    @property
+    def family(self) -> str:
+        from .methods import get_method
+
+        return get_method(self.method).family
+
     # QuantizationConfigMixin.to_dict is a deepcopy of __dict__; keep it explicit and stable.
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,7 +202,13 @@ class CompressionConfig(QuantizationConfigMixin):
             "method_kwargs": copy.deepcopy(self.method_kwargs),
             "alloc": self.alloc,
             "calibration": copy.deepcopy(self.calibration),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "eora_rank": self.eora_rank,
+            "quantizer": self.quantizer,
+            "scale_dtype": self.scale_dtype,
             "modules": copy.deepcopy(self.modules),
+            "kv": copy.deepcopy(self.kv),
             "hf_compress_version": self.hf_compress_version,
         }
 

@@ -15,14 +15,10 @@ from . import __version__
 from .checkpoint import read_headers
 from .config import QUANT_METHOD, CompressionConfig
 from .errors import CheckpointError, ConfigError, UnsupportedModuleError
-from .modules import MODULE_TYPES
+from .modules import MODULE_TYPES, compressed_modules
 from .targets import SUPPORTED, set_module, shape_of
 
 
-def compressed_modules(model):
-    """name -> module for every hf-compress module inside ``model``."""
-    types = tuple(MODULE_TYPES.values())
-    return {name: m for name, m in model.named_modules() if isinstance(m, types)}
 
 
 def refresh_records(model, config: CompressionConfig) -> None:
@@ -44,15 +40,18 @@ class HfCompressQuantizer(HfQuantizer):
     quantization_config: CompressionConfig
 
     def validate_environment(self, *args, **kwargs):
-        from .methods import get_method
+        from .compressor import uses_calibration
 
-        if not self.pre_quantized and get_method(self.quantization_config.method).needs:
+        if not self.pre_quantized and uses_calibration(self.quantization_config, calibration_given=False):
             raise ConfigError(
-                f"method {self.quantization_config.method!r} needs calibration data, so it cannot run inside "
-                "from_pretrained; load the dense model and call hf_compress.compress(model, config, ...)."
+                f"method {self.quantization_config.method!r} (as configured) needs calibration data, so it cannot "
+                "run inside from_pretrained; load the dense model and call hf_compress.compress(model, config, ...)."
             )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .kv.hook import before_weight_loading as kv_before_weight_loading
+
+        kv_before_weight_loading(model, self.quantization_config, checkpoint_files, self.pre_quantized)
         if not self.pre_quantized:
             return
         records = self.quantization_config.modules
@@ -89,11 +88,13 @@ class HfCompressQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         from .auto import use_compressed_config_class
         from .compressor import compress_modules
+        from .kv.hook import after_weight_loading as kv_after_weight_loading, kv_only
 
-        if not self.pre_quantized:
+        if not self.pre_quantized and not kv_only(self.quantization_config):
             compress_modules(model, self.quantization_config)
         refresh_records(model, self.quantization_config)
         use_compressed_config_class(model)
+        kv_after_weight_loading(model, self.quantization_config)  # KV cache used by generate() by default
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -1,27 +1,129 @@
 """Choose between the Triton kernels and the torch references.
 
-``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when importable), ``torch`` (always the
-reference) or ``triton`` (Triton wherever it can run; on CPU that needs ``TRITON_INTERPRET=1``).
+``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when Triton is importable, the reference
+otherwise), ``torch`` (always the reference) or ``triton`` (always Triton; an error where it cannot run: Triton
+missing, or CPU tensors without ``TRITON_INTERPRET=1`` set before triton was imported).
+
+The variable is read once per process (the first forward) and cached, as is the Triton import;
+`refresh_backend()` re-reads both (tests, or after changing the variable at run time).
+
+Autograd: the kernels have no backward of their own. When a gradient is needed (grad mode on and an input
+requires grad, e.g. PEFT training of the low-rank factors) the Triton forward is wrapped in an
+``autograd.Function`` whose backward recomputes the reference and differentiates it, so gradients are the
+reference's.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from types import SimpleNamespace
 
 import torch
 
 from . import reference
 
+ENV_VAR = "HF_COMPRESS_KERNELS"
+CHOICES = ("auto", "torch", "triton")
+
+_import_error: str | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_mode() -> str:
+    """The value of ``HF_COMPRESS_KERNELS`` (validated), read once per process; see `refresh_backend`."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV_VAR} must be auto, torch or triton, got {choice!r}")
+    return choice
+
+
+@functools.lru_cache(maxsize=1)
+def _triton():
+    """The Triton kernel modules, or None when triton is missing or broken (the reference serves then)."""
+    global _import_error
+    try:
+        from . import triton_common, triton_lowrank, triton_quant
+    except Exception as e:  # noqa: BLE001 - ImportError, or a triton that fails to initialise
+        _import_error = f"{type(e).__name__}: {e}"
+        return None
+    _import_error = None
+    return SimpleNamespace(common=triton_common, lowrank=triton_lowrank, quant=triton_quant)
+
+
+def triton_available() -> bool:
+    return _triton() is not None
+
+
+def refresh_backend() -> str:
+    """Forget the cached choice and Triton import, re-read ``HF_COMPRESS_KERNELS``; returns the new mode."""
+    kernel_mode.cache_clear()
+    _triton.cache_clear()
+    return kernel_mode()
+
 
 def backend_for(tensor: torch.Tensor) -> str:
-    choice = os.environ.get("HF_COMPRESS_KERNELS", "auto").lower()
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"HF_COMPRESS_KERNELS must be auto, torch or triton, got {choice!r}")
-    # No Triton kernel is registered yet: every op resolves to its torch reference.
-    return "torch"
+    """``"triton"`` or ``"torch"``: which implementation runs for an input living where ``tensor`` lives."""
+    mode = kernel_mode()
+    if mode == "torch":
+        return "torch"
+    if mode == "auto":  # triton is imported only for CUDA inputs
+        return "triton" if tensor.is_cuda and _triton() is not None else "torch"
+    mods = _triton()
+    if mods is None:
+        raise RuntimeError(f"{ENV_VAR}=triton but Triton is not importable ({_import_error})")
+    if not tensor.is_cuda and not mods.common.INTERPRET:
+        raise RuntimeError(f"{ENV_VAR}=triton with a {tensor.device.type} tensor: Triton runs on CUDA tensors, or on "
+                           "CPU under TRITON_INTERPRET=1 (set before triton is imported); use auto or torch here")
+    return "triton"
+
+
+class _KernelFn(torch.autograd.Function):
+    """Triton forward, reference backward (recomputed and differentiated with autograd)."""
+
+    @staticmethod
+    def forward(ctx, kernel, ref, *tensors):
+        ctx.ref = ref
+        ctx.save_for_backward(*tensors)
+        return kernel(*tensors)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(saved, needs)]
+        with torch.enable_grad():
+            out = ctx.ref(*inputs)
+        wrt = [t for t, need in zip(inputs, needs) if need]
+        grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True))
+        return (None, None, *[next(grads) if need else None for need in needs])
+
+
+def _run(kernel, ref, *tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _KernelFn.apply(kernel, ref, *tensors)
+    return kernel(*tensors)
 
 
 def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = (x · Vᵀ) · Uᵀ + b."""
-    backend_for(x)
+    if backend_for(x) == "triton":
+        return _run(_triton().lowrank.lowrank_linear, reference.lowrank_linear, x, u, v, bias)
     return reference.lowrank_linear(x, u, v, bias)
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int, in_features: int, bias: torch.Tensor | None = None,
+                 u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x · dequant(Q)ᵀ + (x · Vᵀ) · Uᵀ + b (layout: `hf_compress.kernels.reference`)."""
+    if backend_for(x) == "triton":
+        packed = (qweight, scales, zeros, bits, group_size, in_features)
+
+        def kernel(x_, bias_, u_, v_):
+            return _triton().quant.quant_linear(x_, *packed, bias_, u_, v_)
+
+        def ref(x_, bias_, u_, v_):
+            return reference.quant_linear(x_, *packed, bias_, u_, v_)
+
+        return _run(kernel, ref, x, bias, u, v)
+    return reference.quant_linear(x, qweight, scales, zeros, bits, group_size, in_features, bias, u, v)

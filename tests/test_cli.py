@@ -82,3 +82,45 @@ def test_compress_calibrated_method(dense_dir, tmp_path):
 def test_compress_calibrated_without_calib_file(dense_dir, tmp_path):
     proc = cli("compress", dense_dir, "-o", tmp_path / "y", "--method", "asvd", "--ratio", "0.3")
     assert proc.returncode == 2 and "needs calibration data" in proc.stderr and "--calib" in proc.stderr
+
+
+def test_cli_quantize_gptq_eora_and_info(dense_dir, tmp_path):
+    out = tmp_path / "q"
+    proc = cli("compress", dense_dir, "-o", out, "--method", "gptq", "--bits", "3", "--group-size", "32",
+               "--eora-rank", "4", "--calib", TEXT, "--nsamples", "4", "--seqlen", "32")
+    assert proc.returncode == 0, proc.stderr
+    modules = json.loads((out / "config.json").read_text())["base_config"]["quantization_config"]["modules"]
+    assert len(modules) == 14 and all(r["type"] == "quant" and r["bits"] == 3 and r["rank"] == 4 for r in modules.values())
+    info = cli("info", out)
+    assert info.returncode == 0, info.stderr
+    assert "3-bit g32" in info.stdout and "3b g32 +r4" in info.stdout
+    # q_proj 48x48, per row: 3-bit codes (144 bits in 5 words) + 2 groups x (fp16 scale + zero) + its share of the
+    # rank-4 fp32 factors (4 x (48 + 48) x 32 bits / 48 rows)
+    expected = (5 * 32 + 2 * 32 + 4 * 96 * 32 / 48) / 48
+    line = next(ln for ln in info.stdout.splitlines() if ln.startswith("model.layers.0.self_attn.q_proj"))
+    assert f"{expected:.3f}" in line
+
+
+def test_cli_lowrank_with_bits(dense_dir, tmp_path):
+    out = tmp_path / "lq"
+    proc = cli("compress", dense_dir, "-o", out, "--method", "svd", "--ratio", "0.3", "--bits", "4", "--group-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    info = cli("info", out)
+    assert "lowrank_quant" in info.stdout and "4b g16" in info.stdout
+    bad = cli("compress", dense_dir, "-o", tmp_path / "bad", "--method", "rtn", "--bits", "5")
+    assert bad.returncode == 2 and "bits must be one of" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_cli_finetune_merges_lora_into_low_rank(dense_dir, tmp_path):
+    comp = tmp_path / "c"
+    assert cli("compress", dense_dir, "-o", comp, "--method", "svd", "--ratio", "0.3").returncode == 0
+    ranks = {k: r["rank"] for k, r in
+             json.loads((comp / "config.json").read_text())["base_config"]["quantization_config"]["modules"].items()}
+    out = tmp_path / "ft"
+    proc = cli("finetune", comp, "-o", out, "--text", TEXT, "--steps", "4", "--batch-size", "2", "--seqlen", "32",
+               "--lora-rank", "3", "--lr", "1e-3", "--eval-text", TEXT, "--max-tokens", "320")
+    assert proc.returncode == 0, proc.stderr
+    assert "fine-tuned 4 steps" in proc.stdout and "perplexity" in proc.stdout
+    after = json.loads((out / "config.json").read_text())["base_config"]["quantization_config"]["modules"]
+    assert {k: r["rank"] for k, r in after.items()} == {k: v + 3 for k, v in ranks.items()}
+    assert cli("eval", out, "--text", TEXT, "--seqlen", "32", "--max-tokens", "320").returncode == 0

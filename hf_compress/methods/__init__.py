@@ -1,8 +1,8 @@
 """Compression methods: one file each, registered by name in `hf_compress.registry.METHODS`."""
 
 from ..registry import METHODS
-from .base import CompressionMethod, LowRankMethod
-from . import asvd, fwsvd, svd, svd_llm  # noqa: F401  (each registers its method)
+from .base import CompressionMethod, LowRankMethod, QuantMethod
+from . import asvd, fwsvd, gptq, hqq, rtn, svd, svd_llm  # noqa: F401  (each registers its method)
 
 
 def get_method(name: str) -> type[CompressionMethod]:
@@ -13,4 +13,4 @@ def available_methods() -> list[str]:
     return METHODS.names()
 
 
-__all__ = ["CompressionMethod", "LowRankMethod", "get_method", "available_methods"]
+__all__ = ["CompressionMethod", "LowRankMethod", "QuantMethod", "get_method", "available_methods"]

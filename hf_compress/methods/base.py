@@ -47,3 +47,13 @@ class LowRankMethod(CompressionMethod):
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (U [out, rank], V [rank, in]) with U @ V ≈ weight. ``weight`` is fp32, [out, in]."""
         raise NotImplementedError
+
+
+class QuantMethod(CompressionMethod):
+    family = "quant"
+
+    def quantize(self, weight: torch.Tensor, bits: int, group_size: int, stats: Any = None,
+                 scale_dtype: torch.dtype = torch.float16):
+        """Return a `hf_compress.methods.quantlib.Quantized` (codes, scales, zeros) for ``weight`` (fp32, [out, in]),
+        grouped along the input dimension; ``stats`` holds the layer's input statistics for calibrated methods."""
+        raise NotImplementedError

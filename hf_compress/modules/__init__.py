@@ -2,8 +2,26 @@
 the kernels that run them in `hf_compress.kernels`."""
 
 from .lowrank import LowRankLinear
+from .quant import QuantLinear, QuantLowRankLinear
 
 #: module type name (as stored in the config's ``modules`` record) -> class
-MODULE_TYPES = {"lowrank": LowRankLinear}
+MODULE_TYPES = {cls.type_name: cls for cls in (LowRankLinear, QuantLinear, QuantLowRankLinear)}
 
-__all__ = ["LowRankLinear", "MODULE_TYPES"]
+
+
+def compressed_modules(model) -> dict:
+    """name -> module for every hf-compress module of ``model`` (not the parts inside one, such as the two
+    `QuantLinear` factors of a `QuantLowRankLinear`)."""
+    types = tuple(MODULE_TYPES.values())
+    found: dict = {}
+    inside: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, types):
+            found[name] = module
+            inside += (name + ".",)
+    return found
+
+
+__all__ = ["LowRankLinear", "MODULE_TYPES", "compressed_modules", "QuantLinear", "QuantLowRankLinear"]

@@ -86,22 +86,7 @@ class LowRankLinear(nn.Module):
         """The equivalent dense module (`nn.Linear`, or `Conv1D` when this replaced one)."""
         with torch.no_grad():
             w = (self.U.float() @ self.V.float()).to(self.U.dtype)
-            if self.source == "conv1d":
-                from transformers.pytorch_utils import Conv1D
-
-                dense = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
-                dense.weight.copy_(w.T)
-                if self.bias is not None:
-                    dense.bias.copy_(self.bias)
-                else:
-                    dense.bias = None
-            else:
-                dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                                  device=w.device, dtype=w.dtype)
-                dense.weight.copy_(w)
-                if self.bias is not None:
-                    dense.bias.copy_(self.bias)
-        return dense
+        return dense_module(w, self.bias, self.source)
 
     def record(self) -> dict:
         """What the config stores about this module (checked against the checkpoint's tensors on load)."""
@@ -121,3 +106,22 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.bias is not None}" + (", source=conv1d" if self.source == "conv1d" else ""))
+
+
+def dense_module(w: torch.Tensor, bias: torch.Tensor | None, source: str) -> nn.Module:
+    """`nn.Linear` (or GPT-2 `Conv1D` when ``source`` is "conv1d") holding ``w`` [out, in] and ``bias``."""
+    out_f, in_f = w.shape
+    with torch.no_grad():
+        if source == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(out_f, in_f).to(device=w.device, dtype=w.dtype)
+            dense.weight.copy_(w.T)
+            if bias is None:
+                dense.bias = None
+        else:
+            dense = nn.Linear(in_f, out_f, bias=bias is not None, device=w.device, dtype=w.dtype)
+            dense.weight.copy_(w)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense

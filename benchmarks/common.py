@@ -1,0 +1,55 @@
+"""Shared by the SmolLM2 benchmarks: paths, the protocol's targets, peak-RSS accounting, one-process-per-row
+running and the Markdown table. Run the benchmarks themselves, not this file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: the protocol's compressed layers (../shared/PEERS.md): every q/k/v/o/gate/up/down projection
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart the kernel's peak-RSS counter (VmHWM) so the next reading covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_rows(script: str, jobs: list[tuple[str, list[str]]]) -> list[dict]:
+    """Run ``script --row <args>`` once per job, each in its own process (so each row's peak RSS is its own);
+    print each row's JSON as it lands and return them."""
+    results = []
+    for label, argv in jobs:
+        out = subprocess.run([sys.executable, script, "--row", *argv], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
+        if not line:
+            print(f"{label}: FAILED\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+            results.append({"label": label, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:120]})
+            continue
+        results.append(json.loads(line[0][4:]))
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def print_table(results: list[dict], cols: list[str]) -> None:
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+              + " |")

@@ -1,0 +1,175 @@
+"""Weight quantization on SmolLM2-135M: one command, one table, one run.
+
+    .venv/bin/python benchmarks/quant.py                 # every row below (several hours on 2 cores)
+    .venv/bin/python benchmarks/quant.py --settings 3:64 --methods hqq gptq --eora 0 32 --peers hqq
+    .venv/bin/python benchmarks/quant.py --rows dense gptq:3:64:32 hqq-package:3:64 quanto:4:128   # explicit rows
+
+Rows: dense; for each bits:group setting (default 4:128 3:64 2:32) each of our methods (rtn, hqq, gptq) with each
+EoRA rank (default 0 16 32 64); the peers measured in the same run: the HQQ package (CPU, torch backend, its
+defaults) and optimum-quanto (qint4 only: quanto has no 3- or 2-bit weights; its group size is its default 128,
+which it lowers to a divisor of the input dimension where 128 does not divide it).
+
+Protocol (../shared/PEERS.md): perplexity on the first 32768 tokens of WikiText-2 raw test in 512-token windows;
+calibration (gptq, and EoRA on any quantizer) 32 x 512 tokens of gutenberg-pg1342.txt, seed 0; every
+q/k/v/o/gate/up/down projection is quantized. ``bits_w`` counts the real tensors of the quantized layers (codes,
+scales, zeros, EoRA factors; biases excluded; SmolLM2 has none) per weight. The SmolLM2 weights come from a Q4_1
+GGUF (4-bit grid, blocks of 32), so 4-bit rows flatter every method; the 3- and 2-bit rows are the meaningful ones.
+Our rows are scored after ``model.dequantize()`` (the same fp32 weights dequant(Q) + U·V the packed layers compute
+with; it saves unpacking the codes for each of the 64 windows on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+from common import DATA, TARGETS, peak_rss_mb, print_table, reset_peak_rss, run_rows
+
+
+def _tensor_bits(module) -> int:
+    """Bits of every tensor a (peer) quantized module holds, however it stores them."""
+    import torch
+
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            inner = [v for v in vars(t).values() if isinstance(v, torch.Tensor)] if type(t) is not torch.Tensor and \
+                not isinstance(t, torch.nn.Parameter) else []
+            if inner:
+                for v in inner:
+                    add(v)
+            else:
+                total += t.numel() * t.element_size() * 8
+
+    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+        add(t)
+        for v in vars(t).values() if not isinstance(t, torch.nn.Parameter) or type(t.data) is not torch.Tensor else []:
+            add(v)
+    if hasattr(module, "weight") and type(getattr(module, "weight")) is not torch.Tensor:
+        w = module.weight
+        for v in vars(w).values():
+            if isinstance(v, torch.Tensor):
+                add(v)
+                for vv in vars(v).values():
+                    add(vv)
+    for v in getattr(module, "meta", {}).values():  # HQQ keeps scale/zero in a dict
+        add(v)
+    return total
+
+
+def run_row(spec: dict) -> dict:
+    import torch
+
+    import hf_compress
+    from hf_compress.evaluation import perplexity
+    from hf_compress.loading import load_model, read_text, smollm2_gguf_path
+    from hf_compress.summary import layer_table
+
+    torch.manual_seed(0)
+    model, tok = load_model(smollm2_gguf_path())
+    row = dict(spec)
+    names = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
+    n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    reset_peak_rss()
+    t0 = time.time()
+    kind = spec["kind"]
+    if kind == "ours":
+        cfg = {"method": spec["method"], "bits": spec["bits"], "group_size": spec["group_size"],
+               "eora_rank": spec["eora"] or None, "targets": TARGETS,
+               "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0}}
+        calibrated = spec["method"] == "gptq" or spec["eora"]
+        hf_compress.compress(model, cfg, calibration=str(DATA / spec["calib"]) if calibrated else None,
+                             tokenizer=tok, progress=False)
+        rows = {r.name: r for r in layer_table(model)}
+        bits = sum(rows[n].bits_per_weight * rows[n].shape[0] * rows[n].shape[1] for n in names)
+    elif kind == "hqq":
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        qcfg = BaseQuantizeConfig(nbits=spec["bits"], group_size=spec["group_size"])
+        bits = 0
+        for n in names:
+            parent, child = n.rsplit(".", 1)
+            q = HQQLinear(model.get_submodule(n), qcfg, compute_dtype=torch.float32, device="cpu")
+            setattr(model.get_submodule(parent), child, q)
+            bits += _tensor_bits(q)
+    elif kind == "quanto":
+        import optimum.quanto as oq
+
+        oq.quantize(model, weights=oq.qint4, exclude=["lm_head"])
+        oq.freeze(model)
+        bits = sum(_tensor_bits(model.get_submodule(n)) for n in names)
+    else:
+        bits = 32 * n_weights
+    row["compress_s"] = round(time.time() - t0, 1)
+    row["compress_peak_rss_MB"] = round(peak_rss_mb())
+    row["bits_w"] = round(bits / n_weights, 3)
+    row["proj_MB"] = round(bits / 8 / 1e6, 1)
+    if kind == "ours" and spec.get("dequantize_for_eval", True):
+        # Same weights as the packed forward (tests check it within fp32 rounding), without unpacking the codes at
+        # every one of the 64 evaluation windows: the CPU reference path is not a kernel.
+        model.dequantize()
+    t0 = time.time()
+    with torch.no_grad():
+        row["ppl_wikitext"] = perplexity(model, tok, read_text(DATA / "wikitext-2-raw-test.txt"),
+                                         max_tokens=spec["eval_tokens"], progress=False).perplexity
+    row["eval_s"] = round(time.time() - t0, 1)
+    row["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def _parse_row(text: str) -> dict:
+    if text == "dense":
+        return {"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0}
+    name, bits, group, *rest = text.split(":")
+    bits, group, eora = int(bits), int(group), int(rest[0]) if rest else 0
+    if name == "hqq-package":
+        return {"kind": "hqq", "method": "HQQ package 0.2.8", "bits": bits, "group_size": group, "eora": 0}
+    if name == "quanto":
+        return {"kind": "quanto", "method": "optimum-quanto qint4", "bits": 4, "group_size": 128, "eora": 0}
+    return {"kind": "ours", "method": name, "bits": bits, "group_size": group, "eora": eora}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=["4:128", "3:64", "2:32"], help="bits:group_size")
+    p.add_argument("--methods", nargs="+", default=["rtn", "hqq", "gptq"])
+    p.add_argument("--eora", nargs="+", type=int, default=[0, 16, 32, 64], help="EoRA ranks (0: none)")
+    p.add_argument("--peers", nargs="*", default=["hqq", "quanto"])
+    p.add_argument("--calib", default="gutenberg-pg1342.txt")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--rows", nargs="+", help="explicit rows instead of the grid: dense, METHOD:BITS:GROUP[:EORA], "
+                                             "hqq-package:BITS:GROUP, quanto:4:128")
+    p.add_argument("--row", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.row:
+        print("ROW " + json.dumps(run_row(json.loads(args.row))), flush=True)
+        return
+    base = {"calib": args.calib, "nsamples": args.nsamples, "eval_tokens": args.eval_tokens}
+    specs = [] if args.no_dense else [{"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0}]
+    for setting in args.settings:
+        bits, group = map(int, setting.split(":"))
+        for m in args.methods:
+            for r in args.eora:
+                specs.append({"kind": "ours", "method": m, "bits": bits, "group_size": group, "eora": r})
+        if "hqq" in args.peers:
+            specs.append({"kind": "hqq", "method": "HQQ package 0.2.8", "bits": bits, "group_size": group, "eora": 0})
+        if "quanto" in args.peers and bits == 4:
+            specs.append({"kind": "quanto", "method": "optimum-quanto qint4", "bits": 4, "group_size": 128, "eora": 0})
+    if args.rows:
+        specs = [_parse_row(r) for r in args.rows]
+    jobs = [(f"{s['method']} w{s['bits']} g{s['group_size']} r{s['eora']}", [json.dumps({**base, **s})]) for s in specs]
+    results = run_rows(__file__, jobs)
+    print_table(results, ["method", "bits", "group_size", "eora", "ppl_wikitext", "bits_w", "proj_MB", "compress_s",
+                          "compress_peak_rss_MB", "eval_s", "error"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""How a KV method travels with the model.
+
+* ``make_cache(model, spec)``: a fresh cache for one ``generate`` call (or a manual forward loop).
+* Default cache in ``generate``: transformers has no registry for third-party ``cache_implementation`` strings, so
+  `install_default_cache` gives the model *instance* its own ``_prepare_cache_for_generation`` (the GenerationMixin
+  step that creates ``DynamicCache`` when none is passed). It builds the hf-compress cache only where transformers
+  would have built a default ``DynamicCache``: no ``past_key_values`` passed, ``use_cache`` not false and no
+  ``cache_implementation`` asked for; everything else goes to the class's own method untouched, so an explicit
+  ``past_key_values`` (or ``cache_implementation``) still wins. It is installed by the quantizer's post-processing,
+  which runs after ``from_pretrained`` of an hf-compress checkpoint and after ``hf_compress.compress`` in memory.
+* Checkpoint: the spec is ``CompressionConfig.kv`` (config.json). Calibrated projections (lowrank) are buffers of a
+  ``hf_compress_kv`` submodule, saved in model.safetensors; `before_weight_loading` creates that submodule from the
+  recorded ranks and checks the safetensors headers first, so a missing or misshapen tensor is a CheckpointError,
+  never a silently random projection.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+from ..errors import CheckpointError, ConfigError
+from .registry import kv_method, parse_kv_spec
+
+logger = logging.getLogger(__name__)
+
+SPEC_ATTR = "_hf_compress_kv"
+
+
+def make_cache(model, spec):
+    """A new compressed cache for ``model`` from a spec (dict, CLI string such as ``"quant4"`` / ``"snapkv:0.25"``)."""
+    spec = parse_kv_spec(spec)
+    if spec is None:
+        raise ConfigError("no KV method given")
+    return kv_method(spec).make_cache(model, spec)
+
+
+def _check_decoder(model) -> None:
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ConfigError("hf-compress KV caches support decoder-only models")
+
+
+def install_default_cache(model, spec) -> None:
+    """Make ``model.generate()`` use the ``spec`` cache when the caller passes none (None removes it)."""
+    spec = parse_kv_spec(spec)
+    if spec is None:
+        model.__dict__.pop(SPEC_ATTR, None)
+        model.__dict__.pop("_prepare_cache_for_generation", None)
+        return
+    _check_decoder(model)
+    kv_method(spec).check_model(model, spec)
+    model.__dict__[SPEC_ATTR] = spec
+    model.__dict__["_prepare_cache_for_generation"] = types.MethodType(_prepare_cache_for_generation, model)
+
+
+def default_cache_spec(model):
+    return model.__dict__.get(SPEC_ATTR)
+
+
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    spec = self.__dict__.get(SPEC_ATTR)
+    if (spec is not None and model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None and self._supports_default_dynamic_cache()):
+        model_kwargs["past_key_values"] = make_cache(self, spec)
+        return None
+    return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- config plumbing
+def kv_only(config) -> bool:
+    """True when a CompressionConfig asks for a KV method and no weight compression."""
+    from ..methods import get_method
+
+    return bool(getattr(config, "kv", None)) and config.ratio is None and config.rank is None and \
+        get_method(config.method).family != "quant"
+
+
+def calibrate_kv(model, config, calibration=None, tokenizer=None) -> None:
+    """Run the KV method's calibration (lowrank: PCA of keys/values) on the model as compressed so far; records the
+    result in ``config.kv``."""
+    spec = getattr(config, "kv", None)
+    if not spec:
+        return
+    method = kv_method(spec)
+    _check_decoder(model)
+    method.check_model(model, spec)
+    if not method.needs_calibration:
+        return
+    if calibration is None:
+        raise ConfigError(f"KV method {spec['method']!r} is calibrated: pass calibration=<text file, list of strings, "
+                          "datasets.Dataset or token ids> (CLI: --calib FILE)")
+    from ..calibration import calibration_windows
+
+    cal = config.calibration
+    windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
+    config.kv = method.calibrate(model, dict(spec), windows)
+
+
+def before_weight_loading(model, config, checkpoint_files=None, pre_quantized=True) -> None:
+    spec = getattr(config, "kv", None)
+    if not spec:
+        return
+    method = kv_method(spec)
+    if not method.needs_calibration:
+        return
+    if not pre_quantized:
+        raise ConfigError(f"KV method {spec['method']!r} needs calibration text, so it cannot run inside "
+                          "from_pretrained; load the model and call hf_compress.compress(model, config, calibration=...)")
+    from ..checkpoint import read_headers
+    from .lowrank import ATTR, attach_projections
+
+    try:
+        proj = method.projections_for(model, spec, device="meta")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    headers = read_headers(checkpoint_files or [])
+    prefix = getattr(model, "base_model_prefix", "")
+    for name, shape in proj.expected_tensors().items():
+        key = f"{ATTR}.{name}"
+        found = next((k for k in (key, f"{prefix}.{key}") if k in headers), None)
+        if found is None:
+            raise CheckpointError(f"Checkpoint lacks tensor {key} (KV {spec['method']} projections recorded in its config).")
+        if tuple(headers[found]["shape"]) != shape:
+            raise CheckpointError(f"Tensor {found} has shape {tuple(headers[found]['shape'])}, but the config's KV ranks "
+                                  f"and the model's heads imply {shape}.")
+    attach_projections(model, proj)
+
+
+def after_weight_loading(model, config) -> None:
+    spec = getattr(config, "kv", None)
+    if not spec:
+        return
+    method = kv_method(spec)
+    if method.needs_calibration:
+        from .lowrank import ATTR
+
+        proj = getattr(model, ATTR, None)
+        if proj is None:
+            raise ConfigError(f"KV method {spec['method']!r} has no calibrated projections on this model")
+        for name, buf in proj.named_buffers():
+            if buf.device.type == "meta":
+                raise CheckpointError(f"KV projection {ATTR}.{name} was not loaded from the checkpoint")
+    install_default_cache(model, spec)

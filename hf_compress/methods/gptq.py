@@ -1,0 +1,85 @@
+"""GPTQ (Frantar et al., 2023): quantize one input column at a time and push its rounding error onto the columns
+not yet quantized, weighted by the inverse Hessian H = XᵀX of the layer's inputs — a closed-form step of the
+layer-output least-squares problem (Optimal Brain Quantization with lazy block updates).
+
+Options: ``act_order`` (quantize columns by decreasing H diagonal, i.e. the most active inputs first, while the
+storage keeps contiguous groups: a group's scale/zero is fixed when its first column comes up, from the group's
+then-current weights), ``damp`` (diagonal damping, fraction of mean(diag H)), ``grid`` ("minmax", default, as
+in GPTQ; "mse": per-group range search minimising the squared weight error — range shrinking hurt RTN/HQQ on
+SmolLM2, see hqq.py), ``integer_zero`` (default on: 0 is exactly on every group's grid).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..registry import METHODS
+from .base import QuantMethod
+from .quantlib import Quantized, clip_search, grouped, minmax
+
+
+@METHODS.register("gptq")
+class GPTQ(QuantMethod):
+    needs = frozenset({"gram"})
+
+    def __init__(self, damp: float = 0.01, act_order: bool = True, grid: str = "minmax", block_size: int = 128,
+                 integer_zero: bool = True):
+        if grid not in ("mse", "minmax"):
+            raise ConfigError(f"gptq grid must be 'mse' or 'minmax', got {grid!r}")
+        if not 0 <= damp < 1:
+            raise ConfigError(f"gptq damp must be in [0, 1), got {damp}")
+        self.damp, self.act_order, self.grid, self.block_size = float(damp), bool(act_order), grid, int(block_size)
+        self.integer_zero = bool(integer_zero)
+
+    def _grid(self, wg, bits, dtype):
+        if self.grid == "mse":
+            return clip_search(wg, bits, dtype, integer_zero=self.integer_zero)
+        return minmax(wg, bits, dtype, integer_zero=self.integer_zero)
+
+    def quantize(self, weight, bits, group_size, stats=None, scale_dtype=torch.float16):
+        if stats is None or stats.gram is None:
+            raise ConfigError("gptq needs the input Gram matrix of each layer (calibration data)")
+        g = group_size
+        out, n = weight.shape
+        w = grouped(weight, g).reshape(out, -1).clone()
+        n_pad, n_groups = w.shape[1], w.shape[1] // g
+        h = torch.eye(n_pad, dtype=torch.float64, device=w.device)
+        h[:n, :n] = stats.gram.to(w.device) / max(stats.count, 1)
+        dead = h.diagonal() == 0
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        h.diagonal().add_(self.damp * h.diagonal().mean())
+        perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else torch.arange(n_pad, device=w.device)
+        w, h = w[:, perm], h[perm][:, perm]
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+        group_of = perm // g
+        scales = torch.zeros(out, n_groups, device=w.device)
+        zeros = torch.zeros_like(scales)
+        done = torch.zeros(n_groups, dtype=torch.bool)
+        codes = torch.zeros(out, n_pad, device=w.device)
+        maxq = 2**bits - 1
+        # blocks hold whole groups when there is no reordering, so a group's grid sees its up-to-date weights
+        bs = max(g, self.block_size // g * g) if not self.act_order else self.block_size
+        for i1 in range(0, n_pad, bs):
+            i2 = min(i1 + bs, n_pad)
+            w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+            err1 = torch.zeros_like(w1)
+            for i in range(i2 - i1):
+                grp = int(group_of[i1 + i])
+                if not done[grp]:
+                    pos = (group_of == grp).nonzero().squeeze(1)  # this group's columns, in processing order
+                    current = torch.where((pos >= i1) & (pos < i2), w1[:, (pos - i1).clamp(0, i2 - i1 - 1)], w[:, pos])
+                    s, z = self._grid(current[:, None, :], bits, scale_dtype)
+                    scales[:, grp], zeros[:, grp] = s[:, 0], z[:, 0]
+                    done[grp] = True
+                s, z = scales[:, grp], zeros[:, grp]
+                col = w1[:, i]
+                q = (col / s + z).round_().clamp_(0, maxq)
+                codes[:, i1 + i] = q
+                e = (col - (q - z) * s) / hinv1[i, i]
+                w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+                err1[:, i] = e
+            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        codes = codes[:, torch.argsort(perm)][:, :n]
+        return Quantized(codes.to(torch.int64), scales, zeros, bits, g)

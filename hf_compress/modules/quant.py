@@ -1,0 +1,240 @@
+"""`QuantLinear` (y = dequant(Q)·x + U(Vx) + b) and `QuantLowRankLinear` (a low-rank layer with quantized factors).
+
+Storage only; the quantizers that fill them live in `hf_compress.methods` and the kernels that run them in
+`hf_compress.kernels` (packed layout: `hf_compress.kernels.reference`). Neither is an `nn.Linear` subclass, so
+PEFT's default LoRA dispatch cannot mistake them for dense layers.
+
+``qweight`` / ``scales`` / ``zeros`` are buffers (persistent, saved in safetensors, never trained); the
+optional low-rank compensation factors ``U`` [out, r] and ``V`` [r, in] of a `QuantLinear` (EoRA) are
+parameters — the part PEFT fine-tuning can train (LQ-LoRA style).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import SUPPORTED_BITS, dequantize, packed_words, quant_linear
+from .lowrank import SOURCES, dense_module
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
+def check_quant_args(bits: int, group_size: int, in_features: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if in_features < 1:
+        raise ValueError(f"in_features must be positive, got {in_features}")
+
+
+def _scale_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return SCALE_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {name!r}") from None
+
+
+class QuantLinear(nn.Module):
+    """Group-wise asymmetric low-bit linear layer, optionally with a low-rank error-compensation path.
+
+    ``group_size`` need not divide ``in_features``: the last group is then partial (nothing is padded)."""
+
+    type_name = "quant"
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, rank: int = 0,
+                 bias: bool = True, source: str = "linear", scale_dtype="float16", device=None, dtype=None):
+        super().__init__()
+        check_quant_args(bits, group_size, in_features)
+        if rank < 0 or rank > min(in_features, out_features):
+            raise ValueError(f"rank must be in [0, min(out, in)] = [0, {min(in_features, out_features)}], got {rank}")
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.source = source
+        self._dtype = dtype or torch.get_default_dtype()  # dtype of the dense weight this layer stands for
+        sdt = _scale_dtype(scale_dtype)
+        ng = n_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(out_features, packed_words(in_features, bits), dtype=torch.int32,
+                                                    device=device))
+        self.register_buffer("scales", torch.ones(out_features, ng, dtype=sdt, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=sdt, device=device))
+        kw = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.zeros(out_features, rank, **kw)) if rank else None
+        self.V = nn.Parameter(torch.zeros(rank, in_features, **kw)) if rank else None
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.U is None else self.U.shape[1]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        for t in (self.bias, self.U):
+            if t is not None:
+                return t.dtype
+        return self._dtype
+
+    @classmethod
+    def from_codes(cls, qweight, scales, zeros, bits: int, group_size: int, in_features: int, bias=None, u=None,
+                   v=None, source: str = "linear", dtype=None, device=None) -> "QuantLinear":
+        dtype = dtype or (bias.dtype if bias is not None else torch.float32)
+        device = device or qweight.device
+        rank = 0 if u is None else u.shape[1]
+        m = cls(in_features, qweight.shape[0], bits, group_size, rank=rank, bias=bias is not None, source=source,
+                scale_dtype=scales.dtype, device="meta", dtype=dtype)
+        if tuple(qweight.shape) != tuple(m.qweight.shape) or tuple(scales.shape) != tuple(m.scales.shape):
+            raise ValueError(f"packed shapes {tuple(qweight.shape)}/{tuple(scales.shape)} do not match "
+                             f"{tuple(m.qweight.shape)}/{tuple(m.scales.shape)} for bits={bits}, group_size={group_size}")
+        m.qweight = qweight.to(device=device, dtype=torch.int32).contiguous()
+        m.scales = scales.to(device).contiguous()
+        m.zeros = zeros.to(device=device, dtype=scales.dtype).contiguous()
+        if rank:
+            m.U = nn.Parameter(u.detach().to(device=device, dtype=dtype).contiguous())
+            m.V = nn.Parameter(v.detach().to(device=device, dtype=dtype).contiguous())
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
+                            self.bias, self.U, self.V)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """dequant(Q) [out, in] (without the low-rank term)."""
+        return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense [out, in] weight this layer computes with: dequant(Q) + U·V (computed on access)."""
+        w = self.dequantized(torch.float32)
+        if self.U is not None:
+            w = w + self.U.float() @ self.V.float()
+        return w.to(self.compute_dtype)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight of the layer (codes, scales, zeros, low-rank factors; no bias)."""
+        n = sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.zeros))
+        if self.U is not None:
+            n += (self.U.numel() + self.V.numel()) * self.U.element_size() * 8
+        return n / (self.out_features * self.in_features)
+
+    def to_dense(self) -> nn.Module:
+        return dense_module(self.weight.detach(), self.bias, self.source)
+
+    def record(self) -> dict:
+        return {"type": self.type_name, "bits": self.bits, "group_size": self.group_size, "rank": self.rank,
+                "source": self.source, "bias": self.bias is not None,
+                "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_record(cls, record: dict, in_features: int, out_features: int, device=None, dtype=None):
+        return cls(in_features, out_features, int(record["bits"]), int(record["group_size"]),
+                   rank=int(record.get("rank", 0)), bias=bool(record.get("bias", True)),
+                   source=record.get("source", "linear"), scale_dtype=record.get("scale_dtype", "float16"),
+                   device=device, dtype=dtype)
+
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        shapes = {k: tuple(getattr(self, k).shape) for k in ("qweight", "scales", "zeros")}
+        if self.U is not None:
+            shapes.update(U=tuple(self.U.shape), V=tuple(self.V.shape))
+        if self.bias is not None:
+            shapes["bias"] = (self.out_features,)
+        return shapes
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, rank={self.rank}, bias={self.bias is not None}")
+
+
+class QuantLowRankLinear(nn.Module):
+    """A low-rank layer whose factors are quantized: y = up(down(x)) + b, ``down`` = V [r, in] and
+    ``up`` = U [out, r] as bias-free `QuantLinear`s (``up`` is grouped along the rank)."""
+
+    type_name = "lowrank_quant"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bits: int, group_size: int,
+                 bias: bool = True, source: str = "linear", scale_dtype="float16", device=None, dtype=None):
+        super().__init__()
+        if rank <= 0 or rank > min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, min(out, in)] = [1, {min(in_features, out_features)}], got {rank}")
+        self.in_features, self.out_features, self.source = in_features, out_features, source
+        kw = {"bias": False, "source": "linear", "scale_dtype": scale_dtype, "device": device, "dtype": dtype}
+        self.down = QuantLinear(in_features, rank, bits, group_size, **kw)
+        self.up = QuantLinear(rank, out_features, bits, group_size, **kw)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+
+    @classmethod
+    def from_parts(cls, down: QuantLinear, up: QuantLinear, bias=None, source: str = "linear") -> "QuantLowRankLinear":
+        if down.bias is not None or up.bias is not None or up.in_features != down.out_features:
+            raise ValueError("down/up must be bias-free QuantLinears that chain (down.out_features == up.in_features)")
+        if (down.bits, down.group_size) != (up.bits, up.group_size):
+            raise ValueError("down and up must share bits and group_size")
+        m = cls(down.in_features, up.out_features, down.out_features, down.bits, down.group_size,
+                bias=bias is not None, source=source, scale_dtype=down.scales.dtype, device="meta",
+                dtype=down.compute_dtype)
+        m.down, m.up = down, up
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(device=down.qweight.device, dtype=down.compute_dtype).clone())
+        return m
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    @property
+    def bits(self) -> int:
+        return self.down.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.down.group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.up(self.down(x))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return (self.up.dequantized() @ self.down.dequantized()).to(self.down.compute_dtype)
+
+    @property
+    def bits_per_weight(self) -> float:
+        n = sum(t.numel() * t.element_size() * 8 for m in (self.down, self.up)
+                for t in (m.qweight, m.scales, m.zeros))
+        return n / (self.out_features * self.in_features)
+
+    def to_dense(self) -> nn.Module:
+        return dense_module(self.weight.detach(), self.bias, self.source)
+
+    def record(self) -> dict:
+        return {"type": self.type_name, "rank": self.rank, "bits": self.bits, "group_size": self.group_size,
+                "source": self.source, "bias": self.bias is not None,
+                "scale_dtype": str(self.down.scales.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_record(cls, record: dict, in_features: int, out_features: int, device=None, dtype=None):
+        return cls(in_features, out_features, int(record["rank"]), int(record["bits"]), int(record["group_size"]),
+                   bias=bool(record.get("bias", True)), source=record.get("source", "linear"),
+                   scale_dtype=record.get("scale_dtype", "float16"), device=device, dtype=dtype)
+
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        shapes = {f"{part}.{k}": v for part in ("down", "up") for k, v in getattr(self, part).expected_tensors().items()}
+        if self.bias is not None:
+            shapes["bias"] = (self.out_features,)
+        return shapes
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
+

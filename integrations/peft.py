@@ -1,0 +1,185 @@
+"""LoRA on hf-compress layers, registered with PEFT on ``import hf_compress``.
+
+PEFT dispatches custom layer types through ``LoraConfig._register_custom_module`` — a per-config registration
+that is not saved in ``adapter_config.json``. So that ``get_peft_model``, ``PeftModel.from_pretrained`` and
+transformers' ``model.load_adapter`` all find our LoRA layer without the user registering anything, every
+`LoraConfig` built after ``import hf_compress`` (including the ones PEFT reads back from disk) gets the mapping
+in its ``__post_init__``. Our layers are not ``nn.Linear`` subclasses, so PEFT's default dispatch never takes
+them by accident.
+
+`LoraCompressedLinear` is PEFT's own ``lora.Linear`` (forward, dropout, scaling, mixed-adapter batches,
+saving) with the merge rewritten so that it never densifies:
+
+* `LowRankLinear` (y = U·V·x): merging appends the adapter as extra rank: U ← [U, s·B], V ← [V; A] (rank r + r_lora,
+  exact);
+* `QuantLinear` with a low-rank path (EoRA): the adapter joins that path the same way (exact, no re-quantization);
+* pure `QuantLinear`: the adapter *becomes* its low-rank path (exact; the codes are untouched);
+* `QuantLowRankLinear` (quantized factors): no exact merge exists without a full-precision path, so merging raises
+  and says what to do (keep the adapter unmerged, or dequantize first).
+
+Unmerge removes exactly the appended rank. `squeeze` re-truncates a merged layer back to a target rank
+(LoRA-Squeeze style: SVD of the product of the factors, computed through QR of each factor).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from peft.tuners.lora import LoraConfig
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from hf_compress.modules import LowRankLinear, QuantLinear, QuantLowRankLinear, compressed_modules
+
+COMPRESSED_TYPES = (LowRankLinear, QuantLinear, QuantLowRankLinear)
+
+
+class LoraCompressedLinear(LoraLinear):
+    """PEFT LoRA layer around an hf-compress module (frozen base, trainable A/B)."""
+
+    def __init__(self, base_layer, adapter_name, config, **kwargs):
+        if config.use_dora or getattr(config, "velora_config", None) is not None:
+            raise ValueError("hf-compress layers support plain LoRA only (no DoRA / VeLoRA: they need the dense "
+                             "weight's norms)")
+        if config.lora_bias:
+            raise ValueError("hf-compress layers do not support lora_bias")
+        kwargs.pop("is_target_conv_1d_layer", None)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        self.fan_in_fan_out = False  # our modules compute y = W·x whatever layer they replaced (GPT-2 Conv1D too)
+        self._merged_ranks: dict[str, tuple[int, int]] = {}
+
+    def get_delta_weight(self, adapter) -> torch.Tensor:
+        """The dense [out, in] update s·B·A (for inspection; merging never materialises it)."""
+        return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.lora_A:
+                continue
+            b = self.lora_B[name].weight.detach() * self.scaling[name]
+            a = self.lora_A[name].weight.detach()
+            if safe_merge and not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"NaNs detected in adapter {name!r}; not merging it")
+            start = append_rank(base, b, a)
+            self._merged_ranks[name] = (start, start + a.shape[0])
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            start, end = self._merged_ranks.pop(name)
+            remove_rank(base, start, end)
+
+
+def _factors(base):
+    return (base.U, base.V) if base.U is not None else (None, None)
+
+
+def append_rank(base: nn.Module, b: torch.Tensor, a: torch.Tensor) -> int:
+    """Append rank-r factors (b [out, r], a [r, in]) to the low-rank path of ``base``; return where they start."""
+    if isinstance(base, QuantLowRankLinear):
+        raise ValueError(
+            "Cannot merge a LoRA adapter exactly into a QuantLowRankLinear (its factors are quantized): keep the "
+            "adapter unmerged (PeftModel / model.load_adapter), or dequantize the model before merging.")
+    if not isinstance(base, (LowRankLinear, QuantLinear)):
+        raise TypeError(f"not an hf-compress layer: {type(base).__name__}")
+    u, v = _factors(base)
+    dtype = u.dtype if u is not None else base.compute_dtype
+    device = u.device if u is not None else base.qweight.device
+    b, a = b.to(device=device, dtype=dtype), a.to(device=device, dtype=dtype)
+    start = 0 if u is None else u.shape[1]
+    new_u = b if u is None else torch.cat([u.detach(), b], dim=1)
+    new_v = a if v is None else torch.cat([v.detach(), a], dim=0)
+    base.U = nn.Parameter(new_u.contiguous(), requires_grad=False)
+    base.V = nn.Parameter(new_v.contiguous(), requires_grad=False)
+    return start
+
+
+def remove_rank(base: nn.Module, start: int, end: int) -> None:
+    u, v = base.U, base.V
+    if u is None or u.shape[1] != end:
+        raise RuntimeError(f"cannot unmerge: the layer's rank is {0 if u is None else u.shape[1]}, expected {end}")
+    if start == 0 and isinstance(base, QuantLinear):
+        base.U = base.V = None
+    else:
+        base.U = nn.Parameter(u.detach()[:, :start].contiguous(), requires_grad=False)
+        base.V = nn.Parameter(v.detach()[:start].contiguous(), requires_grad=False)
+
+
+def squeeze(module: nn.Module, rank: int) -> None:
+    """Re-truncate the low-rank path of a `LowRankLinear` / `QuantLinear` to ``rank`` (best approximation of U·V,
+    via QR of each factor and the SVD of the small core; √Σ split evenly)."""
+    if module.U is None or rank >= module.U.shape[1]:
+        return
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    u, v = module.U.detach().double(), module.V.detach().double()
+    qu, ru = torch.linalg.qr(u)
+    qv, rv = torch.linalg.qr(v.T)
+    uu, s, vh = torch.linalg.svd(ru @ rv.T)
+    root = s[:rank].sqrt()
+    dtype = module.U.dtype
+    module.U = nn.Parameter((qu @ uu[:, :rank] * root).to(dtype).contiguous(), requires_grad=False)
+    module.V = nn.Parameter((root[:, None] * vh[:rank] @ qv.T).to(dtype).contiguous(), requires_grad=False)
+
+
+def squeeze_model(model: nn.Module, rank: int) -> None:
+    """`squeeze` every low-rank path of ``model`` down to at most ``rank``."""
+    for module in compressed_modules(model).values():
+        if isinstance(module, (LowRankLinear, QuantLinear)):
+            squeeze(module, rank)
+
+
+def target_module_names(model: nn.Module) -> list[str]:
+    """Leaf names (``q_proj``, ...) of the compressed layers: a ready ``LoraConfig(target_modules=...)``."""
+    return sorted({name.rsplit(".", 1)[-1] for name in compressed_modules(model)})
+
+
+def prepare_for_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                         gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+    """What PEFT's ``prepare_model_for_kbit_training`` does for bitsandbytes, for hf-compress models: freeze
+    every base parameter, upcast fp16/bf16 parameters outside the compressed layers (norms, embeddings, head) to
+    fp32 for stable training, and enable gradient checkpointing with input gradients (non-reentrant)."""
+    inside = set()
+    for module in compressed_modules(model).values():
+        inside.update(id(p) for p in module.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.dtype in (torch.float16, torch.bfloat16) and id(p) not in inside:
+            p.data = p.data.float()
+    if use_gradient_checkpointing:
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    return model
+
+
+_MAPPING = {cls: LoraCompressedLinear for cls in COMPRESSED_TYPES}
+
+
+def register() -> None:
+    """Make every LoraConfig (new or read from disk) dispatch hf-compress layers to `LoraCompressedLinear`."""
+    if getattr(LoraConfig, "_hf_compress_registered", False):
+        return
+    original = LoraConfig.__post_init__
+
+    def __post_init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._register_custom_module(dict(_MAPPING))
+
+    LoraConfig.__post_init__ = __post_init__
+    LoraConfig._hf_compress_registered = True

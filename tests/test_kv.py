@@ -1,0 +1,413 @@
+"""KV-cache compression (hf_compress/kv): caches against DynamicCache, transformers-5 invariants, generate with
+batch 2 and beam search, the default-cache hook, checkpoints, CLI specs and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import VOCAB, make_tiny, run_python
+from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, MistralForCausalLM
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+import hf_compress
+from hf_compress import CheckpointError, CompressionConfig, ConfigError
+from hf_compress import kv
+from hf_compress.kv.eviction import EvictionKVCache
+from hf_compress.kv.lowrank import LowRankKVCache, calibrate_projections
+from hf_compress.kv.quant import GearKVCache, QuantizedKVCache
+from hf_compress.kv.xkv import XKVCache
+
+ARCHS = ["llama", "qwen2", "mistral"]
+
+
+def _ids(batch=2, length=40, seed=1):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _calib(seed=2):
+    return torch.randint(3, VOCAB, (6, 32), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _split_logits(model, ids, cache, split=30):
+    """Logits of ids[:, split:] fed one token at a time after a prefill of ids[:, :split] into ``cache``."""
+    model(input_ids=ids[:, :split], past_key_values=cache, use_cache=True)
+    out = []
+    for t in range(split, ids.shape[1]):
+        out.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def _reference(model, ids, split=30):
+    return model(input_ids=ids).logits[:, split:]
+
+
+# ------------------------------------------------------------------------------------------ caches vs DynamicCache
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quant8_matches_dynamic(arch):
+    model = make_tiny(arch)
+    ids = _ids()
+    cache = QuantizedKVCache(model.config, bits=8, group_size=8, residual=4)
+    got = _split_logits(model, ids, cache)
+    assert all(layer.n_quant >= 24 for layer in cache.compressed_layers)  # the quantized path is exercised
+    assert cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(got, _reference(model, ids), atol=2e-3, rtol=0)
+
+
+def test_quant_bits_order_error_and_bytes():
+    model = make_tiny("llama")
+    ids = _ids(length=64)
+    ref = _reference(model, ids, 48)
+    errs, sizes = {}, {}
+    for bits in (8, 4, 2):
+        cache = QuantizedKVCache(model.config, bits=bits, group_size=8, residual=8)
+        errs[bits] = (_split_logits(model, ids, cache, 48) - ref).abs().max().item()
+        sizes[bits] = kv.cache_nbytes(cache)
+        layer = cache.compressed_layers[0]
+        b, h, t, d = 2, 2, layer.n_quant, 12
+        assert layer.kq.dtype == torch.uint8 and layer.kq.nbytes == b * h * t * d * bits // 8  # packed
+    dyn = DynamicCache(config=model.config)
+    _split_logits(model, ids, dyn, 48)
+    assert errs[8] < errs[4] < errs[2]
+    assert sizes[2] < sizes[4] < sizes[8] < kv.cache_nbytes(dyn)
+
+
+def test_gear_full_rank_residual_is_exact_and_outliers_kept():
+    model = make_tiny("llama")
+    ids = _ids()
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    cache = GearKVCache(model.config, bits=2, group_size=8, residual=4, flush=8, rank=head_dim, outliers=0.02)
+    got = _split_logits(model, ids, cache)
+    torch.testing.assert_close(got, _reference(model, ids), atol=2e-2, rtol=0)  # fp16 factors
+    plain = QuantizedKVCache(model.config, bits=2, group_size=8, residual=4, flush=8)
+    err_plain = (_split_logits(model, ids, plain) - _reference(model, ids)).abs().max()
+    assert (got - _reference(model, ids)).abs().max() < err_plain / 5
+    # the outliers are reproduced exactly (to fp16)
+    layer = cache.compressed_layers[0]
+    seg = layer.segments[0]
+    keys = layer._read("k")[..., seg["start"]:seg["start"] + seg["length"], :].float()
+    flat = keys.reshape(*keys.shape[:2], -1)
+    torch.testing.assert_close(flat.gather(-1, seg["k_idx"].long()), seg["k_val"].float())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lowrank_full_rank_equals_dynamic(arch):
+    model = make_tiny(arch)
+    ids = _ids()
+    proj = calibrate_projections(model, _calib(), keep=1.0, alloc="uniform")
+    cache = LowRankKVCache(model, window=4, projections=proj)
+    got = _split_logits(model, ids, cache)
+    assert cache.compressed_layers[0].lk.shape[1] > 20
+    torch.testing.assert_close(got, _reference(model, ids), atol=1e-4, rtol=0)
+
+
+def test_lowrank_budget_allocation():
+    model = make_tiny("llama")
+    proj = calibrate_projections(model, _calib(), keep=0.25, alloc="energy")
+    ranks = proj.ranks()
+    width = 2 * 12
+    assert sum(ranks["k"] + ranks["v"]) == 4 * round(0.25 * width)
+    cache = LowRankKVCache(model, window=0, projections=proj)
+    ids = _ids()
+    _split_logits(model, ids, cache)
+    dyn = DynamicCache(config=model.config)
+    _split_logits(model, ids, dyn)
+    assert kv.cache_nbytes(cache) < 0.3 * kv.cache_nbytes(dyn)
+
+
+def test_xkv_full_rank_matches_and_budget_shrinks():
+    model = make_tiny("llama")
+    ids = _ids()
+    cache = XKVCache(model.config, group=2, window=2, rank=2 * 2 * 12)
+    torch.testing.assert_close(_split_logits(model, ids, cache), _reference(model, ids), atol=1e-4, rtol=0)
+    small = XKVCache(model.config, keep=0.25, group=2, window=2)
+    _split_logits(model, ids, small)
+    dyn = DynamicCache(config=model.config)
+    _split_logits(model, ids, dyn)
+    assert kv.cache_nbytes(small) < 0.6 * kv.cache_nbytes(dyn)
+    assert small.compressed_layers[0].group is small.compressed_layers[1].group  # one shared basis per group
+
+
+# ------------------------------------------------------------------------------------------ eviction invariants
+def test_eviction_lengths_and_masks():
+    model = make_tiny("llama")
+    ids = _ids()
+    cache = EvictionKVCache(model, keep=0.25, window=4)
+    with torch.no_grad():
+        model(input_ids=ids[:, :32], past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 32  # logical
+        assert all(layer.stored_length() == 8 for layer in cache.compressed_layers)
+        assert cache.get_mask_sizes(1, 0) == (9, 24)
+        model(input_ids=ids[:, 32:33], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 33 and cache.compressed_layers[0].stored_length() == 9
+    full = EvictionKVCache(model, keep=1.0, window=4)
+    torch.testing.assert_close(_split_logits(model, ids, full), _reference(model, ids), atol=1e-5, rtol=0)
+
+
+def test_eviction_scores_are_the_models_attention(monkeypatch):
+    """The recomputed window queries (q_proj, RoPE, GQA grouping) reproduce eager attention's weights exactly."""
+    from hf_compress.kv.eviction import EvictionKVLayer
+
+    model = make_tiny("llama")
+    model.set_attn_implementation("eager")
+    seen = {}
+    original = EvictionKVLayer._select
+
+    def spy(self, queries, keys, valid, scaling, budget):
+        seen[self.layer_idx] = (queries, keys, scaling)
+        return original(self, queries, keys, valid, scaling, budget)
+
+    monkeypatch.setattr(EvictionKVLayer, "_select", spy)
+    ids = _ids()
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=EvictionKVCache(model, keep=0.25, window=4), output_attentions=True)
+    for i, att in enumerate(out.attentions):  # [B, Hq, L, L]
+        q, k, scaling = seen[i]
+        b, hkv, length, d = k.shape
+        logits = (q.reshape(b, hkv, 2 * 4, d) @ k.transpose(-1, -2) * scaling).view(b, hkv, 2, 4, length)
+        causal = torch.arange(length)[None] <= torch.arange(length - 4, length)[:, None]
+        weights = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+        torch.testing.assert_close(weights.reshape(b, 2 * hkv, 4, length), att[:, :, -4:], atol=1e-6, rtol=0)
+
+
+def test_eviction_left_padding_matches_single_rows():
+    """Padded row of a batch == the same prompt alone with the same number of kept tokens; pads that must be kept
+    (budget above the row's real tokens) stay masked."""
+    model = make_tiny("llama")
+    long, short = _ids(1, 40, 3)[0], _ids(1, 12, 4)[0]
+    for real, keep_solo in ((30, 20 / 30), (12, 1.0)):
+        row = short if real == 12 else long[:30]
+        batch = torch.full((2, 40), 0)
+        batch[0] = long
+        batch[1, 40 - real:] = row
+        mask = torch.ones_like(batch)
+        mask[1, : 40 - real] = 0
+        both = model.generate(batch, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                              past_key_values=EvictionKVCache(model, keep=0.5, window=4, kernel=1))
+        solo = model.generate(row[None], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                              past_key_values=EvictionKVCache(model, keep=keep_solo, window=4, kernel=1))
+        assert torch.equal(both[1, 40:], solo[0, real:]), real
+
+
+def test_eviction_right_padding_refused_and_needs_model():
+    model = make_tiny("llama")
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    with pytest.raises(ConfigError, match="left padding"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=EvictionKVCache(model, keep=0.25, window=4))
+    bare = EvictionKVCache(model, keep=0.25, window=4)
+    with pytest.raises(ConfigError, match="make_cache"), torch.no_grad():
+        bare.layers[0].update(torch.zeros(1, 2, 40, 12), torch.zeros(1, 2, 40, 12))
+
+
+def test_pyramid_budgets_and_padded_decode():
+    model = make_tiny("llama")
+    batch = _ids(2, 40, 5)
+    mask = torch.ones_like(batch)
+    mask[0, :6] = 0
+    cache = kv.make_cache(model, {"method": "snapkv", "keep": 0.5, "window": 4, "schedule": "pyramid"})
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                         past_key_values=cache)
+    stored = [layer.stored_length() for layer in cache.compressed_layers]
+    assert stored[0] > stored[1] and out.shape == (2, 45)
+    assert cache.get_seq_length() == 44
+
+
+# ------------------------------------------------------------------------------------------ generate: batch, beams
+SPECS = ["quant4", "quant2", "gear", "xkv", {"method": "snapkv", "keep": 0.5, "window": 4},
+         {"method": "lowrank", "keep": 0.5, "window": 4}]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s if isinstance(s, str) else s["method"])
+def test_generate_batch2_and_beam_search(spec):
+    model = make_tiny("qwen2")
+    if isinstance(spec, dict) and spec["method"] == "lowrank":
+        hf_compress.compress(model, {"kv": spec, "calibration": {"nsamples": 6, "seqlen": 32}}, calibration=_calib())
+        spec = model.config.quantization_config.kv
+    ids = _ids(2, 150 if spec in ("quant4", "quant2", "gear") else 40)
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=kv.make_cache(model, spec))
+    beams = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2,
+                           past_key_values=kv.make_cache(model, spec))
+    assert greedy.shape == (2, ids.shape[1] + 6) and beams.shape == (4, ids.shape[1] + 6)
+
+
+def test_beam_search_exact_with_lossless_settings():
+    model = make_tiny("llama")
+    ids = _ids(2, 40)
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3)
+    proj = calibrate_projections(model, _calib(), keep=1.0, alloc="uniform")
+    for cache in (LowRankKVCache(model, window=4, projections=proj),
+                  QuantizedKVCache(model.config, bits=8, group_size=8, residual=4)):
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, past_key_values=cache)
+        assert torch.equal(out, ref), type(cache).__name__
+
+
+# ------------------------------------------------------------------------------------------ default cache, checkpoint
+def test_default_cache_in_memory_and_explicit_wins():
+    model = make_tiny("llama")
+    ids = _ids(1, 40)
+    hf_compress.compress(model, {"kv": "quant2"})
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, QuantizedKVCache) and out.past_key_values.compressed_layers[0].bits == 2
+    dyn = DynamicCache(config=model.config)
+    model.generate(ids, max_new_tokens=3, do_sample=False, past_key_values=dyn)
+    assert dyn.get_seq_length() == 42 and dyn.layers[0].keys.shape[-2] == 42
+    plain = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="dynamic",
+                           return_dict_in_generate=True)
+    assert type(plain.past_key_values) is DynamicCache
+    # compression of the weights untouched by a kv-only config
+    assert not hf_compress.quantizer.compressed_modules(model)
+
+
+def test_save_load_fresh_process_uses_cache_by_default(tmp_path):
+    model = make_tiny("llama")
+    hf_compress.compress(model, {"kv": {"method": "lowrank", "keep": 0.5, "window": 4},
+                                 "calibration": {"nsamples": 6, "seqlen": 32}}, calibration=_calib())
+    ids = _ids(1, 40)
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    hf_compress.save_pretrained(model, tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["base_config"]["quantization_config"]["kv"]["ranks"] == model.config.quantization_config.kv["ranks"]
+    proc = run_python(f"""
+        import torch, hf_compress
+        from transformers import AutoModelForCausalLM, DynamicCache
+        from hf_compress.kv import LowRankKVCache
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ck')!r})
+        ids = torch.tensor({ids.tolist()})
+        out = m.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        print(type(out.past_key_values).__name__, out.sequences.tolist())
+        d = DynamicCache(config=m.config)
+        m.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=d)
+        print(type(d).__name__, d.layers[0].keys.shape[-2])
+    """)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("LowRankKVCache") and str(expected.tolist()) in lines[0]
+    assert lines[1] == "DynamicCache 44"
+
+
+def test_checkpoint_projection_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny("llama")
+    hf_compress.compress(model, {"kv": {"method": "lowrank", "keep": 0.5},
+                                 "calibration": {"nsamples": 6, "seqlen": 32}}, calibration=_calib())
+    hf_compress.save_pretrained(model, tmp_path / "ck")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    for name, buf in model.hf_compress_kv.named_buffers():
+        torch.testing.assert_close(again.hf_compress_kv.get_buffer(name), buf)
+    path = tmp_path / "ck" / "model.safetensors"
+    tensors = load_file(path)
+    bad = {k: v for k, v in tensors.items() if k != "hf_compress_kv.layers.1.v_basis"}
+    save_file(bad, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="hf_compress_kv.layers.1.v_basis"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    tensors["hf_compress_kv.layers.1.v_basis"] = tensors["hf_compress_kv.layers.1.v_basis"][:, :1].contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="shape"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+
+
+def test_compress_on_load_data_free_kv(tmp_path):
+    model = make_tiny("llama")
+    model.save_pretrained(tmp_path / "dense")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=CompressionConfig(kv="quant4"))
+    out = loaded.generate(_ids(1, 20), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, QuantizedKVCache)
+    with pytest.raises(ConfigError, match="calibration"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=CompressionConfig(kv="lowrank:0.5"))
+
+
+# ------------------------------------------------------------------------------------------ config, CLI, bad input
+def test_config_specs_and_errors():
+    cfg = CompressionConfig(kv="snapkv:0.25")
+    assert cfg.kv == {"method": "snapkv", "keep": 0.25, "window": 32, "kernel": 7, "schedule": "uniform"}
+    assert CompressionConfig.from_dict(cfg.to_dict()) == cfg
+    assert kv.parse_kv_spec("quant2")["bits"] == 2 and kv.parse_kv_spec("lowrank:0.5")["keep"] == 0.5
+    assert kv.parse_kv_spec('{"method": "gear", "rank": 4}')["rank"] == 4
+    assert set(kv.available_kv_methods()) == {"quant", "gear", "lowrank", "xkv", "snapkv"}
+    with pytest.raises(ConfigError, match="'h2o'"):
+        CompressionConfig(kv={"method": "h2o"})
+    with pytest.raises(ConfigError, match="nbits"):
+        CompressionConfig(kv={"method": "quant", "nbits": 4})
+    with pytest.raises(ConfigError, match="quant3"):
+        CompressionConfig(kv="quant3")
+    with pytest.raises(ConfigError, match="bits"):
+        CompressionConfig(kv={"method": "quant", "bits": 3})
+    with pytest.raises(ConfigError, match="keep"):
+        CompressionConfig(kv="snapkv:1.5")
+    with pytest.raises(ConfigError, match="ratio"):
+        CompressionConfig()  # still: no weight method, no kv
+
+
+def test_rank_and_projection_mismatch_errors():
+    model = make_tiny("llama")
+    with pytest.raises(ConfigError, match="kv_heads x head_dim"):
+        calibrate_projections(model, _calib(), rank=25)
+    with pytest.raises(ConfigError, match="larger"):
+        hf_compress.compress(model, {"kv": {"method": "lowrank", "rank": 99}}, calibration=_calib())
+    with pytest.raises(ConfigError, match="larger than the group"):
+        XKVCache(model.config, group=2, rank=49)
+    proj = calibrate_projections(model, _calib(), keep=0.5)
+    other = make_tiny("llama")
+    other.config.num_key_value_heads = 4
+    with pytest.raises(ConfigError, match="another model"):
+        LowRankKVCache(other, projections=proj)
+    with pytest.raises(ConfigError, match="calibration"):
+        hf_compress.compress(make_tiny("llama"), {"kv": "lowrank:0.5"})
+
+
+def test_unsupported_layouts():
+    # MLA
+    model = make_tiny("llama")
+    model.config.kv_lora_rank = 16
+    with pytest.raises(ConfigError, match="latent attention"):
+        QuantizedKVCache(model.config)
+    # a real sliding window passes through, uncompressed and exact
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=8)
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(cfg).eval()
+    cache = QuantizedKVCache(mistral.config, bits=2, group_size=8, residual=4)
+    assert cache.passthrough == [0, 1] and isinstance(cache.layers[0], DynamicSlidingWindowLayer)
+    ids = _ids(1, 30)
+    ref = mistral.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(mistral.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache), ref)
+    # a window that never slides within max_position_embeddings is compressed, and guarded
+    wide = make_tiny("mistral")
+    wide.config.sliding_window = 64
+    cache = QuantizedKVCache(wide.config, bits=8, group_size=8, residual=4)
+    assert not cache.passthrough
+    with pytest.raises(ConfigError, match="sliding-window"):
+        wide.generate(_ids(1, 60), max_new_tokens=8, do_sample=False, past_key_values=cache)
+    # eviction needs q_proj-style attention
+    from conftest import make_tiny as mk
+    with pytest.raises(ConfigError, match="q_proj"):
+        EvictionKVCache(mk("gpt2"))
+
+
+def test_cli_compress_and_eval(tmp_path, tiny_tokenizer, capsys):
+    from hf_compress.cli import main
+
+    model = make_tiny("llama")
+    model.save_pretrained(tmp_path / "dense")
+    tiny_tokenizer.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "t.txt"
+    from importlib import resources
+    text.write_text(resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt").read_text())
+    assert main(["compress", str(tmp_path / "dense"), "-o", str(tmp_path / "q"), "--kv", "quant4"]) == 0
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["base_config"]["quantization_config"]["kv"]["bits"] == 4
+    assert main(["eval", str(tmp_path / "q"), "--text", str(text), "--kv", "default", "--kv-context", "40",
+                 "--kv-continuation", "8", "--kv-windows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "DynamicCache: perplexity" in out and "bytes/token ratio" in out
+    assert main(["info", str(tmp_path / "q")]) == 0
+    assert 'KV cache (used by generate() by default): {"method": "quant", "bits": 4' in capsys.readouterr().out
+    assert main(["compress", str(tmp_path / "dense"), "-o", str(tmp_path / "x"), "--kv", "nope"]) == 2
+    assert not os.path.exists(tmp_path / "x")

@@ -1,0 +1,89 @@
+"""KV quantization kernels (kernels/kv.py): the torch reference's layout and error bound, dispatch, and the Triton
+kernels against the reference under TRITON_INTERPRET=1 (CPU) in a fresh interpreter, on awkward shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_python
+
+from hf_compress.kernels import kv as K
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_reference_roundtrip_error_bound(bits, axis):
+    x = torch.randn(2, 3, 64, 40, generator=torch.Generator().manual_seed(0)) * 4 + 1
+    group = 16 if axis == "channel" else K.token_group(40, 32, bits)
+    codes, scale, mn = K.quantize_reference(x, bits, group, axis)
+    assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 64, 40 * bits // 8)
+    assert scale.dtype == torch.float16
+    assert scale.shape == ((2, 3, 4, 40) if axis == "channel" else (2, 3, 64, 40 // group))
+    y = K.dequantize_reference(codes, scale, mn, bits, group, axis)
+    step = scale.float().repeat_interleave(group, dim=-2 if axis == "channel" else -1)
+    # half a step, plus the fp16 rounding of the stored minimum
+    assert ((y - x).abs() <= step / 2 + 1e-3 * x.abs().amax()).all()
+
+
+def test_pack_layout_little_endian():
+    q = torch.tensor([[1, 2, 3, 0, 3, 3, 0, 1]], dtype=torch.uint8)
+    packed = K.pack_codes(q, 2)
+    assert packed.tolist() == [[1 | 2 << 2 | 3 << 4, 3 | 3 << 2 | 0 << 4 | 1 << 6]]
+    assert torch.equal(K.unpack_codes(packed, 2), q)
+
+
+def test_constant_groups_and_bad_shapes():
+    x = torch.full((1, 1, 8, 8), 3.25)
+    y = K.dequantize_reference(*K.quantize_reference(x, 2, 8, "channel"), 2, 8, "channel")
+    assert torch.equal(y, x)  # zero range: scale 0, exact minimum
+    with pytest.raises(ValueError, match="multiple"):
+        K.quantize_reference(torch.zeros(1, 1, 7, 8), 4, 8, "channel")
+    with pytest.raises(ValueError, match="bits"):
+        K.quantize_reference(torch.zeros(1, 1, 8, 8), 3, 8, "channel")
+    with pytest.raises(ValueError):
+        K.token_group(6, 32, 2)
+
+
+def test_dispatch_env(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
+    assert K.backend(x) == "torch"
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
+    assert K.backend(x) == "torch"  # CPU tensor
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="HF_COMPRESS_KERNELS"):
+        K.backend(x)
+
+
+def test_triton_matches_reference_interpreted():
+    pytest.importorskip("triton")
+    proc = run_python("""
+        import os, torch
+        from hf_compress.kernels import kv as K
+        assert K.backend(torch.zeros(1)) == "triton"
+        g = torch.Generator().manual_seed(0)
+        cases = [("token", (2, 3, 5, 64), 32), ("token", (1, 1, 33, 80), 16), ("token", (3, 2, 1, 8), 8),
+                 ("channel", (2, 3, 64, 64), 32), ("channel", (3, 1, 16, 72), 16), ("channel", (1, 1, 48, 200), 16),
+                 ("channel", (2, 2, 24, 64), 24)]
+        n = 0
+        for bits in (2, 4, 8):
+            for axis, shape, group in cases:
+                if axis == "token":
+                    group = K.token_group(shape[-1], group, bits)
+                x = torch.randn(shape, generator=g) * 3 + 0.5
+                x[..., 0, 0] = 40.0  # an outlier
+                got = K.kv_quantize(x, bits, group, axis)
+                ref = K.quantize_reference(x, bits, group, axis)
+                for a, b in zip(got, ref):
+                    assert a.dtype == b.dtype and a.shape == b.shape, (axis, shape, bits)
+                    assert torch.equal(a, b), (axis, shape, bits)
+                y = K.kv_dequantize(*got, bits, group, axis, torch.float16)
+                y_ref = K.dequantize_reference(*ref, bits, group, axis, torch.float16)
+                assert y.dtype == torch.float16 and torch.equal(y, y_ref), (axis, shape, bits)
+                n += 1
+        x = torch.randn(2, 2, 16, 64, dtype=torch.bfloat16, generator=g)
+        got = K.kv_quantize(x, 4, 16, "channel", torch.bfloat16)
+        assert all(torch.equal(a, b) for a, b in zip(got, K.quantize_reference(x, 4, 16, "channel", torch.bfloat16)))
+        print("ok", n)
+    """, env={"TRITON_INTERPRET": "1", "HF_COMPRESS_KERNELS": "triton"})
+    assert proc.stdout.split() == ["ok", "21"]

@@ -1,0 +1,341 @@
+"""Weight quantization: packed layout, rtn / hqq / gptq against their formulas, EoRA optimality, QuantLinear and
+QuantLowRankLinear forward, save/load (fresh process), compress-on-load, bad input."""
+
+import json
+
+import pytest
+import torch
+
+import hf_compress
+from conftest import make_tiny, output_of, run_python
+from hf_compress import CompressionConfig
+from hf_compress.calibration import LayerStats
+from hf_compress.errors import CheckpointError, ConfigError
+from hf_compress.kernels import dequantize, pack, packed_words, quant_linear, unpack
+from hf_compress.methods import get_method
+from hf_compress.methods.eora import eora_factors
+from hf_compress.methods.linalg import whitening
+from hf_compress.methods.quantlib import grouped
+from hf_compress.modules import QuantLinear, QuantLowRankLinear
+
+
+def _w(out=24, inp=80, seed=0, heavy=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    if heavy:  # a few outliers, like real weights
+        w = w * (1 + 6 * (torch.rand(out, inp, generator=g) < 0.01))
+    return w
+
+
+def _stats(inp, n=400, seed=1):
+    """Correlated inputs with channels of very different scale (what makes GPTQ/EoRA differ from RTN/SVD)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=g) / inp**0.5 + torch.eye(inp)
+    x = (torch.randn(n, inp, generator=g) @ mix) * torch.logspace(-1, 1, inp)[torch.randperm(inp, generator=g)]
+    st = LayerStats()
+    st.add(x)
+    return st, x.double()
+
+
+def _out_err(w, w_hat, x):
+    return float(((x @ (w.double() - w_hat.double()).T) ** 2).sum())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 31, 64, 77, 128])
+def test_pack_unpack_roundtrip_and_density(bits, n):
+    codes = torch.randint(0, 2**bits, (5, n), generator=torch.Generator().manual_seed(n))
+    words = pack(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (5, -(-n * bits // 32)) == (5, packed_words(n, bits))
+    assert torch.equal(unpack(words, bits, n), codes)
+
+
+def test_pack_bit_positions():
+    # 3-bit codes 0..10 -> code k at bits [3k, 3k+3); code 10 straddles words 0 and 1
+    codes = torch.tensor([[7] * 10 + [5]])
+    words = pack(codes, 3).to(torch.int64) & 0xFFFFFFFF
+    assert int(words[0, 0]) == (2**30 - 1) | (1 << 30)  # ten 0b111, then the low bits 0b01 of 0b101 at bits 30-31
+    assert int(words[0, 1]) == 0b1  # and its high bit in the next word
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.tensor([[8]]), 3)
+
+
+def test_dequantize_formula_with_partial_group():
+    q = torch.randint(0, 16, (3, 50))
+    s, z = torch.rand(3, 2).half() + 0.1, (torch.rand(3, 2) * 15).half()
+    w = dequantize(pack(q, 4), s, z, 4, 32, 50)
+    ref = torch.stack([(q[:, k] - z[:, k // 32].float()) * s[:, k // 32].float() for k in range(50)], 1)
+    assert w.shape == (3, 50) and torch.allclose(w, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits,g", [(4, 16), (3, 32), (2, 32), (8, 64)])
+def test_rtn_is_round_to_nearest_on_the_minmax_grid(bits, g):
+    w = _w()
+    q = get_method("rtn")(integer_zero=False).quantize(w, bits, g, scale_dtype=torch.float16)
+    wg = grouped(w, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    s = ((hi - lo) / (2**bits - 1)).half().float()
+    assert torch.allclose(q.scales, s, rtol=1e-3)
+    err = (q.dequantize(w.shape[1]) - w).abs().view(w.shape[0], -1)
+    bound = q.scales.repeat_interleave(g, 1)[:, : w.shape[1]] * 0.5
+    # half a step, plus what the fp16 zero point can shift the grid by
+    assert (err <= bound * 1.01 + q.scales.repeat_interleave(g, 1)[:, : w.shape[1]] * 2e-3).all()
+
+
+@pytest.mark.parametrize("bits,g", [(4, 16), (3, 32), (2, 32), (8, 64)])
+def test_rtn_integer_zero_is_the_classic_asymmetric_grid(bits, g):
+    """Default RTN: range widened to contain 0, integer zero point, q = clamp(round(w/s) + z)."""
+    w = _w(24, 128, heavy=True)
+    q = get_method("rtn")().quantize(w, bits, g, scale_dtype=torch.float16)
+    maxq = 2**bits - 1
+    wg = w.view(w.shape[0], -1, g)
+    lo, hi = wg.amin(-1, keepdim=True).clamp_max(0), wg.amax(-1, keepdim=True).clamp_min(0)
+    s = ((hi - lo) / maxq).half().float()
+    z = (-lo / s).round()
+    ref = (((wg / s).round() + z).clamp(0, maxq) - z) * s
+    assert torch.allclose(q.dequantize(w.shape[1]), ref.view_as(w), atol=1e-6)
+    assert torch.equal(q.zeros, q.zeros.round())
+    zero_cols = torch.zeros(3, 2 * g)
+    assert (get_method("rtn")().quantize(zero_cols, bits, g, scale_dtype=torch.float16).dequantize(2 * g) == 0).all()
+
+
+@pytest.mark.parametrize("bits,g", [(2, 32), (3, 64), (4, 32)])
+@pytest.mark.parametrize("integer_zero", [False, True])
+def test_hqq_never_worse_than_rtn_per_group(bits, g, integer_zero):
+    """Each step keeps only improvements, starting from the min-max grid of the same family (float / integer zero)."""
+    w = _w(heavy=True)
+    rtn = get_method("rtn")(integer_zero=integer_zero).quantize(w, bits, g, scale_dtype=torch.float16)
+    hqq = get_method("hqq")(integer_zero=integer_zero).quantize(w, bits, g, scale_dtype=torch.float16)
+    def group_err(q):
+        d = torch.nn.functional.pad(w - q.dequantize(w.shape[1]), (0, -w.shape[1] % g))  # partial group: pad 0
+        return d.view(w.shape[0], -1, g).square().sum(-1)
+
+    e_rtn, e_hqq = group_err(rtn), group_err(hqq)
+    assert (e_hqq <= e_rtn * (1 + 1e-6)).all()
+    # and better overall on heavy-tailed weights (less room with the zero pinned to the integer grid)
+    assert e_hqq.sum() < (0.97 if integer_zero else 0.9) * e_rtn.sum()
+
+
+def test_gptq_with_identity_hessian_is_rtn():
+    """No input correlation: nothing to propagate, so GPTQ (min-max grid, no reordering) must equal RTN."""
+    w = _w()
+    st = LayerStats(gram=torch.eye(80, dtype=torch.float64) * 10, count=10)
+    a = get_method("gptq")(grid="minmax", act_order=False, damp=0.0).quantize(w, 3, 16, st, torch.float16)
+    # (both default to the integer-zero grid)
+    b = get_method("rtn")().quantize(w, 3, 16, scale_dtype=torch.float16)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+
+
+@pytest.mark.parametrize("act_order,factor", [(False, 0.85), (True, 0.6)])
+def test_gptq_lowers_output_error(act_order, factor):
+    w = _w(heavy=True)
+    st, x = _stats(80)
+    rtn = get_method("rtn")().quantize(w, 3, 16, scale_dtype=torch.float16).dequantize(80)
+    gq = get_method("gptq")(act_order=act_order).quantize(w, 3, 16, st, torch.float16).dequantize(80)
+    assert _out_err(w, gq, x) < factor * _out_err(w, rtn, x)
+
+
+def _obq_reference(w, gram, bits, g):
+    """GPTQ as the paper writes it (no blocking, no Cholesky): quantize column i, spread its error with the inverse
+    Hessian, then remove i from the inverse Hessian (Schur complement); a group's grid is set from its current
+    weights when its first column comes up."""
+    from hf_compress.methods.quantlib import minmax
+
+    w = w.double().clone()
+    h = gram.double() / 1.0
+    h += 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    out = torch.zeros_like(w)
+    for i in range(w.shape[1]):
+        if i % g == 0:
+            s, z = minmax(w[:, None, i : i + g].float(), bits, torch.float16, integer_zero=True)
+            s, z = s[:, 0].double(), z[:, 0].double()
+        q = ((w[:, i] / s + z).round().clamp(0, 2**bits - 1) - z) * s
+        out[:, i] = q
+        e = (w[:, i] - q) / hinv[i, i]
+        w[:, i:] -= e[:, None] * hinv[i, i:][None]
+        hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
+    return out
+
+
+def test_gptq_matches_the_paper_formula():
+    w = _w(12, 48, seed=7)
+    st, x = _stats(48, seed=8)
+    st = LayerStats(gram=st.gram / st.count, count=1)
+    got = get_method("gptq")(grid="minmax", act_order=False, block_size=32).quantize(w, 3, 16, st, torch.float16)
+    ref = _obq_reference(w, st.gram, 3, 16)
+    assert (got.dequantize(48).double() - ref).abs().max() < 1e-3
+    assert _out_err(w, got.dequantize(48), x) == pytest.approx(_out_err(w, ref, x), rel=1e-4)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 12])
+def test_eora_attains_the_whitened_optimum(rank):
+    """‖X(E − UV)ᵀ‖² equals the tail energy of E·S (S Sᵀ = XᵀX), and beats plain SVD of E at the same rank."""
+    st, x = _stats(40, seed=3)
+    e = _w(16, 40, seed=4)
+    u, v = eora_factors(e, rank, st.gram)
+    s, _ = whitening(st.gram)
+    tail = float(torch.linalg.svdvals(e.double() @ s)[rank:].square().sum())
+    assert _out_err(e, u @ v, x) == pytest.approx(tail, rel=1e-4)
+    pu, pv = eora_factors(e, rank, None)
+    assert _out_err(e, u @ v, x) < _out_err(e, pu @ pv, x)
+    full_u, full_v = eora_factors(e, 16, st.gram)
+    assert torch.allclose(full_u @ full_v, e, atol=1e-4)
+
+
+def test_quantlinear_forward_matches_dense_reference():
+    w, b = _w(24, 50), torch.randn(24)
+    q = get_method("rtn")().quantize(w, 4, 32, scale_dtype=torch.float16)
+    u, v = torch.randn(24, 3), torch.randn(3, 50)
+    m = QuantLinear.from_codes(pack(q.codes, 4), q.scales.half(), q.zeros.half(), 4, 32, 50, b, u, v)
+    x = torch.randn(2, 5, 50)
+    ref = x @ (q.dequantize(50) + u @ v).T + b
+    assert torch.allclose(m(x), ref, atol=1e-5)
+    assert torch.allclose(m.weight, q.dequantize(50) + u @ v, atol=1e-6)
+    dense = m.to_dense()
+    assert isinstance(dense, torch.nn.Linear) and torch.allclose(dense(x), ref, atol=1e-5)
+    # in 50, g 32: 4-bit codes of 50 columns in 7 words + 2 groups (one partial) of fp16 scale and zero,
+    # + rank-3 fp32 factors
+    assert m.bits_per_weight == pytest.approx((7 * 32 + 2 * 32 + 3 * 74 * 32 / 24) / 50)
+
+
+def test_true_bits_per_weight_4bit_g128():
+    m = QuantLinear(576, 64, 4, 128)
+    assert m.bits_per_weight == pytest.approx(4 + 5 * 32 / 576)  # 4.5 groups of 128: the last one partial
+    assert QuantLinear(512, 64, 4, 128).bits_per_weight == pytest.approx(4.25)
+    assert QuantLinear(512, 64, 3, 64).bits_per_weight == pytest.approx(3.5)
+
+
+def test_constant_tiny_and_huge_groups_get_finite_scales():
+    w = torch.cat([torch.zeros(2, 32), torch.full((2, 32), 1000.0), torch.full((2, 32), 1e-9),
+                   torch.linspace(5.0, 5.001, 64).view(2, 32)], 0)
+    for name, kw in (("rtn", {"integer_zero": False}), ("rtn", {}), ("hqq", {}), ("hqq", {"integer_zero": True})):
+        q = get_method(name)(**kw).quantize(w, 4, 32, scale_dtype=torch.float16)
+        assert torch.isfinite(q.scales).all() and (q.scales > 0).all() and torch.isfinite(q.zeros).all()
+        err = (q.dequantize(32) - w).abs()
+        assert err[:2].max() == 0
+        assert torch.allclose(q.dequantize(32)[2:4], w[2:4], rtol=1e-3)
+        assert err[4:6].max() < 1e-8 and err[6:].max() < 5e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_8bit_rtn_is_close_to_dense(arch, ids):
+    dense = make_tiny(arch)
+    ref = output_of(dense, ids)
+    hf_compress.compress(dense, {"method": "rtn", "bits": 8, "group_size": 32}, progress=False)
+    assert torch.allclose(output_of(dense, ids), ref, atol=2e-2 * ref.abs().max())
+
+
+def _calib_ids(n=8, seqlen=24):
+    return torch.randint(3, 96, (n, seqlen), generator=torch.Generator().manual_seed(5))
+
+
+def test_calibrated_gptq_and_eora_beat_rtn_on_the_model(ids):
+    """Sequential GPTQ with EoRA: logits closer to dense than RTN; EoRA helps both."""
+    ref = output_of(make_tiny("llama"), ids)
+    errs = {}
+    for key, cfg in {"rtn": {"method": "rtn"}, "rtn+eora": {"method": "rtn", "eora_rank": 8},
+                     "gptq": {"method": "gptq"}, "gptq+eora": {"method": "gptq", "eora_rank": 8}}.items():
+        m = make_tiny("llama")
+        hf_compress.compress(m, {**cfg, "bits": 2, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 24}},
+                             calibration=_calib_ids(), progress=False)
+        errs[key] = float((output_of(m, ids) - ref).pow(2).mean())
+    assert errs["gptq"] < errs["rtn"] and errs["rtn+eora"] < errs["rtn"] and errs["gptq+eora"] < errs["gptq"], errs
+
+
+def test_lowrank_with_quantized_factors(ids):
+    lr = make_tiny("llama")
+    hf_compress.compress(lr, {"method": "svd", "ratio": 0.3}, progress=False)
+    both = make_tiny("llama")
+    hf_compress.compress(both, {"method": "svd", "ratio": 0.3, "bits": 8, "group_size": 16}, progress=False)
+    layer = both.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantLowRankLinear) and layer.rank == lr.model.layers[0].mlp.down_proj.rank
+    ref = lr.model.layers[0].mlp.down_proj.weight
+    assert (layer.weight - ref).abs().max() < 0.02 * ref.abs().max()
+    assert layer.bits_per_weight < 0.5 * 32 * (1 - 0.3)
+    a, b = output_of(lr, ids), output_of(both, ids)
+    assert torch.allclose(a, b, atol=0.05 * a.abs().max())
+
+
+def test_lowrank_factors_gptq_with_calibration():
+    cfg = {"method": "svd_llm", "ratio": 0.3, "bits": 4, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 24}}
+    m = make_tiny("llama")
+    hf_compress.compress(m, cfg, calibration=_calib_ids(), progress=False)
+    assert isinstance(m.model.layers[1].self_attn.o_proj, QuantLowRankLinear)
+    with pytest.raises(ConfigError, match="needs calibration"):
+        hf_compress.compress(make_tiny("llama"), {"method": "svd", "ratio": 0.3, "bits": 4, "quantizer": "gptq"})
+
+
+@pytest.mark.parametrize("cfg", [
+    {"method": "hqq", "bits": 3, "group_size": 32, "eora_rank": 4},
+    {"method": "rtn", "bits": 2, "group_size": 20},
+    {"method": "svd", "ratio": 0.25, "bits": 4, "group_size": 16},
+], ids=["hqq3+eora", "rtn2-padded", "svd+q4"])
+def test_fresh_process_roundtrip(cfg, ids, tmp_path):
+    model = make_tiny("llama")
+    hf_compress.compress(model, cfg, progress=False)
+    hf_compress.save_pretrained(model, tmp_path)
+    torch.save({"ids": ids, "logits": output_of(model, ids)}, tmp_path / "ref.pt")
+    run_python(f"""
+        import torch, hf_compress
+        from transformers import AutoModelForCausalLM
+        ref = torch.load({str(tmp_path / 'ref.pt')!r})
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+        with torch.no_grad():
+            out = m(input_ids=ref["ids"]).logits
+        assert torch.equal(out, ref["logits"]), (out - ref["logits"]).abs().max()
+        assert type(m).__name__ == "LlamaForCausalLM"
+    """)
+
+
+def test_compress_on_load_rtn_and_dequantize(ids, tmp_path):
+    make_tiny("llama").save_pretrained(tmp_path / "dense")
+    from transformers import AutoModelForCausalLM
+
+    cfg = CompressionConfig(method="rtn", bits=4, group_size=16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=cfg)
+    direct = make_tiny("llama")
+    hf_compress.compress(direct, {"method": "rtn", "bits": 4, "group_size": 16}, progress=False)
+    assert torch.equal(output_of(loaded, ids), output_of(direct, ids))
+    before = output_of(loaded, ids)
+    loaded.dequantize()
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert torch.allclose(output_of(loaded, ids), before, atol=1e-5)
+    with pytest.raises(ConfigError, match="calibration"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense",
+                                             quantization_config=CompressionConfig(method="gptq", bits=4))
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"method": "rtn", "bits": 5}, "bits must be one of"),
+    ({"method": "rtn"}, "give bits"),
+    ({"method": "rtn", "bits": 4, "group_size": 0}, "group_size"),
+    ({"method": "gptq", "bits": 4, "ratio": 0.2}, "eora_rank"),
+    ({"method": "svd", "ratio": 0.2, "eora_rank": 4}, "eora_rank compensates"),
+    ({"method": "hqq", "bits": 4, "method_kwargs": {"lp": 3}}, "lp"),
+])
+def test_bad_config(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        CompressionConfig(**cfg)
+
+
+def test_packed_shape_contradicting_config_names_the_tensor(tmp_path):
+    model = make_tiny("llama")
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16}, progress=False)
+    hf_compress.save_pretrained(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["base_config"]["quantization_config"]["modules"]["model.layers.1.mlp.up_proj"]["bits"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.qweight"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_quant_linear_op_matches_dense_in_half_precision():
+    w = _w(16, 64)
+    q = get_method("rtn")().quantize(w, 4, 32, scale_dtype=torch.float16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = quant_linear(x, pack(q.codes, 4), q.scales.half(), q.zeros.half(), 4, 32, 64)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), x.float() @ q.dequantize(64).T, atol=0.1, rtol=0.02)
