@@ -28,7 +28,6 @@ def recover(model: nn.Module, tokenizer, text, *, steps: int = 200, rank: int = 
     training losses."""
     import tempfile
 
-    from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -44,7 +43,7 @@ def recover(model: nn.Module, tokenizer, text, *, steps: int = 200, rank: int = 
         raise ConfigError("Low-rank layers with quantized factors cannot absorb an adapter exactly; fine-tune with "
                           "merge=False (CLI: --adapter-only) and load the adapter with PEFT.")
     windows = calibration_windows(text, tokenizer, steps * batch_size, seqlen, seed)
-    data = Dataset.from_dict({"input_ids": windows.tolist(), "labels": windows.tolist()})
+    data = [{"input_ids": w, "labels": w} for w in windows]  # any sized sequence of examples works for Trainer
     was_training = model.training
     prepare_for_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
