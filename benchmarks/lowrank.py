@@ -18,26 +18,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _reset_peak_rss() -> None:
-    """Linux: restart the kernel's peak-RSS counter (VmHWM) so the next reading covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from common import DATA, TARGETS, peak_rss_mb as _peak_rss_mb, reset_peak_rss as _reset_peak_rss
 
 
 def run_row(args) -> dict:
@@ -50,7 +32,7 @@ def run_row(args) -> dict:
 
     torch.manual_seed(0)
     model, tok = load_model(smollm2_gguf_path())
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = TARGETS
     row = {"method": args.method, "ratio": args.ratio, "alloc": args.alloc or "default"}
     row["model_MB"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
     _reset_peak_rss()
