@@ -13,9 +13,22 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 #: True when Triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1`` before triton was imported).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of program ``pid`` in grouped order: GROUP_M row tiles sweep the columns together,
+    so the operand tiles they share stay in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_rows, (pid % width) // group_rows
 
 
 def m_bucket(m: int) -> int:

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, as_2d, autotuned, cfg, device_ctx, dot_precision, launch, m_bucket, upcast_dots
+from .triton_common import (INTERPRET, as_2d, autotuned, cfg, device_ctx, dot_precision, grouped_tile, launch, m_bucket,
+                            upcast_dots)
 
 DECODE_MAX_M = 16
 
@@ -35,14 +36,7 @@ def _mm_nt_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, MB, stride_am, stride_
                   HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """c [M, N] = a [M, K] · b [N, K]ᵀ (+ bias [N]); unit stride along K and N. BLOCK_M == 1: GEMV."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

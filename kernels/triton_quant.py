@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from .reference import SUPPORTED_BITS, packed_words
-from .triton_common import as_2d, autotuned, cfg, device_ctx, dot_precision, launch, m_bucket, upcast_dots
+from .triton_common import (as_2d, autotuned, cfg, device_ctx, dot_precision, grouped_tile, launch, m_bucket,
+                            upcast_dots)
 from .triton_lowrank import DECODE_MAX_M, mm_nt
 
 
@@ -107,14 +108,7 @@ def _quant_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, t_ptr, u_ptr, bias_ptr, y_ptr,
                      PREC: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                      GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
