@@ -1,4 +1,4 @@
-"""The ``hf-compress`` command line: compress, eval, info, finetune, demo."""
+"""The ``hf-compress`` command line: compress, eval, info, finetune, card, push, demo."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -34,6 +35,12 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
                                        "calibrated, hqq otherwise)")
 
 
+def _add_provenance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-model", help="Hub id of the base model, for the model card (default: what was loaded, "
+                                        "when it is known)")
+    p.add_argument("--license", help="license for the model card (default: the base model's, when known)")
+
+
 def _config_from_args(args):
     from .config import CompressionConfig
 
@@ -58,10 +65,19 @@ def cmd_compress(args) -> int:
     from .loading import load_model, read_text
     from .summary import layer_table
 
+    from .hub import add_evaluation, provenance_of
+
     config = _config_from_args(args)
     t0 = time.time()
     model, tokenizer = load_model(args.model)
     print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s")
+    config.provenance = {**provenance_of(model), **_provenance_args(args), "command": _command_line()}
+    if not os.path.isdir(args.model) and not args.model.endswith(".gguf") and "base_model" not in config.provenance:
+        config.provenance["base_model"] = args.model  # a Hub id
+    base = None
+    if args.eval_text:
+        print("perplexity of the model before compression:")
+        base = _print_ppl(model, tokenizer, read_text(args.eval_text), args)
     t0 = time.time()
     compress(model, config, calibration=args.calib, tokenizer=tokenizer)
     rows = [r for r in layer_table(model) if r.kind != "dense"]
@@ -69,10 +85,27 @@ def cmd_compress(args) -> int:
     print(f"compressed {len(rows)} layers with {config.method} in {time.time() - t0:.1f}s; "
           f"their bytes {dense:,} -> {now:,} ({now / max(dense, 1):.3f}x)")
     if args.eval_text:
-        _print_ppl(model, tokenizer, read_text(args.eval_text), args)
+        print("perplexity of the compressed model:")
+        after = _print_ppl(model, tokenizer, read_text(args.eval_text), args)
+        name = os.path.basename(args.eval_text)
+        add_evaluation(model, base, dataset=name, base=True, command=_command_line())
+        add_evaluation(model, after, dataset=name, command=_command_line())
     save_pretrained(model, args.output, tokenizer=tokenizer)
-    print(f"saved {args.output}")
+    print(f"saved {args.output} (model card: {os.path.join(args.output, 'README.md')})")
     return 0
+
+
+_ARGV: list[str] = []
+
+
+def _command_line() -> str:
+    """The command being run, as the user typed it (recorded beside the numbers it produces)."""
+    return "hf-compress " + shlex.join(_ARGV)
+
+
+def _provenance_args(args) -> dict:
+    return {k: v for k, v in (("base_model", getattr(args, "base_model", None)),
+                               ("license", getattr(args, "license", None))) if v}
 
 
 def _print_ppl(model, tokenizer, text, args):
@@ -98,6 +131,35 @@ def cmd_eval(args) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"model": args.model, "text": args.text, **r.to_dict()}, f, indent=2)
+    from .hub import add_evaluation, is_checkpoint_dir, model_evaluations, save_evaluations, write_model_card
+
+    if is_checkpoint_dir(args.model) and not args.no_record:
+        add_evaluation(model, r, dataset=os.path.basename(args.text), command=_command_line())
+        save_evaluations(args.model, model_evaluations(model))
+        write_model_card(model, args.model)
+        print(f"recorded in {os.path.join(args.model, 'hf_compress_eval.json')}; model card regenerated")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .hub import is_checkpoint_dir, write_model_card
+    from .loading import load_model
+
+    if not is_checkpoint_dir(args.model):
+        raise HfCompressError(f"{args.model} is not an hf-compress checkpoint folder.")
+    model, _ = load_model(args.model, dtype="auto")
+    path = write_model_card(model, args.model, repo_id=args.repo_id, **_provenance_args(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push_to_hub
+
+    info = push_to_hub(args.model, args.repo_id, private=args.private or None, revision=args.revision,
+                       create_pr=args.create_pr, commit_message=args.commit_message, token=args.token,
+                       **_provenance_args(args))
+    print(f"pushed {args.model} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return 0
 
 
@@ -161,14 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local checkpoint directory, .gguf file, or Hub id")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     _add_compression_args(p)
-    p.add_argument("--eval-text", help="also report perplexity on this text file before saving")
+    p.add_argument("--eval-text", help="also measure perplexity on this text file before and after compression; "
+                                        "recorded beside the checkpoint and shown in its model card")
+    _add_provenance_args(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="perplexity of a model on a text file")
     p.add_argument("model")
     p.add_argument("--text", required=True, help="plain-text file")
     p.add_argument("--json", help="write the result to this JSON file")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not record the result in the checkpoint's hf_compress_eval.json / model card")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("card", help="(re)generate the model card (README.md + plot) of a compressed checkpoint")
+    p.add_argument("model", help="compressed checkpoint directory")
+    p.add_argument("--repo-id", help="Hub repository id shown in the card's loading snippet")
+    _add_provenance_args(p)
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("push", help="upload a compressed checkpoint to the Hub with a regenerated model card")
+    p.add_argument("model", help="compressed checkpoint directory")
+    p.add_argument("repo_id", help="Hub repository id, e.g. user/model-svd-0.2")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message")
+    p.add_argument("--token", help="Hub token (default: the one saved by `hf auth login`)")
+    _add_provenance_args(p)
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("finetune", help="recovery fine-tuning: LoRA on the compressed layers, then an exact merge")
     p.add_argument("model", help="compressed checkpoint directory")
@@ -208,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

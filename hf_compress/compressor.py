@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 
 import torch
@@ -58,8 +59,25 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     if not kv_only(config):
         compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress)
     calibrate_kv(model, config, calibration=calibration, tokenizer=tokenizer)  # KV method (hf_compress/kv)
+    if calibration is not None and not config.calibration.get("source"):
+        config.calibration["source"] = _describe_source(calibration)
+    if not config.provenance:  # for the model card: base model id, license, language when known
+        from .hub import provenance_of
+
+        config.provenance = provenance_of(model)
     attach(model, config)
     return model
+
+
+def _describe_source(calibration) -> str:
+    if isinstance(calibration, (str, os.PathLike)):
+        return os.path.basename(str(calibration))
+    if isinstance(calibration, (list, tuple)):
+        return f"{len(calibration)} texts"
+    info = getattr(calibration, "info", None)
+    if info is not None:
+        return f"datasets.Dataset {getattr(info, 'dataset_name', None) or ''}".strip()
+    return type(calibration).__name__
 
 
 def _is_offloaded(module: nn.Module) -> bool:

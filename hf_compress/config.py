@@ -59,6 +59,9 @@ class CompressionConfig(QuantizationConfigMixin):
             ``{"method": "quant", "bits": 4}`` or a CLI string (``quant4``, ``quant2``, ``gear``, ``lowrank:0.5``,
             ``xkv``, ``snapkv:0.25``); stored complete (defaults and calibrated ranks filled in). A config may hold
             only ``kv`` (no ratio/rank): the weights then stay as they are.
+        provenance: where the compressed model came from, for its model card: ``{"base_model": <Hub id>,
+            "license": ..., "language": [...]}``. Filled in by `compress` from what the model was loaded from when
+            known (a Hub id, the base model card, GGUF metadata); pass it to override.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class CompressionConfig(QuantizationConfigMixin):
         modules: dict[str, dict[str, Any]] | None = None,
         kv: dict[str, Any] | str | None = None,
         hf_compress_version: str | None = None,
+        provenance: dict[str, Any] | None = None,
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
     ):
@@ -108,6 +112,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.modules = dict(modules or {})
         self.kv = kv
         self.hf_compress_version = hf_compress_version or __version__
+        self.provenance = dict(provenance or {})
         self.post_init()
 
     def post_init(self):
@@ -210,6 +215,7 @@ class CompressionConfig(QuantizationConfigMixin):
             "modules": copy.deepcopy(self.modules),
             "kv": copy.deepcopy(self.kv),
             "hf_compress_version": self.hf_compress_version,
+            "provenance": copy.deepcopy(self.provenance),
         }
 
     @classmethod

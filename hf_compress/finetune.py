@@ -20,9 +20,13 @@ logger = logging.getLogger(__name__)
 
 def recover(model: nn.Module, tokenizer, text, *, steps: int = 200, rank: int = 16, alpha: float | None = None,
             lr: float = 2e-4, seqlen: int = 512, batch_size: int = 4, seed: int = 0, output_dir: str | None = None,
-            gradient_checkpointing: bool = True, merge: bool = True, progress: bool = True):
+            gradient_checkpointing: bool = True, merge: bool = True, progress: bool = True,
+            target_modules: list[str] | None = None):
     """LoRA-fine-tune ``model``'s compressed layers on ``text`` (file path, list of strings, ``datasets.Dataset`` or
     token ids) for ``steps`` optimizer steps of ``batch_size`` random ``seqlen``-token windows (seeded), then merge.
+
+    ``target_modules`` (LoRA's patterns) defaults to every compressed layer; pass it to adapt other layers too, or
+    to fine-tune a dense model the same way (the reference that ``benchmarks/finetune.py`` measures against).
 
     Returns ``(model, losses)``: the merged model (or the PEFT model with ``merge=False``) and the logged
     training losses."""
@@ -37,8 +41,9 @@ def recover(model: nn.Module, tokenizer, text, *, steps: int = 200, rank: int = 
     if steps < 1 or rank < 1 or batch_size < 1:
         raise ConfigError(f"steps, rank and batch_size must be positive (got {steps}, {rank}, {batch_size})")
     layers = compressed_modules(model)
-    if not layers:
-        raise ConfigError("The model has no hf-compress layers to fine-tune; compress it first.")
+    if not layers and not target_modules:
+        raise ConfigError("The model has no hf-compress layers to fine-tune; compress it first (or name "
+                          "target_modules).")
     if merge and any(isinstance(m, QuantLowRankLinear) for m in layers.values()):
         raise ConfigError("Low-rank layers with quantized factors cannot absorb an adapter exactly; fine-tune with "
                           "merge=False (CLI: --adapter-only) and load the adapter with PEFT.")
@@ -47,7 +52,7 @@ def recover(model: nn.Module, tokenizer, text, *, steps: int = 200, rank: int = 
     was_training = model.training
     prepare_for_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
-                        target_modules=target_module_names(model), task_type="CAUSAL_LM")
+                        target_modules=target_modules or target_module_names(model), task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+
 from transformers.quantizers import HfQuantizer, register_quantizer
 
 from . import __version__
@@ -54,6 +56,10 @@ class HfCompressQuantizer(HfQuantizer):
         kv_before_weight_loading(model, self.quantization_config, checkpoint_files, self.pre_quantized)
         if not self.pre_quantized:
             return
+        if checkpoint_files:  # evaluation records beside the checkpoint travel with the model (hf_compress.hub)
+            from .hub import load_evaluations
+
+            self.evaluations = load_evaluations(os.path.dirname(checkpoint_files[0]))
         records = self.quantization_config.modules
         headers = read_headers(checkpoint_files or [])
         prefix = getattr(model, "base_model_prefix", "")
@@ -95,6 +101,9 @@ class HfCompressQuantizer(HfQuantizer):
         refresh_records(model, self.quantization_config)
         use_compressed_config_class(model)
         kv_after_weight_loading(model, self.quantization_config)  # KV cache used by generate() by default
+        from .hub import bind
+
+        bind(model)  # model.push_to_hub writes our model card
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -104,8 +113,11 @@ class HfCompressQuantizer(HfQuantizer):
         return None, {"hf_compress_version": __version__}
 
     def _dequantize(self, model, dtype=None):
+        from .hub import unbind
+
         for name, module in compressed_modules(model).items():
             set_module(model, name, module.to_dense())
+        unbind(model)
         return model
 
     def is_serializable(self, safe_serialization=None):

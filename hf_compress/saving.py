@@ -7,15 +7,27 @@ import os
 from .checkpoint import atomic_directory
 
 
-def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> str:
-    """``model.save_pretrained`` (safetensors only) plus the tokenizer, written atomically.
+def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, model_card: bool = True,
+                    **kwargs) -> str:
+    """``model.save_pretrained`` (safetensors only) plus the tokenizer, the evaluation records travelling with the
+    model (``hf_compress_eval.json``) and, with ``model_card=True``, the generated model card (``README.md`` and its
+    plot, `hf_compress.hub`), all written atomically.
 
     An interrupted save leaves ``save_directory`` as it was: never a half-written checkpoint under its name.
     Returns the directory."""
+    from .hub import model_evaluations, save_evaluations, write_model_card
+
     if kwargs.pop("safe_serialization", True) is False:
         raise ValueError("hf-compress writes safetensors only (safe_serialization=False is not supported).")
+    compressed = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is not None and \
+        hasattr(model.config.quantization_config, "method")
     with atomic_directory(save_directory) as tmp:
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if compressed:
+            if model_evaluations(model):
+                save_evaluations(tmp, model_evaluations(model))
+            if model_card:
+                write_model_card(model, tmp)
     return str(save_directory)
