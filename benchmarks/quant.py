@@ -4,6 +4,10 @@
     .venv/bin/python benchmarks/quant.py --settings 3:64 --methods hqq gptq --eora 0 32 --peers hqq
     .venv/bin/python benchmarks/quant.py --rows dense gptq:3:64:32 hqq-package:3:64 quanto:4:128   # explicit rows
 
+Row ``METHOD:BITS:GROUP:bX`` (e.g. ``gptq:3:64:b0.5``) gives EoRA per-layer ranks from a budget of X extra bits
+per weight (``eora_bits``). ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
+fp16/bf16, as in a half-precision checkpoint (the benchmark model is fp32, so its factors are fp32 in ``bits_w``).
+
 Rows: dense; for each bits:group setting (default 4:128 3:64 2:32) each of our methods (rtn, hqq, gptq) with each
 EoRA rank (default 0 16 32 64); the peers measured in the same run: the HQQ package (CPU, torch backend, its
 defaults) and optimum-quanto (qint4 only: quanto has no 3- or 2-bit weights; its group size is its default 128,
@@ -80,14 +84,22 @@ def run_row(spec: dict) -> dict:
     t0 = time.time()
     kind = spec["kind"]
     if kind == "ours":
+        budget = isinstance(spec["eora"], str)  # "b0.5": EoRA ranks from a budget of 0.5 extra bits per weight
         cfg = {"method": spec["method"], "bits": spec["bits"], "group_size": spec["group_size"],
-               "eora_rank": spec["eora"] or None, "targets": TARGETS,
+               "eora_rank": None if budget else (spec["eora"] or None),
+               "eora_bits": float(spec["eora"][1:]) if budget else None, "targets": TARGETS,
                "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0}}
         calibrated = spec["method"] == "gptq" or spec["eora"]
         hf_compress.compress(model, cfg, calibration=str(DATA / spec["calib"]) if calibrated else None,
                              tokenizer=tok, progress=False)
         rows = {r.name: r for r in layer_table(model)}
         bits = sum(rows[n].bits_per_weight * rows[n].shape[0] * rows[n].shape[1] for n in names)
+        # the factors are fp32 here (the model's dtype); in an fp16/bf16 checkpoint they take half
+        layers = [model.get_submodule(n) for n in names]
+        factors = sum(m.rank * (m.out_features + m.in_features) for m in layers)
+        row["bits_w_fp16_factors"] = round((bits - 16 * factors) / n_weights, 3)
+        ranks = [m.rank for m in layers]
+        row["eora_ranks"] = f"{min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})" if max(ranks) else "-"
     elif kind == "hqq":
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
@@ -127,7 +139,8 @@ def _parse_row(text: str) -> dict:
     if text == "dense":
         return {"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0}
     name, bits, group, *rest = text.split(":")
-    bits, group, eora = int(bits), int(group), int(rest[0]) if rest else 0
+    bits, group = int(bits), int(group)
+    eora = (rest[0] if rest[0].startswith("b") else int(rest[0])) if rest else 0
     if name == "hqq-package":
         return {"kind": "hqq", "method": "HQQ package 0.2.8", "bits": bits, "group_size": group, "eora": 0}
     if name == "quanto":
@@ -145,7 +158,7 @@ def main():
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--no-dense", action="store_true")
-    p.add_argument("--rows", nargs="+", help="explicit rows instead of the grid: dense, METHOD:BITS:GROUP[:EORA], "
+    p.add_argument("--rows", nargs="+", help="explicit rows instead of the grid: dense, METHOD:BITS:GROUP[:EORA|:bBUDGET], "
                                              "hqq-package:BITS:GROUP, quanto:4:128")
     p.add_argument("--row", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -167,7 +180,8 @@ def main():
         specs = [_parse_row(r) for r in args.rows]
     jobs = [(f"{s['method']} w{s['bits']} g{s['group_size']} r{s['eora']}", [json.dumps({**base, **s})]) for s in specs]
     results = run_rows(__file__, jobs)
-    print_table(results, ["method", "bits", "group_size", "eora", "ppl_wikitext", "bits_w", "proj_MB", "compress_s",
+    print_table(results, ["method", "bits", "group_size", "eora", "eora_ranks", "ppl_wikitext", "bits_w",
+                          "bits_w_fp16_factors", "proj_MB", "compress_s",
                           "compress_peak_rss_MB", "eval_s", "error"])
 
 

@@ -30,7 +30,10 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
     q = p.add_argument_group("quantization (with rtn|hqq|gptq; with a low-rank method: quantize its factors)")
     q.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8")
     q.add_argument("--group-size", type=int, default=128, help="quantization group size (default 128)")
-    q.add_argument("--eora-rank", type=int, help="rank of the EoRA low-rank compensation of the quantization error")
+    e = q.add_mutually_exclusive_group()
+    e.add_argument("--eora-rank", type=int, help="rank of the EoRA low-rank compensation of the quantization error")
+    e.add_argument("--eora-bits", type=float, help="EoRA with per-layer ranks from a budget of this many extra bits "
+                                                    "per weight (averaged over the quantized layers)")
     q.add_argument("--quantizer", help="how a low-rank method's factors are quantized (default: gptq when "
                                        "calibrated, hqq otherwise)")
 
@@ -57,7 +60,7 @@ def _config_from_args(args):
                    "source": os.path.basename(args.calib) if args.calib else None}
     return CompressionConfig(method=args.method, ratio=ratio, rank=args.rank, targets=args.targets, skip=args.skip,
                              alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration, bits=args.bits,
-                             group_size=args.group_size, eora_rank=args.eora_rank, quantizer=args.quantizer, kv=kv)
+                             group_size=args.group_size, eora_rank=args.eora_rank, eora_bits=args.eora_bits, quantizer=args.quantizer, kv=kv)
 
 
 def cmd_compress(args) -> int:
@@ -197,6 +200,10 @@ def cmd_finetune(args) -> int:
     if args.eval_text:
         after = _print_ppl(model, tokenizer, read_text(args.eval_text), args)
         print(f"perplexity {before.perplexity:.4g} -> {after.perplexity:.4g}")
+        if not args.adapter_only:  # the merged model's card shows what was measured on it
+            from .hub import add_evaluation
+
+            add_evaluation(model, after, dataset=os.path.basename(args.eval_text), command=_command_line())
     if args.adapter_only:
         model.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)

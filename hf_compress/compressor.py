@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import time
 
@@ -161,13 +162,51 @@ def uses_calibration(config: CompressionConfig, calibration_given: bool) -> bool
     if config.quantizer is not None and get_method(config.quantizer).needs:
         return True
     # optional statistics: EoRA in the inputs' eigenspace, GPTQ for low-rank factors
-    return calibration_given and bool(config.eora_rank if method.family == "quant" else config.bits)
+    return calibration_given and bool((config.eora_rank or config.eora_bits) if method.family == "quant"
+                                      else config.bits)
 
 
-def _plan(config, method, shapes) -> dict[str, int | None]:
+def _plan(config, method, shapes, factor_bits: dict[str, int] | None = None) -> dict[str, int | None]:
     if method.family == "quant":
+        if config.eora_bits:  # factors of a generous rank now; `allocate_eora` truncates them to the budget
+            return {n: eora_rank_cap(o, i, config.eora_bits, (factor_bits or {}).get(n, 16))
+                    for n, (o, i) in shapes.items()}
         return {n: min(config.eora_rank or 0, o, i) for n, (o, i) in shapes.items()}
     return plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
+
+
+def eora_rank_cap(out_f: int, in_f: int, bits: float, factor_bits: int) -> int:
+    """The largest EoRA rank a budgeted layer may get: 4x its equal-share rank (at least 8), at most min(out, in)."""
+    equal = bits * out_f * in_f / ((out_f + in_f) * factor_bits)
+    return min(out_f, in_f, max(8, math.ceil(4 * equal)))
+
+
+def allocate_eora(model: nn.Module, names, bits: float) -> dict[str, int]:
+    """Truncate the EoRA factors of the layers ``names`` to one global budget of ``bits`` extra bits per weight.
+
+    Rank i of a layer removes σᵢ² of its (input-weighted) error energy; the factors come from ``truncated_factors``
+    (U = Uₛ·√Σ with orthonormal Uₛ), so σᵢ = ‖U[:, i]‖². Taking ranks in decreasing σᵢ² per stored bit is the
+    greedy knapsack; within a layer it takes a prefix, which is the truncated SVD at that rank."""
+    layers = {n: model.get_submodule(n) for n in names}
+    layers = {n: m for n, m in layers.items() if isinstance(m, QuantLinear)}
+    budget = bits * sum(m.out_features * m.in_features for m in layers.values())
+    items = []
+    for n, m in layers.items():
+        if m.U is None:
+            continue
+        cost = (m.out_features + m.in_features) * m.U.element_size() * 8
+        gains = m.U.detach().double().square().sum(0).square()  # σᵢ²
+        items += [(g / cost, cost, n) for g in gains.tolist()]
+    items.sort(key=lambda t: -t[0])
+    ranks = {n: 0 for n in layers}
+    spent = 0.0
+    for _, cost, n in items:
+        if spent + cost <= budget:
+            ranks[n] += 1
+            spent += cost
+    for n, m in layers.items():
+        m.truncate_rank(ranks[n])
+    return ranks
 
 
 def _correct(module, method, stats, heldout) -> None:
@@ -196,25 +235,31 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
     shapes = {name: shape_of(m) for name, m in targets.items()}
     t0 = time.time()
 
+    factor_bits = {n: 8 * m.weight.element_size() for n, m in targets.items()}
     if not uses_calibration(config, calibration is not None):
         if alloc == "uniform":
-            plan = _plan(config, method, shapes)
+            plan = _plan(config, method, shapes, factor_bits)
         else:
             spectra = {n: method.spectrum(_checked_weight(n, m).float()) for n, m in targets.items()}
             plan = allocate_energy(spectra, shapes, config.ratio)
         for name in tqdm(list(targets), desc=f"hf-compress {config.method}", disable=not progress, unit="layer"):
             if plan[name] is not None:
                 _replace(model, name, targets[name], method, config, plan[name])
-        return {"ranks": plan, "seconds": time.time() - t0}
+        report = {"ranks": plan, "seconds": time.time() - t0}
+    else:
+        if calibration is None:
+            what = config.method if method.needs else f"{config.method} with quantizer {config.quantizer}"
+            raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
+                              "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
+        report = _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress,
+                                      t0, factor_bits)
+    if config.eora_bits:
+        report["eora_ranks"] = allocate_eora(model, list(targets), config.eora_bits)
+    return report
 
-    if calibration is None:
-        what = config.method if method.needs else f"{config.method} with quantizer {config.quantizer}"
-        raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
-                          "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
-    return _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress, t0)
 
-
-def _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress, t0):
+def _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress, t0,
+                         factor_bits=None):
     cal = config.calibration
     windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
     n_tokens = windows.numel()
@@ -243,7 +288,7 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
 
     # (2) ranks
     if alloc == "uniform":
-        plan = _plan(config, method, shapes)
+        plan = _plan(config, method, shapes, factor_bits)
     else:
         spectra = {}
         hidden = runner.hidden

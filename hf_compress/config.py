@@ -50,6 +50,9 @@ class CompressionConfig(QuantizationConfigMixin):
             input dimension, the last group of each row is partial (nothing is padded).
         eora_rank: rank of the EoRA low-rank compensation of the quantization error (quantization methods only);
             it uses the calibration inputs' Gram when calibration data is given, plain SVD of the error otherwise.
+        eora_bits: instead of ``eora_rank``, a budget: the EoRA factors may add this many bits per weight on average
+            over the quantized layers (stored in the model's dtype); each layer's rank is chosen by one global greedy
+            allocation on the singular values of the (input-weighted) errors, so ranks differ per layer and may be 0.
         quantizer: quantization method for the factors of a low-rank method with ``bits`` (default: ``gptq`` when
             the low-rank method is calibrated, ``hqq`` otherwise).
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
@@ -78,6 +81,7 @@ class CompressionConfig(QuantizationConfigMixin):
         bits: int | None = None,
         group_size: int = 128,
         eora_rank: int | None = None,
+        eora_bits: float | None = None,
         quantizer: str | None = None,
         scale_dtype: str = "float16",
         modules: dict[str, dict[str, Any]] | None = None,
@@ -107,6 +111,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.bits = bits
         self.group_size = group_size
         self.eora_rank = eora_rank
+        self.eora_bits = eora_bits
         self.quantizer = quantizer
         self.scale_dtype = scale_dtype
         self.modules = dict(modules or {})
@@ -179,6 +184,16 @@ class CompressionConfig(QuantizationConfigMixin):
                 raise ConfigError("eora_rank compensates a quantization error: use it with rtn, hqq or gptq")
             if isinstance(self.eora_rank, bool) or not isinstance(self.eora_rank, int) or self.eora_rank < 0:
                 raise ConfigError(f"eora_rank must be a non-negative integer, got {self.eora_rank!r}")
+        if self.eora_bits is not None:
+            if method.family != "quant":
+                raise ConfigError("eora_bits budgets the compensation of a quantization error: use it with rtn, hqq "
+                                  "or gptq")
+            if self.eora_rank is not None:
+                raise ConfigError("Give either eora_rank (one rank for every layer) or eora_bits (a budget), not both.")
+            if isinstance(self.eora_bits, bool) or not isinstance(self.eora_bits, (int, float)) or not (
+                    0 < self.eora_bits <= 64):
+                raise ConfigError(f"eora_bits must be a positive number of extra bits per weight, got {self.eora_bits!r}")
+            self.eora_bits = float(self.eora_bits)
         if self.quantizer is not None:
             if method.family == "quant" or self.bits is None:
                 raise ConfigError("quantizer picks how a low-rank method's factors are quantized: give it with a "
@@ -210,6 +225,7 @@ class CompressionConfig(QuantizationConfigMixin):
             "bits": self.bits,
             "group_size": self.group_size,
             "eora_rank": self.eora_rank,
+            "eora_bits": self.eora_bits,
             "quantizer": self.quantizer,
             "scale_dtype": self.scale_dtype,
             "modules": copy.deepcopy(self.modules),

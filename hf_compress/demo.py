@@ -31,6 +31,7 @@ def run_demo(ratio: float = 0.2, method: str = "svd", text_path: str | None = No
 
     from . import CompressionConfig, compress, save_pretrained
     from .evaluation import perplexity
+    from .hub import add_evaluation
     from .loading import load_model, read_text, smollm2_gguf_path
     from .summary import layer_table, model_bytes
 
@@ -58,10 +59,16 @@ def run_demo(ratio: float = 0.2, method: str = "svd", text_path: str | None = No
 
     print("[4/6] compressed perplexity")
     comp_ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens)
+    from .cli import _ARGV, _command_line
+
+    command = _command_line() if _ARGV[:1] == ["demo"] else f"hf_compress.demo.run_demo(method={method!r}, ratio={ratio})"
+    add_evaluation(model, dense_ppl, dataset=text_file.name, base=True, command=command)
+    add_evaluation(model, comp_ppl, dataset=text_file.name, command=command)  # shown in the model card
 
     out_dir = output or tempfile.mkdtemp(prefix="hf-compress-demo-")
     out = Path(out_dir) / "smollm2-compressed" if output is None else Path(out_dir)
-    print(f"[5/6] saving to {out} and reloading it with AutoModelForCausalLM.from_pretrained")
+    print(f"[5/6] saving to {out} (with its model card, README.md) and reloading it with "
+          "AutoModelForCausalLM.from_pretrained")
     save_pretrained(model, out, tokenizer=tokenizer)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     probe = tokenizer(prompt, return_tensors="pt")
@@ -82,6 +89,7 @@ def run_demo(ratio: float = 0.2, method: str = "svd", text_path: str | None = No
     print(f"compressed layers: {n_comp}/{len(rows)}; checkpoint on disk: {files:,} bytes; "
           f"reloaded vs in-memory logits max |diff| = {diff:.2e}")
     print(f"prompt: {prompt!r} -> {continuation!r}")
+    print(f"model card: {out / 'README.md'} (publish with: hf-compress push {out} <user>/<repo>)")
     print(f"total {time.time() - t_start:.0f}s")
     return {"dense_ppl": dense_ppl.perplexity, "compressed_ppl": comp_ppl.perplexity, "dense_bytes": dense_bytes,
             "compressed_bytes": comp_bytes, "reload_max_diff": diff, "output": str(out), "continuation": continuation}

@@ -274,7 +274,9 @@ def _compressed_section(model, config, groups) -> str:
         what = "weights" if config.family == "quant" else "low-rank factors"
         lines.append(f"Quantization of the {what}: {config.bits}-bit, group size {config.group_size}, scales and "
                      f"zeros in {config.scale_dtype}" + (f", EoRA compensation rank {config.eora_rank}"
-                                                         if config.eora_rank else "") + ".")
+                                                         if config.eora_rank else "")
+                     + (f", EoRA compensation with per-layer ranks from a budget of {config.eora_bits:g} extra bits "
+                        "per weight" if getattr(config, "eora_bits", None) else "") + ".")
     cal = config.calibration or {}
     if cal.get("source"):
         lines.append(f"Calibration: {cal.get('nsamples')} windows of {cal.get('seqlen')} tokens of "

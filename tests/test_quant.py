@@ -243,6 +243,73 @@ def test_calibrated_gptq_and_eora_beat_rtn_on_the_model(ids):
     assert errs["gptq"] < errs["rtn"] and errs["rtn+eora"] < errs["rtn"] and errs["gptq+eora"] < errs["gptq"], errs
 
 
+def _uneven_tiny():
+    """A tiny Llama whose layers differ in scale, as real layers do (so their quantization errors differ)."""
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(4.0)
+        model.model.layers[1].self_attn.k_proj.weight.mul_(0.25)
+    return model
+
+
+def _eora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _residual_energy(model, dense) -> float:
+    """Σ over layers of ‖W − dequant(Q) − U·V‖² (what data-free EoRA minimises)."""
+    total = 0.0
+    with torch.no_grad():
+        for n, m in _eora_layers(model).items():
+            total += float((dense.get_submodule(n).weight.double() - m.weight.double()).square().sum())
+    return total
+
+
+@pytest.mark.parametrize("uniform_rank", [1, 3])
+def test_eora_budget_spends_at_most_the_budget_and_beats_uniform_ranks(uniform_rank):
+    dense = _uneven_tiny()
+    uni = _uneven_tiny()
+    hf_compress.compress(uni, {"method": "rtn", "bits": 2, "group_size": 16, "eora_rank": uniform_rank}, progress=False)
+    layers = _eora_layers(uni)
+    weights = sum(m.out_features * m.in_features for m in layers.values())
+    uni_bits = sum(32 * m.rank * (m.out_features + m.in_features) for m in layers.values())
+    budget = uni_bits / weights  # the budget that one uniform rank spends exactly
+
+    model = _uneven_tiny()
+    hf_compress.compress(model, {"method": "rtn", "bits": 2, "group_size": 16, "eora_bits": budget}, progress=False)
+    layers = _eora_layers(model)
+    factor_bits = sum(32 * m.rank * (m.out_features + m.in_features) for m in layers.values())
+    largest_step = max(32 * (m.out_features + m.in_features) for m in layers.values())
+    assert budget * weights - largest_step < factor_bits <= budget * weights
+    ranks = {n: m.rank for n, m in layers.items()}
+    assert len(set(ranks.values())) > 1, ranks  # per-layer ranks, not one rank
+    # the factors kept are the top singular triplets of each layer's error (truncated SVD at the chosen rank)
+    name = max(ranks, key=ranks.get)
+    layer = layers[name]
+    with torch.no_grad():
+        err = dense.get_submodule(name).weight.double() - layer.dequantized(torch.float64)
+        tail = float(torch.linalg.svdvals(err)[layer.rank:].square().sum())
+        resid = float((err - layer.U.double() @ layer.V.double()).square().sum())
+    assert resid == pytest.approx(tail, rel=1e-4)
+    # at the same bits, the budgeted allocation leaves less error than one uniform rank
+    assert _residual_energy(model, dense) < 0.98 * _residual_energy(uni, dense)
+    assert ranks["model.layers.0.mlp.down_proj"] > uniform_rank > ranks["model.layers.1.self_attn.k_proj"]
+
+
+def test_eora_budget_with_calibration_and_zero_rank_layers(ids, tmp_path):
+    model = make_tiny("llama")
+    cfg = {"method": "gptq", "bits": 2, "group_size": 16, "eora_bits": 0.3, "calibration": {"nsamples": 8, "seqlen": 24}}
+    hf_compress.compress(model, cfg, calibration=_calib_ids(), progress=False)
+    ranks = {n: m.rank for n, m in _eora_layers(model).items()}
+    assert sum(ranks.values()) > 0
+    hf_compress.save_pretrained(model, tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert {n: m.rank for n, m in _eora_layers(again).items()} == ranks
+    assert torch.equal(output_of(again, ids), output_of(model, ids))
+
+
 def test_lowrank_with_quantized_factors(ids):
     lr = make_tiny("llama")
     hf_compress.compress(lr, {"method": "svd", "ratio": 0.3}, progress=False)
@@ -270,7 +337,8 @@ def test_lowrank_factors_gptq_with_calibration():
     {"method": "hqq", "bits": 3, "group_size": 32, "eora_rank": 4},
     {"method": "rtn", "bits": 2, "group_size": 20},
     {"method": "svd", "ratio": 0.25, "bits": 4, "group_size": 16},
-], ids=["hqq3+eora", "rtn2-padded", "svd+q4"])
+    {"method": "rtn", "bits": 2, "group_size": 16, "eora_bits": 1.0},
+], ids=["hqq3+eora", "rtn2-padded", "svd+q4", "rtn2+eora-budget"])
 def test_fresh_process_roundtrip(cfg, ids, tmp_path):
     model = make_tiny("llama")
     hf_compress.compress(model, cfg, progress=False)
@@ -312,6 +380,9 @@ def test_compress_on_load_rtn_and_dequantize(ids, tmp_path):
     ({"method": "rtn", "bits": 4, "group_size": 0}, "group_size"),
     ({"method": "gptq", "bits": 4, "ratio": 0.2}, "eora_rank"),
     ({"method": "svd", "ratio": 0.2, "eora_rank": 4}, "eora_rank compensates"),
+    ({"method": "rtn", "bits": 3, "eora_rank": 4, "eora_bits": 0.5}, "not both"),
+    ({"method": "rtn", "bits": 3, "eora_bits": 0}, "eora_bits must be a positive"),
+    ({"method": "svd", "ratio": 0.2, "eora_bits": 0.5}, "eora_bits budgets"),
     ({"method": "hqq", "bits": 4, "method_kwargs": {"lp": 3}}, "lp"),
 ])
 def test_bad_config(cfg, match):

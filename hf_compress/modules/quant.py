@@ -103,6 +103,17 @@ class QuantLinear(nn.Module):
             m.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone())
         return m
 
+    def truncate_rank(self, rank: int) -> None:
+        """Keep the first ``rank`` components of the low-rank path (0 removes it). The factors are SVD-ordered when
+        EoRA made them, so this is the truncated SVD at that rank."""
+        if not 0 <= rank <= self.rank:
+            raise ValueError(f"rank must be in [0, {self.rank}], got {rank}")
+        if rank == 0:
+            self.U = self.V = None
+        elif rank < self.rank:
+            self.U = nn.Parameter(self.U.detach()[:, :rank].contiguous(), requires_grad=self.U.requires_grad)
+            self.V = nn.Parameter(self.V.detach()[:rank].contiguous(), requires_grad=self.V.requires_grad)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
                             self.bias, self.U, self.V)
