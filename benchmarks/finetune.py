@@ -47,7 +47,9 @@ def run_row(args) -> dict:
     else:
         row["method"] = "dense"
         targets = TARGETS
-    row["ppl_before"] = ppl(model)
+    compressed = args.kind == "compressed"  # the dense row measures training memory and time only
+    if compressed:
+        row["ppl_before"] = ppl(model)
     reset_peak_rss()
     row["rss_before_train_MB"] = round(peak_rss_mb())
     t0 = time.time()
@@ -58,7 +60,8 @@ def run_row(args) -> dict:
     row["s_per_step"] = round((time.time() - t0) / args.steps, 2)
     row["train_peak_rss_MB"] = round(peak_rss_mb())
     row["loss_first"], row["loss_last"] = round(losses[0], 3), round(losses[-1], 3)
-    row["ppl_after"] = ppl(model)
+    if compressed:
+        row["ppl_after"] = ppl(model)
     row["steps"] = args.steps
     return row
 

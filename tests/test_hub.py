@@ -181,6 +181,10 @@ def test_cli_compress_eval_push_repush(tmp_path, dense_dir, hub, capsys):
     assert sorted(r.dataset_name for r in card2.data.eval_results) == ["other.txt", "tinyshakespeare-excerpt.txt"]
     assert "automatically generated" not in card2.text  # no transformers stub
     assert len(hub.commits) == 2
+    # `hf-compress card` regenerates the local card (same records) for another repository id
+    assert cli.main(["card", str(out), "--repo-id", "org/renamed"]) == 0
+    local = ModelCard.load(out / "README.md")
+    assert 'from_pretrained("org/renamed")' in local.text and len(local.data.eval_results) == 2
 
 
 def test_model_push_to_hub_lands_our_card(tmp_path, tiny_tokenizer, hub):
