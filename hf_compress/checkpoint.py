@@ -61,6 +61,9 @@ def atomic_directory(target: str | os.PathLike):
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a checkpoint folder gets the usual permissions
     try:
         yield tmp
         if target.exists():

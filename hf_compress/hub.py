@@ -123,10 +123,18 @@ def save_evaluations(directory: str | os.PathLike, records: list[dict]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"hf_compress_version": __version__, "evaluations": records}, f, indent=2)
+        _public(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _public(path) -> None:
+    """Give a file made by mkstemp (0600) the permissions of any file written normally (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def model_evaluations(model: nn.Module) -> list[dict]:
@@ -267,6 +275,15 @@ def _compressed_section(model, config, groups) -> str:
     n_comp = sum(r.kind != "dense" for r in rows)
     lines = [f"{n_comp} of {len(rows)} linear layers are compressed "
              f"(method `{config.method}`, family {config.family})."]
+    try:
+        from .targets import find_targets
+
+        kept = len(find_targets(model, config.targets, config.skip))  # targeted layers that are still dense
+    except Exception:
+        kept = 0
+    if kept:
+        lines[-1] += (f" {kept} targeted layers stayed dense: the rank allocation found that factorising them would "
+                      "not pay for its error (or not save bytes).")
     if config.ratio is not None:
         lines[-1] += f" Parameter budget: remove {config.ratio:g} of the targeted layers' parameters"
         lines[-1] += f" (allocation `{config.alloc or 'method default'}`)." if config.family == "lowrank" else "."
@@ -303,7 +320,17 @@ def size_breakdown(model: nn.Module) -> dict:
     rows = layer_table(model)
     comp_now = sum(r.bytes for r in rows if r.kind != "dense")
     comp_dense = sum(r.dense_bytes for r in rows if r.kind != "dense")
-    linear_dense = sum(r.bytes for r in rows if r.kind == "dense")
+    # a dense layer's tensors shared with another module (a head tied to the embeddings) count as "other"
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            holders[t.data_ptr()] = holders.get(t.data_ptr(), 0) + 1
+    linear_dense = 0
+    for r in rows:
+        if r.kind == "dense":
+            m = model.get_submodule(r.name)
+            linear_dense += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())
+                                if holders.get(t.data_ptr(), 0) <= 1)
     total = model_bytes(model)
     other = total - comp_now - linear_dense
     return {"compressed_now": comp_now, "compressed_dense": comp_dense, "other_linear": linear_dense,
@@ -318,8 +345,8 @@ def _size_section(sizes: dict, checkpoint_bytes: int | None) -> str:
              f"{s['compressed_now'] / max(s['compressed_dense'], 1):.3f} |",
              f"| whole model (in memory) | {_fmt_bytes(s['total_dense'])} | {_fmt_bytes(s['total_now'])} | "
              f"{s['total_now'] / max(s['total_dense'], 1):.3f} |", ""]
-    lines.append(f"Parameters now: {s['params']:,}. The rest of the model (embeddings, norms, layers left dense: "
-                 f"{_fmt_bytes(s['other'] + s['other_linear'])}) is unchanged.")
+    lines.append(f"Parameters now: {s['params']:,}. Unchanged: linear layers left dense "
+                 f"{_fmt_bytes(s['other_linear'])}; embeddings, norms and tied heads {_fmt_bytes(s['other'])}.")
     if checkpoint_bytes:
         lines.append(f"Checkpoint files: {checkpoint_bytes:,} bytes of safetensors.")
     return "\n".join(lines)
@@ -449,13 +476,14 @@ def plot_layers(model: nn.Module, path: str | os.PathLike) -> bool:
     use_rank = config.family == "lowrank" and not config.bits
     modules = compressed_modules(model)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2.2, 1]})
-    series: OrderedDict[str, list] = OrderedDict()
+    series: OrderedDict[str, dict] = OrderedDict()
     for i, r in enumerate(x for x in layer_table(model) if x.kind != "dense"):
         y = modules[r.name].rank if use_rank else r.bits_per_weight
         b = _block_index(r.name)
-        series.setdefault(_layer_type(r.name), []).append((i if b is None else b, y))
-    for kind, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=kind)
+        series.setdefault(_layer_type(r.name), {})[i if b is None else b] = y
+    xs = sorted({x for pts in series.values() for x in pts})
+    for kind, pts in series.items():  # NaN where a block's layer stayed dense: the line breaks there
+        ax.plot(xs, [pts.get(x, float("nan")) for x in xs], marker="o", ms=3, lw=1, label=kind)
     ax.set_xlabel("block")
     ax.set_ylabel("rank" if use_rank else "bits per weight")
     ax.set_title(("rank" if use_rank else "bits per weight") + " of each compressed layer")
@@ -496,6 +524,7 @@ def write_model_card(model: nn.Module, directory: str | os.PathLike, *, repo_id:
     os.close(fd)
     try:
         card.save(tmp)
+        _public(tmp)
         os.replace(tmp, directory / CARD_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
