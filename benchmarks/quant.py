@@ -34,35 +34,27 @@ from common import DATA, TARGETS, peak_rss_mb, print_table, reset_peak_rss, run_
 
 
 def _tensor_bits(module) -> int:
-    """Bits of every tensor a (peer) quantized module holds, however it stores them."""
+    """Bits of every tensor a (peer) quantized module holds, however it stores them: tensor subclasses (quanto's
+    packed weights, also when wrapped as a Parameter) are opened with ``__tensor_flatten__`` down to plain tensors;
+    HQQ keeps scale/zero in a ``meta`` dict."""
     import torch
 
     seen, total = set(), 0
 
     def add(t):
         nonlocal total
-        if isinstance(t, torch.Tensor) and id(t) not in seen:
-            seen.add(id(t))
-            inner = [v for v in vars(t).values() if isinstance(v, torch.Tensor)] if type(t) is not torch.Tensor and \
-                not isinstance(t, torch.nn.Parameter) else []
-            if inner:
-                for v in inner:
-                    add(v)
-            else:
-                total += t.numel() * t.element_size() * 8
+        if not isinstance(t, torch.Tensor) or id(t) in seen:
+            return
+        seen.add(id(t))
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+        else:
+            total += t.numel() * t.element_size() * 8
 
     for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
         add(t)
-        for v in vars(t).values() if not isinstance(t, torch.nn.Parameter) or type(t.data) is not torch.Tensor else []:
-            add(v)
-    if hasattr(module, "weight") and type(getattr(module, "weight")) is not torch.Tensor:
-        w = module.weight
-        for v in vars(w).values():
-            if isinstance(v, torch.Tensor):
-                add(v)
-                for vv in vars(v).values():
-                    add(vv)
-    for v in getattr(module, "meta", {}).values():  # HQQ keeps scale/zero in a dict
+    for v in getattr(module, "meta", {}).values():
         add(v)
     return total
 

@@ -492,7 +492,8 @@ def plot_layers(model: nn.Module, path: str | os.PathLike) -> bool:
     s = size_breakdown(model)
     mib = 2**20
     parts = [("compressed layers", s["compressed_dense"], s["compressed_now"]),
-             ("dense linear layers", s["other_linear"], s["other_linear"]), ("other", s["other"], s["other"])]
+             ("dense linear layers", s["other_linear"], s["other_linear"]),
+             ("embeddings, norms, tied head", s["other"], s["other"])]
     left = [0.0, 0.0]
     for label, dense_b, now_b in parts:
         vals = [dense_b / mib, now_b / mib]

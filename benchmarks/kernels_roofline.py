@@ -1,8 +1,8 @@
 """Kernel roofline benchmark: one command, one table, everything measured in one run.
 
-    .venv/bin/python benchmarks/kernels.py                 # GPU: Triton vs cuBLAS dense vs torch (eager, compiled)
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kernels.py  # CPU: the torch fallbacks vs dense (about 1-2 min)
-    .venv/bin/python benchmarks/kernels.py --shapes 4096x4096 --batches 1 --ratios 0.4 --bits 4 --no-compile
+    .venv/bin/python benchmarks/kernels_roofline.py                 # GPU: Triton vs cuBLAS dense vs torch (eager, compiled)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kernels_roofline.py  # CPU: the torch fallbacks vs dense (about 1-2 min)
+    .venv/bin/python benchmarks/kernels_roofline.py --shapes 4096x4096 --batches 1 --ratios 0.4 --bits 4 --no-compile
 
 Llama-7B-like layers (in x out: 4096x4096 q/k/v/o, 4096x11008 gate/up, 11008x4096 down); low-rank at parameter
 ratios 0.2 0.4 0.6 (rank floor((1-ratio)·in·out/(in+out))), 4- and 3-bit group-128 quantization, optionally
