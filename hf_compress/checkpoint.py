@@ -66,6 +66,9 @@ def atomic_directory(target: str | os.PathLike):
     os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a checkpoint folder gets the usual permissions
     try:
         yield tmp
+        for f in tmp.iterdir():  # some writers create 0600 files; a checkpoint gets the usual permissions
+            if f.is_file():
+                os.chmod(f, 0o666 & ~mask)
         if target.exists():
             old = target.with_name(f".old-{target.name}-{os.getpid()}")
             os.replace(target, old)

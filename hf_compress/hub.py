@@ -352,7 +352,7 @@ def _size_section(sizes: dict, checkpoint_bytes: int | None) -> str:
     return "\n".join(lines)
 
 
-def _eval_section(evals: list[dict], fingerprint: str) -> tuple[str, list]:
+def _eval_section(evals: list[dict], fingerprint: str | None) -> tuple[str, list]:
     from huggingface_hub import EvalResult
 
     mine = [r for r in evals if r["role"] == "compressed" and r.get("fingerprint") == fingerprint]
@@ -423,7 +423,8 @@ def model_card(model: nn.Module, *, repo_id: str | None = None, evaluations: lis
     if license:
         prov["license"] = license
     evals = evaluations if evaluations is not None else list(getattr(model.hf_quantizer, "evaluations", []))
-    fingerprint = weights_fingerprint(model)
+    # hashing every weight costs a pass over the model: only when there are records to match
+    fingerprint = weights_fingerprint(model) if any(r["role"] == "compressed" for r in evals) else None
     eval_text, eval_results = _eval_section(evals, fingerprint)
     groups = layer_groups(model)
     methods = [config.method] + ([f"{config.bits}-bit"] if config.bits else []) + \
