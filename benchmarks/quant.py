@@ -119,6 +119,8 @@ def run_row(spec: dict) -> dict:
         # every one of the 64 evaluation windows: the CPU reference path is not a kernel.
         model.dequantize()
     t0 = time.time()
+    if not spec["eval_tokens"]:  # --eval-tokens 0: sizes and compression time only
+        return row
     with torch.no_grad():
         row["ppl_wikitext"] = perplexity(model, tok, read_text(DATA / "wikitext-2-raw-test.txt"),
                                          max_tokens=spec["eval_tokens"], progress=False).perplexity
