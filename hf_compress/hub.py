@@ -24,7 +24,6 @@ from collections import OrderedDict
 from datetime import date
 from importlib import resources
 from pathlib import Path
-from types import MethodType
 
 import torch
 from torch import nn
@@ -584,16 +583,22 @@ def push_to_hub(model_or_dir, repo_id: str, *, tokenizer=None, commit_message: s
             delete_patterns=["*.safetensors", "*.safetensors.index.json"])
 
 
-def _bound_push_to_hub(self, repo_id: str, **kwargs):
-    return push_to_hub(self, repo_id, **kwargs)
+class _PushToHub:
+    """``model.push_to_hub`` of a compressed model: `push_to_hub` with the model bound. An object rather than a bound
+    method so that it survives ``copy.deepcopy`` and pickling (``torch.save(model)``) still bound to its model."""
 
+    __doc__ = push_to_hub.__doc__
 
-_bound_push_to_hub.__doc__ = push_to_hub.__doc__
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, repo_id: str, **kwargs):
+        return push_to_hub(self.model, repo_id, **kwargs)
 
 
 def bind(model: nn.Module) -> None:
     """Give a compressed model our ``push_to_hub`` (transformers' would replace the card with its README stub)."""
-    model.push_to_hub = MethodType(_bound_push_to_hub, model)
+    model.push_to_hub = _PushToHub(model)
 
 
 def unbind(model: nn.Module) -> None:

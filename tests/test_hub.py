@@ -199,6 +199,16 @@ def test_model_push_to_hub_lands_our_card(tmp_path, tiny_tokenizer, hub):
     remote["model-00001-of-00002.safetensors"] = b"old"
     model.push_to_hub("user/in-memory")
     assert "model-00001-of-00002.safetensors" not in remote
+    # the binding follows copies and pickles of the model
+    import copy
+    import io
+
+    assert copy.deepcopy(model).push_to_hub.model is not model
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert again.push_to_hub.model is again
     # dequantized, the model is a plain transformers model again
     model.dequantize()
     assert "push_to_hub" not in model.__dict__
