@@ -75,21 +75,20 @@ def cmd_compress(args) -> int:
     model, tokenizer = load_model(args.model)
     print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s")
     config.provenance = {**provenance_of(model), **_provenance_args(args), "command": _command_line()}
-    if not os.path.isdir(args.model) and not args.model.endswith(".gguf") and "base_model" not in config.provenance:
-        config.provenance["base_model"] = args.model  # a Hub id
     base = None
-    if args.eval_text:
+    eval_text = read_text(args.eval_text) if args.eval_text else None
+    if eval_text:
         print("perplexity of the model before compression:")
-        base = _print_ppl(model, tokenizer, read_text(args.eval_text), args)
+        base = _print_ppl(model, tokenizer, eval_text, args)
     t0 = time.time()
     compress(model, config, calibration=args.calib, tokenizer=tokenizer)
     rows = [r for r in layer_table(model) if r.kind != "dense"]
     now, dense = sum(r.bytes for r in rows), sum(r.dense_bytes for r in rows)
     print(f"compressed {len(rows)} layers with {config.method} in {time.time() - t0:.1f}s; "
           f"their bytes {dense:,} -> {now:,} ({now / max(dense, 1):.3f}x)")
-    if args.eval_text:
+    if eval_text:
         print("perplexity of the compressed model:")
-        after = _print_ppl(model, tokenizer, read_text(args.eval_text), args)
+        after = _print_ppl(model, tokenizer, eval_text, args)
         name = os.path.basename(args.eval_text)
         add_evaluation(model, base, dataset=name, base=True, command=_command_line())
         add_evaluation(model, after, dataset=name, command=_command_line())

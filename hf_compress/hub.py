@@ -421,7 +421,7 @@ def model_card(model: nn.Module, *, repo_id: str | None = None, evaluations: lis
         prov["base_model"] = base_model
     if license:
         prov["license"] = license
-    evals = evaluations if evaluations is not None else list(getattr(model.hf_quantizer, "evaluations", []))
+    evals = evaluations if evaluations is not None else list(model_evaluations(model))
     # hashing every weight costs a pass over the model: only when there are records to match
     fingerprint = weights_fingerprint(model) if any(r["role"] == "compressed" for r in evals) else None
     eval_text, eval_results = _eval_section(evals, fingerprint)
@@ -515,7 +515,7 @@ def write_model_card(model: nn.Module, directory: str | os.PathLike, *, repo_id:
     there is replaced as a whole. Evaluations default to the folder's ``hf_compress_eval.json`` plus the model's."""
     directory = Path(directory)
     if evaluations is None:
-        evaluations = merge_evaluations(load_evaluations(directory), list(getattr(model.hf_quantizer, "evaluations", [])))
+        evaluations = merge_evaluations(load_evaluations(directory), model_evaluations(model))
     plotted = plot_layers(model, directory / PLOT_FILE)
     ckpt = sum(f.stat().st_size for f in directory.glob("*.safetensors")) or None
     has_tok = any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))

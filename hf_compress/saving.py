@@ -19,15 +19,15 @@ def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, mo
 
     if kwargs.pop("safe_serialization", True) is False:
         raise ValueError("hf-compress writes safetensors only (safe_serialization=False is not supported).")
-    compressed = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is not None and \
-        hasattr(model.config.quantization_config, "method")
+    compressed = hasattr(getattr(model.config, "quantization_config", None), "method")  # an hf-compress model
     with atomic_directory(save_directory) as tmp:
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if compressed:
-            if model_evaluations(model):
-                save_evaluations(tmp, model_evaluations(model))
+            evaluations = model_evaluations(model)
+            if evaluations:
+                save_evaluations(tmp, evaluations)
             if model_card:
-                write_model_card(model, tmp)
+                write_model_card(model, tmp, evaluations=evaluations)
     return str(save_directory)
