@@ -38,13 +38,14 @@ def run_rows(script: str, jobs: list[tuple[str, list[str]]]) -> list[dict]:
     for label, argv in jobs:
         out = subprocess.run([sys.executable, script, "--row", *argv], capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
-        if not line:
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]  # a job may give several rows
+        if not lines:
             print(f"{label}: FAILED\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
             results.append({"label": label, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:120]})
             continue
-        results.append(json.loads(line[0][4:]))
-        print(json.dumps(results[-1]), flush=True)
+        for line in lines:
+            results.append(json.loads(line[4:]))
+            print(json.dumps(results[-1]), flush=True)
     return results
 
 

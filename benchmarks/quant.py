@@ -5,7 +5,10 @@
     .venv/bin/python benchmarks/quant.py --rows dense gptq:3:64:32 hqq-package:3:64 quanto:4:128   # explicit rows
 
 Row ``METHOD:BITS:GROUP:bX`` (e.g. ``gptq:3:64:b0.5``) gives EoRA per-layer ranks from a budget of X extra bits
-per weight (``eora_bits``). ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
+per weight (``eora_bits``); ``METHOD:BITS:GROUP:R1/R2/...`` compresses once at the largest rank and scores each rank
+by truncating the factors (identical to compressing at that rank: the factors are SVD-ordered and, when quantized,
+quantized row by row); a trailing ``:qB`` stores the EoRA factors as B-bit codes (``eora_factor_bits``, group 128),
+e.g. ``gptq:3:64:32/20/16:q4``. ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
 fp16/bf16, as in a half-precision checkpoint (the benchmark model is fp32, so its factors are fp32 in ``bits_w``).
 
 Rows: dense; for each bits:group setting (default 4:128 3:64 2:32) each of our methods (rtn, hqq, gptq) with each
@@ -59,13 +62,11 @@ def _tensor_bits(module) -> int:
     return total
 
 
-def run_row(spec: dict) -> dict:
+def run_row(spec: dict) -> list[dict]:
     import torch
 
     import hf_compress
-    from hf_compress.evaluation import perplexity
-    from hf_compress.loading import load_model, read_text, smollm2_gguf_path
-    from hf_compress.summary import layer_table
+    from hf_compress.loading import load_model, smollm2_gguf_path
 
     torch.manual_seed(0)
     model, tok = load_model(smollm2_gguf_path())
@@ -76,23 +77,28 @@ def run_row(spec: dict) -> dict:
     t0 = time.time()
     kind = spec["kind"]
     if kind == "ours":
-        budget = isinstance(spec["eora"], str)  # "b0.5": EoRA ranks from a budget of 0.5 extra bits per weight
+        eora = spec["eora"]
+        budget = isinstance(eora, str)  # "b0.5": EoRA ranks from a budget of 0.5 extra bits per weight
+        sweep = sorted(eora, reverse=True) if isinstance(eora, list) else [None]  # one compression, several ranks
         cfg = {"method": spec["method"], "bits": spec["bits"], "group_size": spec["group_size"],
-               "eora_rank": None if budget else (spec["eora"] or None),
-               "eora_bits": float(spec["eora"][1:]) if budget else None, "targets": TARGETS,
-               "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0}}
-        calibrated = spec["method"] == "gptq" or spec["eora"]
+               "eora_rank": sweep[0] if sweep[0] else (None if budget else (eora or None)),
+               "eora_bits": float(eora[1:]) if budget else None, "eora_factor_bits": spec.get("factor_bits"),
+               "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0}}
+        calibrated = spec["method"] == "gptq" or eora
         hf_compress.compress(model, cfg, calibration=str(DATA / spec["calib"]) if calibrated else None,
                              tokenizer=tok, progress=False)
-        rows = {r.name: r for r in layer_table(model)}
-        bits = sum(rows[n].bits_per_weight * rows[n].shape[0] * rows[n].shape[1] for n in names)
-        # the factors are fp32 here (the model's dtype); in an fp16/bf16 checkpoint they take half
-        layers = [model.get_submodule(n) for n in names]
-        factors = sum(m.rank * (m.out_features + m.in_features) for m in layers)
-        row["bits_w_fp16_factors"] = round((bits - 16 * factors) / n_weights, 3)
-        ranks = [m.rank for m in layers]
-        row["eora_ranks"] = f"{min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})" if max(ranks) else "-"
-    elif kind == "hqq":
+        row["compress_s"] = round(time.time() - t0, 1)
+        row["compress_peak_rss_MB"] = round(peak_rss_mb())
+        rows = []
+        for rank in sweep:  # EoRA factors are SVD-ordered and quantized row by row: truncating = compressing at rank
+            if rank is not None:
+                for n in names:
+                    layer = model.get_submodule(n)
+                    layer.truncate_rank(min(rank, layer.rank))
+            rows.append(_score({**row, "eora": rank if rank is not None else eora, **_our_bits(model, names, n_weights)},
+                               spec, model, tok, copy=len(sweep) > 1))
+        return rows
+    if kind == "hqq":
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
         qcfg = BaseQuantizeConfig(nbits=spec["bits"], group_size=spec["group_size"])
@@ -114,13 +120,42 @@ def run_row(spec: dict) -> dict:
     row["compress_peak_rss_MB"] = round(peak_rss_mb())
     row["bits_w"] = round(bits / n_weights, 3)
     row["proj_MB"] = round(bits / 8 / 1e6, 1)
-    if kind == "ours" and spec.get("dequantize_for_eval", True):
-        # Same weights as the packed forward (tests check it within fp32 rounding), without unpacking the codes at
-        # every one of the 64 evaluation windows: the CPU reference path is not a kernel.
-        model.dequantize()
-    t0 = time.time()
+    return [_score(row, spec, model, tok)]
+
+
+def _our_bits(model, names, n_weights) -> dict:
+    """Storage of our quantized layers: ``bits_w`` as they are (the benchmark model is fp32, so float EoRA factors are
+    fp32), ``bits_w_fp16_factors`` with float factors in fp16/bf16 as in a half-precision checkpoint."""
+    layers = [model.get_submodule(n) for n in names]
+    bits = sum(m.bits_per_weight * m.out_features * m.in_features for m in layers)
+    fp32_factors = sum(m.rank * (m.out_features + m.in_features) for m in layers
+                       if m.rank and not getattr(m, "factor_bits", 0))
+    ranks = [m.rank for m in layers]
+    fbits = {getattr(m, "factor_bits", 0) for m in layers if m.rank}
+    return {"bits_w": round(bits / n_weights, 3), "bits_w_fp16_factors": round((bits - 16 * fp32_factors) / n_weights, 3),
+            "proj_MB": round(bits / 8 / 1e6, 1),
+            "eora_ranks": (f"{min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})"
+                           + (f", factors {'/'.join(map(str, sorted(fbits)))}-bit" if any(fbits) else "")
+                           if max(ranks) else "-")}
+
+
+def _score(row: dict, spec: dict, model, tok, copy: bool = False) -> dict:
+    """Perplexity of ``model`` under the protocol (our layers scored after ``dequantize()``: the same fp32 weights
+    dequant(Q) + U·V the packed layers compute with — tests check it within fp32 rounding — without unpacking the codes
+    at every one of the 64 windows, as the CPU reference path is not a kernel; on a copy when more ranks follow)."""
+    import copy as copying
+
+    import torch
+
+    from hf_compress.evaluation import perplexity
+    from hf_compress.loading import read_text
+
     if not spec["eval_tokens"]:  # --eval-tokens 0: sizes and compression time only
         return row
+    if row["kind"] == "ours" and spec.get("dequantize_for_eval", True):
+        model = copying.deepcopy(model) if copy else model
+        model.dequantize()
+    t0 = time.time()
     with torch.no_grad():
         row["ppl_wikitext"] = perplexity(model, tok, read_text(DATA / "wikitext-2-raw-test.txt"),
                                          max_tokens=spec["eval_tokens"], progress=False).perplexity
@@ -134,12 +169,14 @@ def _parse_row(text: str) -> dict:
         return {"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0}
     name, bits, group, *rest = text.split(":")
     bits, group = int(bits), int(group)
-    eora = (rest[0] if rest[0].startswith("b") else int(rest[0])) if rest else 0
+    factor_bits = int(rest.pop()[1:]) if rest and rest[-1].startswith("q") else None
+    eora = rest[0] if rest else "0"
+    eora = eora if eora.startswith("b") else ([int(r) for r in eora.split("/")] if "/" in eora else int(eora))
     if name == "hqq-package":
         return {"kind": "hqq", "method": "HQQ package 0.2.8", "bits": bits, "group_size": group, "eora": 0}
     if name == "quanto":
         return {"kind": "quanto", "method": "optimum-quanto qint4", "bits": 4, "group_size": 128, "eora": 0}
-    return {"kind": "ours", "method": name, "bits": bits, "group_size": group, "eora": eora}
+    return {"kind": "ours", "method": name, "bits": bits, "group_size": group, "eora": eora, "factor_bits": factor_bits}
 
 
 def main():
@@ -157,15 +194,16 @@ def main():
     p.add_argument("--row", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.row:
-        print("ROW " + json.dumps(run_row(json.loads(args.row))), flush=True)
+        for row in run_row(json.loads(args.row)):
+            print("ROW " + json.dumps(row), flush=True)
         return
     base = {"calib": args.calib, "nsamples": args.nsamples, "eval_tokens": args.eval_tokens}
     specs = [] if args.no_dense else [{"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0}]
     for setting in args.settings:
         bits, group = map(int, setting.split(":"))
-        for m in args.methods:
-            for r in args.eora:
-                specs.append({"kind": "ours", "method": m, "bits": bits, "group_size": group, "eora": r})
+        for m in args.methods:  # one compression per method, scored at each EoRA rank by truncation
+            eora = sorted(set(args.eora)) if len(set(args.eora)) > 1 else args.eora[0]
+            specs.append({"kind": "ours", "method": m, "bits": bits, "group_size": group, "eora": eora})
         if "hqq" in args.peers:
             specs.append({"kind": "hqq", "method": "HQQ package 0.2.8", "bits": bits, "group_size": group, "eora": 0})
         if "quanto" in args.peers and bits == 4:

@@ -34,6 +34,10 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--eora-rank", type=int, help="rank of the EoRA low-rank compensation of the quantization error")
     e.add_argument("--eora-bits", type=float, help="EoRA with per-layer ranks from a budget of this many extra bits "
                                                     "per weight (averaged over the quantized layers)")
+    q.add_argument("--eora-factor-bits", type=int, help="store the EoRA factors as packed codes of this many bits "
+                                                        "(2, 3, 4, 8) instead of in the model's dtype")
+    q.add_argument("--eora-factor-group-size", type=int, default=128,
+                   help="group size of the quantized EoRA factors (default 128)")
     q.add_argument("--quantizer", help="how a low-rank method's factors are quantized (default: gptq when "
                                        "calibrated, hqq otherwise)")
 
@@ -60,7 +64,9 @@ def _config_from_args(args):
                    "source": os.path.basename(args.calib) if args.calib else None}
     return CompressionConfig(method=args.method, ratio=ratio, rank=args.rank, targets=args.targets, skip=args.skip,
                              alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration, bits=args.bits,
-                             group_size=args.group_size, eora_rank=args.eora_rank, eora_bits=args.eora_bits, quantizer=args.quantizer, kv=kv)
+                             group_size=args.group_size, eora_rank=args.eora_rank, eora_bits=args.eora_bits,
+                             eora_factor_bits=args.eora_factor_bits,
+                             eora_factor_group_size=args.eora_factor_group_size, quantizer=args.quantizer, kv=kv)
 
 
 def cmd_compress(args) -> int:

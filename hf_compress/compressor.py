@@ -129,7 +129,23 @@ def _quantized(name, w, bias, method, config, rank, stats, **kw) -> QuantLinear:
     if rank:
         error = w - q.dequantize(w.shape[1])
         u, v = eora_factors(error, rank, None if stats is None else stats.gram, name)
-    return _pack(q, w.shape[1], sdt, bias, u, v, **kw)
+    layer = _pack(q, w.shape[1], sdt, bias, None if config.eora_factor_bits else u,
+                  None if config.eora_factor_bits else v, **kw)
+    if rank and config.eora_factor_bits:
+        layer.set_quantized_factors(*quantized_eora_factors(u, v, config.eora_factor_bits,
+                                                            config.eora_factor_group_size, stats, sdt),
+                                    config.eora_factor_bits, config.eora_factor_group_size)
+    return layer
+
+
+def quantized_eora_factors(u, v, bits: int, group_size: int, stats, sdt):
+    """Packed (qweight, scales, zeros) of Uᵀ [r, out] and of V [r, in], both rank-major. V (which sees the layer's
+    inputs) is quantized by GPTQ on their Gram when there is one, HQQ otherwise; Uᵀ by HQQ. Every quantizer here
+    works row by row, so the codes of the first k rows are those of the rank-k factors (truncation commutes)."""
+    have_gram = stats is not None and stats.gram is not None
+    qv = get_method("gptq" if have_gram else "hqq")().quantize(v, bits, group_size, stats if have_gram else None, sdt)
+    qu = get_method("hqq")().quantize(u.T.contiguous(), bits, group_size, None, sdt)
+    return tuple((pack(q.codes, bits), q.scales.to(sdt), q.zeros.to(sdt)) for q in (qu, qv))
 
 
 def factor_quantizer(config: CompressionConfig, have_stats: bool):
@@ -169,7 +185,7 @@ def uses_calibration(config: CompressionConfig, calibration_given: bool) -> bool
 def _plan(config, method, shapes, factor_bits: dict[str, int] | None = None) -> dict[str, int | None]:
     if method.family == "quant":
         if config.eora_bits:  # factors of a generous rank now; `allocate_eora` truncates them to the budget
-            return {n: eora_rank_cap(o, i, config.eora_bits, (factor_bits or {}).get(n, 16))
+            return {n: eora_rank_cap(o, i, config.eora_bits, config.eora_factor_bits or (factor_bits or {}).get(n, 16))
                     for n, (o, i) in shapes.items()}
         return {n: min(config.eora_rank or 0, o, i) for n, (o, i) in shapes.items()}
     return plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
@@ -192,10 +208,10 @@ def allocate_eora(model: nn.Module, names, bits: float) -> dict[str, int]:
     budget = bits * sum(m.out_features * m.in_features for m in layers.values())
     items = []
     for n, m in layers.items():
-        if m.U is None:
+        if not m.rank:
             continue
-        cost = (m.out_features + m.in_features) * m.U.element_size() * 8
-        gains = m.U.detach().double().square().sum(0).square()  # σᵢ²
+        cost = m.rank_bits
+        gains = m.factors(torch.float64)[0].detach().square().sum(0).square()  # σᵢ² (of the stored factors)
         items += [(g / cost, cost, n) for g in gains.tolist()]
     items.sort(key=lambda t: -t[0])
     ranks = {n: 0 for n in layers}

@@ -54,6 +54,10 @@ class CompressionConfig(QuantizationConfigMixin):
             over the quantized layers (stored in the model's dtype); each layer's rank is chosen by one global greedy
             allocation on the singular values of the (input-weighted) errors, so ranks differ per layer and may be 0.
             Experimental: on SmolLM2-135M it does worse than one uniform ``eora_rank`` of the same bits (README).
+        eora_factor_bits: store the EoRA factors themselves as packed ``eora_factor_bits``-bit codes (2, 3, 4 or 8;
+            groups of ``eora_factor_group_size`` along each factor's long side, default 128) instead of in the
+            model's dtype: rank r then costs about r·(out+in)·(bits + 32/group) bits instead of r·(out+in)·16. The
+            factors are then frozen (a LoRA adapter on top still trains and merges).
         quantizer: quantization method for the factors of a low-rank method with ``bits`` (default: ``gptq`` when
             the low-rank method is calibrated, ``hqq`` otherwise).
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
@@ -83,6 +87,8 @@ class CompressionConfig(QuantizationConfigMixin):
         group_size: int = 128,
         eora_rank: int | None = None,
         eora_bits: float | None = None,
+        eora_factor_bits: int | None = None,
+        eora_factor_group_size: int = 128,
         quantizer: str | None = None,
         scale_dtype: str = "float16",
         modules: dict[str, dict[str, Any]] | None = None,
@@ -113,6 +119,8 @@ class CompressionConfig(QuantizationConfigMixin):
         self.group_size = group_size
         self.eora_rank = eora_rank
         self.eora_bits = eora_bits
+        self.eora_factor_bits = eora_factor_bits
+        self.eora_factor_group_size = eora_factor_group_size
         self.quantizer = quantizer
         self.scale_dtype = scale_dtype
         self.modules = dict(modules or {})
@@ -195,6 +203,14 @@ class CompressionConfig(QuantizationConfigMixin):
                     0 < self.eora_bits <= 64):
                 raise ConfigError(f"eora_bits must be a positive number of extra bits per weight, got {self.eora_bits!r}")
             self.eora_bits = float(self.eora_bits)
+        if self.eora_factor_bits is not None:
+            if not (self.eora_rank or self.eora_bits):
+                raise ConfigError("eora_factor_bits quantizes the EoRA factors: give it with eora_rank or eora_bits")
+            if isinstance(self.eora_factor_bits, bool) or self.eora_factor_bits not in SUPPORTED_BITS:
+                raise ConfigError(f"eora_factor_bits must be one of {SUPPORTED_BITS}, got {self.eora_factor_bits!r}")
+        if (isinstance(self.eora_factor_group_size, bool) or not isinstance(self.eora_factor_group_size, int)
+                or self.eora_factor_group_size < 1):
+            raise ConfigError(f"eora_factor_group_size must be a positive integer, got {self.eora_factor_group_size!r}")
         if self.quantizer is not None:
             if method.family == "quant" or self.bits is None:
                 raise ConfigError("quantizer picks how a low-rank method's factors are quantized: give it with a "
@@ -227,6 +243,8 @@ class CompressionConfig(QuantizationConfigMixin):
             "group_size": self.group_size,
             "eora_rank": self.eora_rank,
             "eora_bits": self.eora_bits,
+            "eora_factor_bits": self.eora_factor_bits,
+            "eora_factor_group_size": self.eora_factor_group_size,
             "quantizer": self.quantizer,
             "scale_dtype": self.scale_dtype,
             "modules": copy.deepcopy(self.modules),

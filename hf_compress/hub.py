@@ -292,7 +292,10 @@ def _compressed_section(model, config, groups) -> str:
                      f"zeros in {config.scale_dtype}" + (f", EoRA compensation rank {config.eora_rank}"
                                                          if config.eora_rank else "")
                      + (f", EoRA compensation with per-layer ranks from a budget of {config.eora_bits:g} extra bits "
-                        "per weight" if getattr(config, "eora_bits", None) else "") + ".")
+                        "per weight" if getattr(config, "eora_bits", None) else "")
+                     + (f", EoRA factors stored as {config.eora_factor_bits}-bit codes (group size "
+                        f"{config.eora_factor_group_size})" if getattr(config, "eora_factor_bits", None) else "")
+                     + ".")
     cal = config.calibration or {}
     if cal.get("source"):
         lines.append(f"Calibration: {cal.get('nsamples')} windows of {cal.get('seqlen')} tokens of "

@@ -31,7 +31,8 @@ def _detail(module) -> str:
         return f"rank {module.rank}"
     if module.type_name == "lowrank_quant":
         return f"r{module.rank} {module.bits}b g{module.group_size}"
-    return f"{module.bits}b g{module.group_size}" + (f" +r{module.rank}" if module.rank else "")
+    return (f"{module.bits}b g{module.group_size}" + (f" +r{module.rank}" if module.rank else "")
+            + (f"@{module.factor_bits}b" if getattr(module, "factor_bits", 0) else ""))
 
 
 def layer_table(model: nn.Module) -> list[LayerInfo]:

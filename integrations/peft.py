@@ -12,7 +12,8 @@ saving) with the merge rewritten so that it never densifies:
 
 * `LowRankLinear` (y = U·V·x): merging appends the adapter as extra rank: U ← [U, s·B], V ← [V; A] (rank r + r_lora,
   exact);
-* `QuantLinear` with a low-rank path (EoRA): the adapter joins that path the same way (exact, no re-quantization);
+* `QuantLinear` with a low-rank path (EoRA): the adapter joins that path the same way (exact, no re-quantization;
+  quantized EoRA factors are first stored as the exact values they dequantize to, in the compute dtype);
 * pure `QuantLinear`: the adapter *becomes* its low-rank path (exact; the codes are untouched);
 * `QuantLowRankLinear` (quantized factors): no exact merge exists without a full-precision path, so merging raises
   and says what to do (keep the adapter unmerged, or dequantize first).
@@ -93,6 +94,8 @@ def append_rank(base: nn.Module, b: torch.Tensor, a: torch.Tensor) -> int:
             "adapter unmerged (PeftModel / model.load_adapter), or dequantize the model before merging.")
     if not isinstance(base, (LowRankLinear, QuantLinear)):
         raise TypeError(f"not an hf-compress layer: {type(base).__name__}")
+    if isinstance(base, QuantLinear):
+        base.dequantize_factors()
     u, v = _factors(base)
     dtype = u.dtype if u is not None else base.compute_dtype
     device = u.device if u is not None else base.qweight.device
@@ -119,6 +122,8 @@ def remove_rank(base: nn.Module, start: int, end: int) -> None:
 def squeeze(module: nn.Module, rank: int) -> None:
     """Re-truncate the low-rank path of a `LowRankLinear` / `QuantLinear` to ``rank`` (best approximation of U·V,
     via QR of each factor and the SVD of the small core; √Σ split evenly)."""
+    if isinstance(module, QuantLinear) and module.factor_bits and rank < module.rank:
+        module.dequantize_factors()
     if module.U is None or rank >= module.U.shape[1]:
         return
     if rank < 1:

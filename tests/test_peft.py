@@ -14,6 +14,7 @@ BASES = {
     "lowrank": {"method": "svd", "ratio": 0.3},
     "quant": {"method": "rtn", "bits": 4, "group_size": 16},
     "quant+eora": {"method": "hqq", "bits": 3, "group_size": 16, "eora_rank": 3},
+    "quant+eora-q4": {"method": "hqq", "bits": 3, "group_size": 16, "eora_rank": 3, "eora_factor_bits": 4},
     "lowrank_quant": {"method": "svd", "ratio": 0.3, "bits": 8, "group_size": 16},
 }
 
@@ -39,7 +40,7 @@ def test_lora_forward_is_base_plus_scaled_ba(base, ids):
         assert torch.allclose(layer(x), layer.get_base_layer()(x) + s * (x @ a.T) @ b.T, atol=1e-5)
 
 
-@pytest.mark.parametrize("base", ["lowrank", "quant", "quant+eora"])
+@pytest.mark.parametrize("base", ["lowrank", "quant", "quant+eora", "quant+eora-q4"])
 def test_merge_is_exact_and_unmerge_restores(base, ids):
     pm = _peft(base)
     with pm.disable_adapter():

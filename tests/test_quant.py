@@ -243,6 +243,55 @@ def test_calibrated_gptq_and_eora_beat_rtn_on_the_model(ids):
     assert errs["gptq"] < errs["rtn"] and errs["rtn+eora"] < errs["rtn"] and errs["gptq+eora"] < errs["gptq"], errs
 
 
+def _layer_out_err(model, dense, name, x):
+    return _out_err(dense.get_submodule(name).weight.detach(), model.get_submodule(name).weight.detach(), x)
+
+
+def test_quantized_eora_factors_are_packed_close_and_truncate_exactly(ids):
+    """EoRA factors stored as packed codes: the forward equals x·(dequant(Q) + Û·V̂)ᵀ; 8-bit factors stay within
+    1% of the float factors' product; 4-bit factors keep most of the gain over no EoRA on the calibration inputs;
+    bits per weight count the packed factor rows; truncating a rank-6 layer to 3 equals compressing at rank 3."""
+    calib = {"nsamples": 8, "seqlen": 24}
+    base = {"method": "gptq", "bits": 2, "group_size": 16, "calibration": calib}
+    made = {}
+    for key, extra in {"none": {}, "float": {"eora_rank": 6}, "q8": {"eora_rank": 6, "eora_factor_bits": 8},
+                       "q4": {"eora_rank": 6, "eora_factor_bits": 4, "eora_factor_group_size": 16},
+                       "q4r3": {"eora_rank": 3, "eora_factor_bits": 4, "eora_factor_group_size": 16}}.items():
+        made[key] = make_tiny("llama")
+        hf_compress.compress(made[key], {**base, **extra}, calibration=_calib_ids(), progress=False)
+    name = "model.layers.0.self_attn.q_proj"  # block 0's first inputs: the same calibration inputs in every run
+    q4, fl = made["q4"].get_submodule(name), made["float"].get_submodule(name)
+    assert q4.U is None and q4.factor_bits == 4 and q4.rank == 6 and "U" not in dict(q4.named_parameters())
+    x = torch.randn(2, 3, q4.in_features)
+    u, v = q4.factors(torch.float32)
+    assert torch.allclose(q4(x), x @ (q4.dequantized() + u @ v).T, atol=1e-5)
+    assert torch.equal(q4.qweight, fl.qweight)  # the same GPTQ codes underneath
+    u8, v8 = made["q8"].get_submodule(name).factors(torch.float32)
+    ref = fl.U @ fl.V
+    assert (u8 @ v8 - ref).norm() < 0.01 * ref.norm()
+    # on the layer's own calibration inputs
+    dense = make_tiny("llama")
+    acts = []
+    h = dense.get_submodule(name).register_forward_hook(lambda m, i, o: acts.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        dense(_calib_ids())
+    h.remove()
+    xa = acts[0].double()
+    e_none, e_fl, e_q4 = (_layer_out_err(made[k], dense, name, xa) for k in ("none", "float", "q4"))
+    assert e_fl < e_q4 < e_none and (e_none - e_q4) > 0.7 * (e_none - e_fl), (e_none, e_fl, e_q4)
+    # bits: per rank, a Uᵀ row (out=48 4-bit codes in 6 words + 3 groups of fp16 scale/zero) and a V row (same)
+    assert q4.rank_bits == 2 * (6 * 32 + 3 * 32)
+    main = (q4.qweight.numel() * 32 + q4.scales.numel() * 32) / (48 * 48)
+    assert q4.bits_per_weight == pytest.approx(main + 6 * q4.rank_bits / (48 * 48))
+    q4.truncate_rank(3)
+    r3 = made["q4r3"].get_submodule(name)
+    for k in ("U_qweight", "U_scales", "U_zeros", "V_qweight", "V_scales", "V_zeros"):
+        assert torch.equal(getattr(q4, k), getattr(r3, k)), k
+    q4.truncate_rank(0)
+    assert q4.rank == 0 and q4.factor_bits == 0 and "U_qweight" not in dict(q4.named_buffers())
+    assert torch.allclose(q4(x), x @ q4.dequantized().T, atol=1e-5)
+
+
 def _uneven_tiny():
     """A tiny Llama whose layers differ in scale, as real layers do (so their quantization errors differ)."""
     model = make_tiny("llama")
@@ -338,7 +387,8 @@ def test_lowrank_factors_gptq_with_calibration():
     {"method": "rtn", "bits": 2, "group_size": 20},
     {"method": "svd", "ratio": 0.25, "bits": 4, "group_size": 16},
     {"method": "rtn", "bits": 2, "group_size": 16, "eora_bits": 1.0},
-], ids=["hqq3+eora", "rtn2-padded", "svd+q4", "rtn2+eora-budget"])
+    {"method": "rtn", "bits": 3, "group_size": 16, "eora_bits": 1.0, "eora_factor_bits": 4, "eora_factor_group_size": 32},
+], ids=["hqq3+eora", "rtn2-padded", "svd+q4", "rtn2+eora-budget", "rtn3+eora-budget-q4factors"])
 def test_fresh_process_roundtrip(cfg, ids, tmp_path):
     model = make_tiny("llama")
     hf_compress.compress(model, cfg, progress=False)
@@ -383,6 +433,10 @@ def test_compress_on_load_rtn_and_dequantize(ids, tmp_path):
     ({"method": "rtn", "bits": 3, "eora_rank": 4, "eora_bits": 0.5}, "not both"),
     ({"method": "rtn", "bits": 3, "eora_bits": 0}, "eora_bits must be a positive"),
     ({"method": "svd", "ratio": 0.2, "eora_bits": 0.5}, "eora_bits budgets"),
+    ({"method": "rtn", "bits": 3, "eora_factor_bits": 4}, "give it with eora_rank or eora_bits"),
+    ({"method": "rtn", "bits": 3, "eora_rank": 4, "eora_factor_bits": 5}, "eora_factor_bits must be one of"),
+    ({"method": "rtn", "bits": 3, "eora_rank": 4, "eora_factor_bits": 4, "eora_factor_group_size": 0},
+     "eora_factor_group_size"),
     ({"method": "hqq", "bits": 4, "method_kwargs": {"lp": 3}}, "lp"),
 ])
 def test_bad_config(cfg, match):
@@ -390,16 +444,18 @@ def test_bad_config(cfg, match):
         CompressionConfig(**cfg)
 
 
-def test_packed_shape_contradicting_config_names_the_tensor(tmp_path):
+@pytest.mark.parametrize("field,value,tensor", [("bits", 3, "qweight"), ("factor_bits", 2, "U_qweight")])
+def test_packed_shape_contradicting_config_names_the_tensor(tmp_path, field, value, tensor):
     model = make_tiny("llama")
-    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16}, progress=False)
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16, "eora_rank": 2, "eora_factor_bits": 4},
+                         progress=False)
     hf_compress.save_pretrained(model, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["base_config"]["quantization_config"]["modules"]["model.layers.1.mlp.up_proj"]["bits"] = 3
+    cfg["base_config"]["quantization_config"]["modules"]["model.layers.1.mlp.up_proj"][field] = value
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     from transformers import AutoModelForCausalLM
 
-    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.qweight"):
+    with pytest.raises(CheckpointError, match=rf"model\.layers\.1\.mlp\.up_proj\.{tensor}"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 

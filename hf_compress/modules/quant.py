@@ -6,7 +6,10 @@ PEFT's default LoRA dispatch cannot mistake them for dense layers.
 
 ``qweight`` / ``scales`` / ``zeros`` are buffers (persistent, saved in safetensors, never trained); the
 optional low-rank compensation factors ``U`` [out, r] and ``V`` [r, in] of a `QuantLinear` (EoRA) are
-parameters — the part PEFT fine-tuning can train (LQ-LoRA style).
+parameters — the part PEFT fine-tuning can train (LQ-LoRA style) — or, with ``factor_bits``, packed codes
+themselves (frozen): ``V_qweight/V_scales/V_zeros`` hold V [r, in] grouped along ``in`` and
+``U_qweight/U_scales/U_zeros`` hold Uᵀ [r, out] grouped along ``out``. Both are stored rank-major, so keeping
+the first k components of the path is slicing rows, whatever the storage.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from torch import nn
 from ..kernels import SUPPORTED_BITS, dequantize, packed_words, quant_linear
 from .lowrank import SOURCES, dense_module
 
+#: the buffers of quantized compensation factors, in (qweight, scales, zeros) order for Uᵀ then V
+FACTOR_BUFFERS = ("U_qweight", "U_scales", "U_zeros", "V_qweight", "V_scales", "V_zeros")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -50,9 +55,12 @@ class QuantLinear(nn.Module):
     type_name = "quant"
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, rank: int = 0,
-                 bias: bool = True, source: str = "linear", scale_dtype="float16", device=None, dtype=None):
+                 bias: bool = True, source: str = "linear", scale_dtype="float16", factor_bits: int = 0,
+                 factor_group_size: int = 128, device=None, dtype=None):
         super().__init__()
         check_quant_args(bits, group_size, in_features)
+        if factor_bits:
+            check_quant_args(factor_bits, factor_group_size, in_features)
         if rank < 0 or rank > min(in_features, out_features):
             raise ValueError(f"rank must be in [0, min(out, in)] = [0, {min(in_features, out_features)}], got {rank}")
         if source not in SOURCES:
@@ -67,13 +75,79 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, ng, dtype=sdt, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=sdt, device=device))
         kw = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.zeros(out_features, rank, **kw)) if rank else None
-        self.V = nn.Parameter(torch.zeros(rank, in_features, **kw)) if rank else None
+        self.factor_bits, self.factor_group_size = (factor_bits, factor_group_size) if rank and factor_bits else (0, 0)
+        float_factors = rank and not self.factor_bits
+        self.U = nn.Parameter(torch.zeros(out_features, rank, **kw)) if float_factors else None
+        self.V = nn.Parameter(torch.zeros(rank, in_features, **kw)) if float_factors else None
+        if self.factor_bits:
+            for part, n in (("U", out_features), ("V", in_features)):
+                ng_f = n_groups(n, factor_group_size)
+                self.register_buffer(f"{part}_qweight", torch.zeros(rank, packed_words(n, factor_bits),
+                                                                    dtype=torch.int32, device=device))
+                self.register_buffer(f"{part}_scales", torch.ones(rank, ng_f, dtype=sdt, device=device))
+                self.register_buffer(f"{part}_zeros", torch.zeros(rank, ng_f, dtype=sdt, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     @property
     def rank(self) -> int:
+        if self.factor_bits:
+            return self.V_qweight.shape[0]
         return 0 if self.U is None else self.U.shape[1]
+
+    def factors(self, dtype=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(U [out, r], V [r, in]) of the compensation path — the parameters, or the quantized factors dequantized
+        to ``dtype`` (default: the compute dtype); (None, None) without one."""
+        if not self.factor_bits:
+            return self.U, self.V
+        dtype = dtype or self.compute_dtype
+        fb, fg = self.factor_bits, self.factor_group_size
+        u = dequantize(self.U_qweight, self.U_scales, self.U_zeros, fb, fg, self.out_features, dtype).T
+        v = dequantize(self.V_qweight, self.V_scales, self.V_zeros, fb, fg, self.in_features, dtype)
+        return u, v
+
+    def set_quantized_factors(self, u_codes, v_codes, bits: int, group_size: int) -> None:
+        """Store the compensation path as packed codes: ``u_codes`` = (qweight, scales, zeros) of Uᵀ [r, out] grouped
+        along ``out``, ``v_codes`` the same for V [r, in] along ``in`` (rank-major, layout of `kernels.reference`)."""
+        check_quant_args(bits, group_size, self.in_features)
+        rank = u_codes[0].shape[0]
+        ref = QuantLinear(self.in_features, self.out_features, self.bits, self.group_size, rank=rank, bias=False,
+                          scale_dtype=u_codes[1].dtype, factor_bits=bits, factor_group_size=group_size,
+                          device="meta")
+        for name, t in zip(FACTOR_BUFFERS, (*u_codes, *v_codes)):
+            want = tuple(getattr(ref, name).shape)
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name}: packed shape {tuple(t.shape)} does not match {want} for rank={rank}, "
+                                 f"factor_bits={bits}, factor_group_size={group_size}")
+        self.U = self.V = None
+        device = self.qweight.device
+        for name, t in zip(FACTOR_BUFFERS, (*u_codes, *v_codes)):
+            t = t.to(device=device, dtype=torch.int32 if name.endswith("qweight") else u_codes[1].dtype)
+            self.register_buffer(name, t.contiguous())
+        self.factor_bits, self.factor_group_size = bits, group_size
+
+    def dequantize_factors(self) -> None:
+        """Turn quantized compensation factors into ordinary (trainable-shaped) parameters holding exactly the values
+        the forward computes with (used before appending a LoRA adapter to the path)."""
+        if not self.factor_bits:
+            return
+        u, v = self.factors()
+        self._drop_factor_buffers()
+        self.U = nn.Parameter(u.contiguous(), requires_grad=False)
+        self.V = nn.Parameter(v.contiguous(), requires_grad=False)
+
+    def _drop_factor_buffers(self) -> None:
+        for name in FACTOR_BUFFERS:
+            if name in self._buffers:
+                del self._buffers[name]
+        self.factor_bits = self.factor_group_size = 0
+
+    @property
+    def rank_bits(self) -> int:
+        """Storage bits one component of the compensation path takes (a column of U plus a row of V)."""
+        if self.factor_bits:
+            return sum(getattr(self, n)[:1].numel() * getattr(self, n).element_size() * 8 for n in FACTOR_BUFFERS)
+        size = self.U.element_size() * 8 if self.U is not None else torch.finfo(self.compute_dtype).bits
+        return (self.out_features + self.in_features) * size
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -105,18 +179,26 @@ class QuantLinear(nn.Module):
 
     def truncate_rank(self, rank: int) -> None:
         """Keep the first ``rank`` components of the low-rank path (0 removes it). The factors are SVD-ordered when
-        EoRA made them, so this is the truncated SVD at that rank."""
+        EoRA made them, so this is the truncated SVD at that rank; quantized factors are rank-major rows quantized
+        row by row, so their truncation equals quantizing the truncated factors."""
         if not 0 <= rank <= self.rank:
             raise ValueError(f"rank must be in [0, {self.rank}], got {rank}")
-        if rank == 0:
+        if self.factor_bits:
+            if rank == 0:
+                self._drop_factor_buffers()
+            else:
+                for name in FACTOR_BUFFERS:
+                    self.register_buffer(name, getattr(self, name)[:rank].contiguous())
+        elif rank == 0:
             self.U = self.V = None
         elif rank < self.rank:
             self.U = nn.Parameter(self.U.detach()[:, :rank].contiguous(), requires_grad=self.U.requires_grad)
             self.V = nn.Parameter(self.V.detach()[:rank].contiguous(), requires_grad=self.V.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.factors(x.dtype) if self.factor_bits else (self.U, self.V)
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
-                            self.bias, self.U, self.V)
+                            self.bias, u, v)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """dequant(Q) [out, in] (without the low-rank term)."""
@@ -126,36 +208,41 @@ class QuantLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense [out, in] weight this layer computes with: dequant(Q) + U·V (computed on access)."""
         w = self.dequantized(torch.float32)
-        if self.U is not None:
-            w = w + self.U.float() @ self.V.float()
+        u, v = self.factors()
+        if u is not None:
+            w = w + u.float() @ v.float()
         return w.to(self.compute_dtype)
 
     @property
     def bits_per_weight(self) -> float:
         """Storage bits per weight of the layer (codes, scales, zeros, low-rank factors; no bias)."""
         n = sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.zeros))
-        if self.U is not None:
-            n += (self.U.numel() + self.V.numel()) * self.U.element_size() * 8
-        return n / (self.out_features * self.in_features)
+        return (n + self.rank * self.rank_bits) / (self.out_features * self.in_features)
 
     def to_dense(self) -> nn.Module:
         return dense_module(self.weight.detach(), self.bias, self.source)
 
     def record(self) -> dict:
-        return {"type": self.type_name, "bits": self.bits, "group_size": self.group_size, "rank": self.rank,
-                "source": self.source, "bias": self.bias is not None,
-                "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}
+        rec = {"type": self.type_name, "bits": self.bits, "group_size": self.group_size, "rank": self.rank,
+               "source": self.source, "bias": self.bias is not None,
+               "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}
+        if self.factor_bits:
+            rec.update(factor_bits=self.factor_bits, factor_group_size=self.factor_group_size)
+        return rec
 
     @classmethod
     def from_record(cls, record: dict, in_features: int, out_features: int, device=None, dtype=None):
         return cls(in_features, out_features, int(record["bits"]), int(record["group_size"]),
                    rank=int(record.get("rank", 0)), bias=bool(record.get("bias", True)),
                    source=record.get("source", "linear"), scale_dtype=record.get("scale_dtype", "float16"),
-                   device=device, dtype=dtype)
+                   factor_bits=int(record.get("factor_bits", 0)),
+                   factor_group_size=int(record.get("factor_group_size", 128)), device=device, dtype=dtype)
 
     def expected_tensors(self) -> dict[str, tuple[int, ...]]:
         shapes = {k: tuple(getattr(self, k).shape) for k in ("qweight", "scales", "zeros")}
-        if self.U is not None:
+        if self.factor_bits:
+            shapes.update({k: tuple(getattr(self, k).shape) for k in FACTOR_BUFFERS})
+        elif self.U is not None:
             shapes.update(U=tuple(self.U.shape), V=tuple(self.V.shape))
         if self.bias is not None:
             shapes["bias"] = (self.out_features,)
@@ -163,7 +250,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, rank={self.rank}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, rank={self.rank}, bias={self.bias is not None}"
+                + (f", factor_bits={self.factor_bits}, factor_group_size={self.factor_group_size}"
+                   if self.factor_bits else ""))
 
 
 class QuantLowRankLinear(nn.Module):
