@@ -6,7 +6,8 @@
 
 Llama-7B-like layers (in x out: 4096x4096 q/k/v/o, 4096x11008 gate/up, 11008x4096 down); low-rank at parameter
 ratios 0.2 0.4 0.6 (rank floor((1-ratio)·in·out/(in+out))), 4- and 3-bit group-128 quantization, optionally
-4-bit + a rank-64 low-rank term (--eora 64); batches of 1, 16 and 256 tokens. The CPU defaults are smaller
+4-bit + a rank-64 low-rank term (--eora 64; the ``triton`` column is then the one-launch fused kernel up to 16
+tokens, ``triton two-launch`` the x·Vᵀ launch followed by the quant GEMM with the low-rank epilogue); batches of 1, 16 and 256 tokens. The CPU defaults are smaller
 (batches 1 and 16, 4-bit only: the quant fallback takes seconds per call there).
 
 Columns: ``weight MB`` the bytes of the layer's tensors (codes, scales, zeros, factors); ``time`` the median;
@@ -144,6 +145,9 @@ def impls(torch_fn, kind, t, device, args):
         out["triton"] = lambda x: triton_lowrank.lowrank_linear(x, t["u"], t["v"], None)
     else:
         out["triton"] = lambda x: triton_quant.quant_linear(x, *t["qa"], None, t["u"], t["v"])
+        if t["u"] is not None:  # Q+LR: the one-launch decode kernel (auto up to 16 rows) against the two launches
+            out["triton two-launch"] = lambda x: triton_quant.quant_linear(x, *t["qa"], None, t["u"], t["v"],
+                                                                           path="two-launch")
     return out
 
 

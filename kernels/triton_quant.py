@@ -20,9 +20,17 @@ multiply-reduce, narrow BLOCK_N so that N / BLOCK_N programs fill the GPU), **sm
 ``tl.dot`` tile), **GEMM** (prefill: 32..128-row tensor-core tiles, grouped tile order for L2 reuse). The
 dequantized tile is rounded to x's dtype before ``tl.dot``, exactly as the reference dequantizes to x's dtype.
 
-Fused Q + LR: t = x·Vᵀ [M, R] is computed first by the dense kernel of `triton_lowrank` (R ≪ K: a few per
-cent of the bytes); the quant kernel then adds t·U_tileᵀ into the same fp32 accumulator after its K loop and
-adds the bias, so the low-rank output path costs no extra pass over y.
+Fused Q + LR, two regimes like `triton_lowrank`:
+
+* **decode** (M <= 16): one launch, ``_quant_lr_decode_kernel``. Its first N / BLOCK_N programs are
+  dequant-matmul tiles; the others are split-rank programs (rank slice j: stream V_j once, keep t_j = x·V_jᵀ in
+  registers, add t_j·U_jᵀ over their output chunks). Every packed word, V and U are read once, t never
+  touches global memory, and the contributions meet in an fp32 accumulator (atomics); the last contribution
+  to arrive at a chunk casts it into y (no second launch, no cast kernel).
+* **prefill**: t = x·Vᵀ [M, R] is computed first by the dense kernel of `triton_lowrank` (R ≪ K: a few per
+  cent of the FLOPs); the quant GEMM then adds t·U_tileᵀ into the same fp32 accumulator after its K loop and
+  adds the bias, so the low-rank output path costs no extra pass over y. Recomputing x·V_jᵀ inside every
+  output tile instead would multiply that product's FLOPs by N / BLOCK_N.
 """
 
 from __future__ import annotations
@@ -101,19 +109,11 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, K, NW, NG, stride_qn, stride_
 
 
 @triton.jit
-def _quant_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, t_ptr, u_ptr, bias_ptr, y_ptr,
-                     M, N, K, R, NW, NG, MB,
-                     stride_xm, stride_qn, stride_sn, stride_tm, stride_un, stride_ym,
-                     BITS: tl.constexpr, G: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _quant_acc(x_ptr, qw_ptr, s_ptr, z_ptr, rm, rn, M, N, K, NW, NG, stride_xm, stride_qn, stride_sn,
+               BITS: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = x[rm] · dequant(Q)[rn]ᵀ, walking K in BLOCK_K steps."""
     m_ok = rm < M
-    n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, K, NW, NG, stride_qn, stride_sn, BITS, G, BLOCK_N,
@@ -127,6 +127,25 @@ def _quant_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, t_ptr, u_ptr, bias_ptr, y_ptr,
                 acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision=PREC)
             else:
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _quant_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, t_ptr, u_ptr, bias_ptr, y_ptr,
+                     M, N, K, R, NW, NG, MB,
+                     stride_xm, stride_qn, stride_sn, stride_tm, stride_un, stride_ym,
+                     BITS: tl.constexpr, G: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     PREC: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = _quant_acc(x_ptr, qw_ptr, s_ptr, z_ptr, rm, rn, M, N, K, NW, NG, stride_xm, stride_qn, stride_sn,
+                     BITS, G, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_LR:  # + t · U_tileᵀ, t = x·Vᵀ [M, R] (x's dtype)
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
@@ -168,6 +187,127 @@ _q_large = autotuned(_quant_mm_kernel, _Q_LARGE, _Q_KEY,
                      interp=cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, BLOCK_R=16, GROUP_M=2))
 
 
+# --------------------------------------------------------------------- fused Q + LR, decode: one launch
+@triton.jit
+def _add_chunk(ws_ptr, cnt_ptr, y_ptr, part, rm, rn, M, N, c, last, FIXUP: tl.constexpr):
+    """Add ``part`` into the fp32 accumulator of output chunk ``c``; with FIXUP the program that brings the
+    chunk's last contribution (arrival number ``last``) casts the chunk into ``y``."""
+    o_off = rm[:, None] * N + rn[None, :]
+    o_ok = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.atomic_add(ws_ptr + o_off, part, mask=o_ok)
+    if FIXUP:
+        tl.debug_barrier()  # every thread's atomics issued before the arrival is counted
+        arrived = tl.atomic_add(cnt_ptr + c, 1)
+        if arrived == last:
+            y = tl.load(ws_ptr + o_off, mask=o_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=o_ok)
+
+
+@triton.jit
+def _quant_lr_decode_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, v_ptr, u_ptr, bias_ptr, ws_ptr, cnt_ptr, y_ptr,
+                            M, N, K, R, NW, NG, MB, stride_xm, stride_qn, stride_sn, stride_vr, stride_un,
+                            BITS: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, FIXUP: tl.constexpr,
+                            PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_N: tl.constexpr):
+    """y = x·dequant(Q)ᵀ + (x·Vᵀ)·Uᵀ + b for M <= 16 rows in one launch. Programs 0 .. n_tiles-1 each own an
+    output chunk of BLOCK_N columns of the dequant-matmul (+ bias); the next R/BLOCK_R × SPLIT_N programs each own
+    a rank slice j: they stream V_j once (t_j = x·V_jᵀ stays in registers) and add t_j·U_jᵀ into the chunks
+    s, s + SPLIT_N, ... — the split-rank scheme of `triton_lowrank`. Each chunk thus gets 1 + R/BLOCK_R
+    contributions, summed with fp32 atomics; the last one to arrive casts the chunk into y."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    n_rblocks = tl.cdiv(R, BLOCK_R)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    if pid < n_tiles:
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _quant_acc(x_ptr, qw_ptr, s_ptr, z_ptr, rm, rn, M, N, K, NW, NG, stride_xm, stride_qn, stride_sn,
+                         BITS, G, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        _add_chunk(ws_ptr, cnt_ptr, y_ptr, acc, rm, rn, M, N, pid, n_rblocks, FIXUP)
+    else:
+        pid_r = (pid - n_tiles) // SPLIT_N
+        pid_s = (pid - n_tiles) % SPLIT_N
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
+                        other=0.0)
+            if BLOCK_M == 1:
+                v = tl.load(v_ptr + rr[:, None] * stride_vr + kk[None, :], mask=r_ok[:, None] & (kk < K)[None, :],
+                            other=0.0)
+                t += tl.sum(x.to(tl.float32) * v.to(tl.float32), axis=1)[None, :]
+            else:
+                v = tl.load(v_ptr + rr[None, :] * stride_vr + kk[:, None], mask=r_ok[None, :] & (kk < K)[:, None],
+                            other=0.0)
+                if UPCAST:
+                    t = tl.dot(x.to(tl.float32), v.to(tl.float32), t, input_precision=PREC)
+                else:
+                    t = tl.dot(x, v.to(x.dtype), t, input_precision=PREC)
+        if BLOCK_M != 1:
+            if UPCAST:
+                tc = t
+            else:
+                tc = t.to(x_ptr.dtype.element_ty)  # the reference rounds t to x's dtype as well
+        for c in range(pid_s, n_tiles, SPLIT_N):
+            rn = c * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            if BLOCK_M == 1:
+                u = tl.load(u_ptr + rn[:, None] * stride_un + rr[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                            other=0.0)
+                part = tl.sum(t * u.to(tl.float32), axis=1)[None, :]
+            else:
+                u = tl.load(u_ptr + rn[None, :] * stride_un + rr[:, None], mask=n_ok[None, :] & r_ok[:, None],
+                            other=0.0)
+                part = tl.dot(tc, u.to(tc.dtype), input_precision=PREC)
+            _add_chunk(ws_ptr, cnt_ptr, y_ptr, part, rm, rn, M, N, c, n_rblocks, FIXUP)
+
+
+_QLR_GEMV = [cfg(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, SPLIT_N=sp, num_warps=w, num_stages=2)
+             for bn, bk, br, sp, w in ((16, 256, 16, 8, 4), (32, 256, 16, 8, 4), (32, 128, 32, 4, 4),
+                                       (64, 128, 16, 8, 4), (16, 512, 32, 16, 8), (32, 256, 32, 16, 4))]
+_QLR_SMALL = [cfg(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, SPLIT_N=sp, num_warps=w, num_stages=3)
+              for bn, bk, br, sp, w in ((32, 128, 16, 4, 4), (64, 128, 16, 4, 4), (64, 64, 32, 4, 4),
+                                        (32, 256, 16, 8, 4), (128, 64, 16, 2, 4))]
+_QLR_KEY = ["MB", "N", "K", "R"]
+_qlr_gemv = autotuned(_quant_lr_decode_kernel, _QLR_GEMV, _QLR_KEY, reset_to_zero=["ws_ptr", "cnt_ptr"],
+                      interp=cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, BLOCK_R=16, SPLIT_N=2))
+_qlr_small = autotuned(_quant_lr_decode_kernel, _QLR_SMALL, _QLR_KEY, reset_to_zero=["ws_ptr", "cnt_ptr"],
+                       interp=cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, BLOCK_R=16, SPLIT_N=2))
+
+
+def _quant_lr_decode(x2, qweight, scales, zeros, bits, group_size, bias, u, v, config):
+    M, K = x2.shape
+    N, R = u.shape
+    fixup = x2.dtype != torch.float32
+    if fixup:
+        n_cnt = triton.cdiv(N, 16)  # the narrowest chunk any configuration uses
+        ws_all = torch.zeros(M * N + n_cnt, device=x2.device, dtype=torch.float32)  # one memset
+        ws, cnt = ws_all[:M * N], ws_all[M * N:].view(torch.int32)
+        y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    else:
+        ws = cnt = y = torch.zeros(M, N, device=x2.device, dtype=torch.float32)
+    tuner = _qlr_gemv if M == 1 else _qlr_small
+    if config is not None:
+        config = {"BLOCK_M": 1 if M == 1 else 16, "BLOCK_R": 16, "SPLIT_N": 2,
+                  **{k: val for k, val in config.items() if k != "GROUP_M"}}
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]) + triton.cdiv(R, meta["BLOCK_R"]) * meta["SPLIT_N"],)
+
+    args = (x2, qweight, scales, zeros, v, u, bias if bias is not None else ws, ws, cnt, y,
+            M, N, K, R, qweight.shape[1], scales.shape[1], m_bucket(M),
+            x2.stride(0), qweight.stride(0), scales.stride(0), v.stride(0), u.stride(0))
+    kwargs = dict(BITS=bits, G=group_size, HAS_BIAS=bias is not None, FIXUP=fixup, PREC=dot_precision(x2.dtype),
+                  UPCAST=upcast_dots(x2.dtype, u.dtype, v.dtype))
+    with device_ctx(x2):
+        launch(tuner, _quant_lr_decode_kernel, grid, args, kwargs, config)
+    return y
+
+
 def check_layout(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                  group_size: int, in_features: int) -> None:
     if bits not in SUPPORTED_BITS:
@@ -185,8 +325,13 @@ def check_layout(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                  group_size: int, in_features: int, bias: torch.Tensor | None = None, u: torch.Tensor | None = None,
-                 v: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """y = x·dequant(Q)ᵀ [+ (x·Vᵀ)·Uᵀ] [+ b] for x [..., in_features] -> [..., out] in x.dtype."""
+                 v: torch.Tensor | None = None, config: dict | None = None, path: str = "auto") -> torch.Tensor:
+    """y = x·dequant(Q)ᵀ [+ (x·Vᵀ)·Uᵀ] [+ b] for x [..., in_features] -> [..., out] in x.dtype.
+
+    ``path`` (with a low-rank term): ``auto`` (one fused launch for <= 16 rows, the two-launch form above),
+    ``fused`` or ``two-launch``; ``config`` pins one kernel configuration (tests and benchmarks)."""
+    if path not in ("auto", "fused", "two-launch"):
+        raise ValueError(f"unknown path {path!r}")
     check_layout(x, qweight, scales, zeros, bits, group_size, in_features)
     if (u is None) != (v is None):
         raise ValueError("give both low-rank factors U and V or neither")
@@ -200,6 +345,14 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if M == 0 or N == 0:
         return y.reshape(*lead, N)
     has_lr = u is not None and u.shape[1] > 0
+    if path == "auto":
+        path = "fused" if M <= DECODE_MAX_M else "two-launch"
+    if has_lr and path == "fused":
+        if M > DECODE_MAX_M:
+            raise ValueError(f"the fused decode kernel takes at most {DECODE_MAX_M} rows, got {M}")
+        y = _quant_lr_decode(x2, qweight, scales, zeros, bits, group_size, bias, u.contiguous(), v.contiguous(),
+                             config)
+        return y.reshape(*lead, N)
     if has_lr:
         u = u.contiguous()
         t = mm_nt(x2, v, None, x.dtype)  # [M, R]

@@ -143,18 +143,41 @@ def test_quant_matches_reference(bits, group, lead):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("rows,rank", [(1, 5), (6, 40), (20, 1)])
-def test_fused_quant_lowrank(bits, rows, rank):
+@pytest.mark.parametrize("rows,rank,path", [(1, 5, "auto"), (6, 40, "auto"), (20, 1, "auto"), (1, 33, "two-launch"),
+                                            (16, 17, "two-launch")])
+def test_fused_quant_lowrank(bits, rows, rank, path):
+    """auto: one fused launch up to 16 rows (rank 40: three rank slices; 29 outputs: two chunks), the two-launch
+    form above; the two-launch form is also checked at decode sizes."""
     inp, out, group = 72, 29, 32
     qweight, scales, zeros = quant_case(out, inp, bits, group, seed=bits + rank)
     g = gen(2)
     x = torch.randn(rows, inp, generator=g)
     u, v = torch.randn(out, rank, generator=g) * 0.1, torch.randn(rank, inp, generator=g) * 0.1
     b = torch.randn(out, generator=g)
-    close(tq.quant_linear(x, qweight, scales, zeros, bits, group, inp, b, u, v),
+    close(tq.quant_linear(x, qweight, scales, zeros, bits, group, inp, b, u, v, path=path),
           quant_ref(x, qweight, scales, zeros, bits, group, inp, b, u, v), torch.float32)
-    close(tq.quant_linear(x, qweight, scales, zeros, bits, group, inp, None, u, v),
+    close(tq.quant_linear(x, qweight, scales, zeros, bits, group, inp, None, u, v, path=path),
           quant_ref(x, qweight, scales, zeros, bits, group, inp, None, u, v), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 16])
+def test_fused_quant_lowrank_half_output_is_cast_by_the_last_contribution(dtype, rows):
+    """fp16/bf16: the chunk counters decide who casts; every output element must come out (none left at the
+    workspace's zero or the empty tensor's garbage)."""
+    inp, out, bits, group, rank = 80, 70, 4, 32, 35  # 70 outputs: 5 chunks of 16; rank 35: 3 slices
+    qweight, scales, zeros = quant_case(out, inp, bits, group)
+    g = gen(7)
+    x = torch.randn(rows, inp, generator=g).to(dtype)
+    u, v = (torch.randn(out, rank, generator=g) * 0.1).to(dtype), (torch.randn(rank, inp, generator=g) * 0.1).to(dtype)
+    b = torch.randn(out, generator=g).to(dtype)
+    for split in (1, 2, 4):
+        close(tq.quant_linear(x, qweight, scales, zeros, bits, group, inp, b, u, v, path="fused",
+                              config=dict(BLOCK_N=16, BLOCK_K=32, BLOCK_R=16, SPLIT_N=split)),
+              quant_ref(x, qweight, scales, zeros, bits, group, inp, b, u, v), dtype)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        tq.quant_linear(torch.randn(17, inp).to(dtype), qweight, scales, zeros, bits, group, inp, b, u, v,
+                        path="fused")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
