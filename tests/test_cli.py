@@ -101,6 +101,24 @@ def test_cli_quantize_gptq_eora_and_info(dense_dir, tmp_path):
     assert f"{expected:.3f}" in line
 
 
+def test_cli_eora_factor_bits(dense_dir, tmp_path):
+    out = tmp_path / "qf"
+    proc = cli("compress", dense_dir, "-o", out, "--method", "rtn", "--bits", "4", "--group-size", "16",
+               "--eora-rank", "4", "--eora-factor-bits", "4", "--eora-factor-group-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    modules = json.loads((out / "config.json").read_text())["base_config"]["quantization_config"]["modules"]
+    assert all(r["factor_bits"] == 4 and r["factor_group_size"] == 16 and r["rank"] == 4 for r in modules.values())
+    info = cli("info", out)
+    assert "4b g16 +r4@4b" in info.stdout
+    # q_proj 48x48, per row: 4-bit codes (6 words) + 3 groups x (scale + zero); per rank component: a Uᵀ row and a
+    # V row, each 48 4-bit codes (6 words) + 3 groups x (scale + zero)
+    expected = (6 * 32 + 3 * 32) / 48 + 4 * 2 * (6 * 32 + 3 * 32) / (48 * 48)
+    line = next(ln for ln in info.stdout.splitlines() if ln.startswith("model.layers.0.self_attn.q_proj"))
+    assert f"{expected:.3f}" in line
+    bad = cli("compress", dense_dir, "-o", tmp_path / "bad", "--method", "rtn", "--bits", "4", "--eora-factor-bits", "4")
+    assert bad.returncode == 2 and "eora_factor_bits" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def test_cli_lowrank_with_bits(dense_dir, tmp_path):
     out = tmp_path / "lq"
     proc = cli("compress", dense_dir, "-o", out, "--method", "svd", "--ratio", "0.3", "--bits", "4", "--group-size", "16")

@@ -169,6 +169,8 @@ def test_kernels_compile_for_gpu_targets_without_a_gpu():
               "cnt_ptr": "*i32", "out_ptr": "*bf16"}
         q = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "t_ptr": "*fp16",
              "u_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16"}
+        qlr = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "v_ptr": "*fp16",
+               "u_ptr": "*fp16", "bias_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "y_ptr": "*fp16"}
         base = dict(HAS_BIAS=True, PREC="tf32", UPCAST=False)
         for arch in (90,):
             build(L._mm_nt_kernel, mm, base, L._MM_GEMV[0], arch)
@@ -177,6 +179,8 @@ def test_kernels_compile_for_gpu_targets_without_a_gpu():
             build(L._lowrank_decode_kernel, lr, {**base, "FIXUP": True}, L._LR_SMALL[0], arch)
             for bits, cfg in ((4, Q._Q_GEMV[0]), (3, Q._Q_SMALL[0]), (3, Q._Q_LARGE[0]), (2, Q._Q_LARGE[0])):
                 build(Q._quant_mm_kernel, q, {**base, "BITS": bits, "G": 128, "HAS_LR": True}, cfg, arch)
+            for bits, cfg in ((4, Q._QLR_GEMV[0]), (3, Q._QLR_GEMV[-1]), (4, Q._QLR_SMALL[0]), (2, Q._QLR_SMALL[-1])):
+                build(Q._quant_lr_decode_kernel, qlr, {**base, "BITS": bits, "G": 128, "FIXUP": True}, cfg, arch)
         print("COMPILED")
     """, env={"TRITON_INTERPRET": "0"}, check=False)
     if "COMPILED" not in proc.stdout and ("ptxas" in proc.stderr or "No module named 'triton'" in proc.stderr):
