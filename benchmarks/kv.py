@@ -37,7 +37,9 @@ NEEDLE_METHODS = {"dynamic", "quant4", "quant4-r32", "quant2", "gear", "lowrank:
                   "hf-quanto-int4"}
 # named variants (anything else is a CLI spec: quant4, snapkv:0.25, a JSON object, ...)
 VARIANTS = {"quant4-r32": {"method": "quant", "bits": 4, "residual": 32},
-            "quant2-r32": {"method": "quant", "bits": 2, "residual": 32}}
+            "quant2-r32": {"method": "quant", "bits": 2, "residual": 32},
+            "k4v2-r32": {"method": "quant", "bits": 4, "value_bits": 2, "residual": 32},
+            "k4v2-r32-g64": {"method": "quant", "bits": 4, "value_bits": 2, "residual": 32, "group_size": 64}}
 
 
 def hf_quantized_factory(model, nbits):

@@ -107,24 +107,15 @@ def mm_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, ou
 
 # ------------------------------------------------------------------------------- fused low-rank, decode
 @triton.jit
-def _lowrank_decode_kernel(x_ptr, v_ptr, u_ptr, bias_ptr, ws_ptr, cnt_ptr, out_ptr, M, N, K, R, MB,
-                           stride_xm, stride_vr, stride_un,
-                           HAS_BIAS: tl.constexpr, FIXUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
-    pid_r = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_rblocks = tl.num_programs(0)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    r_ok = rr < R
+def rank_slice_t(x_ptr, v_ptr, rm, rr, M, K, R, stride_xm, stride_vr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """t_j = x · V_jᵀ [BLOCK_M, BLOCK_R] for the rank slice ``rr``, streaming V_j once over K. fp32 for one row
+    (CUDA-core multiply-reduce); for 2..16 rows rounded to x's dtype as the reference does (``tl.dot`` input)."""
     m_ok = rm < M
-
-    # t_j = x · V_jᵀ  [BLOCK_M, BLOCK_R], kept in registers
+    r_ok = rr < R
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
+        kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
         if BLOCK_M == 1:
             v = tl.load(v_ptr + rr[:, None] * stride_vr + kk[None, :], mask=r_ok[:, None] & (kk < K)[None, :],
@@ -137,23 +128,48 @@ def _lowrank_decode_kernel(x_ptr, v_ptr, u_ptr, bias_ptr, ws_ptr, cnt_ptr, out_p
                 t = tl.dot(x.to(tl.float32), v.to(tl.float32), t, input_precision=PREC)
             else:
                 t = tl.dot(x, v.to(x.dtype), t, input_precision=PREC)
-    if BLOCK_M != 1:
-        if UPCAST:
-            tc = t
-        else:
-            tc = t.to(x_ptr.dtype.element_ty)  # the reference rounds t to x's dtype as well
+    if BLOCK_M == 1:
+        return t
+    elif UPCAST:
+        return t
+    else:
+        return t.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def rank_slice_out(t, u_ptr, rn, rr, N, R, stride_un, PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = t_j · U[rn, rr]ᵀ (t from `rank_slice_t`)."""
+    n_ok = rn < N
+    r_ok = rr < R
+    if BLOCK_M == 1:
+        u = tl.load(u_ptr + rn[:, None] * stride_un + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        return tl.sum(t * u.to(tl.float32), axis=1)[None, :]
+    else:
+        u = tl.load(u_ptr + rn[None, :] * stride_un + rr[:, None], mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+        return tl.dot(t, u.to(t.dtype), input_precision=PREC)
+
+
+@triton.jit
+def _lowrank_decode_kernel(x_ptr, v_ptr, u_ptr, bias_ptr, ws_ptr, cnt_ptr, out_ptr, M, N, K, R, MB,
+                           stride_xm, stride_vr, stride_un,
+                           HAS_BIAS: tl.constexpr, FIXUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_rblocks = tl.num_programs(0)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+
+    tc = rank_slice_t(x_ptr, v_ptr, rm, rr, M, K, R, stride_xm, stride_vr, PREC, UPCAST, BLOCK_M, BLOCK_R, BLOCK_K)
 
     # y[:, chunk] += t_j · U_jᵀ, chunk = pid_s, pid_s + SPLIT_N, ...
     n_chunks = tl.cdiv(N, BLOCK_N)
     for c in range(pid_s, n_chunks, SPLIT_N):
         rn = c * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        if BLOCK_M == 1:
-            u = tl.load(u_ptr + rn[:, None] * stride_un + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            part = tl.sum(t * u.to(tl.float32), axis=1)[None, :]
-        else:
-            u = tl.load(u_ptr + rn[None, :] * stride_un + rr[:, None], mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-            part = tl.dot(tc, u.to(tc.dtype), input_precision=PREC)
+        part = rank_slice_out(tc, u_ptr, rn, rr, N, R, stride_un, PREC, BLOCK_M)
         if HAS_BIAS:
             if pid_r == 0:
                 part += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]

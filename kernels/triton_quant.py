@@ -42,7 +42,7 @@ import triton.language as tl
 from .reference import SUPPORTED_BITS, packed_words
 from .triton_common import (as_2d, autotuned, cfg, device_ctx, dot_precision, grouped_tile, launch, m_bucket,
                             upcast_dots)
-from .triton_lowrank import DECODE_MAX_M, mm_nt
+from .triton_lowrank import DECODE_MAX_M, mm_nt, rank_slice_out, rank_slice_t
 
 
 @triton.jit
@@ -218,7 +218,6 @@ def _quant_lr_decode_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, v_ptr, u_ptr, bias_ptr,
     n_tiles = tl.cdiv(N, BLOCK_N)
     n_rblocks = tl.cdiv(R, BLOCK_R)
     rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
     if pid < n_tiles:
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _quant_acc(x_ptr, qw_ptr, s_ptr, z_ptr, rm, rn, M, N, K, NW, NG, stride_xm, stride_qn, stride_sn,
@@ -230,39 +229,10 @@ def _quant_lr_decode_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, v_ptr, u_ptr, bias_ptr,
         pid_r = (pid - n_tiles) // SPLIT_N
         pid_s = (pid - n_tiles) % SPLIT_N
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
-                        other=0.0)
-            if BLOCK_M == 1:
-                v = tl.load(v_ptr + rr[:, None] * stride_vr + kk[None, :], mask=r_ok[:, None] & (kk < K)[None, :],
-                            other=0.0)
-                t += tl.sum(x.to(tl.float32) * v.to(tl.float32), axis=1)[None, :]
-            else:
-                v = tl.load(v_ptr + rr[None, :] * stride_vr + kk[:, None], mask=r_ok[None, :] & (kk < K)[:, None],
-                            other=0.0)
-                if UPCAST:
-                    t = tl.dot(x.to(tl.float32), v.to(tl.float32), t, input_precision=PREC)
-                else:
-                    t = tl.dot(x, v.to(x.dtype), t, input_precision=PREC)
-        if BLOCK_M != 1:
-            if UPCAST:
-                tc = t
-            else:
-                tc = t.to(x_ptr.dtype.element_ty)  # the reference rounds t to x's dtype as well
+        t = rank_slice_t(x_ptr, v_ptr, rm, rr, M, K, R, stride_xm, stride_vr, PREC, UPCAST, BLOCK_M, BLOCK_R, BLOCK_K)
         for c in range(pid_s, n_tiles, SPLIT_N):
             rn = c * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = rn < N
-            if BLOCK_M == 1:
-                u = tl.load(u_ptr + rn[:, None] * stride_un + rr[None, :], mask=n_ok[:, None] & r_ok[None, :],
-                            other=0.0)
-                part = tl.sum(t * u.to(tl.float32), axis=1)[None, :]
-            else:
-                u = tl.load(u_ptr + rn[None, :] * stride_un + rr[:, None], mask=n_ok[None, :] & r_ok[:, None],
-                            other=0.0)
-                part = tl.dot(tc, u.to(tc.dtype), input_precision=PREC)
+            part = rank_slice_out(t, u_ptr, rn, rr, N, R, stride_un, PREC, BLOCK_M)
             _add_chunk(ws_ptr, cnt_ptr, y_ptr, part, rm, rn, M, N, c, n_rblocks, FIXUP)
 
 

@@ -76,6 +76,32 @@ def test_quant_bits_order_error_and_bytes():
     assert sizes[2] < sizes[4] < sizes[8] < kv.cache_nbytes(dyn)
 
 
+def test_value_bits_quantize_values_apart_from_keys():
+    """value_bits: keys at ``bits`` (per channel), values at ``value_bits`` (per token); each half equals the
+    reference quantizer at its own width, and k4/v2 sits between quant4 and quant2 in bytes."""
+    from hf_compress.kernels.kv import kv_dequantize, kv_quantize
+
+    model = make_tiny("llama")
+    ids = _ids(length=64)
+    sizes = {}
+    for key, kw in {"k4v2": {"bits": 4, "value_bits": 2}, "q4": {"bits": 4}, "q2": {"bits": 2}}.items():
+        cache = QuantizedKVCache(model.config, group_size=8, residual=8, **kw)
+        _split_logits(model, ids, cache, 48)
+        sizes[key] = kv.cache_nbytes(cache)
+        if key == "k4v2":
+            layer = cache.compressed_layers[0]
+            b, h, t, d = 2, 2, layer.n_quant, 12
+            assert layer.kq.nbytes == b * h * t * d * 4 // 8 and layer.vq.nbytes == b * h * t * d * 2 // 8
+            vals = layer._read("v")[..., :t, :].float()
+            vq = kv_quantize(vals, 2, layer._vgroup(d), "token", torch.float16)  # re-quantizing: a fixed point
+            assert torch.allclose(kv_dequantize(*vq, 2, layer._vgroup(d), "token", torch.float32), vals, atol=1e-3)
+    assert sizes["q2"] < sizes["k4v2"] < sizes["q4"]
+    assert kv.parse_kv_spec({"method": "quant", "bits": 4, "value_bits": 2})["value_bits"] == 2
+    assert kv.parse_kv_spec("quant4")["value_bits"] == 4
+    with pytest.raises(ConfigError, match="value_bits must be one of"):
+        kv.parse_kv_spec({"method": "quant", "bits": 4, "value_bits": 3})
+
+
 def test_gear_full_rank_residual_is_exact_and_outliers_kept():
     model = make_tiny("llama")
     ids = _ids()

@@ -6,7 +6,8 @@ Per layer the cache holds
 
 * ``rk``/``rv`` [B, H, n, D]: the most recent ``residual <= n < residual + flush`` tokens, in the model's dtype;
 * packed codes of every older token (``kernels/kv.py`` layout): keys grouped over ``group_size`` tokens per channel,
-  values over ``group_size`` channels per token (the largest power of two <= group_size dividing head_dim);
+  values over ``group_size`` channels per token (the largest power of two <= group_size dividing head_dim); keys
+  take ``bits``, values ``value_bits`` (default: ``bits``; keys are the more sensitive half, so e.g. 4/2);
 * with GEAR, per flushed segment: rank-``rank`` factors of the residual (fp16) and the top ``outliers`` fraction of
   entries by magnitude (int32 flat index + fp16 value).
 
@@ -30,9 +31,10 @@ from .registry import KV_METHODS, check_fraction, check_int
 
 class QuantizedKVLayer(KVCacheLayer):
     def __init__(self, layer_idx, sliding_window=None, *, bits=4, group_size=32, residual=128, flush=None,
-                 rank=0, outliers=0.0, scale_dtype="float16"):
+                 rank=0, outliers=0.0, scale_dtype="float16", value_bits=None):
         super().__init__(layer_idx, sliding_window)
         self.bits, self.group = bits, group_size
+        self.value_bits = value_bits or bits
         self.residual = residual
         self.flush = flush or group_size
         self.rank, self.outliers = rank, outliers
@@ -96,17 +98,18 @@ class QuantizedKVLayer(KVCacheLayer):
         self.n_quant += m
 
     def _vgroup(self, d):
-        return token_group(d, self.group, self.bits)
+        return token_group(d, self.group, self.value_bits)
 
     def _compress(self, x, axis, seg, tag):
+        bits = self.bits if tag == "k" else self.value_bits
         group = self.group if axis == "channel" else self._vgroup(x.shape[-1])
         xf = x.float()
         mask = None
         if self.outliers:
             xf, mask = self._extract_outliers(xf, axis, group, seg, tag)
-        parts = kv_quantize(xf, self.bits, group, axis, self.sdt)
+        parts = kv_quantize(xf, bits, group, axis, self.sdt)
         if self.rank:
-            err = xf - kv_dequantize(*parts, self.bits, group, axis, torch.float32)
+            err = xf - kv_dequantize(*parts, bits, group, axis, torch.float32)
             if mask is not None:
                 err = err.masked_fill(mask, 0.0)
             self._lowrank(err, seg, tag)
@@ -144,8 +147,9 @@ class QuantizedKVLayer(KVCacheLayer):
     def _read(self, tag):
         axis = "channel" if tag == "k" else "token"
         q, s, m = (getattr(self, tag + n) for n in ("q", "s", "m"))
-        group = self.group if tag == "k" else self._vgroup(q.shape[-1] * 8 // self.bits)
-        x = kv_dequantize(q, s, m, self.bits, group, axis, torch.float32)
+        bits = self.bits if tag == "k" else self.value_bits
+        group = self.group if tag == "k" else self._vgroup(q.shape[-1] * 8 // bits)
+        x = kv_dequantize(q, s, m, bits, group, axis, torch.float32)
         for seg in self.segments:
             a, stop = seg["start"], seg["start"] + seg["length"]
             part = x[..., a:stop, :]
@@ -160,20 +164,22 @@ class QuantizedKVLayer(KVCacheLayer):
 
 
 class QuantizedKVCache(CompressedKVCache):
-    """KIVI-style quantized cache (``bits`` 2, 4 or 8). ``rank``/``outliers`` > 0 add GEAR's corrections.
+    """KIVI-style quantized cache (``bits`` 2, 4 or 8 for keys; ``value_bits`` for values, default ``bits``).
+    ``rank``/``outliers`` > 0 add GEAR's corrections.
 
     ``QuantizedKVCache(model.config, bits=2)``; pass it as ``model.generate(..., past_key_values=cache)``."""
 
     method = "quant"
 
     def __init__(self, config, bits=4, group_size=32, residual=128, flush=None, rank=0, outliers=0.0,
-                 scale_dtype="float16"):
+                 scale_dtype="float16", value_bits=None):
         spec = validate_quant({"method": self.method, "bits": bits, "group_size": group_size, "residual": residual,
-                               "flush": flush, "rank": rank, "outliers": outliers, "scale_dtype": scale_dtype})
+                               "flush": flush, "rank": rank, "outliers": outliers, "scale_dtype": scale_dtype,
+                               "value_bits": value_bits})
         opts = {k: v for k, v in spec.items() if k != "method"}
         super().__init__(config, lambda i, sw: QuantizedKVLayer(i, sw, **opts))
-        try:
-            token_group(self.head_dim, group_size, bits)  # a head_dim that cannot be packed fails now, not mid-generate
+        try:  # a head_dim that cannot be packed fails now, not mid-generate
+            token_group(self.head_dim, group_size, spec["value_bits"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -181,6 +187,10 @@ class QuantizedKVCache(CompressedKVCache):
 def validate_quant(spec):
     if spec.get("bits") not in KV_BITS:
         raise ConfigError(f"KV {spec['method']} bits must be one of {KV_BITS}, got {spec.get('bits')!r}")
+    if spec.get("value_bits") is None:
+        spec["value_bits"] = spec["bits"]
+    if spec["value_bits"] not in KV_BITS:
+        raise ConfigError(f"KV {spec['method']} value_bits must be one of {KV_BITS}, got {spec['value_bits']!r}")
     check_int(spec, "group_size", 1, pow2=True)
     check_int(spec, "residual", 0)
     if spec.get("flush") is None:
@@ -202,7 +212,7 @@ def validate_quant(spec):
 @KV_METHODS.register("quant")
 class QuantMethod:
     defaults = {"bits": 4, "group_size": 32, "residual": 128, "flush": None, "rank": 0, "outliers": 0.0,
-                "scale_dtype": "float16"}
+                "scale_dtype": "float16", "value_bits": None}
     recorded: tuple = ()
     needs_calibration = False
     cache_class = QuantizedKVCache
@@ -222,7 +232,7 @@ class QuantMethod:
 
         _, head_dim = head_geometry(model.config.get_text_config(decoder=True))
         try:
-            token_group(head_dim, spec["group_size"], spec["bits"])
+            token_group(head_dim, spec["group_size"], spec["value_bits"] or spec["bits"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -233,12 +243,12 @@ class GearKVCache(QuantizedKVCache):
     method = "gear"
 
     def __init__(self, config, bits=2, group_size=32, residual=128, flush=128, rank=2, outliers=0.01,
-                 scale_dtype="float16"):
-        super().__init__(config, bits, group_size, residual, flush, rank, outliers, scale_dtype)
+                 scale_dtype="float16", value_bits=None):
+        super().__init__(config, bits, group_size, residual, flush, rank, outliers, scale_dtype, value_bits)
 
 
 @KV_METHODS.register("gear")
 class GearMethod(QuantMethod):
     defaults = {"bits": 2, "group_size": 32, "residual": 128, "flush": 128, "rank": 2, "outliers": 0.01,
-                "scale_dtype": "float16"}
+                "scale_dtype": "float16", "value_bits": None}
     cache_class = GearKVCache
