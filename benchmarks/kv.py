@@ -39,7 +39,14 @@ NEEDLE_METHODS = {"dynamic", "quant4", "quant4-r32", "quant2", "gear", "lowrank:
 VARIANTS = {"quant4-r32": {"method": "quant", "bits": 4, "residual": 32},
             "quant2-r32": {"method": "quant", "bits": 2, "residual": 32},
             "k4v2-r32": {"method": "quant", "bits": 4, "value_bits": 2, "residual": 32},
-            "k4v2-r32-g64": {"method": "quant", "bits": 4, "value_bits": 2, "residual": 32, "group_size": 64}}
+            "k4v2-r32-g64": {"method": "quant", "bits": 4, "value_bits": 2, "residual": 32, "group_size": 64},
+            # 3-bit values, the recent window in fp16 (the benchmark model is fp32)
+            "k4v3-r32-g64-w16": {"method": "quant", "bits": 4, "value_bits": 3, "residual": 32, "group_size": 64,
+                                 "window_dtype": "float16"},
+            "k4v3-r16-g128-w16": {"method": "quant", "bits": 4, "value_bits": 3, "residual": 16, "group_size": 128,
+                                  "window_dtype": "float16"},
+            "k3v3-r32-g64-w16": {"method": "quant", "bits": 3, "residual": 32, "group_size": 64,
+                                 "window_dtype": "float16"}}
 
 
 def hf_quantized_factory(model, nbits):

@@ -14,8 +14,10 @@ Layout (shared by the torch reference and the Triton kernels, and by `hf_compres
 minimum (a zero scale divides by 1). ``x̂ = q * scale + mn`` (fp32, returned in the requested dtype).
 
 Codes are packed along C into uint8: ``8 // bits`` codes per byte, code ``c`` in byte ``c // per`` at bit
-``(c % per) * bits`` (little-endian within the byte); ``codes`` is [..., T, ceil(C * bits / 8)]. C must be a
-multiple of ``8 // bits``.
+``(c % per) * bits`` (little-endian within the byte); ``codes`` is [..., T, C * bits / 8]. C must be a multiple of
+``8 // bits``. 3-bit codes form one little-endian bit stream per row: every 8 codes fill 3 bytes (code ``c`` of a
+chunk at bits ``3c .. 3c + 2`` of the chunk's 24-bit little-endian word), so C must be a multiple of 8; the Triton
+kernels cover 2/4/8 bits and 3-bit runs the torch reference on every device.
 
 Dispatch: ``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when importable), ``torch`` (always
 the reference) or ``triton`` (Triton wherever it can run; on CPU that needs ``TRITON_INTERPRET=1`` set before
@@ -29,7 +31,12 @@ import os
 
 import torch
 
-KV_BITS = (2, 4, 8)
+KV_BITS = (2, 3, 4, 8)
+
+
+def codes_per_unit(bits: int) -> int:
+    """Codes in the smallest whole-byte packing unit: 8 // bits codes per byte, or 8 codes per 3 bytes at 3 bits."""
+    return 8 if bits == 3 else 8 // bits
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -42,7 +49,7 @@ def _check(bits: int, group: int, axis: str, shape: torch.Size) -> None:
     if len(shape) < 2:
         raise ValueError(f"expected a tensor [..., T, C], got shape {tuple(shape)}")
     t, c = shape[-2], shape[-1]
-    per = 8 // bits
+    per = codes_per_unit(bits)
     if c % per:
         raise ValueError(f"{bits}-bit packing needs the channel count to be a multiple of {per}, got {c}")
     if group < 1:
@@ -55,8 +62,8 @@ def _check(bits: int, group: int, axis: str, shape: torch.Size) -> None:
 
 def token_group(channels: int, requested: int, bits: int) -> int:
     """The per-token group size used for ``channels``: the largest power of two <= ``requested`` dividing
-    ``channels`` and holding whole bytes (>= 8 // bits); raises where none exists."""
-    per = 8 // bits
+    ``channels`` and holding whole packing units (`codes_per_unit`); raises where none exists."""
+    per = codes_per_unit(bits)
     g = 1
     while g * 2 <= requested:
         g *= 2
@@ -86,6 +93,11 @@ def _codes(xg, scale_s, mn_s, bits):
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., C] -> packed uint8 [..., C * bits / 8]."""
+    if bits == 3:  # 8 codes -> one 24-bit little-endian word -> 3 bytes
+        chunks = q.to(torch.int32).reshape(*q.shape[:-1], q.shape[-1] // 8, 8)
+        word = (chunks << (torch.arange(8, device=q.device, dtype=torch.int32) * 3)).sum(-1, keepdim=True)
+        out = (word >> torch.tensor([0, 8, 16], device=q.device, dtype=torch.int32)) & 0xFF
+        return out.reshape(*q.shape[:-1], q.shape[-1] * 3 // 8).to(torch.uint8)
     per = 8 // bits
     if per == 1:
         return q.to(torch.uint8).contiguous()
@@ -96,6 +108,11 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """packed uint8 [..., W] -> codes uint8 [..., W * 8 / bits]."""
+    if bits == 3:
+        b = packed.to(torch.int32).reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3)
+        word = b[..., 0:1] | (b[..., 1:2] << 8) | (b[..., 2:3] << 16)
+        q = (word >> (torch.arange(8, device=packed.device, dtype=torch.int32) * 3)) & 7
+        return q.reshape(*packed.shape[:-1], packed.shape[-1] * 8 // 3).to(torch.uint8)
     per = 8 // bits
     if per == 1:
         return packed
@@ -159,7 +176,7 @@ def _triton():
 
 def kv_quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=torch.float16):
     """x [..., T, C] -> (codes uint8 [..., T, C*bits/8], scale, mn) — layout in the module docstring."""
-    if backend(x) == "triton":
+    if backend(x) == "triton" and bits != 3:
         _check(bits, group, axis, x.shape)
         return _triton().quantize(x, bits, group, axis, scale_dtype)
     return quantize_reference(x, bits, group, axis, scale_dtype)
@@ -167,6 +184,6 @@ def kv_quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=t
 
 def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, group: int, axis: str,
                   dtype=torch.float32) -> torch.Tensor:
-    if backend(codes) == "triton":
+    if backend(codes) == "triton" and bits != 3:
         return _triton().dequantize(codes, scale, mn, bits, group, axis, dtype)
     return dequantize_reference(codes, scale, mn, bits, group, axis, dtype)

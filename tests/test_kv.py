@@ -99,7 +99,38 @@ def test_value_bits_quantize_values_apart_from_keys():
     assert kv.parse_kv_spec({"method": "quant", "bits": 4, "value_bits": 2})["value_bits"] == 2
     assert kv.parse_kv_spec("quant4")["value_bits"] == 4
     with pytest.raises(ConfigError, match="value_bits must be one of"):
-        kv.parse_kv_spec({"method": "quant", "bits": 4, "value_bits": 3})
+        kv.parse_kv_spec({"method": "quant", "bits": 4, "value_bits": 5})
+    with pytest.raises(ConfigError, match="window_dtype"):
+        kv.parse_kv_spec({"method": "quant", "bits": 4, "window_dtype": "int8"})
+
+
+def test_3bit_keys_values_and_half_precision_window():
+    """3-bit codes (8 per 3 bytes) sit between 2 and 4 bits in error and bytes; window_dtype float16 stores an fp32
+    model's recent window in half the bytes and returns it upcast (the fp16-rounded values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _decoder_kwargs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**_decoder_kwargs(), "hidden_size": 64}))  # head_dim 16
+    ids = _ids(length=64)
+    ref = _reference(model, ids, 48)
+    errs, sizes = {}, {}
+    for bits in (4, 3, 2):
+        cache = QuantizedKVCache(model.config, bits=bits, group_size=8, residual=8)
+        errs[bits] = (_split_logits(model, ids, cache, 48) - ref).abs().max().item()
+        sizes[bits] = kv.cache_nbytes(cache)
+        layer = cache.compressed_layers[0]
+        if bits == 3:
+            assert layer.kq.shape[-1] == 16 * 3 // 8 and layer.vq.shape[-1] == 6  # packed: 3 bytes per 8 codes
+    assert errs[4] < errs[3] < errs[2] and sizes[2] < sizes[3] < sizes[4]
+    full = QuantizedKVCache(model.config, bits=4, group_size=8, residual=8)
+    half = QuantizedKVCache(model.config, bits=4, group_size=8, residual=8, window_dtype="float16")
+    a, b = _split_logits(model, ids, full, 48), _split_logits(model, ids, half, 48)
+    assert b.dtype == torch.float32 and torch.allclose(a, b, atol=1e-2)
+    lf, lh = full.compressed_layers[0], half.compressed_layers[0]
+    assert lh.rk.dtype == torch.float16 and lh.rk.nbytes * 2 == lf.rk.nbytes
+    assert torch.equal(lh.rk.float(), lf.rk.half().float())
 
 
 def test_gear_full_rank_residual_is_exact_and_outliers_kept():
@@ -364,7 +395,7 @@ def test_config_specs_and_errors():
     with pytest.raises(ConfigError, match="quant3"):
         CompressionConfig(kv="quant3")
     with pytest.raises(ConfigError, match="bits"):
-        CompressionConfig(kv={"method": "quant", "bits": 3})
+        CompressionConfig(kv={"method": "quant", "bits": 5})
     with pytest.raises(ConfigError, match="keep"):
         CompressionConfig(kv="snapkv:1.5")
     with pytest.raises(ConfigError, match="ratio"):

@@ -10,7 +10,7 @@ from conftest import run_python
 from hf_compress.kernels import kv as K
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_reference_roundtrip_error_bound(bits, axis):
     x = torch.randn(2, 3, 64, 40, generator=torch.Generator().manual_seed(0)) * 4 + 1
@@ -30,6 +30,12 @@ def test_pack_layout_little_endian():
     packed = K.pack_codes(q, 2)
     assert packed.tolist() == [[1 | 2 << 2 | 3 << 4, 3 | 3 << 2 | 0 << 4 | 1 << 6]]
     assert torch.equal(K.unpack_codes(packed, 2), q)
+    # 3-bit: one little-endian bit stream, 8 codes in 3 bytes (code c at bits 3c .. 3c + 2)
+    q3 = torch.tensor([[5, 0, 7, 1, 0, 0, 6, 3]], dtype=torch.uint8)
+    word = sum(int(c) << (3 * i) for i, c in enumerate(q3[0]))
+    assert K.pack_codes(q3, 3).tolist() == [[word & 255, word >> 8 & 255, word >> 16]]
+    q3 = torch.randint(0, 8, (2, 5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(K.unpack_codes(K.pack_codes(q3, 3), 3), q3)
 
 
 def test_constant_groups_and_bad_shapes():
@@ -39,7 +45,9 @@ def test_constant_groups_and_bad_shapes():
     with pytest.raises(ValueError, match="multiple"):
         K.quantize_reference(torch.zeros(1, 1, 7, 8), 4, 8, "channel")
     with pytest.raises(ValueError, match="bits"):
-        K.quantize_reference(torch.zeros(1, 1, 8, 8), 3, 8, "channel")
+        K.quantize_reference(torch.zeros(1, 1, 8, 8), 5, 8, "channel")
+    with pytest.raises(ValueError, match="multiple of 8"):  # 3-bit packs 8 codes per 3 bytes
+        K.quantize_reference(torch.zeros(1, 1, 8, 12), 3, 8, "channel")
     with pytest.raises(ValueError):
         K.token_group(6, 32, 2)
 

@@ -4,7 +4,8 @@ of outliers kept exactly).
 
 Per layer the cache holds
 
-* ``rk``/``rv`` [B, H, n, D]: the most recent ``residual <= n < residual + flush`` tokens, in the model's dtype;
+* ``rk``/``rv`` [B, H, n, D]: the most recent ``residual <= n < residual + flush`` tokens, in the model's dtype
+  (or ``window_dtype``, e.g. float16 for an fp32 model: returned upcast);
 * packed codes of every older token (``kernels/kv.py`` layout): keys grouped over ``group_size`` tokens per channel,
   values over ``group_size`` channels per token (the largest power of two <= group_size dividing head_dim); keys
   take ``bits``, values ``value_bits`` (default: ``bits``; keys are the more sensitive half, so e.g. 4/2);
@@ -31,10 +32,11 @@ from .registry import KV_METHODS, check_fraction, check_int
 
 class QuantizedKVLayer(KVCacheLayer):
     def __init__(self, layer_idx, sliding_window=None, *, bits=4, group_size=32, residual=128, flush=None,
-                 rank=0, outliers=0.0, scale_dtype="float16", value_bits=None):
+                 rank=0, outliers=0.0, scale_dtype="float16", value_bits=None, window_dtype=None):
         super().__init__(layer_idx, sliding_window)
         self.bits, self.group = bits, group_size
         self.value_bits = value_bits or bits
+        self.window_dtype = SCALE_DTYPES[window_dtype] if window_dtype else None
         self.residual = residual
         self.flush = flush or group_size
         self.rank, self.outliers = rank, outliers
@@ -67,16 +69,19 @@ class QuantizedKVLayer(KVCacheLayer):
 
     # ---- update / read
     def _update(self, key_states, value_states, prefill):
+        if self.window_dtype is not None:
+            key_states, value_states = key_states.to(self.window_dtype), value_states.to(self.window_dtype)
         if self.rk is None:
             self.rk, self.rv = key_states, value_states
         else:
             self.rk = torch.cat([self.rk, key_states], dim=-2)
             self.rv = torch.cat([self.rv, value_states], dim=-2)
+        rk, rv = self.rk.to(self.dtype), self.rv.to(self.dtype)  # no copy unless window_dtype differs
         if self.n_quant:
-            keys = torch.cat([self._read("k"), self.rk], dim=-2)
-            values = torch.cat([self._read("v"), self.rv], dim=-2)
+            keys = torch.cat([self._read("k"), rk], dim=-2)
+            values = torch.cat([self._read("v"), rv], dim=-2)
         else:
-            keys, values = self.rk, self.rv
+            keys, values = rk, rv
         n = self.rk.shape[-2]
         if n >= self.residual + (self.group if prefill else self.flush):
             self._quantize_oldest(((n - self.residual) // self.group) * self.group)
@@ -172,10 +177,10 @@ class QuantizedKVCache(CompressedKVCache):
     method = "quant"
 
     def __init__(self, config, bits=4, group_size=32, residual=128, flush=None, rank=0, outliers=0.0,
-                 scale_dtype="float16", value_bits=None):
+                 scale_dtype="float16", value_bits=None, window_dtype=None):
         spec = validate_quant({"method": self.method, "bits": bits, "group_size": group_size, "residual": residual,
                                "flush": flush, "rank": rank, "outliers": outliers, "scale_dtype": scale_dtype,
-                               "value_bits": value_bits})
+                               "value_bits": value_bits, "window_dtype": window_dtype})
         opts = {k: v for k, v in spec.items() if k != "method"}
         super().__init__(config, lambda i, sw: QuantizedKVLayer(i, sw, **opts))
         try:  # a head_dim that cannot be packed fails now, not mid-generate
@@ -203,6 +208,9 @@ def validate_quant(spec):
     o = spec.get("outliers")
     if isinstance(o, bool) or not isinstance(o, (int, float)) or not 0.0 <= o < 0.5:
         raise ConfigError(f"KV {spec['method']} outliers must be a fraction in [0, 0.5), got {o!r}")
+    if spec.get("window_dtype") not in (None, "float16", "bfloat16", "float32"):
+        raise ConfigError(f"KV {spec['method']} window_dtype must be null (the model's dtype), float16, bfloat16 or "
+                          f"float32, got {spec.get('window_dtype')!r}")
     if spec.get("scale_dtype") not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"KV {spec['method']} scale_dtype must be float16, bfloat16 or float32, "
                           f"got {spec.get('scale_dtype')!r}")
@@ -212,7 +220,7 @@ def validate_quant(spec):
 @KV_METHODS.register("quant")
 class QuantMethod:
     defaults = {"bits": 4, "group_size": 32, "residual": 128, "flush": None, "rank": 0, "outliers": 0.0,
-                "scale_dtype": "float16", "value_bits": None}
+                "scale_dtype": "float16", "value_bits": None, "window_dtype": None}
     recorded: tuple = ()
     needs_calibration = False
     cache_class = QuantizedKVCache
@@ -243,12 +251,13 @@ class GearKVCache(QuantizedKVCache):
     method = "gear"
 
     def __init__(self, config, bits=2, group_size=32, residual=128, flush=128, rank=2, outliers=0.01,
-                 scale_dtype="float16", value_bits=None):
-        super().__init__(config, bits, group_size, residual, flush, rank, outliers, scale_dtype, value_bits)
+                 scale_dtype="float16", value_bits=None, window_dtype=None):
+        super().__init__(config, bits, group_size, residual, flush, rank, outliers, scale_dtype, value_bits,
+                         window_dtype)
 
 
 @KV_METHODS.register("gear")
 class GearMethod(QuantMethod):
     defaults = {"bits": 2, "group_size": 32, "residual": 128, "flush": 128, "rank": 2, "outliers": 0.01,
-                "scale_dtype": "float16", "value_bits": None}
+                "scale_dtype": "float16", "value_bits": None, "window_dtype": None}
     cache_class = GearKVCache
