@@ -33,8 +33,8 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_METHODS = ["quant4", "quant4-r32", "quant2", "quant2-r32", "gear", "lowrank:0.5", "xkv", "snapkv:0.25",
                    "pyramidkv:0.25", "hf-quanto-int4", "hf-quanto-int2"]
-NEEDLE_METHODS = {"dynamic", "quant4", "quant4-r32", "quant2", "gear", "lowrank:0.5", "xkv", "snapkv:0.25", "k4v3-r16-g128-w16",
-                  "hf-quanto-int4"}
+NEEDLE_METHODS = {"dynamic", "quant4", "quant4-r32", "quant2", "gear", "lowrank:0.5", "xkv", "snapkv:0.25",
+                  "hf-quanto-int4", "k4v3-r16-g128-w16"}
 # named variants (anything else is a CLI spec: quant4, snapkv:0.25, a JSON object, ...)
 VARIANTS = {"quant4-r32": {"method": "quant", "bits": 4, "residual": 32},
             "quant2-r32": {"method": "quant", "bits": 2, "residual": 32},
