@@ -17,7 +17,9 @@ Columns, all from this one process and model load:
 * decode: wall time of the continuation's decode steps relative to DynamicCache's in this run;
 * needle: passkey retrieval (`needle_retrieval`), found / trials over ``--needle-lengths`` x depths 0.25, 0.75.
 
-``quant4-r32`` / ``quant2-r32``: KIVI with a 32-token full-precision window instead of 128.
+``quant4-r32`` / ``quant2-r32``: KIVI with a 32-token full-precision window instead of 128. ``kXvY-rR-gG[-w16]``:
+keys at X bits, values at Y (``value_bits``), an R-token window, groups of G (keys: G tokens per channel; values: the
+largest power of two <= G dividing head_dim), ``-w16``: the window stored in fp16 (``window_dtype``).
 
 Peer: transformers' own ``QuantizedCache`` (quanto backend, int4/int2, its defaults: q_group_size 64, residual
 128) when optimum-quanto is installed. ``lowrank`` rows are calibrated on 16 x 512 tokens of gutenberg-pg1342.txt.
