@@ -58,22 +58,32 @@ def test_quant8_matches_dynamic(arch):
     torch.testing.assert_close(got, _reference(model, ids), atol=2e-3, rtol=0)
 
 
+def _tiny_llama_hd16():
+    """A tiny Llama with head_dim 16 (3-bit KV codes pack 8 channels into 3 bytes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _decoder_kwargs
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**_decoder_kwargs(), "hidden_size": 64}))
+
+
 def test_quant_bits_order_error_and_bytes():
-    model = make_tiny("llama")
+    model = _tiny_llama_hd16()
     ids = _ids(length=64)
     ref = _reference(model, ids, 48)
     errs, sizes = {}, {}
-    for bits in (8, 4, 2):
+    for bits in (8, 4, 3, 2):
         cache = QuantizedKVCache(model.config, bits=bits, group_size=8, residual=8)
         errs[bits] = (_split_logits(model, ids, cache, 48) - ref).abs().max().item()
         sizes[bits] = kv.cache_nbytes(cache)
         layer = cache.compressed_layers[0]
-        b, h, t, d = 2, 2, layer.n_quant, 12
-        assert layer.kq.dtype == torch.uint8 and layer.kq.nbytes == b * h * t * d * bits // 8  # packed
+        b, h, t, d = 2, 2, layer.n_quant, 16
+        assert layer.kq.dtype == torch.uint8 and layer.kq.nbytes == b * h * t * d * bits // 8  # packed (3-bit too)
     dyn = DynamicCache(config=model.config)
     _split_logits(model, ids, dyn, 48)
-    assert errs[8] < errs[4] < errs[2]
-    assert sizes[2] < sizes[4] < sizes[8] < kv.cache_nbytes(dyn)
+    assert errs[8] < errs[4] < errs[3] < errs[2]
+    assert sizes[2] < sizes[3] < sizes[4] < sizes[8] < kv.cache_nbytes(dyn)
 
 
 def test_value_bits_quantize_values_apart_from_keys():
@@ -104,26 +114,11 @@ def test_value_bits_quantize_values_apart_from_keys():
         kv.parse_kv_spec({"method": "quant", "bits": 4, "window_dtype": "int8"})
 
 
-def test_3bit_keys_values_and_half_precision_window():
-    """3-bit codes (8 per 3 bytes) sit between 2 and 4 bits in error and bytes; window_dtype float16 stores an fp32
-    model's recent window in half the bytes and returns it upcast (the fp16-rounded values)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import _decoder_kwargs
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**_decoder_kwargs(), "hidden_size": 64}))  # head_dim 16
+def test_half_precision_window():
+    """window_dtype float16 stores an fp32 model's recent window in half the bytes and returns it upcast (the
+    fp16-rounded values)."""
+    model = _tiny_llama_hd16()
     ids = _ids(length=64)
-    ref = _reference(model, ids, 48)
-    errs, sizes = {}, {}
-    for bits in (4, 3, 2):
-        cache = QuantizedKVCache(model.config, bits=bits, group_size=8, residual=8)
-        errs[bits] = (_split_logits(model, ids, cache, 48) - ref).abs().max().item()
-        sizes[bits] = kv.cache_nbytes(cache)
-        layer = cache.compressed_layers[0]
-        if bits == 3:
-            assert layer.kq.shape[-1] == 16 * 3 // 8 and layer.vq.shape[-1] == 6  # packed: 3 bytes per 8 codes
-    assert errs[4] < errs[3] < errs[2] and sizes[2] < sizes[3] < sizes[4]
     full = QuantizedKVCache(model.config, bits=4, group_size=8, residual=8)
     half = QuantizedKVCache(model.config, bits=4, group_size=8, residual=8, window_dtype="float16")
     a, b = _split_logits(model, ids, full, 48), _split_logits(model, ids, half, 48)
