@@ -150,6 +150,21 @@ def rank_slice_out(t, u_ptr, rn, rr, N, R, stride_un, PREC: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def add_chunk(ws_ptr, cnt_ptr, y_ptr, part, rm, rn, M, N, c, last, FIXUP: tl.constexpr):
+    """Add ``part`` into the fp32 accumulator of output chunk ``c`` (atomics); with FIXUP the program that brings
+    the chunk's last contribution (arrival number ``last``) casts the chunk into ``y`` (no second launch)."""
+    o_off = rm[:, None] * N + rn[None, :]
+    o_ok = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.atomic_add(ws_ptr + o_off, part, mask=o_ok)
+    if FIXUP:
+        tl.debug_barrier()  # every thread's atomics issued before the arrival is counted
+        arrived = tl.atomic_add(cnt_ptr + c, 1)
+        if arrived == last:
+            y = tl.load(ws_ptr + o_off, mask=o_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=o_ok)
+
+
+@triton.jit
 def _lowrank_decode_kernel(x_ptr, v_ptr, u_ptr, bias_ptr, ws_ptr, cnt_ptr, out_ptr, M, N, K, R, MB,
                            stride_xm, stride_vr, stride_un,
                            HAS_BIAS: tl.constexpr, FIXUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -160,7 +175,6 @@ def _lowrank_decode_kernel(x_ptr, v_ptr, u_ptr, bias_ptr, ws_ptr, cnt_ptr, out_p
     n_rblocks = tl.num_programs(0)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
 
     tc = rank_slice_t(x_ptr, v_ptr, rm, rr, M, K, R, stride_xm, stride_vr, PREC, UPCAST, BLOCK_M, BLOCK_R, BLOCK_K)
 
@@ -173,15 +187,7 @@ def _lowrank_decode_kernel(x_ptr, v_ptr, u_ptr, bias_ptr, ws_ptr, cnt_ptr, out_p
         if HAS_BIAS:
             if pid_r == 0:
                 part += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        o_off = rm[:, None] * N + rn[None, :]
-        o_ok = m_ok[:, None] & n_ok[None, :]
-        tl.atomic_add(ws_ptr + o_off, part, mask=o_ok)
-        if FIXUP:
-            tl.debug_barrier()  # every thread's atomics issued before the arrival is counted
-            arrived = tl.atomic_add(cnt_ptr + c, 1)
-            if arrived == n_rblocks - 1:  # last rank slice for this chunk: cast it into the output
-                y = tl.load(ws_ptr + o_off, mask=o_ok, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=o_ok)
+        add_chunk(ws_ptr, cnt_ptr, out_ptr, part, rm, rn, M, N, c, n_rblocks - 1, FIXUP)  # last: final rank slice
 
 
 _LR_GEMV = [cfg(BLOCK_M=1, BLOCK_R=br, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=s, num_warps=w, num_stages=2)
@@ -199,6 +205,19 @@ _lr_small = autotuned(_lowrank_decode_kernel, _LR_SMALL, _LR_KEY, reset_to_zero=
 _MIN_BLOCK_N = 16  # counters are allocated for the smallest output chunk any config uses
 
 
+def decode_workspace(x2: torch.Tensor, n: int, fixup: bool, config: dict | None):
+    """(ws, cnt, out) for the split decode kernels: a zeroed fp32 accumulator [M, N]; with ``fixup`` one int32
+    arrival counter per output chunk (one memset for both) and an empty output in x2's dtype, else the accumulator
+    is the output and ``cnt`` a placeholder."""
+    m = x2.shape[0]
+    if not fixup:
+        ws = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
+        return ws, ws, ws
+    n_cnt = triton.cdiv(n, min(_MIN_BLOCK_N, (config or {}).get("BLOCK_N", _MIN_BLOCK_N)))
+    ws_all = torch.zeros(m * n + n_cnt, device=x2.device, dtype=torch.float32)
+    return ws_all[:m * n], ws_all[m * n:].view(torch.int32), torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+
+
 def lowrank_decode(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                    config: dict | None = None, fixup: bool = True) -> torch.Tensor:
     """Fused split-rank kernel for x2 [M <= 16, K] -> [M, N] in x2's dtype."""
@@ -206,15 +225,7 @@ def lowrank_decode(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: tor
     N, R = u.shape
     out_dtype = x2.dtype
     fixup = fixup and out_dtype != torch.float32
-    if fixup:
-        n_cnt = triton.cdiv(N, min(_MIN_BLOCK_N, (config or {}).get("BLOCK_N", _MIN_BLOCK_N)))
-        ws_all = torch.zeros(M * N + n_cnt, device=x2.device, dtype=torch.float32)  # one memset
-        ws, cnt = ws_all[:M * N], ws_all[M * N:].view(torch.int32)
-        out = torch.empty(M, N, device=x2.device, dtype=out_dtype)
-    else:
-        ws = torch.zeros(M, N, device=x2.device, dtype=torch.float32)
-        cnt = ws
-        out = ws
+    ws, cnt, out = decode_workspace(x2, N, fixup, config)
     tuner = _lr_gemv if M == 1 else _lr_small
     if config is not None and "BLOCK_M" not in config:
         config = {"BLOCK_M": 1 if M == 1 else 16, **config}

@@ -42,7 +42,7 @@ import triton.language as tl
 from .reference import SUPPORTED_BITS, packed_words
 from .triton_common import (as_2d, autotuned, cfg, device_ctx, dot_precision, grouped_tile, launch, m_bucket,
                             upcast_dots)
-from .triton_lowrank import DECODE_MAX_M, mm_nt, rank_slice_out, rank_slice_t
+from .triton_lowrank import DECODE_MAX_M, add_chunk, decode_workspace, mm_nt, rank_slice_out, rank_slice_t
 
 
 @triton.jit
@@ -189,21 +189,6 @@ _q_large = autotuned(_quant_mm_kernel, _Q_LARGE, _Q_KEY,
 
 # --------------------------------------------------------------------- fused Q + LR, decode: one launch
 @triton.jit
-def _add_chunk(ws_ptr, cnt_ptr, y_ptr, part, rm, rn, M, N, c, last, FIXUP: tl.constexpr):
-    """Add ``part`` into the fp32 accumulator of output chunk ``c``; with FIXUP the program that brings the
-    chunk's last contribution (arrival number ``last``) casts the chunk into ``y``."""
-    o_off = rm[:, None] * N + rn[None, :]
-    o_ok = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.atomic_add(ws_ptr + o_off, part, mask=o_ok)
-    if FIXUP:
-        tl.debug_barrier()  # every thread's atomics issued before the arrival is counted
-        arrived = tl.atomic_add(cnt_ptr + c, 1)
-        if arrived == last:
-            y = tl.load(ws_ptr + o_off, mask=o_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=o_ok)
-
-
-@triton.jit
 def _quant_lr_decode_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, v_ptr, u_ptr, bias_ptr, ws_ptr, cnt_ptr, y_ptr,
                             M, N, K, R, NW, NG, MB, stride_xm, stride_qn, stride_sn, stride_vr, stride_un,
                             BITS: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, FIXUP: tl.constexpr,
@@ -224,7 +209,7 @@ def _quant_lr_decode_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, v_ptr, u_ptr, bias_ptr,
                          BITS, G, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        _add_chunk(ws_ptr, cnt_ptr, y_ptr, acc, rm, rn, M, N, pid, n_rblocks, FIXUP)
+        add_chunk(ws_ptr, cnt_ptr, y_ptr, acc, rm, rn, M, N, pid, n_rblocks, FIXUP)
     else:
         pid_r = (pid - n_tiles) // SPLIT_N
         pid_s = (pid - n_tiles) % SPLIT_N
@@ -233,7 +218,7 @@ def _quant_lr_decode_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, v_ptr, u_ptr, bias_ptr,
         for c in range(pid_s, n_tiles, SPLIT_N):
             rn = c * BLOCK_N + tl.arange(0, BLOCK_N)
             part = rank_slice_out(t, u_ptr, rn, rr, N, R, stride_un, PREC, BLOCK_M)
-            _add_chunk(ws_ptr, cnt_ptr, y_ptr, part, rm, rn, M, N, c, n_rblocks, FIXUP)
+            add_chunk(ws_ptr, cnt_ptr, y_ptr, part, rm, rn, M, N, c, n_rblocks, FIXUP)
 
 
 _QLR_GEMV = [cfg(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, SPLIT_N=sp, num_warps=w, num_stages=2)
@@ -253,13 +238,7 @@ def _quant_lr_decode(x2, qweight, scales, zeros, bits, group_size, bias, u, v, c
     M, K = x2.shape
     N, R = u.shape
     fixup = x2.dtype != torch.float32
-    if fixup:
-        n_cnt = triton.cdiv(N, 16)  # the narrowest chunk any configuration uses
-        ws_all = torch.zeros(M * N + n_cnt, device=x2.device, dtype=torch.float32)  # one memset
-        ws, cnt = ws_all[:M * N], ws_all[M * N:].view(torch.int32)
-        y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    else:
-        ws = cnt = y = torch.zeros(M, N, device=x2.device, dtype=torch.float32)
+    ws, cnt, y = decode_workspace(x2, N, fixup, config)
     tuner = _qlr_gemv if M == 1 else _qlr_small
     if config is not None:
         config = {"BLOCK_M": 1 if M == 1 else 16, "BLOCK_R": 16, "SPLIT_N": 2,
