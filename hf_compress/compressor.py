@@ -125,16 +125,15 @@ def _pack(q, in_features: int, sdt, bias=None, u=None, v=None, **kw) -> QuantLin
 def _quantized(name, w, bias, method, config, rank, stats, **kw) -> QuantLinear:
     sdt = SCALE_DTYPES[config.scale_dtype]
     q = method.quantize(w, config.bits, config.group_size, stats, sdt)
-    u = v = None
-    if rank:
-        error = w - q.dequantize(w.shape[1])
-        u, v = eora_factors(error, rank, None if stats is None else stats.gram, name)
-    layer = _pack(q, w.shape[1], sdt, bias, None if config.eora_factor_bits else u,
-                  None if config.eora_factor_bits else v, **kw)
-    if rank and config.eora_factor_bits:
-        layer.set_quantized_factors(*quantized_eora_factors(u, v, config.eora_factor_bits,
-                                                            config.eora_factor_group_size, stats, sdt),
-                                    config.eora_factor_bits, config.eora_factor_group_size)
+    if not rank:
+        return _pack(q, w.shape[1], sdt, bias, **kw)
+    error = w - q.dequantize(w.shape[1])
+    u, v = eora_factors(error, rank, None if stats is None else stats.gram, name)
+    fb, fg = config.eora_factor_bits, config.eora_factor_group_size
+    if not fb:
+        return _pack(q, w.shape[1], sdt, bias, u, v, **kw)
+    layer = _pack(q, w.shape[1], sdt, bias, **kw)
+    layer.set_quantized_factors(*quantized_eora_factors(u, v, fb, fg, stats, sdt), fb, fg)
     return layer
 
 

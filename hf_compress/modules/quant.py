@@ -80,12 +80,13 @@ class QuantLinear(nn.Module):
         self.U = nn.Parameter(torch.zeros(out_features, rank, **kw)) if float_factors else None
         self.V = nn.Parameter(torch.zeros(rank, in_features, **kw)) if float_factors else None
         if self.factor_bits:
-            for part, n in (("U", out_features), ("V", in_features)):
-                ng_f = n_groups(n, factor_group_size)
-                self.register_buffer(f"{part}_qweight", torch.zeros(rank, packed_words(n, factor_bits),
-                                                                    dtype=torch.int32, device=device))
-                self.register_buffer(f"{part}_scales", torch.ones(rank, ng_f, dtype=sdt, device=device))
-                self.register_buffer(f"{part}_zeros", torch.zeros(rank, ng_f, dtype=sdt, device=device))
+            shapes = self._factor_shapes(rank, factor_bits, factor_group_size)
+            for name, shape in shapes.items():
+                if name.endswith("qweight"):
+                    t = torch.zeros(shape, dtype=torch.int32, device=device)
+                else:  # scales start at 1, zeros at 0 (like the layer's own)
+                    t = (torch.ones if name.endswith("scales") else torch.zeros)(shape, dtype=sdt, device=device)
+                self.register_buffer(name, t)
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     @property
@@ -110,11 +111,9 @@ class QuantLinear(nn.Module):
         along ``out``, ``v_codes`` the same for V [r, in] along ``in`` (rank-major, layout of `kernels.reference`)."""
         check_quant_args(bits, group_size, self.in_features)
         rank = u_codes[0].shape[0]
-        ref = QuantLinear(self.in_features, self.out_features, self.bits, self.group_size, rank=rank, bias=False,
-                          scale_dtype=u_codes[1].dtype, factor_bits=bits, factor_group_size=group_size,
-                          device="meta")
+        shapes = self._factor_shapes(rank, bits, group_size)
         for name, t in zip(FACTOR_BUFFERS, (*u_codes, *v_codes)):
-            want = tuple(getattr(ref, name).shape)
+            want = shapes[name]
             if tuple(t.shape) != want:
                 raise ValueError(f"{name}: packed shape {tuple(t.shape)} does not match {want} for rank={rank}, "
                                  f"factor_bits={bits}, factor_group_size={group_size}")
@@ -124,6 +123,14 @@ class QuantLinear(nn.Module):
             t = t.to(device=device, dtype=torch.int32 if name.endswith("qweight") else u_codes[1].dtype)
             self.register_buffer(name, t.contiguous())
         self.factor_bits, self.factor_group_size = bits, group_size
+
+    def _factor_shapes(self, rank: int, bits: int, group_size: int) -> dict[str, tuple[int, int]]:
+        """Shapes of the `FACTOR_BUFFERS` for the rank-major packed Uᵀ [r, out] and V [r, in]."""
+        shapes = {}
+        for part, n in (("U", self.out_features), ("V", self.in_features)):
+            shapes[f"{part}_qweight"] = (rank, packed_words(n, bits))
+            shapes[f"{part}_scales"] = shapes[f"{part}_zeros"] = (rank, n_groups(n, group_size))
+        return shapes
 
     def dequantize_factors(self) -> None:
         """Turn quantized compensation factors into ordinary (trainable-shaped) parameters holding exactly the values
@@ -196,7 +203,7 @@ class QuantLinear(nn.Module):
             self.V = nn.Parameter(self.V.detach()[:rank].contiguous(), requires_grad=self.V.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = self.factors(x.dtype) if self.factor_bits else (self.U, self.V)
+        u, v = self.factors(x.dtype)
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
                             self.bias, u, v)
 
