@@ -32,12 +32,12 @@ import os
 import torch
 
 KV_BITS = (2, 3, 4, 8)
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def codes_per_unit(bits: int) -> int:
     """Codes in the smallest whole-byte packing unit: 8 // bits codes per byte, or 8 codes per 3 bytes at 3 bits."""
     return 8 if bits == 3 else 8 // bits
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ----------------------------------------------------------------------------------------------- checks

@@ -112,6 +112,8 @@ def test_value_bits_quantize_values_apart_from_keys():
         kv.parse_kv_spec({"method": "quant", "bits": 4, "value_bits": 5})
     with pytest.raises(ConfigError, match="window_dtype"):
         kv.parse_kv_spec({"method": "quant", "bits": 4, "window_dtype": "int8"})
+    with pytest.raises(ConfigError, match="multiple of 8"):  # 3-bit keys on head_dim 12: refused up front
+        QuantizedKVCache(model.config, bits=3, value_bits=4, group_size=8)
 
 
 def test_half_precision_window():

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..errors import ConfigError
-from ..kernels.kv import KV_BITS, SCALE_DTYPES, kv_dequantize, kv_quantize, token_group
+from ..kernels.kv import KV_BITS, SCALE_DTYPES, codes_per_unit, kv_dequantize, kv_quantize, token_group
 from .base import CompressedKVCache, KVCacheLayer
 from .registry import KV_METHODS, check_fraction, check_int
 
@@ -105,8 +105,11 @@ class QuantizedKVLayer(KVCacheLayer):
     def _vgroup(self, d):
         return token_group(d, self.group, self.value_bits)
 
+    def _bits(self, tag):
+        return self.bits if tag == "k" else self.value_bits
+
     def _compress(self, x, axis, seg, tag):
-        bits = self.bits if tag == "k" else self.value_bits
+        bits = self._bits(tag)
         group = self.group if axis == "channel" else self._vgroup(x.shape[-1])
         xf = x.float()
         mask = None
@@ -152,7 +155,7 @@ class QuantizedKVLayer(KVCacheLayer):
     def _read(self, tag):
         axis = "channel" if tag == "k" else "token"
         q, s, m = (getattr(self, tag + n) for n in ("q", "s", "m"))
-        bits = self.bits if tag == "k" else self.value_bits
+        bits = self._bits(tag)
         group = self.group if tag == "k" else self._vgroup(q.shape[-1] * 8 // bits)
         x = kv_dequantize(q, s, m, bits, group, axis, torch.float32)
         for seg in self.segments:
@@ -183,10 +186,18 @@ class QuantizedKVCache(CompressedKVCache):
                                "value_bits": value_bits, "window_dtype": window_dtype})
         opts = {k: v for k, v in spec.items() if k != "method"}
         super().__init__(config, lambda i, sw: QuantizedKVLayer(i, sw, **opts))
-        try:  # a head_dim that cannot be packed fails now, not mid-generate
-            token_group(self.head_dim, group_size, spec["value_bits"])
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_head_dim(self.head_dim, spec)  # a head_dim that cannot be packed fails now, not mid-generate
+
+
+def check_head_dim(head_dim: int, spec) -> None:
+    """Keys pack ``bits`` codes along head_dim, values ``value_bits`` codes in per-token groups: both must fit."""
+    try:
+        if head_dim % codes_per_unit(spec["bits"]):
+            raise ValueError(f"head_dim {head_dim} cannot hold whole {spec['bits']}-bit packing units "
+                             f"(needs a multiple of {codes_per_unit(spec['bits'])})")
+        token_group(head_dim, spec["group_size"], spec["value_bits"] or spec["bits"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_quant(spec):
@@ -239,10 +250,7 @@ class QuantMethod:
         from .base import head_geometry
 
         _, head_dim = head_geometry(model.config.get_text_config(decoder=True))
-        try:
-            token_group(head_dim, spec["group_size"], spec["value_bits"] or spec["bits"])
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_head_dim(head_dim, spec)
 
 
 class GearKVCache(QuantizedKVCache):
