@@ -49,6 +49,11 @@ VARIANTS = {"quant4-r32": {"method": "quant", "bits": 4, "residual": 32},
                                   "window_dtype": "float16"},
             "k3v3-r32-g64-w16": {"method": "quant", "bits": 3, "residual": 32, "group_size": 64,
                                  "window_dtype": "float16"}}
+# values leave the window token by token (value_flush 1: only keys wait for a whole group)
+VARIANTS["k4v3-r16-g128-w16-vf"] = {**VARIANTS["k4v3-r16-g128-w16"], "value_flush": 1}
+# ... and per-layer widths from a budget: halves one width lower (keys 4->3, values 3->2) by measured sensitivity
+for _avg in ("3.3", "3.25", "3.2", "3.1"):
+    VARIANTS[f"k4v3-r16-g128-w16-vf-a{_avg}"] = {**VARIANTS["k4v3-r16-g128-w16-vf"], "avg_bits": float(_avg)}
 
 
 def hf_quantized_factory(model, nbits):
@@ -66,6 +71,7 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--text", default=str(DATA / "wikitext-2-raw-test.txt"))
     p.add_argument("--calib", default=str(DATA / "gutenberg-pg1342.txt"))
+    p.add_argument("--calib-windows", type=int, default=16, help="512-token calibration windows (lowrank, avg_bits)")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--continuation", type=int, default=96)
     p.add_argument("--windows", type=int, default=6)
@@ -76,9 +82,9 @@ def main(argv=None):
     import torch
 
     from hf_compress.calibration import calibration_windows
+    from hf_compress.kv.allocation import allocate_layer_bits, layer_sensitivity
     from hf_compress.kv.evaluation import greedy_agreement, needle_retrieval, perplexity_with_cache
-    from hf_compress.kv.lowrank import attach_projections, calibrate_projections
-    from hf_compress.kv.registry import parse_kv_spec
+    from hf_compress.kv.registry import kv_method, parse_kv_spec
     from hf_compress.loading import load_model, smollm2_gguf_path
 
     torch.manual_seed(0)
@@ -108,16 +114,29 @@ def main(argv=None):
 
     run("dynamic", None)
     calib = None
+    sensitivities = {}
     for name in args.methods:
         try:
             if name.startswith("hf-quanto-int"):
                 cache = hf_quantized_factory(model, int(name[-1]))
             else:
                 spec = parse_kv_spec(VARIANTS.get(name, name))
-                if spec["method"] == "lowrank":
+                method = kv_method(spec)
+                if method.needs_calibration(spec):
                     if calib is None:
-                        calib = calibration_windows(args.calib, tok, 16, 512, 0)
-                    attach_projections(model, calibrate_projections(model, calib, spec["keep"], spec["alloc"]))
+                        calib = calibration_windows(args.calib, tok, args.calib_windows, 512, 0)
+                    t0 = time.time()
+                    if spec.get("avg_bits") is not None:  # one sensitivity measurement serves every budget
+                        base_key = json.dumps({**spec, "avg_bits": None}, sort_keys=True)
+                        if base_key not in sensitivities:
+                            sensitivities[base_key] = layer_sensitivity(model, spec, calib)
+                        spec["layer_bits"] = allocate_layer_bits(model, spec, None,
+                                                                 sensitivity=sensitivities[base_key])
+                    else:
+                        spec = method.calibrate(model, spec, calib)
+                    print(f"{name:16s} calibrated in {time.time() - t0:.0f}s"
+                          + (f": key bits {spec['layer_bits']['k']}, value bits {spec['layer_bits']['v']}"
+                             if spec.get("layer_bits") else ""), flush=True)
                 cache = spec
         except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             print(f"{name:16s} not run: {type(e).__name__}: {e}", flush=True)

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_directory
 from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 import hf_compress

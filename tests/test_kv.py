@@ -130,6 +130,132 @@ def test_half_precision_window():
     assert torch.equal(lh.rk.float(), lf.rk.half().float())
 
 
+def test_value_flush_quantizes_values_token_by_token():
+    """value_flush 1: values (grouped per token) leave the window as soon as it holds ``residual`` + 1 of them, while
+    keys still wait for whole token groups. Per-token codes do not depend on when they are made, so the value codes
+    equal those of the cache that flushes values with the keys, over every token both have quantized."""
+    model = make_tiny("llama")
+    ids = _ids(length=40)
+    ref = _reference(model, ids)
+    together = QuantizedKVCache(model.config, bits=4, group_size=8, residual=4)
+    alone = QuantizedKVCache(model.config, bits=4, group_size=8, residual=4, value_flush=1)
+    err_t = (_split_logits(model, ids, together) - ref).abs().max()
+    err_a = (_split_logits(model, ids, alone) - ref).abs().max()
+    assert err_a < 0.1 and err_t < 0.1
+    lt, la = together.compressed_layers[0], alone.compressed_layers[0]
+    assert la.rv.shape[-2] == 4 and la.quantized["v"] == 36  # exactly the residual window is left
+    assert la.rk.shape == lt.rk.shape and torch.equal(la.kq, lt.kq)  # keys unchanged
+    n = lt.quantized["v"]
+    assert 0 < n < 36 and torch.equal(la.vq[..., :n, :], lt.vq) and torch.equal(la.vs[..., :n, :], lt.vs)
+    assert kv.cache_nbytes(alone) < kv.cache_nbytes(together)
+    assert la.stored_length() == lt.stored_length() == 40 - 0  # the mask still covers every stored token
+    # GEAR corrections per flushed segment of each half: a full-rank residual stays exact with value_flush too
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    gear = GearKVCache(model.config, bits=2, group_size=8, residual=4, flush=8, rank=head_dim, value_flush=2)
+    torch.testing.assert_close(_split_logits(model, ids, gear), ref, atol=2e-2, rtol=0)
+    tags = [seg["tag"] for seg in gear.compressed_layers[0].segments]
+    assert tags.count("v") > tags.count("k") > 0
+    with pytest.raises(ConfigError, match="value_flush must be an integer >= 1"):
+        kv.parse_kv_spec({"method": "quant", "value_flush": 0})
+
+
+def test_layer_bits_give_each_layer_its_widths():
+    """layer_bits: every layer packs at its own widths; a prefill's codes equal the uniform cache's at that width
+    (prefill attention reads the exact keys, so every layer sees the same inputs)."""
+    model = _tiny_llama_hd16()
+    ids = _ids(length=40)
+    mixed = QuantizedKVCache(model.config, group_size=8, residual=4, layer_bits={"k": [4, 3], "v": [2, 3]})
+    uniform = {b: QuantizedKVCache(model.config, group_size=8, residual=4, bits=b) for b in (2, 3, 4)}
+    with torch.no_grad():
+        for cache in (mixed, *uniform.values()):
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+    for i, (kb, vb) in enumerate(((4, 2), (3, 3))):
+        layer = mixed.compressed_layers[i]
+        assert (layer.bits, layer.value_bits) == (kb, vb)
+        assert torch.equal(layer.kq, uniform[kb].compressed_layers[i].kq)
+        assert torch.equal(layer.vq, uniform[vb].compressed_layers[i].vq)
+        assert layer.kq.nbytes == 2 * 2 * layer.n_quant * 16 * kb // 8
+    spec = {"method": "quant", "bits": 4}
+    with pytest.raises(ConfigError, match="2 decoder layers"):
+        QuantizedKVCache(model.config, layer_bits={"k": [4, 4, 4], "v": [4, 4, 4]})
+    for bad in ({"k": [4, 5], "v": [4, 4]}, {"k": [4, None], "v": [4, 4]}, {"k": [4], "v": [4, 4]}, [4, 4]):
+        with pytest.raises(ConfigError, match="layer_bits must be"):
+            kv.parse_kv_spec({**spec, "layer_bits": bad})
+    with pytest.raises(ConfigError, match="multiple of 8"):  # a 3-bit layer on head_dim 12
+        QuantizedKVCache(make_tiny("llama").config, layer_bits={"k": [4, 3], "v": [4, 4]})
+
+
+def _kl_through_cache(model, windows, spec, prefix):
+    """Reference for one sensitivity entry: prefill each window's prefix *through* the quantized cache, then read the
+    rest; next-token log-probabilities of the rest."""
+    with torch.no_grad():
+        cache = kv.make_cache(model, spec)
+        model(input_ids=windows[:, :prefix], past_key_values=cache, use_cache=True)
+        logits = model(input_ids=windows[:, prefix:], past_key_values=cache, use_cache=True).logits
+    return torch.log_softmax(logits.double(), -1)
+
+
+def test_avg_bits_lowers_the_least_sensitive_halves(tmp_path):
+    """avg_bits: each half's sensitivity is the KL of one width less, measured as a real prefill + read through the
+    cache would give it; the allocation lowers the halves with the least KL until the mean width meets the budget;
+    compress records it and a reloaded checkpoint's generate() uses those widths."""
+    from hf_compress.kv.allocation import allocate_layer_bits, layer_sensitivity
+
+    model = _tiny_llama_hd16()
+    with torch.no_grad():  # sharper attention, so that key precision matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    windows = _calib()  # [6, 32]: prefix 24, last quarter 8 tokens
+    spec = kv.parse_kv_spec({"method": "quant", "bits": 4, "value_bits": 3, "group_size": 8, "residual": 4,
+                             "avg_bits": 3.0})
+    kl = layer_sensitivity(model, spec, windows, batch_size=4)
+    assert set(kl) == {(0, "k"), (1, "k"), (0, "v"), (1, "v")} and all(v > 0 for v in kl.values())
+    base = {**spec, "avg_bits": None, "layer_bits": None}
+    ref = _kl_through_cache(model, windows, base, 24)
+    for (i, h), value in kl.items():
+        lb = {"k": [4, 4], "v": [3, 3]}
+        lb[h][i] -= 1
+        lp = _kl_through_cache(model, windows, {**base, "layer_bits": lb}, 24)
+        direct = float((ref.exp() * (ref - lp)).sum(-1).mean())
+        assert value == pytest.approx(direct, rel=1e-4, abs=1e-9), (i, h)
+    bits = allocate_layer_bits(model, spec, windows, batch_size=4)
+    lowered = {(i, h) for h, ref_bits in (("k", 4), ("v", 3)) for i in range(2) if bits[h][i] < ref_bits}
+    assert sum(bits["k"] + bits["v"]) / 4 <= 3.0 and len(lowered) == 2
+    assert lowered == set(sorted(kl, key=kl.get)[:2])  # every drop saves one bit: least KL first
+    assert allocate_layer_bits(model, {**spec, "avg_bits": 3.5}, None, sensitivity=kl) == {"k": [4, 4], "v": [3, 3]}
+    with pytest.raises(ConfigError, match="below what one width less"):
+        allocate_layer_bits(model, {**spec, "avg_bits": 2.4}, None, sensitivity=kl)
+    with pytest.raises(ConfigError, match="quantize nothing"):
+        layer_sensitivity(model, spec, windows[:, :12])
+    with pytest.raises(ConfigError, match="needs per-layer widths from calibration"):
+        kv.make_cache(model, spec)
+    with pytest.raises(ConfigError, match="avg_bits must be a number"):
+        kv.parse_kv_spec({**spec, "avg_bits": 5})
+    mix = kv.parse_kv_spec("quantmix:3.2")  # the CLI shorthand: ":AVG" is the budget for quantized caches
+    assert (mix["bits"], mix["value_bits"], mix["value_flush"], mix["avg_bits"]) == (4, 3, 1, 3.2)
+    assert kv.parse_kv_spec("quant4:3.5")["avg_bits"] == 3.5
+    with pytest.raises(ConfigError, match=r"avg_bits must be a number in \[2, 4\]"):
+        kv.parse_kv_spec("quant4:4.5")
+
+    hf_compress.compress(model, {"kv": spec, "calibration": {"nsamples": 6, "seqlen": 32}}, calibration=windows)
+    recorded = model.config.quantization_config.kv
+    assert recorded["layer_bits"] == bits
+    ids = _ids(1, 40)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert [(la.bits, la.value_bits) for la in out.past_key_values.compressed_layers] == list(zip(bits["k"], bits["v"]))
+    hf_compress.save_pretrained(model, tmp_path / "ck")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    again = loaded.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert kv.default_cache_spec(loaded)["layer_bits"] == bits
+    assert torch.equal(again.sequences, out.sequences)
+    assert [(la.bits, la.value_bits) for la in again.past_key_values.compressed_layers] == list(zip(bits["k"], bits["v"]))
+    # a dense model cannot be given avg_bits inside from_pretrained: there is no calibration text there
+    _tiny_llama_hd16().save_pretrained(tmp_path / "dense")
+    with pytest.raises(ConfigError, match="needs calibration text"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=CompressionConfig(kv=spec))
+
+
 def test_gear_full_rank_residual_is_exact_and_outliers_kept():
     model = make_tiny("llama")
     ids = _ids()

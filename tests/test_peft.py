@@ -3,7 +3,7 @@ merges, unmerge, adapters that reload in a fresh process, Trainer, squeeze."""
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 import hf_compress
 from conftest import make_tiny, output_of, run_python

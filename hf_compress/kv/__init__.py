@@ -1,7 +1,8 @@
 """KV-cache compression on the transformers 5 Cache API, one file per method:
 
-* ``quant``  (quant.py): KIVI — keys per channel, values per token, packed 2/4/8 bits, full-precision recent window;
-  ``gear`` adds a low-rank approximation of the quantization residual and exact outliers;
+* ``quant``  (quant.py): KIVI — keys per channel, values per token, packed 2/3/4/8 bits, full-precision recent window;
+  widths per layer from one ``avg_bits`` budget by measured sensitivity (allocation.py); ``gear`` adds a low-rank
+  approximation of the quantization residual and exact outliers;
 * ``lowrank`` (lowrank.py): calibrated PCA projections of keys and values per layer (rank budget), latents cached;
 * ``xkv`` (xkv.py): cross-layer SVD of the prefill, calibration-free;
 * ``snapkv`` (eviction.py): SnapKV / PyramidKV eviction from the prefill's last-window attention.

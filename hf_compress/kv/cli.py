@@ -7,8 +7,9 @@ import time
 
 from ..errors import HfCompressError
 
-KV_HELP = ("KV-cache compression: quant4 | quant2 | gear | lowrank:KEEP | xkv[:KEEP] | snapkv:KEEP | pyramidkv:KEEP "
-           "or a JSON spec (KEEP: fraction of the cache kept). lowrank needs --calib.")
+KV_HELP = ("KV-cache compression: quant4 | quant2 | gear | quantmix:AVG | lowrank:KEEP | xkv[:KEEP] | snapkv:KEEP | "
+           "pyramidkv:KEEP or a JSON spec (KEEP: fraction of the cache kept; AVG: mean bits per cached element, "
+           "per-layer widths by measured sensitivity, e.g. quantmix:3.2 or quant4:3.5). lowrank and AVG need --calib.")
 
 
 def add_kv_args(p, is_eval: bool) -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import CompressedKVCache, KVCacheLayer
-from .registry import KV_METHODS, check_fraction, check_int
+from .registry import KV_METHODS, KVMethod, check_fraction, check_int
 
 
 class EvictionKVLayer(KVCacheLayer):
@@ -233,10 +233,8 @@ def validate_eviction(spec):
 
 
 @KV_METHODS.register("snapkv")
-class SnapKVMethod:
+class SnapKVMethod(KVMethod):
     defaults = {"keep": 0.25, "window": 32, "kernel": 7, "schedule": "uniform"}
-    recorded: tuple = ()
-    needs_calibration = False
 
     @classmethod
     def validate(cls, spec):

@@ -84,7 +84,7 @@ def calibrate_kv(model, config, calibration=None, tokenizer=None) -> None:
     method = kv_method(spec)
     _check_decoder(model)
     method.check_model(model, spec)
-    if not method.needs_calibration:
+    if not method.needs_calibration(spec):
         return
     if calibration is None:
         raise ConfigError(f"KV method {spec['method']!r} is calibrated: pass calibration=<text file, list of strings, "
@@ -101,11 +101,11 @@ def before_weight_loading(model, config, checkpoint_files=None, pre_quantized=Tr
     if not spec:
         return
     method = kv_method(spec)
-    if not method.needs_calibration:
-        return
-    if not pre_quantized:
+    if not pre_quantized and method.needs_calibration(spec):
         raise ConfigError(f"KV method {spec['method']!r} needs calibration text, so it cannot run inside "
                           "from_pretrained; load the model and call hf_compress.compress(model, config, calibration=...)")
+    if not method.stores_tensors:
+        return
     from ..checkpoint import read_headers
     from .lowrank import ATTR, attach_projections
 
@@ -131,7 +131,7 @@ def after_weight_loading(model, config) -> None:
     if not spec:
         return
     method = kv_method(spec)
-    if method.needs_calibration:
+    if method.stores_tensors:
         from .lowrank import ATTR
 
         proj = getattr(model, ATTR, None)

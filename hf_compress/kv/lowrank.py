@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from ..errors import ConfigError
 from .base import CompressedKVCache, KVCacheLayer, compressible_layers, head_geometry
-from .registry import KV_METHODS, check_fraction, check_int
+from .registry import KV_METHODS, KVMethod, check_fraction, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +245,14 @@ def validate_lowrank(spec):
 
 
 @KV_METHODS.register("lowrank")
-class LowRankMethod:
+class LowRankMethod(KVMethod):
     defaults = {"keep": 0.5, "window": 32, "alloc": "energy", "rank": None}
     recorded = ("ranks",)  # filled by calibration
-    needs_calibration = True
+    stores_tensors = True
+
+    @classmethod
+    def needs_calibration(cls, spec):
+        return True
 
     @classmethod
     def validate(cls, spec):

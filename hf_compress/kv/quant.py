@@ -1,21 +1,25 @@
-"""Quantized KV cache: KIVI (keys per channel, values per token, packed 2/4/8 bits, a full-precision window of the
+"""Quantized KV cache: KIVI (keys per channel, values per token, packed 2/3/4/8 bits, a full-precision window of the
 most recent tokens), with the GEAR option (a low-rank approximation of the quantization residual and a sparse set
 of outliers kept exactly).
 
 Per layer the cache holds
 
-* ``rk``/``rv`` [B, H, n, D]: the most recent ``residual <= n < residual + flush`` tokens, in the model's dtype
-  (or ``window_dtype``, e.g. float16 for an fp32 model: returned upcast);
+* ``rk``/``rv`` [B, H, n, D]: the most recent tokens of each half, in the model's dtype (or ``window_dtype``, e.g.
+  float16 for an fp32 model: returned upcast): keys ``residual <= n < residual + flush``; values the same, or with
+  ``value_flush`` their own ``residual <= n < residual + value_flush``;
 * packed codes of every older token (``kernels/kv.py`` layout): keys grouped over ``group_size`` tokens per channel,
   values over ``group_size`` channels per token (the largest power of two <= group_size dividing head_dim); keys
-  take ``bits``, values ``value_bits`` (default: ``bits``; keys are the more sensitive half, so e.g. 4/2);
-* with GEAR, per flushed segment: rank-``rank`` factors of the residual (fp16) and the top ``outliers`` fraction of
-  entries by magnitude (int32 flat index + fp16 value).
+  take ``bits``, values ``value_bits`` (default: ``bits``; keys are the more sensitive half, so e.g. 4/3), or per
+  layer ``layer_bits`` {"k": [...], "v": [...]} (set by hand, or from one ``avg_bits`` budget by measured
+  sensitivity: `hf_compress.kv.allocation`);
+* with GEAR, per flushed segment of each half: rank-``rank`` factors of the residual (fp16) and the top ``outliers``
+  fraction of entries by magnitude (int32 flat index + fp16 value).
 
-When the window holds ``residual + flush`` tokens, its oldest tokens (a multiple of ``group_size``) are quantized;
-the prefill is quantized at once, except its last ``residual``..``residual + group_size - 1`` tokens. Reads
-dequantize everything (exactly the stored state, so beam reordering is exact: codes are index-selected, never
-re-quantized).
+When the key window holds ``residual + flush`` tokens, its oldest tokens (a multiple of ``group_size``) are
+quantized; the prefill is quantized at once, except its last ``residual``..``residual + group_size - 1`` tokens.
+Values go with the keys, or, with ``value_flush`` (per-token groups need no token grouping), ``value_flush`` at a
+time as soon as they leave their ``residual`` window (the prefill's all but the last ``residual``). Reads dequantize
+everything (exactly the stored state, so beam reordering is exact: codes are index-selected, never re-quantized).
 """
 
 from __future__ import annotations
@@ -27,18 +31,19 @@ import torch
 from ..errors import ConfigError
 from ..kernels.kv import KV_BITS, SCALE_DTYPES, codes_per_unit, kv_dequantize, kv_quantize, token_group
 from .base import CompressedKVCache, KVCacheLayer
-from .registry import KV_METHODS, check_fraction, check_int
+from .registry import KV_METHODS, KVMethod, check_int
 
 
 class QuantizedKVLayer(KVCacheLayer):
     def __init__(self, layer_idx, sliding_window=None, *, bits=4, group_size=32, residual=128, flush=None,
-                 rank=0, outliers=0.0, scale_dtype="float16", value_bits=None, window_dtype=None):
+                 rank=0, outliers=0.0, scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None):
         super().__init__(layer_idx, sliding_window)
         self.bits, self.group = bits, group_size
         self.value_bits = value_bits or bits
         self.window_dtype = SCALE_DTYPES[window_dtype] if window_dtype else None
         self.residual = residual
         self.flush = flush or group_size
+        self.value_flush = value_flush
         self.rank, self.outliers = rank, outliers
         self.sdt = SCALE_DTYPES[scale_dtype]
         self._reset()
@@ -47,8 +52,12 @@ class QuantizedKVLayer(KVCacheLayer):
         self.rk = self.rv = None
         self.kq = self.ks = self.km = None
         self.vq = self.vs = self.vm = None
-        self.segments: list[dict[str, torch.Tensor]] = []  # GEAR extras, in token order
-        self.n_quant = 0
+        self.segments: list[dict] = []  # GEAR extras per flushed segment: tag "k"/"v", start, length, tensors
+        self.quantized = {"k": 0, "v": 0}  # tokens held as codes, per half
+
+    @property
+    def n_quant(self) -> int:
+        return self.quantized["k"]
 
     def tensors(self):
         out = {n: getattr(self, n) for n in ("rk", "rv", "kq", "ks", "km", "vq", "vs", "vm")
@@ -65,7 +74,7 @@ class QuantizedKVLayer(KVCacheLayer):
                          for s in self.segments]
 
     def stored_length(self):
-        return self.n_quant + (0 if self.rk is None else self.rk.shape[-2])
+        return self.quantized["k"] + (0 if self.rk is None else self.rk.shape[-2])
 
     # ---- update / read
     def _update(self, key_states, value_states, prefill):
@@ -76,31 +85,39 @@ class QuantizedKVLayer(KVCacheLayer):
         else:
             self.rk = torch.cat([self.rk, key_states], dim=-2)
             self.rv = torch.cat([self.rv, value_states], dim=-2)
-        rk, rv = self.rk.to(self.dtype), self.rv.to(self.dtype)  # no copy unless window_dtype differs
-        if self.n_quant:
-            keys = torch.cat([self._read("k"), rk], dim=-2)
-            values = torch.cat([self._read("v"), rv], dim=-2)
-        else:
-            keys, values = rk, rv
-        n = self.rk.shape[-2]
-        if n >= self.residual + (self.group if prefill else self.flush):
-            self._quantize_oldest(((n - self.residual) // self.group) * self.group)
+        keys, values = self._full("k"), self._full("v")
+        m = self._due(self.rk.shape[-2], self.group, self.group if prefill else self.flush)
+        if m:
+            self._quantize_oldest("k", m)
+        if self.value_flush is not None:  # values need no token groups: they leave the window on their own
+            step = 1 if prefill else self.value_flush
+            m = self._due(self.rv.shape[-2], step, step)
+        if m:
+            self._quantize_oldest("v", m)
         return keys, values
 
-    def _quantize_oldest(self, m: int) -> None:
-        k, v = self.rk[..., :m, :], self.rv[..., :m, :]
-        self.rk, self.rv = self.rk[..., m:, :].contiguous(), self.rv[..., m:, :].contiguous()
-        seg = {}
-        kparts = self._compress(k, "channel", seg, "k")
-        vparts = self._compress(v, "token", seg, "v")
+    def _due(self, n: int, unit: int, trigger: int) -> int:
+        """Tokens to quantize out of a window of ``n``: a multiple of ``unit`` leaving ``residual``..., once the
+        window holds ``residual + trigger``."""
+        return ((n - self.residual) // unit) * unit if n >= self.residual + trigger else 0
+
+    def _full(self, tag):
+        """Everything stored for one half, in the model's dtype: dequantized codes, then the window."""
+        window = getattr(self, "r" + tag).to(self.dtype)  # no copy unless window_dtype differs
+        return torch.cat([self._read(tag), window], dim=-2) if self.quantized[tag] else window
+
+    def _quantize_oldest(self, tag: str, m: int) -> None:
+        window = getattr(self, "r" + tag)
+        x = window[..., :m, :]
+        setattr(self, "r" + tag, window[..., m:, :].contiguous())
+        seg = {"tag": tag, "start": self.quantized[tag], "length": m}
+        parts = self._compress(x, "channel" if tag == "k" else "token", seg, tag)
         if self.rank or self.outliers:
-            seg["start"], seg["length"] = self.n_quant, m
             self.segments.append(seg)
-        for names, parts in ((("kq", "ks", "km"), kparts), (("vq", "vs", "vm"), vparts)):
-            for name, new in zip(names, parts):
-                old = getattr(self, name)
-                setattr(self, name, new if old is None else torch.cat([old, new], dim=-2))
-        self.n_quant += m
+        for name, new in zip((tag + "q", tag + "s", tag + "m"), parts):
+            old = getattr(self, name)
+            setattr(self, name, new if old is None else torch.cat([old, new], dim=-2))
+        self.quantized[tag] += m
 
     def _vgroup(self, d):
         return token_group(d, self.group, self.value_bits)
@@ -159,6 +176,8 @@ class QuantizedKVLayer(KVCacheLayer):
         group = self.group if tag == "k" else self._vgroup(q.shape[-1] * 8 // bits)
         x = kv_dequantize(q, s, m, bits, group, axis, torch.float32)
         for seg in self.segments:
+            if seg["tag"] != tag:
+                continue
             a, stop = seg["start"], seg["start"] + seg["length"]
             part = x[..., a:stop, :]
             if f"{tag}_a" in seg:
@@ -172,30 +191,60 @@ class QuantizedKVLayer(KVCacheLayer):
 
 
 class QuantizedKVCache(CompressedKVCache):
-    """KIVI-style quantized cache (``bits`` 2, 4 or 8 for keys; ``value_bits`` for values, default ``bits``).
-    ``rank``/``outliers`` > 0 add GEAR's corrections.
+    """KIVI-style quantized cache (``bits`` 2, 3, 4 or 8 for keys; ``value_bits`` for values, default ``bits``).
+    ``rank``/``outliers`` > 0 add GEAR's corrections; ``value_flush`` lets values leave the window on their own;
+    ``layer_bits`` ``{"k": [...], "v": [...]}`` (one width per decoder layer) overrides the widths per layer.
 
     ``QuantizedKVCache(model.config, bits=2)``; pass it as ``model.generate(..., past_key_values=cache)``."""
 
     method = "quant"
 
     def __init__(self, config, bits=4, group_size=32, residual=128, flush=None, rank=0, outliers=0.0,
-                 scale_dtype="float16", value_bits=None, window_dtype=None):
+                 scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None, layer_bits=None):
         spec = validate_quant({"method": self.method, "bits": bits, "group_size": group_size, "residual": residual,
                                "flush": flush, "rank": rank, "outliers": outliers, "scale_dtype": scale_dtype,
-                               "value_bits": value_bits, "window_dtype": window_dtype})
-        opts = {k: v for k, v in spec.items() if k != "method"}
-        super().__init__(config, lambda i, sw: QuantizedKVLayer(i, sw, **opts))
+                               "value_bits": value_bits, "window_dtype": window_dtype, "value_flush": value_flush,
+                               "layer_bits": layer_bits})
+        opts = {k: v for k, v in spec.items() if k not in ("method", "layer_bits", "avg_bits")}
+        decoder = config.get_text_config(decoder=True)
+        check_layer_bits(spec, decoder.num_hidden_layers)
+
+        def make_layer(i, sliding_window):
+            widths = layer_widths(spec, i)
+            return QuantizedKVLayer(i, sliding_window, **{**opts, "bits": widths[0], "value_bits": widths[1]})
+
+        super().__init__(config, make_layer)
         check_head_dim(self.head_dim, spec)  # a head_dim that cannot be packed fails now, not mid-generate
+        self.spec = spec
+
+
+def layer_widths(spec, i: int) -> tuple[int, int]:
+    """(key bits, value bits) of decoder layer ``i``."""
+    lb = spec.get("layer_bits")
+    if lb is not None and lb["k"][i] is not None:
+        return lb["k"][i], lb["v"][i]
+    return spec["bits"], spec["value_bits"]
+
+
+def check_layer_bits(spec, num_layers: int) -> None:
+    lb = spec.get("layer_bits")
+    if lb is not None and len(lb["k"]) != num_layers:
+        raise ConfigError(f"KV {spec['method']} layer_bits has {len(lb['k'])} entries per half, but the model has "
+                          f"{num_layers} decoder layers")
 
 
 def check_head_dim(head_dim: int, spec) -> None:
-    """Keys pack ``bits`` codes along head_dim, values ``value_bits`` codes in per-token groups: both must fit."""
+    """Keys pack their codes along head_dim, values in per-token groups: every width used must fit."""
+    lb = spec.get("layer_bits") or {"k": [], "v": []}
+    key_bits = {spec["bits"], *(b for b in lb["k"] if b is not None)}
+    value_bits = {spec["value_bits"] or spec["bits"], *(b for b in lb["v"] if b is not None)}
     try:
-        if head_dim % codes_per_unit(spec["bits"]):
-            raise ValueError(f"head_dim {head_dim} cannot hold whole {spec['bits']}-bit packing units "
-                             f"(needs a multiple of {codes_per_unit(spec['bits'])})")
-        token_group(head_dim, spec["group_size"], spec["value_bits"] or spec["bits"])
+        for bits in sorted(key_bits):
+            if head_dim % codes_per_unit(bits):
+                raise ValueError(f"head_dim {head_dim} cannot hold whole {bits}-bit packing units "
+                                 f"(needs a multiple of {codes_per_unit(bits)})")
+        for bits in sorted(value_bits):
+            token_group(head_dim, spec["group_size"], bits)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -215,6 +264,8 @@ def validate_quant(spec):
     if spec["flush"] % spec["group_size"]:
         raise ConfigError(f"KV {spec['method']} flush ({spec['flush']}) must be a multiple of group_size "
                           f"({spec['group_size']})")
+    if spec.get("value_flush") is not None:
+        check_int(spec, "value_flush", 1)
     check_int(spec, "rank", 0)
     o = spec.get("outliers")
     if isinstance(o, bool) or not isinstance(o, (int, float)) or not 0.0 <= o < 0.5:
@@ -225,15 +276,26 @@ def validate_quant(spec):
     if spec.get("scale_dtype") not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"KV {spec['method']} scale_dtype must be float16, bfloat16 or float32, "
                           f"got {spec.get('scale_dtype')!r}")
+    lb = spec.get("layer_bits")
+    if lb is not None and (not isinstance(lb, dict) or set(lb) != {"k", "v"} or not isinstance(lb["k"], list)
+                           or not isinstance(lb["v"], list) or len(lb["k"]) != len(lb["v"])
+                           or any((k is None) != (v is None) for k, v in zip(lb["k"], lb["v"]))
+                           or not all(b is None or b in KV_BITS for b in lb["k"] + lb["v"])):
+        raise ConfigError(f"KV {spec['method']} layer_bits must be {{'k': [...], 'v': [...]}}: one width of {KV_BITS} "
+                          f"(or null for both halves of an uncompressed layer) per decoder layer, got {lb!r}")
+    ab = spec.get("avg_bits")
+    if ab is not None and (isinstance(ab, bool) or not isinstance(ab, (int, float))
+                           or not min(KV_BITS) <= ab <= max(spec["bits"], spec["value_bits"])):
+        raise ConfigError(f"KV {spec['method']} avg_bits must be a number in [{min(KV_BITS)}, "
+                          f"{max(spec['bits'], spec['value_bits'])}] (bits per cached key/value element), got {ab!r}")
     return spec
 
 
 @KV_METHODS.register("quant")
-class QuantMethod:
+class QuantMethod(KVMethod):
     defaults = {"bits": 4, "group_size": 32, "residual": 128, "flush": None, "rank": 0, "outliers": 0.0,
-                "scale_dtype": "float16", "value_bits": None, "window_dtype": None}
-    recorded: tuple = ()
-    needs_calibration = False
+                "scale_dtype": "float16", "value_bits": None, "window_dtype": None, "value_flush": None,
+                "layer_bits": None, "avg_bits": None}
     cache_class = QuantizedKVCache
 
     @classmethod
@@ -242,15 +304,31 @@ class QuantMethod:
 
     @classmethod
     def make_cache(cls, model, spec):
-        opts = {k: v for k, v in spec.items() if k != "method"}
+        if cls.needs_calibration(spec):
+            raise ConfigError(f"KV {spec['method']} avg_bits {spec['avg_bits']} needs per-layer widths from "
+                              "calibration: hf_compress.compress(model, {'kv': spec}, calibration=...) or CLI --calib")
+        opts = {k: v for k, v in spec.items() if k not in ("method", "avg_bits")}
         return cls.cache_class(model.config, **opts)
 
     @classmethod
     def check_model(cls, model, spec):
         from .base import head_geometry
 
-        _, head_dim = head_geometry(model.config.get_text_config(decoder=True))
+        decoder = model.config.get_text_config(decoder=True)
+        _, head_dim = head_geometry(decoder)
+        check_layer_bits(spec, decoder.num_hidden_layers)
         check_head_dim(head_dim, spec)
+
+    @classmethod
+    def needs_calibration(cls, spec):
+        return spec.get("avg_bits") is not None and spec.get("layer_bits") is None
+
+    @classmethod
+    def calibrate(cls, model, spec, windows):
+        from .allocation import allocate_layer_bits
+
+        spec["layer_bits"] = allocate_layer_bits(model, spec, windows)
+        return spec
 
 
 class GearKVCache(QuantizedKVCache):
@@ -259,13 +337,12 @@ class GearKVCache(QuantizedKVCache):
     method = "gear"
 
     def __init__(self, config, bits=2, group_size=32, residual=128, flush=128, rank=2, outliers=0.01,
-                 scale_dtype="float16", value_bits=None, window_dtype=None):
+                 scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None, layer_bits=None):
         super().__init__(config, bits, group_size, residual, flush, rank, outliers, scale_dtype, value_bits,
-                         window_dtype)
+                         window_dtype, value_flush, layer_bits)
 
 
 @KV_METHODS.register("gear")
 class GearMethod(QuantMethod):
-    defaults = {"bits": 2, "group_size": 32, "residual": 128, "flush": 128, "rank": 2, "outliers": 0.01,
-                "scale_dtype": "float16", "value_bits": None, "window_dtype": None}
+    defaults = {**QuantMethod.defaults, "bits": 2, "flush": 128, "rank": 2, "outliers": 0.01}
     cache_class = GearKVCache

@@ -12,8 +12,37 @@ from ..registry import Registry
 
 KV_METHODS = Registry("KV-cache method")
 
+
+class KVMethod:
+    """What every registered KV method provides (one subclass per method file)."""
+
+    defaults: dict = {}  # every option with its default
+    recorded: tuple = ()  # options filled by calibration and stored in the checkpoint's spec
+    stores_tensors = False  # calibrated tensors saved in model.safetensors (``projections_for`` shapes them)
+
+    @classmethod
+    def validate(cls, spec) -> None:
+        """Raise ConfigError for a bad option of a complete spec."""
+
+    @classmethod
+    def make_cache(cls, model, spec):
+        raise NotImplementedError
+
+    @classmethod
+    def check_model(cls, model, spec) -> None:
+        """Raise ConfigError where the spec cannot serve this model (heads, head_dim, layers)."""
+
+    @classmethod
+    def needs_calibration(cls, spec) -> bool:
+        return False
+
+    @classmethod
+    def calibrate(cls, model, spec, windows):
+        """Fill the spec's ``recorded`` options from calibration token windows [n, seqlen]; returns the spec."""
+        return spec
+
 # CLI shorthands -> spec dicts. "name:x" sets the method's `keep` (fraction of the cache kept: tokens for eviction,
-# dimensions for low-rank / xKV).
+# dimensions for low-rank / xKV), or for quantized caches `avg_bits` (per-layer widths from that budget, calibrated).
 SHORTHANDS = {
     "quant8": {"method": "quant", "bits": 8},
     "quant4": {"method": "quant", "bits": 4},
@@ -23,6 +52,8 @@ SHORTHANDS = {
     "gear": {"method": "gear"},
     "gear4": {"method": "gear", "bits": 4},
     "gear2": {"method": "gear", "bits": 2},
+    # keys 4-bit in 128-token groups, values 3-bit leaving a 16-token window one by one: with ":AVG", e.g. quantmix:3.2
+    "quantmix": {"method": "quant", "bits": 4, "value_bits": 3, "residual": 16, "group_size": 128, "value_flush": 1},
     "lowrank": {"method": "lowrank"},
     "xkv": {"method": "xkv"},
     "snapkv": {"method": "snapkv"},
@@ -61,11 +92,10 @@ def parse_kv_spec(spec: Any) -> dict[str, Any] | None:
             spec = dict(SHORTHANDS[name])
             if arg:
                 try:
-                    spec["keep"] = float(arg)
+                    value = float(arg)
                 except ValueError:
                     raise ConfigError(f"KV spec {text!r}: {arg!r} after ':' is not a number") from None
-                if spec["method"] in ("quant", "gear"):
-                    raise ConfigError(f"KV spec {text!r}: quantized caches take no ':fraction' (use quant4/quant2)")
+                spec["avg_bits" if spec["method"] in ("quant", "gear") else "keep"] = value
     if not isinstance(spec, dict):
         raise ConfigError(f"kv must be a dict, a JSON string or a CLI spec, got {type(spec).__name__}")
     return validate_kv(spec)

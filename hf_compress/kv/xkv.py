@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import CompressedKVCache, KVCacheLayer
-from .registry import KV_METHODS, check_fraction, check_int
+from .registry import KV_METHODS, KVMethod, check_fraction, check_int
 
 
 class XKVGroup:
@@ -147,10 +147,8 @@ def validate_xkv(spec):
 
 
 @KV_METHODS.register("xkv")
-class XKVMethod:
+class XKVMethod(KVMethod):
     defaults = {"keep": 0.25, "group": 4, "window": 32, "rank": None}
-    recorded: tuple = ()
-    needs_calibration = False
 
     @classmethod
     def validate(cls, spec):
