@@ -19,7 +19,10 @@ Columns, all from this one process and model load:
 
 ``quant4-r32`` / ``quant2-r32``: KIVI with a 32-token full-precision window instead of 128. ``kXvY-rR-gG[-w16]``:
 keys at X bits, values at Y (``value_bits``), an R-token window, groups of G (keys: G tokens per channel; values: the
-largest power of two <= G dividing head_dim), ``-w16``: the window stored in fp16 (``window_dtype``).
+largest power of two <= G dividing head_dim), ``-w16``: the window stored in fp16 (``window_dtype``), ``-vf``: values
+leave the window token by token (``value_flush`` 1), ``-aA``: per-layer widths from the budget ``avg_bits`` A (each
+layer's keys 4 or 3 bits, values 3 or 2, by measured KL sensitivity on ``--calib-windows`` x 512 calibration tokens;
+one sensitivity measurement serves every budget of a run, and its time is printed).
 
 Peer: transformers' own ``QuantizedCache`` (quanto backend, int4/int2, its defaults: q_group_size 64, residual
 128) when optimum-quanto is installed. ``lowrank`` rows are calibrated on 16 x 512 tokens of gutenberg-pg1342.txt.
@@ -36,7 +39,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_METHODS = ["quant4", "quant4-r32", "quant2", "quant2-r32", "gear", "lowrank:0.5", "xkv", "snapkv:0.25",
                    "pyramidkv:0.25", "hf-quanto-int4", "hf-quanto-int2"]
 NEEDLE_METHODS = {"dynamic", "quant4", "quant4-r32", "quant2", "gear", "lowrank:0.5", "xkv", "snapkv:0.25",
-                  "hf-quanto-int4", "k4v3-r16-g128-w16"}
+                  "hf-quanto-int4", "k4v3-r16-g128-w16", "k4v3-r16-g128-w16-vf-a3.25"}
 # named variants (anything else is a CLI spec: quant4, snapkv:0.25, a JSON object, ...)
 VARIANTS = {"quant4-r32": {"method": "quant", "bits": 4, "residual": 32},
             "quant2-r32": {"method": "quant", "bits": 2, "residual": 32},
@@ -52,7 +55,7 @@ VARIANTS = {"quant4-r32": {"method": "quant", "bits": 4, "residual": 32},
 # values leave the window token by token (value_flush 1: only keys wait for a whole group)
 VARIANTS["k4v3-r16-g128-w16-vf"] = {**VARIANTS["k4v3-r16-g128-w16"], "value_flush": 1}
 # ... and per-layer widths from a budget: halves one width lower (keys 4->3, values 3->2) by measured sensitivity
-for _avg in ("3.3", "3.25", "3.2", "3.1"):
+for _avg in ("3.3", "3.25", "3.2", "3.1", "3.0", "2.75"):
     VARIANTS[f"k4v3-r16-g128-w16-vf-a{_avg}"] = {**VARIANTS["k4v3-r16-g128-w16-vf"], "avg_bits": float(_avg)}
 
 

@@ -224,7 +224,7 @@ def test_avg_bits_lowers_the_least_sensitive_halves(tmp_path):
     assert sum(bits["k"] + bits["v"]) / 4 <= 3.0 and len(lowered) == 2
     assert lowered == set(sorted(kl, key=kl.get)[:2])  # every drop saves one bit: least KL first
     assert allocate_layer_bits(model, {**spec, "avg_bits": 3.5}, None, sensitivity=kl) == {"k": [4, 4], "v": [3, 3]}
-    with pytest.raises(ConfigError, match="below what one width less"):
+    with pytest.raises(ConfigError, match="cannot be met on this model"):
         allocate_layer_bits(model, {**spec, "avg_bits": 2.4}, None, sensitivity=kl)
     with pytest.raises(ConfigError, match="quantize nothing"):
         layer_sensitivity(model, spec, windows[:, :12])
@@ -591,3 +591,13 @@ def test_cli_compress_and_eval(tmp_path, tiny_tokenizer, capsys):
     assert 'KV cache (used by generate() by default): {"method": "quant", "bits": 4' in capsys.readouterr().out
     assert main(["compress", str(tmp_path / "dense"), "-o", str(tmp_path / "x"), "--kv", "nope"]) == 2
     assert not os.path.exists(tmp_path / "x")
+    # a budget: per-layer widths calibrated on --calib, recorded in the checkpoint
+    budget = '{"method": "quant", "bits": 4, "group_size": 8, "residual": 4, "avg_bits": 3.5}'
+    assert main(["compress", str(tmp_path / "dense"), "-o", str(tmp_path / "x"), "--kv", budget]) == 2
+    assert not os.path.exists(tmp_path / "x")  # no calibration text: refused, nothing written
+    _tiny_llama_hd16().save_pretrained(tmp_path / "dense16")  # head_dim 16: 3-bit codes pack
+    tiny_tokenizer.save_pretrained(tmp_path / "dense16")
+    assert main(["compress", str(tmp_path / "dense16"), "-o", str(tmp_path / "m"), "--kv", budget, "--calib",
+                 str(text), "--nsamples", "4", "--seqlen", "32"]) == 0
+    widths = json.loads((tmp_path / "m" / "config.json").read_text())["base_config"]["quantization_config"]["kv"]
+    assert sorted(widths["layer_bits"]["k"] + widths["layer_bits"]["v"]) == [3, 3, 4, 4]

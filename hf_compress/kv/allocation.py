@@ -125,7 +125,8 @@ def allocate_layer_bits(model, spec, windows: torch.Tensor | None, batch_size: i
             break
         bits[h][i] = LOWER[bits[h][i]]
     if mean_width() > target + 1e-9:
-        raise ConfigError(f"KV avg_bits {target} is below what one width less per half reaches on this model "
-                          f"({mean_width():.3f}); lower bits / value_bits instead")
+        raise ConfigError(f"KV avg_bits {target} cannot be met on this model: lowering every half that can drop one "
+                          f"width (8->4, 4->3, 3->2; 3-bit codes need head_dim a multiple of 8) leaves a mean of "
+                          f"{mean_width():.3f} bits; lower bits / value_bits instead")
     logger.info("KV widths from avg_bits %s: keys %s, values %s", target, bits["k"], bits["v"])
     return bits
