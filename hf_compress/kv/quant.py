@@ -97,8 +97,8 @@ class QuantizedKVLayer(KVCacheLayer):
         return keys, values
 
     def _due(self, n: int, unit: int, trigger: int) -> int:
-        """Tokens to quantize out of a window of ``n``: a multiple of ``unit`` leaving ``residual``..., once the
-        window holds ``residual + trigger``."""
+        """Tokens to quantize out of a window of ``n`` (0 until it holds ``residual + trigger``): the largest multiple
+        of ``unit`` that leaves at least ``residual`` tokens."""
         return ((n - self.residual) // unit) * unit if n >= self.residual + trigger else 0
 
     def _full(self, tag):

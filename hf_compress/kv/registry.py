@@ -41,6 +41,7 @@ class KVMethod:
         """Fill the spec's ``recorded`` options from calibration token windows [n, seqlen]; returns the spec."""
         return spec
 
+
 # CLI shorthands -> spec dicts. "name:x" sets the method's `keep` (fraction of the cache kept: tokens for eviction,
 # dimensions for low-rank / xKV), or for quantized caches `avg_bits` (per-layer widths from that budget, calibrated).
 SHORTHANDS = {
