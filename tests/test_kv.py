@@ -401,7 +401,9 @@ def test_pyramid_budgets_and_padded_decode():
 
 # ------------------------------------------------------------------------------------------ generate: batch, beams
 SPECS = ["quant4", "quant2", "gear", "xkv", {"method": "snapkv", "keep": 0.5, "window": 4},
-         {"method": "lowrank", "keep": 0.5, "window": 4}]
+         {"method": "lowrank", "keep": 0.5, "window": 4},
+         {"method": "quant", "bits": 4, "group_size": 8, "residual": 8, "value_flush": 1,
+          "layer_bits": {"k": [4, 2], "v": [2, 4]}}]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s if isinstance(s, str) else s["method"])
@@ -423,7 +425,8 @@ def test_beam_search_exact_with_lossless_settings():
     ref = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3)
     proj = calibrate_projections(model, _calib(), keep=1.0, alloc="uniform")
     for cache in (LowRankKVCache(model, window=4, projections=proj),
-                  QuantizedKVCache(model.config, bits=8, group_size=8, residual=4)):
+                  QuantizedKVCache(model.config, bits=8, group_size=8, residual=4),
+                  QuantizedKVCache(model.config, bits=8, group_size=8, residual=4, value_flush=1)):
         out = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, past_key_values=cache)
         assert torch.equal(out, ref), type(cache).__name__
 
