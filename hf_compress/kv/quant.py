@@ -215,7 +215,6 @@ class QuantizedKVCache(CompressedKVCache):
 
         super().__init__(config, make_layer)
         check_head_dim(self.head_dim, spec)  # a head_dim that cannot be packed fails now, not mid-generate
-        self.spec = spec
 
 
 def layer_widths(spec, i: int) -> tuple[int, int]:
