@@ -32,6 +32,7 @@ import os
 import torch
 
 KV_BITS = (2, 3, 4, 8)
+TRITON_BITS = (2, 4, 8)  # widths the Triton kernels cover; 3-bit codes always run the torch reference
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -152,7 +153,8 @@ def dequantize_reference(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
-def backend(x: torch.Tensor) -> str:
+def backend(x: torch.Tensor, bits: int | None = None) -> str:
+    """"triton" or "torch" for tensor ``x`` (and, when given, a width: one the kernels do not cover is "torch")."""
     choice = os.environ.get("HF_COMPRESS_KERNELS", "auto").lower()
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"HF_COMPRESS_KERNELS must be auto, torch or triton, got {choice!r}")
@@ -161,8 +163,10 @@ def backend(x: torch.Tensor) -> str:
     if choice == "triton":
         if _triton() is None:
             raise RuntimeError("HF_COMPRESS_KERNELS=triton but triton is not importable")
-        return "triton"
-    return "triton" if x.is_cuda and _triton() is not None else "torch"
+        use = True
+    else:
+        use = x.is_cuda and _triton() is not None
+    return "triton" if use and (bits is None or bits in TRITON_BITS) else "torch"
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,7 +180,7 @@ def _triton():
 
 def kv_quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=torch.float16):
     """x [..., T, C] -> (codes uint8 [..., T, C*bits/8], scale, mn) — layout in the module docstring."""
-    if backend(x) == "triton" and bits != 3:
+    if backend(x, bits) == "triton":
         _check(bits, group, axis, x.shape)
         return _triton().quantize(x, bits, group, axis, scale_dtype)
     return quantize_reference(x, bits, group, axis, scale_dtype)
@@ -184,6 +188,6 @@ def kv_quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=t
 
 def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, group: int, axis: str,
                   dtype=torch.float32) -> torch.Tensor:
-    if backend(codes) == "triton" and bits != 3:
+    if backend(codes, bits) == "triton":
         return _triton().dequantize(codes, scale, mn, bits, group, axis, dtype)
     return dequantize_reference(codes, scale, mn, bits, group, axis, dtype)

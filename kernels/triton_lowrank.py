@@ -128,9 +128,7 @@ def rank_slice_t(x_ptr, v_ptr, rm, rr, M, K, R, stride_xm, stride_vr, PREC: tl.c
                 t = tl.dot(x.to(tl.float32), v.to(tl.float32), t, input_precision=PREC)
             else:
                 t = tl.dot(x, v.to(x.dtype), t, input_precision=PREC)
-    if BLOCK_M == 1:
-        return t
-    elif UPCAST:
+    if BLOCK_M == 1 or UPCAST:
         return t
     else:
         return t.to(x_ptr.dtype.element_ty)

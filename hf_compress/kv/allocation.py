@@ -19,11 +19,21 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..calibration import device_of
 from ..errors import ConfigError
+from .base import compressible_layers, head_geometry
+from .quant import QuantMethod, check_head_dim, layer_widths
 
 logger = logging.getLogger(__name__)
 
 LOWER = {8: 4, 4: 3, 3: 2}  # one width down
+
+
+def _widths(model, spec) -> tuple[list[int], dict[str, list]]:
+    """(compressed layer indices, the spec's widths {"k": [...], "v": [...]} per decoder layer, None elsewhere)."""
+    layers = compressible_layers(model.config)
+    n = model.config.get_text_config(decoder=True).num_hidden_layers
+    return layers, {h: [layer_widths(spec, i)[j] if i in layers else None for i in range(n)] for j, h in enumerate("kv")}
 
 
 def _fill(cache, captured) -> None:
@@ -35,12 +45,7 @@ def _fill(cache, captured) -> None:
 def layer_sensitivity(model, spec, windows: torch.Tensor, batch_size: int = 8) -> dict[tuple[int, str], float]:
     """KL per (layer, "k"|"v") when that half alone drops to ``LOWER`` of its width (halves that cannot drop, or
     whose lower width does not pack into head_dim, are absent)."""
-    from ..calibration import device_of
-    from .base import compressible_layers, head_geometry
-    from .quant import check_head_dim, layer_widths
-
-    decoder = model.config.get_text_config(decoder=True)
-    _, head_dim = head_geometry(decoder)
+    _, head_dim = head_geometry(model.config.get_text_config(decoder=True))
     n, seqlen = windows.shape
     chunk = max(1, seqlen // 4)
     prefix = seqlen - chunk
@@ -48,9 +53,7 @@ def layer_sensitivity(model, spec, windows: torch.Tensor, batch_size: int = 8) -
         raise ConfigError(f"KV calibration windows of {seqlen} tokens quantize nothing: their first {prefix} tokens "
                           f"do not exceed the window ({spec['residual']}) plus one key group ({spec['group_size']}); "
                           "use longer calibration windows (calibration seqlen)")
-    layers = compressible_layers(model.config)
-    base = {h: [layer_widths(spec, i)[j] if i in layers else None for i in range(decoder.num_hidden_layers)]
-            for j, h in enumerate("kv")}
+    layers, base = _widths(model, spec)
     candidates = []
     for i in layers:
         for h in "kv":
@@ -65,7 +68,6 @@ def layer_sensitivity(model, spec, windows: torch.Tensor, batch_size: int = 8) -
             candidates.append(((i, h), trial))
     if not candidates:
         return {}
-    from .quant import QuantMethod
 
     def cache_for(layer_bits):
         return QuantMethod.make_cache(model, {**spec, "avg_bits": None, "layer_bits": layer_bits})
@@ -88,9 +90,9 @@ def layer_sensitivity(model, spec, windows: torch.Tensor, batch_size: int = 8) -
                 return F.log_softmax(logits.double(), dim=-1)
 
             ref = logprobs(base)
+            p_ref = ref.exp()
             for key, trial in candidates:
-                lp = logprobs(trial)
-                kl[key] += float((ref.exp() * (ref - lp)).sum(-1).mean()) * batch.shape[0] / n
+                kl[key] += float((p_ref * (ref - logprobs(trial))).sum(-1).mean()) * batch.shape[0] / n
     finally:
         model.train(was_training)
     return kl
@@ -101,16 +103,10 @@ def allocate_layer_bits(model, spec, windows: torch.Tensor | None, batch_size: i
     """``layer_bits`` {"k": [...], "v": [...]} whose mean width over the compressed halves is <= ``spec["avg_bits"]``,
     lowering the halves whose measured KL per saved bit is smallest (``sensitivity``: `layer_sensitivity`'s result
     for this spec, to allocate several budgets from one measurement)."""
-    from .base import compressible_layers
-    from .quant import layer_widths
-
     target = spec["avg_bits"]
-    decoder = model.config.get_text_config(decoder=True)
-    layers = compressible_layers(model.config)
+    layers, bits = _widths(model, spec)
     if not layers:
         raise ConfigError("KV avg_bits: this model has no layer the quantized cache compresses")
-    bits = {h: [layer_widths(spec, i)[j] if i in layers else None for i in range(decoder.num_hidden_layers)]
-            for j, h in enumerate("kv")}
     halves = 2 * len(layers)
 
     def mean_width():

@@ -35,6 +35,8 @@ from .registry import KV_METHODS, KVMethod, check_int
 
 
 class QuantizedKVLayer(KVCacheLayer):
+    STATE = ("rk", "rv", "kq", "ks", "km", "vq", "vs", "vm")  # windows, then codes / scales / minima per half
+
     def __init__(self, layer_idx, sliding_window=None, *, bits=4, group_size=32, residual=128, flush=None,
                  rank=0, outliers=0.0, scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None):
         super().__init__(layer_idx, sliding_window)
@@ -48,10 +50,13 @@ class QuantizedKVLayer(KVCacheLayer):
         self.sdt = SCALE_DTYPES[scale_dtype]
         self._reset()
 
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.head_dim = key_states.shape[-1]
+
     def _reset(self):
-        self.rk = self.rv = None
-        self.kq = self.ks = self.km = None
-        self.vq = self.vs = self.vm = None
+        for name in self.STATE:
+            setattr(self, name, None)
         self.segments: list[dict] = []  # GEAR extras per flushed segment: tag "k"/"v", start, length, tensors
         self.quantized = {"k": 0, "v": 0}  # tokens held as codes, per half
 
@@ -60,14 +65,13 @@ class QuantizedKVLayer(KVCacheLayer):
         return self.quantized["k"]
 
     def tensors(self):
-        out = {n: getattr(self, n) for n in ("rk", "rv", "kq", "ks", "km", "vq", "vs", "vm")
-               if getattr(self, n) is not None}
+        out = {n: getattr(self, n) for n in self.STATE if getattr(self, n) is not None}
         for i, seg in enumerate(self.segments):
             out.update({f"seg{i}.{k}": v for k, v in seg.items() if isinstance(v, torch.Tensor)})
         return out
 
     def _index_batch(self, fn):
-        for n in ("rk", "rv", "kq", "ks", "km", "vq", "vs", "vm"):
+        for n in self.STATE:
             if getattr(self, n) is not None:
                 setattr(self, n, fn(getattr(self, n)))
         self.segments = [{k: (fn(v) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
@@ -111,7 +115,7 @@ class QuantizedKVLayer(KVCacheLayer):
         x = window[..., :m, :]
         setattr(self, "r" + tag, window[..., m:, :].contiguous())
         seg = {"tag": tag, "start": self.quantized[tag], "length": m}
-        parts = self._compress(x, "channel" if tag == "k" else "token", seg, tag)
+        parts = self._compress(x, seg, tag)
         if self.rank or self.outliers:
             self.segments.append(seg)
         for name, new in zip((tag + "q", tag + "s", tag + "m"), parts):
@@ -122,12 +126,14 @@ class QuantizedKVLayer(KVCacheLayer):
     def _vgroup(self, d):
         return token_group(d, self.group, self.value_bits)
 
-    def _bits(self, tag):
-        return self.bits if tag == "k" else self.value_bits
+    def _layout(self, tag):
+        """(bits, group, axis) of one half: keys per channel over ``group`` tokens, values per token."""
+        if tag == "k":
+            return self.bits, self.group, "channel"
+        return self.value_bits, self._vgroup(self.head_dim), "token"
 
-    def _compress(self, x, axis, seg, tag):
-        bits = self._bits(tag)
-        group = self.group if axis == "channel" else self._vgroup(x.shape[-1])
+    def _compress(self, x, seg, tag):
+        bits, group, axis = self._layout(tag)
         xf = x.float()
         mask = None
         if self.outliers:
@@ -170,10 +176,8 @@ class QuantizedKVLayer(KVCacheLayer):
         seg[f"{tag}_b"] = basis.to(torch.float16)
 
     def _read(self, tag):
-        axis = "channel" if tag == "k" else "token"
         q, s, m = (getattr(self, tag + n) for n in ("q", "s", "m"))
-        bits = self._bits(tag)
-        group = self.group if tag == "k" else self._vgroup(q.shape[-1] * 8 // bits)
+        bits, group, axis = self._layout(tag)
         x = kv_dequantize(q, s, m, bits, group, axis, torch.float32)
         for seg in self.segments:
             if seg["tag"] != tag:
