@@ -108,6 +108,7 @@ class CompressedConfig(PreTrainedConfig):
     ``AutoConfig.from_pretrained(compressed_dir)`` returns one; ``.base_config`` is the native config."""
 
     model_type = MODEL_TYPE
+    has_no_defaults_at_init = True  # a wrapper: `CompressedConfig()` has no defaults to compare against
 
     def __init__(self, base_config=None, hf_compress_version: str | None = None, **kwargs):
         super().__init__(**kwargs)

@@ -53,7 +53,7 @@ class CompressionConfig(QuantizationConfigMixin):
         eora_bits: instead of ``eora_rank``, a budget: the EoRA factors may add this many bits per weight on average
             over the quantized layers (stored in the model's dtype); each layer's rank is chosen by one global greedy
             allocation on the singular values of the (input-weighted) errors, so ranks differ per layer and may be 0.
-            Experimental: on SmolLM2-135M it does worse than one uniform ``eora_rank`` of the same bits (README).
+            Experimental: on SmolLM2-135M it does worse than one uniform ``eora_rank`` of the same bits (docs/quantization.md).
         eora_factor_bits: store the EoRA factors themselves as packed ``eora_factor_bits``-bit codes (2, 3, 4 or 8;
             groups of ``eora_factor_group_size`` along each factor's long side, default 128) instead of in the
             model's dtype: rank r then costs about r·(out+in)·(bits + 32/group) bits instead of r·(out+in)·16. The

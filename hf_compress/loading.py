@@ -32,7 +32,6 @@ def _as_plain_model(model):
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "gguf":
         quantizer.remove_quantization_config(model)
-        model.config._is_quantized = False
     return model
 
 

@@ -381,9 +381,14 @@ def test_eviction_right_padding_refused_and_needs_model():
     with pytest.raises(ConfigError, match="left padding"):
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, past_key_values=EvictionKVCache(model, keep=0.25, window=4))
-    bare = EvictionKVCache(model, keep=0.25, window=4)
+    bare = EvictionKVCache(model, keep=0.25, window=4)  # updated without the model's attention seeing the queries
+    bare.layers[0].update(torch.zeros(1, 2, 40, 12), torch.zeros(1, 2, 40, 12))
     with pytest.raises(ConfigError, match="make_cache"), torch.no_grad():
-        bare.layers[0].update(torch.zeros(1, 2, 40, 12), torch.zeros(1, 2, 40, 12))
+        bare.layers[0].update(torch.zeros(1, 2, 1, 12), torch.zeros(1, 2, 1, 12))
+    cache = EvictionKVCache(model, keep=0.25, window=4)
+    model.set_attn_implementation("sdpa")  # switched away after the cache was built: refused at the first decode step
+    with pytest.raises(ConfigError, match="attention implementation"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache)
 
 
 def test_pyramid_budgets_and_padded_decode():
@@ -568,10 +573,20 @@ def test_unsupported_layouts():
     assert not cache.passthrough
     with pytest.raises(ConfigError, match="sliding-window"):
         wide.generate(_ids(1, 60), max_new_tokens=8, do_sample=False, past_key_values=cache)
-    # eviction needs q_proj-style attention
+    # eviction reads queries through the AttentionInterface: any model dispatching through it works (GPT-2: no
+    # q_proj, no RoPE), other attention implementations are refused by name
+    from types import SimpleNamespace
+
     from conftest import make_tiny as mk
-    with pytest.raises(ConfigError, match="q_proj"):
-        EvictionKVCache(mk("gpt2"))
+    gpt2 = mk("gpt2")
+    ids = _ids()
+    full = EvictionKVCache(gpt2, keep=1.0, window=4)
+    torch.testing.assert_close(_split_logits(gpt2, ids, full), _reference(gpt2, ids), atol=1e-5, rtol=0)
+    half = EvictionKVCache(gpt2, keep=0.5, window=4)
+    _split_logits(gpt2, ids, half)
+    assert [layer.stored_length() for layer in half.compressed_layers] == [25] * len(half.compressed_layers)
+    with pytest.raises(ConfigError, match="flash_attention_2"):
+        EvictionKVCache(SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2")))
 
 
 def test_cli_compress_and_eval(tmp_path, tiny_tokenizer, capsys):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..compat import cache_kwargs
 from ..calibration import device_of
 from ..errors import ConfigError
 from .base import compressible_layers, head_geometry
@@ -80,13 +81,13 @@ def layer_sensitivity(model, spec, windows: torch.Tensor, batch_size: int = 8) -
         for batch in windows.split(batch_size):
             batch = batch.to(device)
             dyn = DynamicCache(config=model.config)
-            model(input_ids=batch[:, :prefix], past_key_values=dyn, use_cache=True)
+            model(input_ids=batch[:, :prefix], **cache_kwargs(model, dyn), use_cache=True)
             captured = [(layer.keys, layer.values) for layer in dyn.layers]
 
             def logprobs(layer_bits):
                 cache = cache_for(layer_bits)
                 _fill(cache, captured)
-                logits = model(input_ids=batch[:, prefix:], past_key_values=cache, use_cache=True).logits
+                logits = model(input_ids=batch[:, prefix:], **cache_kwargs(model, cache), use_cache=True).logits
                 return F.log_softmax(logits.double(), dim=-1)
 
             ref = logprobs(base)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..compat import cache_kwargs
 from ..errors import ConfigError
 from .base import bytes_per_token
 
@@ -80,7 +81,7 @@ def perplexity_with_cache(model, tokenizer, text: str | torch.Tensor, cache=None
             batch = data[start:start + batch_size].to(device)
             cache_obj = make()
             t0 = time.perf_counter()
-            out = model(input_ids=batch[:, :context], past_key_values=cache_obj, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=batch[:, :context], **cache_kwargs(model, cache_obj), use_cache=True, logits_to_keep=1)
             t_pre += time.perf_counter() - t0
             logits = out.logits[:, -1].float()
             steps = []
@@ -92,7 +93,7 @@ def perplexity_with_cache(model, tokenizer, text: str | torch.Tensor, cache=None
                 if t == continuation - 1:
                     break
                 t0 = time.perf_counter()
-                out = model(input_ids=target[:, None], past_key_values=cache_obj, use_cache=True)
+                out = model(input_ids=target[:, None], **cache_kwargs(model, cache_obj), use_cache=True)
                 t_dec += time.perf_counter() - t0
                 logits = out.logits[:, -1].float()
             greedy.append(torch.stack(steps, dim=1))
@@ -138,7 +139,7 @@ def needle_retrieval(model, tokenizer, cache=None, *, lengths=(1024, 2048, 4096)
             cut = int(depth * room)
             ids = torch.tensor([hay[:cut] + needle + hay[cut:] + question], device=device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, past_key_values=make(), pad_token_id=tokenizer.eos_token_id)
+                                 do_sample=False, **cache_kwargs(model, make()), pad_token_id=tokenizer.eos_token_id)
             answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             results[(length, depth)] = (key in answer, answer.strip())
     return results

@@ -1,11 +1,16 @@
 """Eviction cache: SnapKV / PyramidKV-style token selection at prefill.
 
-At the prefill of each layer, the attention of the last ``window`` prompt queries over the whole prompt is computed
-(queries recomputed by a forward pre-hook on the attention module: ``q_proj`` of the window's hidden states, the
-module's ``q_norm`` if any, and the model's own ``apply_rotary_pos_emb``); summed over the window and averaged over
-the query heads of each KV head, smoothed by average pooling over ``kernel`` positions, it scores every prompt
-token. Each KV head keeps its ``budget`` best tokens (the window itself always), in position order; tokens
-generated afterwards are all kept. The prefill's own attention uses the whole prompt.
+At the prefill of each layer, the attention of the last ``window`` prompt queries over the whole prompt scores every
+prompt token: summed over the window and averaged over the query heads of each KV head, smoothed by average pooling
+over ``kernel`` positions. Each KV head keeps its ``budget`` best tokens (the window itself always), in position
+order; tokens generated afterwards are all kept. The prefill's own attention uses the whole prompt.
+
+The queries are observed through transformers' public ``AttentionInterface``: building an eviction cache switches
+the model to ``hf_compress_eviction_<base>`` (base = its ``sdpa`` or ``eager`` implementation), an attention function
+that receives the post-RoPE queries, the module and the keys the cache's ``update`` just returned, selects the kept
+tokens, then calls the base implementation unchanged. Nothing depends on how the model names its call arguments: the
+layer whose ``update`` returned those very key tensors is the one that scores them. For other caches the function is
+a pass-through.
 
 transformers 5 invariants: ``get_seq_length()`` stays the logical length (positions keep counting), and
 ``get_mask_sizes(q)`` = ``(stored + q, logical - stored)`` maps the kept tokens onto the positions just before the
@@ -18,25 +23,33 @@ mean); the one mask is then built for the largest layer and each layer's attenti
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
 
 from ..errors import ConfigError
 from .base import CompressedKVCache, KVCacheLayer
 from .registry import KV_METHODS, KVMethod, check_fraction, check_int
+
+#: attention implementations the eviction attention can wrap (both build 4D masks the selection reads)
+BASES = ("sdpa", "eager")
+PREFIX = "hf_compress_eviction_"
+#: the layer whose ``update`` ran last in this thread, with the key tensor it returned (claimed by the attention)
+_last_update = threading.local()
 
 
 class EvictionKVLayer(KVCacheLayer):
     def __init__(self, layer_idx, sliding_window=None, *, keep=0.25, window=32, kernel=7, budget_scale=1.0):
         super().__init__(layer_idx, sliding_window)
         self.keep, self.window, self.kernel, self.budget_scale = keep, window, kernel, budget_scale
-        self.pending = None  # (queries [B, Hq, w, D], valid [B, L] or None, scaling) set by the pre-hook
         self._reset()
 
     def _reset(self):
         self.k = self.v = None
+        self.pending = None  # the prompt's (keys, values) until `observe` has selected from them
 
     def tensors(self):
         return {n: getattr(self, n) for n in ("k", "v") if getattr(self, n) is not None}
@@ -49,28 +62,44 @@ class EvictionKVLayer(KVCacheLayer):
         return min(length, max(b, min(self.window, length), 1))
 
     def _update(self, key_states, value_states, prefill):
+        if self.pending is not None:
+            raise ConfigError(
+                f"Layer {self.layer_idx} of this eviction cache never saw its prefill's queries: the model does not "
+                "run the hf-compress eviction attention. Build the cache with hf_compress.kv.make_cache(model, "
+                "'snapkv:0.25') or SnapKVCache(model, ...) and do not change the model's attention implementation "
+                "afterwards.")
         if self.k is not None:
             self.k = torch.cat([self.k, key_states], dim=-2)
             self.v = torch.cat([self.v, value_states], dim=-2)
+            _last_update.value = (self, self.k)
             return self.k, self.v
-        length = key_states.shape[-2]
-        budget = self.budget(length)
-        if budget >= length:
+        if self.budget(key_states.shape[-2]) >= key_states.shape[-2]:
             self.k, self.v = key_states, value_states
-            self.pending = None
-            return key_states, value_states
-        if self.pending is None:
-            raise ConfigError(
-                "This eviction cache scores tokens with the prefill's queries, captured by hooks on the model's "
-                "attention modules: build it with hf_compress.kv.make_cache(model, 'snapkv:0.25') or "
-                "SnapKVCache(model, ...), not from a config alone.")
-        queries, valid, scaling = self.pending
-        self.pending = None
-        idx = self._select(queries, key_states, valid, scaling, budget)
-        gather = idx.unsqueeze(-1).expand(-1, -1, -1, key_states.shape[-1])
-        self.k = key_states.gather(2, gather)
-        self.v = value_states.gather(2, gather)
+        else:  # keep the whole prompt until the attention hands over the window's queries (`observe`)
+            self.pending = (key_states, value_states)
+        _last_update.value = (self, key_states)
         return key_states, value_states  # the prefill attends to the whole prompt
+
+    def observe(self, query, attention_mask, scaling):
+        """Called by the eviction attention with this layer's post-RoPE queries [B, Hq, q, D] and the mask it got;
+        selects the kept prompt tokens (prefill) and returns the mask this layer's stored keys need (decode)."""
+        if self.pending is not None:
+            keys, values = self.pending
+            self.pending = None
+            length = keys.shape[-2]
+            w = min(self.window, query.shape[-2])
+            valid = _valid_from_mask(attention_mask, length, keys.shape[0])
+            idx = self._select(query[:, :, -w:].detach(), keys, valid, scaling, self.budget(length))
+            gather = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+            self.k, self.v = keys.gather(2, gather), values.gather(2, gather)
+            return attention_mask
+        need = self.k.shape[-2]
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[-1] != need:
+            if attention_mask.shape[-1] < need:  # pyramid budgets: this layer keeps fewer tokens than the mask's layer
+                raise ConfigError(f"mask of {attention_mask.shape[-1]} columns for layer {self.layer_idx} holding "
+                                  f"{need} tokens")
+            return attention_mask[..., -need:]
+        return attention_mask
 
     @torch.no_grad()
     def _select(self, queries, keys, valid, scaling, budget):
@@ -99,15 +128,6 @@ class EvictionKVLayer(KVCacheLayer):
         return idx.sort(dim=-1).values
 
 
-def _apply_rope(module, q, cos, sin):
-    fn = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise ConfigError(f"{type(module).__name__} has no apply_rotary_pos_emb in its modeling module; the eviction "
-                          "cache cannot recompute its queries.")
-    q_rot, _ = fn(q, q, cos, sin)
-    return q_rot
-
-
 def _valid_from_mask(mask, length, batch):
     """[B, L] bool of the prompt positions the last query may attend to (None: no padding)."""
     if mask is None:
@@ -127,61 +147,55 @@ def _valid_from_mask(mask, length, batch):
     return valid
 
 
-def _pre_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
-    if not isinstance(cache, EvictionKVCache):
-        return None
-    idx = getattr(module, "layer_idx", None)
-    if idx is None or idx >= len(cache.layers):
-        return None
-    layer = cache.layers[idx]
-    if not isinstance(layer, EvictionKVLayer):
-        return None
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    mask = kwargs.get("attention_mask")
-    q_len = hidden.shape[1]
-    if layer.k is None and q_len > 1:  # prefill: capture the observation window's queries
-        pe = kwargs.get("position_embeddings")
-        if pe is None or not hasattr(module, "q_proj"):
-            raise ConfigError(f"{type(module).__name__} (layer {idx}) is not a q_proj + rotary attention; the eviction "
-                              "cache cannot score its tokens.")
-        w = min(layer.window, q_len)
-        head_dim = getattr(module, "head_dim")
-        q = module.q_proj(hidden[:, -w:])
-        q = q.view(hidden.shape[0], w, -1, head_dim)
-        if hasattr(module, "q_norm"):
-            q = module.q_norm(q)
-        q = q.transpose(1, 2)
-        cos, sin = pe
-        q = _apply_rope(module, q, cos[:, -w:], sin[:, -w:])
-        valid = _valid_from_mask(mask, q_len, hidden.shape[0])
-        layer.pending = (q.detach(), valid, getattr(module, "scaling", head_dim ** -0.5))
-        return None
-    if layer.k is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        need = layer.stored_length() + q_len
-        if mask.shape[-1] != need:  # pyramid budgets: this layer keeps fewer tokens than the mask's layer
-            if mask.shape[-1] < need:
-                raise ConfigError(f"mask of {mask.shape[-1]} columns for layer {idx} holding {need} tokens")
-            kwargs["attention_mask"] = mask[..., -need:]
-            return args, kwargs
-    elif layer.k is not None and mask is not None and not isinstance(mask, torch.Tensor) and len(
-            {lay.stored_length() for lay in cache.compressed_layers}) > 1:
-        raise ConfigError("pyramid eviction needs sdpa or eager attention (per-layer masks are sliced)")
-    return None
+def _base_attention(module, base):
+    if base == "sdpa":
+        return AttentionInterface()["sdpa"]
+    # "eager" is not in the interface: each modeling module defines the eager function the interface falls back to
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ConfigError(f"{type(module).__name__} has no eager_attention_forward in its modeling module; the eviction "
+                          "cache cannot wrap its eager attention (use attn_implementation='sdpa').")
+    return fn
 
 
-def install_hooks(model) -> None:
-    """Register the query-capturing pre-hooks on every attention module (once per model; inert for other caches)."""
-    if getattr(model, "_hf_compress_eviction_hooks", None):
-        return
-    handles = []
-    for name, module in model.named_modules():
-        if hasattr(module, "layer_idx") and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-            handles.append(module.register_forward_pre_hook(_pre_hook, with_kwargs=True))
-    if not handles:
-        raise ConfigError(f"{type(model).__name__} has no attention modules with q_proj/k_proj and a layer_idx; the "
-                          "eviction cache cannot score tokens on it.")
-    model._hf_compress_eviction_hooks = handles
+def _eviction_attention(base):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        last = getattr(_last_update, "value", None)
+        if last is not None and last[1] is key:  # the keys an eviction layer's update returned for this module
+            _last_update.value = None
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            attention_mask = last[0].observe(query, attention_mask, scaling)
+        return _base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{base}"
+    return attention
+
+
+for _base in BASES:
+    AttentionInterface.register(f"{PREFIX}{_base}", _eviction_attention(_base))
+    AttentionMaskInterface.register(f"{PREFIX}{_base}", AttentionMaskInterface()[_base])
+
+
+def eviction_attention_name(model) -> str:
+    """The eviction attention for ``model`` (``hf_compress_eviction_sdpa``/``_eager``), or a ConfigError."""
+    current = model.config._attn_implementation
+    if isinstance(current, str) and current.startswith(PREFIX):
+        return current
+    if current not in BASES:
+        raise ConfigError(f"eviction caches read the prefill's queries from sdpa or eager attention; "
+                          f"{type(model).__name__} uses {current!r}. Load it with attn_implementation='sdpa'.")
+    return f"{PREFIX}{current}"
+
+
+def install_attention(model) -> None:
+    """Switch ``model`` to the eviction attention wrapping its current implementation (a pass-through for other
+    caches); idempotent."""
+    name = eviction_attention_name(model)
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise ConfigError(f"{type(model).__name__} does not dispatch attention through transformers' "
+                          f"AttentionInterface (it refused {name!r}); the eviction cache cannot see its queries.")
 
 
 def pyramid_scales(n: int, ratio: float = 3.0) -> list[float]:
@@ -202,7 +216,7 @@ class EvictionKVCache(CompressedKVCache):
     def __init__(self, model, keep=0.25, window=32, kernel=7, schedule="uniform"):
         spec = {"method": "snapkv", "keep": keep, "window": window, "kernel": kernel, "schedule": schedule}
         validate_eviction(spec)
-        install_hooks(model)
+        install_attention(model)
         config = model.config
         n = config.get_text_config(decoder=True).num_hidden_layers
         scales = pyramid_scales(n) if schedule == "pyramid" else [1.0] * n
@@ -246,5 +260,5 @@ class SnapKVMethod(KVMethod):
 
     @classmethod
     def check_model(cls, model, spec):
-        install_hooks(model)
+        eviction_attention_name(model)
 

@@ -3,10 +3,10 @@
 * ``make_cache(model, spec)``: a fresh cache for one ``generate`` call (or a manual forward loop).
 * Default cache in ``generate``: transformers has no registry for third-party ``cache_implementation`` strings, so
   `install_default_cache` gives the model *instance* its own ``_prepare_cache_for_generation`` (the GenerationMixin
-  step that creates ``DynamicCache`` when none is passed). It builds the hf-compress cache only where transformers
-  would have built a default ``DynamicCache``: no ``past_key_values`` passed, ``use_cache`` not false and no
-  ``cache_implementation`` asked for; everything else goes to the class's own method untouched, so an explicit
-  ``past_key_values`` (or ``cache_implementation``) still wins. It is installed by the quantizer's post-processing,
+  step that creates ``DynamicCache`` when none is passed; a private method, guarded by tests/test_compat.py). The
+  class's own step runs first; the hf-compress cache replaces its result only where transformers built a default
+  ``DynamicCache``: no cache passed (under any keyword), ``use_cache`` not false and no ``cache_implementation``
+  asked for, so an explicit cache (or ``cache_implementation``) still wins. It is installed by the quantizer's post-processing,
   which runs after ``from_pretrained`` of an hf-compress checkpoint and after ``hf_compress.compress`` in memory.
 * Checkpoint: the spec is ``CompressionConfig.kv`` (config.json). Calibrated projections (lowrank) are buffers of a
   ``hf_compress_kv`` submodule, saved in model.safetensors; `before_weight_loading` creates that submodule from the
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import types
+
+from transformers.cache_utils import Cache, DynamicCache
 
 from ..errors import CheckpointError, ConfigError
 from .registry import kv_method, parse_kv_spec
@@ -58,12 +60,17 @@ def default_cache_spec(model):
 
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    """The class's own step first; then, where it built its default ``DynamicCache`` (no cache passed, ``use_cache``
+    on, no ``cache_implementation``), that cache is swapped for the hf-compress one under whatever name generate
+    keeps it (``past_key_values`` up to transformers 5.23, ``cache`` since 5.24): found by type, not by name."""
     spec = self.__dict__.get(SPEC_ATTR)
-    if (spec is not None and model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
-            and generation_config.cache_implementation is None and self._supports_default_dynamic_cache()):
-        model_kwargs["past_key_values"] = make_cache(self, spec)
-        return None
-    return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+    passed = any(isinstance(v, Cache) for v in model_kwargs.values())
+    result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+    if spec is not None and not passed and generation_config.cache_implementation is None:
+        for key, value in model_kwargs.items():
+            if type(value) is DynamicCache:
+                model_kwargs[key] = make_cache(self, spec)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- config plumbing

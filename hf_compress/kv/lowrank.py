@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..compat import cache_kwargs
 from ..errors import ConfigError
 from .base import CompressedKVCache, KVCacheLayer, compressible_layers, head_geometry
 from .registry import KV_METHODS, KVMethod, check_fraction, check_int
@@ -145,7 +146,7 @@ def collect_statistics(model, windows: torch.Tensor, batch_size: int = 4):
     try:
         for batch in windows.split(batch_size):
             cache = DynamicCache(config=model.config)
-            model(input_ids=batch.to(device), past_key_values=cache, use_cache=True)
+            model(input_ids=batch.to(device), **cache_kwargs(model, cache), use_cache=True)
             for i, layer in enumerate(cache.layers):
                 if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                     continue

@@ -8,7 +8,7 @@ Steps per group, each keeping only improvements of the (squared) weight error, s
 3. alternating least squares: with the codes fixed, the scale (and, with a float zero, the zero) minimising the
    squared error in closed form; re-round with them and repeat.
 
-Defaults are what measured best on SmolLM2-135M at 3-bit/g64 (WikiText-2, first 4096 tokens; README): an
+Defaults are what measured best on SmolLM2-135M at 3-bit/g64 (WikiText-2, first 4096 tokens; docs/quantization.md): an
 integer zero (0 stays on the grid: 89.4 vs 231.8 with HQQ's float zero) and no range shrinking (89.4 vs 107.2
 with ``min_shrink=0.85`` and 122.0 with 0.5): clipping a group's outlier weights lowers the weight error but
 raises the output error. ``integer_zero=False, min_shrink=0.5`` gives the full HQQ-style float-zero optimiser.

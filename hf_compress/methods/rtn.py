@@ -2,7 +2,7 @@
 
 ``integer_zero`` (default): the grid contains 0 exactly (range widened to include 0, integer zero point) — the
 classic asymmetric grid. Measured on SmolLM2-135M at 3-bit/g64 it matters: some layers (value projections) lose
-far less output accuracy when 0 is on the grid (see README); ``integer_zero=False`` maps [min, max] exactly.
+far less output accuracy when 0 is on the grid (see docs/quantization.md); ``integer_zero=False`` maps [min, max] exactly.
 """
 
 from __future__ import annotations
