@@ -8,7 +8,8 @@ tokens, best of two. ``decode tok/s`` = 63 / (t(64 new tokens) - t(1 new token))
 (the prompt's forward plus one step). Every checkpoint is built first (``hf_compress.compress`` +
 ``save_pretrained``, the same as ``hf-compress compress``; kept in ``--workdir``) and then each row loads its
 checkpoint with ``AutoModelForCausalLM.from_pretrained`` in its own process, so ``peak RSS`` (VmHWM of that process:
-imports + load + generate) is the row's own; ``ckpt MB`` is the checkpoint directory's safetensors. The KV rows
+imports + load + generate) is the row's own; ``RSS over imports`` is that peak less the process's peak after its
+imports (what loading and running the model added); ``ckpt MB`` is the checkpoint directory's safetensors. The KV rows
 use the dense fp32 model with a 2048-token prompt and compare with ``DynamicCache`` at the same context.
 
 Rows: dense fp32 and bf16; the peer, torchao's int4 weight-only CPU path (``PrototypeInt4WeightOnlyConfig``,
@@ -89,6 +90,7 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
     import hf_compress  # noqa: F401  (registers the hf_compress checkpoint format with from_pretrained)
 
     torch.set_num_threads(2)
+    imports_mb = peak_rss_mb()  # torch, transformers (which imports torchao when installed), hf_compress
     dtype = getattr(torch, spec.get("dtype", "float32"))
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -120,7 +122,8 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
     tn = min(gen(NEW) for _ in range(2))
     files = sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))
     return {"row": label, "decode tok/s": round((NEW - 1) / (tn - t1), 2), "prefill ms": round(1000 * t1),
-            "context": ids.shape[1], "peak RSS MB": round(peak_rss_mb()), "ckpt MB": round(files / 1e6, 1)}
+            "context": ids.shape[1], "peak RSS MB": round(peak_rss_mb()),
+            "RSS over imports MB": round(peak_rss_mb() - imports_mb), "ckpt MB": round(files / 1e6, 1)}
 
 
 def main() -> None:
@@ -160,7 +163,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M, 2 threads, batch 1, greedy, {NEW} new tokens, best of 2, "
           f"HF_COMPRESS_KERNELS={args.kernels}")
     print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x DynamicCache (time/token)",
-                          "prefill ms", "context", "peak RSS MB", "ckpt MB"])
+                          "prefill ms", "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"])
 
 
 if __name__ == "__main__":

@@ -131,9 +131,11 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     if pack.copies == 2:
         xb = torch.cat([xb, xb], 1)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), pack.weight, pack.group, pack.scales_zeros)
-    y = y[:, :pack.out_features].to(x.dtype)
-    if u is not None:
-        y = y + F.linear(F.linear(x2, v.to(x.dtype)), u.to(x.dtype))
+    if y.shape[1] != pack.out_features:
+        y = y[:, :pack.out_features]
+    y = y.to(x.dtype)
+    if u is not None:  # in the input's dtype: at one row an fp32 GEMV is faster on CPU than a bf16 one
+        y = torch.addmm(y, F.linear(x2, v.to(x.dtype)), u.to(x.dtype).t())
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*lead, pack.out_features)
