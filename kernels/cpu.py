@@ -36,6 +36,9 @@ layers) and bf16 scales/zeros, beside the checkpoint's own buffers.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from typing import NamedTuple
 
 import torch
@@ -80,42 +83,65 @@ class Int4Pack(NamedTuple):
 
 
 def int4_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-                in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+                in_features: int, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Our packed layout re-expressed for the int4 kernel, exactly (fp32, before any rounding to bf16): int4 codes
-    [N, copies * padded] (int32), scales and zeros [N, copies * padded / kernel group] (fp32) with
-    ``W = sum over copies of (c - 8) * scale + zero`` (module docstring), and the kernel group."""
+    [rows, copies * padded] (int32; ``rows`` >= N, default N: the extra rows and the padded columns are code 0),
+    scales and zeros [N, copies * padded / kernel group] (fp32) with ``W = sum over copies of (c - 8) * scale + zero``
+    (module docstring), and the kernel group. Built in place in one int32 buffer (repacking a layer needs ~12 bytes
+    per weight for a moment, not a dense copy)."""
     gk = kernel_group(group_size)
     if gk is None or bits not in (2, 3, 4, 8):
         raise ValueError(f"the int4 CPU kernel takes groups that are multiples of 32 and 2/3/4/8-bit codes; "
                          f"got group_size={group_size}, bits={bits}")
-    codes = unpack(qweight, bits, in_features).to(torch.int32)
-    padded = scales.shape[1] * group_size
+    codes = unpack(qweight, bits, in_features, dtype=torch.int32)
+    n, padded = codes.shape[0], scales.shape[1] * group_size
     s, z = scales.float(), zeros.float()
     if bits == 8:
-        halves = [(codes >> 4, 16 * s, (128 - z) * s), (codes & 15, s, 8 * s)]
+        halves = [(torch.Tensor.bitwise_right_shift_, 4, 16 * s, (128 - z) * s),
+                  (torch.Tensor.bitwise_and_, 15, s, 8 * s)]
     else:
         h = 2 ** (bits - 1)
-        halves = [(codes + (8 - h), s, (h - z) * s)]
+        halves = [(torch.Tensor.add_, 8 - h, s, (h - z) * s)]
+    cols = torch.zeros(rows or n, len(halves) * padded, dtype=torch.int32)
+    for i, (op, arg, _, _) in enumerate(halves):  # in place: no temporary the size of the codes
+        part = cols[:n, i * padded:i * padded + in_features]
+        op(part.copy_(codes), arg)
     rep = group_size // gk
-    cols = torch.cat([F.pad(c, (0, padded - in_features)) for c, _, _ in halves], 1)
-    sc = torch.cat([sc.repeat_interleave(rep, 1) for _, sc, _ in halves], 1)
-    zp = torch.cat([zp.repeat_interleave(rep, 1) for _, _, zp in halves], 1)
+    sc = torch.cat([sc.repeat_interleave(rep, 1) for *_, sc, _ in halves], 1)
+    zp = torch.cat([zp.repeat_interleave(rep, 1) for *_, zp in halves], 1)
     return cols, sc, zp, gk
 
 
 def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
            in_features: int) -> Int4Pack:
-    """Our packed layout -> the int4 CPU kernel's (`int4_layout`, then N padded and the codes converted)."""
+    """Our packed layout -> the int4 CPU kernel's (`int4_layout` with N padded to a multiple of 16, converted)."""
     if not available():
         raise RuntimeError(f"this torch ({torch.__version__}) has no aten.{OPS[0]} / aten.{OPS[1]}")
-    cols, sc, zp, gk = int4_layout(qweight, scales, zeros, bits, group_size, in_features)
-    n, n_pad = cols.shape[0], -cols.shape[0] % N_MULTIPLE
-    cols = F.pad(cols, (0, 0, 0, n_pad))
-    sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, n_pad))  # [N', K' / gk, 2]
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(cols.contiguous(), 1)
+    n = qweight.shape[0]
+    cols, sc, zp, gk = int4_layout(qweight, scales, zeros, bits, group_size, in_features, n + -n % N_MULTIPLE)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(cols, 1)
+    del cols
+    sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))  # [N', K' / gk, 2]
     padded = scales.shape[1] * group_size
     return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded,
-                    cols.shape[1] // padded, n)
+                    sz.shape[1] * gk // padded, n)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the repack's freed temporaries back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Without it
+    glibc keeps them in the heap (its mmap threshold grows with each large free), and a model repacked layer by
+    layer keeps ~1.3x its dense fp32 projection bytes resident (measured on a 52M-weight Llama: +277 MB, vs +60 MB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = None, u: torch.Tensor | None = None,

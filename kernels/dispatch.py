@@ -132,6 +132,7 @@ def cpu_pack(cache: dict, qweight, scales, zeros, bits: int, group_size: int, in
     if old is None or any(a is not b for a, b in zip(old, src)) or cache["versions"] != versions:
         cache.clear()  # drop the old pack before building the new one
         cache.update(src=src, versions=versions, pack=cpu.repack(qweight, scales, zeros, bits, group_size, in_features))
+        cpu.release_freed_memory()
     return cache["pack"]
 
 

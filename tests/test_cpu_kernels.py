@@ -163,3 +163,40 @@ def test_smollm2_fast_path_agrees_with_reference(monkeypatch):
     assert any(m._kernel_cache.get("pack") is not None for m in model.modules() if hasattr(m, "_kernel_cache"))
     agree = float((out["auto"] == out["torch"]).float().mean())
     assert agree >= 0.9, f"greedy agreement {agree:.2f}"
+
+
+def test_loading_a_4bit_checkpoint_never_materialises_dense_weights(tmp_path):
+    """A 4-bit checkpoint of a random Llama (77M projection weights: 309 MB in fp32) loads with from_pretrained and
+    runs on the CPU path adding less than half the dense projections' bytes to the process's peak RSS (codes, scales,
+    the int4 repack and one layer's repack temporaries: ~130 MB); dense weights on the way would add >= 309 MB."""
+    import hf_compress
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=8)
+    model = LlamaForCausalLM(config).eval()
+    dense = sum(m.weight.numel() * 4 for n, m in model.named_modules() if n.endswith("proj"))
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 128}, progress=False)
+    hf_compress.save_pretrained(model, tmp_path, model_card=False)
+    del model
+    from conftest import run_python
+
+    proc = run_python(f"""
+        import torch, hf_compress
+        from transformers import AutoModelForCausalLM
+
+        def peak():
+            return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+
+        torch.ones(64, 1024) @ torch.ones(1024, 64)  # the allocator and BLAS warmed before the baseline
+        base = peak()
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, dtype=torch.float32)
+        with torch.no_grad():
+            model(input_ids=torch.arange(8)[None])
+        n = sum(getattr(m, "_kernel_cache", {{}}).get("pack") is not None for m in model.modules())
+        print("ADDED", peak() - base, "PACKED", n)
+    """)
+    added, packed = (int(w) for w in proc.stdout.split()[1::2])
+    assert packed == 42, proc.stdout  # 7 projections x 6 layers ran on the int4 kernel
+    assert added < dense / 2, f"loading + one forward added {added / 1e6:.0f} MB (dense projections: {dense / 1e6:.0f} MB)"
