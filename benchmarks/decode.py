@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/decode.py                          # every row (~25 min on 2 cores)
     .venv/bin/python benchmarks/decode.py --rows "dense fp32" "rtn 4-bit g128"
 
-Protocol: 2 threads, ``generate`` batch 1, greedy, a 256-token prompt (the start of WikiText-2 raw test), 64 new
-tokens, best of two. ``decode tok/s`` = 63 / (t(64 new tokens) - t(1 new token)); ``prefill ms`` = t(1 new token)
-(the prompt's forward plus one step). Every checkpoint is built first (``hf_compress.compress`` +
+Protocol: 2 threads (``--threads``), ``generate`` batch 1, greedy, a 256-token prompt (the start of WikiText-2 raw
+test), 64 new tokens, best of two (`hf_compress.evaluation.decode_speed`): ``decode tok/s`` = 63 / (t(64 new tokens)
+- t(1 new token)); ``prefill ms`` = t(1 new token) (the prompt's forward plus one step). Every checkpoint is built first (``hf_compress.compress`` +
 ``save_pretrained``, the same as ``hf-compress compress``; kept in ``--workdir``) and then each row loads its
 checkpoint with ``AutoModelForCausalLM.from_pretrained`` in its own process, so ``peak RSS`` (VmHWM of that process:
 imports + load + generate) is the row's own; ``RSS over imports`` is that peak less the process's peak after its
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from common import DATA, TARGETS, peak_rss_mb, print_table, run_rows
@@ -88,8 +87,9 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_compress  # noqa: F401  (registers the hf_compress checkpoint format with from_pretrained)
+    from hf_compress.evaluation import decode_speed
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("DECODE_THREADS", "2")))
     imports_mb = peak_rss_mb()  # torch, transformers (which imports torchao when installed), hf_compress
     dtype = getattr(torch, spec.get("dtype", "float32"))
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
@@ -107,21 +107,9 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
 
         kv = parse_kv_spec(spec["kv"])
         make_cache = lambda: kv_method(kv).make_cache(model, kv)  # noqa: E731
-
-    def gen(n: int) -> float:
-        kw = {"past_key_values": make_cache()} if make_cache else {}
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=tok.eos_token_id, **kw)
-        assert out.shape[1] == ids.shape[1] + n
-        return time.perf_counter() - start
-
-    gen(4)  # warm-up (and the CPU kernels' repack on first forward)
-    t1 = min(gen(1) for _ in range(2))
-    tn = min(gen(NEW) for _ in range(2))
+    tok_s, prefill_s = decode_speed(model, ids, NEW, repeats=2, make_cache=make_cache, pad_token_id=tok.eos_token_id)
     files = sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))
-    return {"row": label, "decode tok/s": round((NEW - 1) / (tn - t1), 2), "prefill ms": round(1000 * t1),
+    return {"row": label, "decode tok/s": round(tok_s, 2), "prefill ms": round(1000 * prefill_s),
             "context": ids.shape[1], "peak RSS MB": round(peak_rss_mb()),
             "RSS over imports MB": round(peak_rss_mb() - imports_mb), "ckpt MB": round(files / 1e6, 1)}
 
@@ -131,6 +119,7 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     ap.add_argument("--workdir", default="/tmp/hf-compress-decode", help="where the checkpoints are built (reused)")
     ap.add_argument("--kernels", default="auto", help="HF_COMPRESS_KERNELS for our rows (auto: the CPU kernels)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per row (default 2, the protocol's)")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -145,6 +134,7 @@ def main() -> None:
     import subprocess
 
     os.environ["HF_COMPRESS_KERNELS"] = args.kernels
+    os.environ["DECODE_THREADS"] = str(args.threads)
     for label in args.rows:
         build = ROWS[label]["build"]
         if not (work / _slug(build) / "config.json").exists():
@@ -160,7 +150,7 @@ def main() -> None:
         if r.get("context") == KV_CONTEXT and "KV: DynamicCache, 2048 ctx" in by and "decode tok/s" in r:
             r["x DynamicCache (time/token)"] = round(by["KV: DynamicCache, 2048 ctx"]["decode tok/s"]
                                                      / r["decode tok/s"], 2)
-    print(f"\nSmolLM2-135M, 2 threads, batch 1, greedy, {NEW} new tokens, best of 2, "
+    print(f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2, "
           f"HF_COMPRESS_KERNELS={args.kernels}")
     print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x DynamicCache (time/token)",
                           "prefill ms", "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"])

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .reference import unpack
+from .reference import SUPPORTED_BITS, unpack
 
 #: the private aten ops this path relies on (a test fails naming them if they disappear or change layout)
 OPS = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
@@ -52,8 +52,9 @@ KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernel takes, largest
 N_MULTIPLE = 16  # the kernel wants N % 16 == 0
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether this torch has the int4 CPU ops."""
+    """Whether this torch has the int4 CPU ops (looked up once: dispatch asks at every forward)."""
     return all(hasattr(torch.ops.aten, name) for name in OPS)
 
 
@@ -63,7 +64,7 @@ def kernel_group(group_size: int) -> int | None:
 
 
 def supports(bits: int, group_size: int) -> bool:
-    return bits in (2, 3, 4, 8) and kernel_group(group_size) is not None
+    return bits in SUPPORTED_BITS and kernel_group(group_size) is not None
 
 
 class Int4Pack(NamedTuple):
@@ -90,7 +91,7 @@ def int4_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     (module docstring), and the kernel group. Built in place in one int32 buffer (repacking a layer needs ~12 bytes
     per weight for a moment, not a dense copy)."""
     gk = kernel_group(group_size)
-    if gk is None or bits not in (2, 3, 4, 8):
+    if not supports(bits, group_size):
         raise ValueError(f"the int4 CPU kernel takes groups that are multiples of 32 and 2/3/4/8-bit codes; "
                          f"got group_size={group_size}, bits={bits}")
     codes = unpack(qweight, bits, in_features, dtype=torch.int32)
