@@ -222,7 +222,8 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(ratio=args.ratio, method=args.method, text_path=args.text, max_tokens=args.max_tokens,
-             output=args.output, targets=args.targets, nsamples=args.nsamples)
+             output=args.output, targets=args.targets, nsamples=args.nsamples, bits=args.bits,
+             group_size=args.group_size)
     return 0
 
 
@@ -291,8 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="offline end-to-end demo on SmolLM2-135M")
-    p.add_argument("--method", default="svd", help="svd (data-free, ~1 min) or a calibrated method such as svd_llm")
-    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--method", default="hqq", help="hqq (default: 4-bit, data-free; on CPU it runs on the int4 "
+                   "kernels), rtn, gptq, or a low-rank method: svd, svd_llm (calibrated) ...")
+    p.add_argument("--bits", type=int, help="weight bits of a quantization method (default 4); with a low-rank "
+                   "method: quantize its factors")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
+    p.add_argument("--ratio", type=float, help="low-rank methods: fraction of the parameters removed (default 0.2)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens (default 16)")
     p.add_argument("--targets", nargs="+", default=None)
     p.add_argument("--text", help="evaluation text (default: ../shared/data WikiText-2 if found, else a shipped excerpt)")

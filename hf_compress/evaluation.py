@@ -58,3 +58,30 @@ def perplexity(model, tokenizer, text: str, *, seqlen: int = 512, max_tokens: in
         model.train(was_training)
     mean = total / count
     return PerplexityResult(math.exp(mean), mean, count, n_windows, seqlen, max_tokens)
+
+
+def decode_speed(model, input_ids: torch.Tensor, new_tokens: int = 64, repeats: int = 2, make_cache=None,
+                 pad_token_id: int | None = None) -> tuple[float, float]:
+    """(decode tokens/s, prefill seconds) of greedy ``generate`` from ``input_ids``, best of ``repeats``:
+    prefill = t(1 new token), decode = (new_tokens - 1) / (t(new_tokens) - t(1)). ``make_cache()`` gives a fresh
+    ``past_key_values`` for each call (a compressed KV cache; None: the default cache). One short warm-up call
+    runs first (kernels that prepare themselves on their first forward do it there)."""
+    import time
+
+    if new_tokens < 2:
+        raise ConfigError(f"new_tokens must be >= 2 to time decoding, got {new_tokens}")
+
+    def run(n: int) -> float:
+        kw = {"past_key_values": make_cache()} if make_cache else {}
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=pad_token_id, **kw)
+        if out.shape[1] != input_ids.shape[1] + n:
+            raise RuntimeError(f"generate returned {out.shape[1] - input_ids.shape[1]} tokens, asked for {n}")
+        return time.perf_counter() - start
+
+    run(2)
+    t1 = min(run(1) for _ in range(repeats))
+    tn = min(run(new_tokens) for _ in range(repeats))
+    return (new_tokens - 1) / (tn - t1), t1

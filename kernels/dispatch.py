@@ -1,8 +1,14 @@
-"""Choose between the Triton kernels and the torch references.
+"""Choose between the Triton kernels, the CPU int4 kernels and the torch references.
 
-``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when Triton is importable, the reference
-otherwise), ``torch`` (always the reference) or ``triton`` (always Triton; an error where it cannot run: Triton
-missing, or CPU tensors without ``TRITON_INTERPRET=1`` set before triton was imported).
+``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when Triton is importable, the CPU kernels
+(`cpu`) for CPU tensors when this torch has them, the reference otherwise), ``torch`` (always the reference: the
+specification), ``triton`` (always Triton; an error where it cannot run: Triton missing, or CPU tensors without
+``TRITON_INTERPRET=1`` set before triton was imported) or ``cpu`` (always the CPU kernels; an error for other
+devices or a torch without them).
+
+The CPU backend runs `QuantLinear` (`kernels.cpu`; a layer whose group size the kernel cannot take, or a call
+without a ``cache`` to keep the repacked weight in, runs the reference); low-rank layers are two dense GEMMs, which
+is already what the reference does on CPU.
 
 The variable is read once per process (the first forward) and cached, as is the Triton import;
 `refresh_backend()` re-reads both (tests, or after changing the variable at run time).
@@ -21,10 +27,10 @@ from types import SimpleNamespace
 
 import torch
 
-from . import reference
+from . import cpu, reference
 
 ENV_VAR = "HF_COMPRESS_KERNELS"
-CHOICES = ("auto", "torch", "triton")
+CHOICES = ("auto", "torch", "triton", "cpu")
 
 _import_error: str | None = None
 
@@ -34,7 +40,7 @@ def kernel_mode() -> str:
     """The value of ``HF_COMPRESS_KERNELS`` (validated), read once per process; see `refresh_backend`."""
     choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
-        raise ValueError(f"{ENV_VAR} must be auto, torch or triton, got {choice!r}")
+        raise ValueError(f"{ENV_VAR} must be auto, torch, triton or cpu, got {choice!r}")
     return choice
 
 
@@ -63,12 +69,20 @@ def refresh_backend() -> str:
 
 
 def backend_for(tensor: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"``: which implementation runs for an input living where ``tensor`` lives."""
+    """``"triton"``, ``"cpu"`` or ``"torch"``: which implementation runs for an input living where ``tensor`` lives."""
     mode = kernel_mode()
     if mode == "torch":
         return "torch"
+    on_cpu = tensor.device.type == "cpu"
     if mode == "auto":  # triton is imported only for CUDA inputs
-        return "triton" if tensor.is_cuda and _triton() is not None else "torch"
+        if tensor.is_cuda:
+            return "triton" if _triton() is not None else "torch"
+        return "cpu" if on_cpu and cpu.available() else "torch"
+    if mode == "cpu":
+        if not on_cpu or not cpu.available():
+            raise RuntimeError(f"{ENV_VAR}=cpu with a {tensor.device.type} tensor" if not on_cpu else
+                               f"{ENV_VAR}=cpu but this torch ({torch.__version__}) lacks aten.{' / aten.'.join(cpu.OPS)}")
+        return "cpu"
     mods = _triton()
     if mods is None:
         raise RuntimeError(f"{ENV_VAR}=triton but Triton is not importable ({_import_error})")
@@ -99,10 +113,27 @@ class _KernelFn(torch.autograd.Function):
         return (None, None, *[next(grads) if need else None for need in needs])
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _run(kernel, ref, *tensors):
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _needs_grad(*tensors):
         return _KernelFn.apply(kernel, ref, *tensors)
     return kernel(*tensors)
+
+
+def cpu_pack(cache: dict, qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> cpu.Int4Pack:
+    """The layer's `cpu.repack`, built on first use and kept in ``cache`` (a plain dict the caller owns, never part of
+    a state dict); rebuilt when a buffer is replaced or changed in place (tensor identity and version counter)."""
+    src = (qweight, scales, zeros)
+    versions = tuple(t._version for t in src)
+    old = cache.get("src")
+    if old is None or any(a is not b for a, b in zip(old, src)) or cache["versions"] != versions:
+        cache.clear()  # drop the old pack before building the new one
+        cache.update(src=src, versions=versions, pack=cpu.repack(qweight, scales, zeros, bits, group_size, in_features))
+        cpu.release_freed_memory()
+    return cache["pack"]
 
 
 def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,9 +145,15 @@ def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torc
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                  group_size: int, in_features: int, bias: torch.Tensor | None = None,
-                 u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x · dequant(Q)ᵀ + (x · Vᵀ) · Uᵀ + b (layout: `hf_compress.kernels.reference`)."""
-    if backend_for(x) == "triton":
+                 u: torch.Tensor | None = None, v: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+    """y = x · dequant(Q)ᵀ + (x · Vᵀ) · Uᵀ + b (layout: `hf_compress.kernels.reference`). ``cache``: where the CPU
+    backend keeps the repacked weight between calls (`cpu_pack`); without one the CPU backend runs the reference."""
+    backend = backend_for(x)
+    if (backend == "cpu" and cache is not None and cpu.supports(bits, group_size)
+            and not _needs_grad(x, bias, u, v)):  # no backward of its own: training runs the reference
+        pack = cpu_pack(cache, qweight, scales, zeros, bits, group_size, in_features)
+        return cpu.quant_linear(x, pack, bias, u, v)
+    if backend == "triton":
         packed = (qweight, scales, zeros, bits, group_size, in_features)
 
         def kernel(x_, bias_, u_, v_):

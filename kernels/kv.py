@@ -156,9 +156,9 @@ def dequantize_reference(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Ten
 def backend(x: torch.Tensor, bits: int | None = None) -> str:
     """"triton" or "torch" for tensor ``x`` (and, when given, a width: one the kernels do not cover is "torch")."""
     choice = os.environ.get("HF_COMPRESS_KERNELS", "auto").lower()
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"HF_COMPRESS_KERNELS must be auto, torch or triton, got {choice!r}")
-    if choice == "torch":
+    if choice not in ("auto", "torch", "triton", "cpu"):
+        raise ValueError(f"HF_COMPRESS_KERNELS must be auto, torch, triton or cpu, got {choice!r}")
+    if choice in ("torch", "cpu"):  # the KV codes have no CPU kernel of their own: the caches dequantize incrementally
         return "torch"
     if choice == "triton":
         if _triton() is None:

@@ -51,19 +51,19 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """int32 words [rows, w] -> codes [rows, n] (int64)."""
+def unpack(words: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """int32 words [rows, w] -> codes [rows, n] (int64, or ``dtype``)."""
     if 32 % bits == 0:  # 2, 4, 8 bits: no code straddles two words; arithmetic shifts are fine once masked
         per = 32 // bits
         shifts = torch.arange(per, device=words.device, dtype=torch.int32) * bits
         codes = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)
-        return codes.reshape(words.shape[0], -1)[:, :n].to(torch.int64)
+        return codes.reshape(words.shape[0], -1)[:, :n].to(dtype)
     w = words.to(torch.int64) & 0xFFFFFFFF
     w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
     start = torch.arange(n, device=words.device) * bits
     lo, shift = start // 32, start % 32
     both = w[:, lo] | (w[:, lo + 1] << 32)
-    return (both >> shift) & (2**bits - 1)
+    return ((both >> shift) & (2**bits - 1)).to(dtype)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,

@@ -40,18 +40,20 @@ def test_mode_is_read_once_and_refreshed(monkeypatch):
 
 def test_invalid_mode_is_an_error(monkeypatch):
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="must be auto, torch or triton"):
+    with pytest.raises(ValueError, match="must be auto, torch, triton or cpu"):
         kernels.refresh_backend()
-    with pytest.raises(ValueError, match="must be auto, torch or triton"):
+    with pytest.raises(ValueError, match="must be auto, torch, triton or cpu"):
         kernels.lowrank_linear(*_lowrank_args())
 
 
 @pytest.mark.parametrize("mode", ["auto", "torch"])
 def test_cpu_tensors_take_the_reference(monkeypatch, mode):
+    """torch: the reference; auto: the CPU backend, which runs the reference for low-rank layers and for quantized
+    ones called without a cache (tests/test_cpu_kernels.py covers the int4 kernel path)."""
     monkeypatch.setenv("HF_COMPRESS_KERNELS", mode)
     kernels.refresh_backend()
     x, u, v, b = _lowrank_args()
-    assert kernels.backend_for(x) == "torch"
+    assert kernels.backend_for(x) == ("cpu" if mode == "auto" else "torch")
     assert torch.equal(kernels.lowrank_linear(x, u, v, b), reference.lowrank_linear(x, u, v, b))
     codes = torch.randint(0, 16, (7, 20), generator=torch.Generator().manual_seed(0))
     qw, s, z = reference.pack(codes, 4), torch.rand(7, 1).half(), torch.full((7, 1), 8.0).half()
@@ -88,7 +90,8 @@ def test_without_triton_auto_falls_back_and_forced_triton_says_why():
         except RuntimeError as e:
             print("ERR", e)
     """)
-    assert "AUTO torch" in proc.stdout and "ERR HF_COMPRESS_KERNELS=triton but Triton is not importable" in proc.stdout
+    # auto: a CPU tensor takes the CPU kernels (no Triton needed); forced triton says why it cannot run
+    assert "AUTO cpu" in proc.stdout and "ERR HF_COMPRESS_KERNELS=triton but Triton is not importable" in proc.stdout
 
 
 def test_triton_kernels_under_interpreter():

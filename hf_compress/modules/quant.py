@@ -88,6 +88,7 @@ class QuantLinear(nn.Module):
                     t = (torch.ones if name.endswith("scales") else torch.zeros)(shape, dtype=sdt, device=device)
                 self.register_buffer(name, t)
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self._kernel_cache: dict = {}  # the CPU kernel's repacked weight (`kernels.dispatch.cpu_pack`); not state
 
     @property
     def rank(self) -> int:
@@ -205,7 +206,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u, v = self.factors(x.dtype)
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
-                            self.bias, u, v)
+                            self.bias, u, v, cache=self._kernel_cache)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """dequant(Q) [out, in] (without the low-rank term)."""

@@ -1,0 +1,160 @@
+"""CPU decode speed of compressed SmolLM2-135M checkpoints (issue 16): one command, one table, one run.
+
+    .venv/bin/python benchmarks/decode.py                          # every row (~25 min on 2 cores)
+    .venv/bin/python benchmarks/decode.py --rows "dense fp32" "rtn 4-bit g128"
+
+Protocol: 2 threads (``--threads``), ``generate`` batch 1, greedy, a 256-token prompt (the start of WikiText-2 raw
+test), 64 new tokens, best of two (`hf_compress.evaluation.decode_speed`): ``decode tok/s`` = 63 / (t(64 new tokens)
+- t(1 new token)); ``prefill ms`` = t(1 new token) (the prompt's forward plus one step). Every checkpoint is built first (``hf_compress.compress`` +
+``save_pretrained``, the same as ``hf-compress compress``; kept in ``--workdir``) and then each row loads its
+checkpoint with ``AutoModelForCausalLM.from_pretrained`` in its own process, so ``peak RSS`` (VmHWM of that process:
+imports + load + generate) is the row's own; ``RSS over imports`` is that peak less the process's peak after its
+imports (what loading and running the model added); ``ckpt MB`` is the checkpoint directory's safetensors. The KV rows
+use the dense fp32 model with a 2048-token prompt and compare with ``DynamicCache`` at the same context.
+
+Rows: dense fp32 and bf16; the peer, torchao's int4 weight-only CPU path (``PrototypeInt4WeightOnlyConfig``,
+``_weight_int4pack_mm_for_cpu``; bf16 model: it needs bf16 activations) on the same 210 projections at g64
+(torchao needs in_features % group == 0; SmolLM2's 576-wide inputs rule out g128); ours at 2/3/4/8 bits, 3-bit +
+EoRA r32 (calibrated on 16 x 512 tokens of gutenberg-pg1342.txt), ``svd`` 0.4, and the KV caches. Ours run with
+``HF_COMPRESS_KERNELS=auto`` (the CPU int4 kernels: `hf_compress.kernels.cpu`); add ``--kernels torch`` to time
+the reference instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from common import DATA, TARGETS, peak_rss_mb, print_table, run_rows
+
+PROMPT, NEW, KV_CONTEXT = 256, 64, 2048
+CALIB = {"nsamples": 16, "seqlen": 512, "seed": 0}
+
+#: label -> how the row is built ("dense" / "torchao" / an hf-compress config) and run (dtype, KV spec, context)
+ROWS = {
+    "dense fp32": {"build": "dense", "dtype": "float32"},
+    "dense bf16": {"build": "dense", "dtype": "bfloat16"},
+    "torchao int4 g64 (bf16 model)": {"build": "dense", "dtype": "bfloat16", "peer": 64},
+    "rtn 4-bit g128": {"build": {"method": "rtn", "bits": 4, "group_size": 128}},
+    "rtn 4-bit g64": {"build": {"method": "rtn", "bits": 4, "group_size": 64}},
+    "rtn 4-bit g128 (bf16 model)": {"build": {"method": "rtn", "bits": 4, "group_size": 128}, "dtype": "bfloat16"},
+    "hqq 3-bit g64": {"build": {"method": "hqq", "bits": 3, "group_size": 64}},
+    "hqq 2-bit g32": {"build": {"method": "hqq", "bits": 2, "group_size": 32}},
+    "rtn 8-bit g128": {"build": {"method": "rtn", "bits": 8, "group_size": 128}},
+    "hqq 3-bit g64 + EoRA r32": {"build": {"method": "hqq", "bits": 3, "group_size": 64, "eora_rank": 32}},
+    "svd 0.4": {"build": {"method": "svd", "ratio": 0.4}},
+    "KV: DynamicCache, 2048 ctx": {"build": "dense", "context": KV_CONTEXT},
+    "KV: quant4, 2048 ctx": {"build": "dense", "context": KV_CONTEXT, "kv": "quant4"},
+    "KV: quantmix, 2048 ctx": {"build": "dense", "context": KV_CONTEXT, "kv": "quantmix"},
+}
+
+
+def _slug(build) -> str:
+    if build == "dense":
+        return "dense"
+    return "-".join(f"{k}{v}" for k, v in build.items())
+
+
+def build_checkpoint(build, out: Path) -> None:
+    import torch
+
+    import hf_compress
+    from hf_compress.loading import load_model, smollm2_gguf_path
+
+    torch.manual_seed(0)
+    model, tok = load_model(smollm2_gguf_path())
+    if build == "dense":
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        return
+    cfg = {**build, "targets": TARGETS, "calibration": CALIB}
+    calibrated = build.get("eora_rank") or build["method"] in ("gptq", "svd_llm", "asvd")
+    hf_compress.compress(model, cfg, calibration=str(DATA / "gutenberg-pg1342.txt") if calibrated else None,
+                         tokenizer=tok, progress=False)
+    hf_compress.save_pretrained(model, out, tokenizer=tok, model_card=False)
+
+
+def _prompt_ids(tok, n: int):
+    text = (DATA / "wikitext-2-raw-test.txt").read_text(encoding="utf-8")[:200_000]
+    return tok(text, return_tensors="pt").input_ids[:, :n]
+
+
+def run_row(label: str, spec: dict, ckpt: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_compress  # noqa: F401  (registers the hf_compress checkpoint format with from_pretrained)
+    from hf_compress.evaluation import decode_speed
+
+    torch.set_num_threads(int(os.environ.get("DECODE_THREADS", "2")))
+    imports_mb = peak_rss_mb()  # torch, transformers (which imports torchao when installed), hf_compress
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    if spec.get("peer"):
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+
+        quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=spec["peer"]),
+                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name.split(".")[-1] in TARGETS)
+    ids = _prompt_ids(tok, spec.get("context", PROMPT))
+    make_cache = None
+    if spec.get("kv"):
+        from hf_compress.kv.registry import kv_method, parse_kv_spec
+
+        kv = parse_kv_spec(spec["kv"])
+        make_cache = lambda: kv_method(kv).make_cache(model, kv)  # noqa: E731
+    tok_s, prefill_s = decode_speed(model, ids, NEW, repeats=2, make_cache=make_cache, pad_token_id=tok.eos_token_id)
+    files = sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))
+    return {"row": label, "decode tok/s": round(tok_s, 2), "prefill ms": round(1000 * prefill_s),
+            "context": ids.shape[1], "peak RSS MB": round(peak_rss_mb()),
+            "RSS over imports MB": round(peak_rss_mb() - imports_mb), "ckpt MB": round(files / 1e6, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    ap.add_argument("--workdir", default="/tmp/hf-compress-decode", help="where the checkpoints are built (reused)")
+    ap.add_argument("--kernels", default="auto", help="HF_COMPRESS_KERNELS for our rows (auto: the CPU kernels)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per row (default 2, the protocol's)")
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--build", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    if args.build:  # child: build one checkpoint
+        build_checkpoint(json.loads(args.build), work / _slug(json.loads(args.build)))
+        return
+    if args.row:  # child: time one row
+        spec = ROWS[args.row]
+        print("ROW " + json.dumps(run_row(args.row, spec, work / _slug(spec["build"]))), flush=True)
+        return
+    import subprocess
+
+    os.environ["HF_COMPRESS_KERNELS"] = args.kernels
+    os.environ["DECODE_THREADS"] = str(args.threads)
+    for label in args.rows:
+        build = ROWS[label]["build"]
+        if not (work / _slug(build) / "config.json").exists():
+            print(f"building {_slug(build)} ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, __file__, "--workdir", str(work), "--build", json.dumps(build)],
+                           check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    results = run_rows(__file__, [(label, [label, "--workdir", str(work)]) for label in args.rows])
+    by = {r["row"]: r for r in results if "row" in r}
+    for r in results:
+        for base in ("dense fp32", "dense bf16"):
+            if base in by and "decode tok/s" in r and r.get("context") == by[base]["context"]:
+                r[f"x {base}"] = round(r["decode tok/s"] / by[base]["decode tok/s"], 2)
+        if r.get("context") == KV_CONTEXT and "KV: DynamicCache, 2048 ctx" in by and "decode tok/s" in r:
+            r["x DynamicCache (time/token)"] = round(by["KV: DynamicCache, 2048 ctx"]["decode tok/s"]
+                                                     / r["decode tok/s"], 2)
+    print(f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2, "
+          f"HF_COMPRESS_KERNELS={args.kernels}")
+    print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x DynamicCache (time/token)",
+                          "prefill ms", "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"])
+
+
+if __name__ == "__main__":
+    main()

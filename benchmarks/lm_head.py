@@ -1,0 +1,37 @@
+"""What SmolLM2-135M's tied lm_head (49152 x 576, dense in every compressed checkpoint) costs per decoded token on
+CPU, next to the 210 projections it sits beside: median of 200 single-row GEMVs per dtype.
+
+    .venv/bin/python benchmarks/lm_head.py --threads 1
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def median_ms(fn, n: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[n // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    for dtype in (torch.float32, torch.bfloat16):
+        w, x = torch.randn(49152, 576, dtype=dtype), torch.randn(1, 576, dtype=dtype)
+        print(f"lm_head 49152x576 {str(dtype).removeprefix('torch.')}: {median_ms(lambda: F.linear(x, w)):.2f} ms/token "
+              f"({args.threads} threads)")
+
+
+if __name__ == "__main__":
+    main()
