@@ -76,7 +76,7 @@ def cmd_compress(args) -> int:
 
     from .hub import add_evaluation, provenance_of
 
-    from .progress import format_seconds, peak_rss_mb
+    from .progress import format_seconds, peak_rss_mb, rss_mb
 
     config = _config_from_args(args)
     partial = _partial_dir(args.output)
@@ -85,7 +85,7 @@ def cmd_compress(args) -> int:
                               "continue it, or delete it to start over.")
     t0 = time.time()
     model, tokenizer = load_model(args.model, **_placement_args(args))
-    print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s")
+    print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s; RSS now {rss_mb():.0f} MiB")
     config.provenance = {**provenance_of(model), **_provenance_args(args), "command": _command_line()}
     base = None
     eval_text = read_text(args.eval_text) if args.eval_text else None

@@ -12,17 +12,29 @@ from tqdm.auto import tqdm
 logger = logging.getLogger("hf_compress.progress")
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident set size so far, in MiB (Linux: VmHWM, which `reset` below can restart;
-    elsewhere ``getrusage``)."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MiB; None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size so far, in MiB (Linux: VmHWM, which a benchmark may restart by
+    writing 5 to /proc/self/clear_refs; elsewhere ``getrusage``)."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """The process's resident set size now, in MiB (Linux; NaN elsewhere)."""
+    now = _status_mb("VmRSS")
+    return now if now is not None else float("nan")
 
 
 def format_seconds(s: float) -> str:

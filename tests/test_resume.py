@@ -120,3 +120,20 @@ def test_data_free_resume_and_settings_mismatch(dense4, tmp_path):
     with pytest.raises(ConfigError, match="config.bits"):
         hf_compress.compress(AutoModelForCausalLM.from_pretrained(dense4), {**cfg, "bits": 3}, progress=False,
                              checkpoint_dir=ckpt)
+
+
+def test_cli_disk_offload_gives_the_in_memory_checkpoint(dense4, tmp_path):
+    """--device-map/--max-memory/--offload-folder: every block on disk, read block by block, same checkpoint."""
+    common = ["--method", "gptq", "--bits", "4", "--group-size", "16", "--calib", TEXT, "--nsamples", "4",
+              "--seqlen", "32"]
+    mem = _cli("compress", dense4, "-o", tmp_path / "mem", *common)
+    assert mem.returncode == 0, mem.stderr
+    off = _cli("compress", dense4, "-o", tmp_path / "off", *common, "--device-map", "auto", "--max-memory",
+               "cpu=20000", "--offload-folder", tmp_path / "offload")
+    assert off.returncode == 0, off.stderr
+    assert any((tmp_path / "offload").iterdir())  # the dense weights really went to disk
+    assert "peak RSS" in off.stdout  # the summary line
+    a, b = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = _cli("compress", dense4, "-o", tmp_path / "bad", *common, "--offload-folder", tmp_path / "x")
+    assert bad.returncode == 2 and "need --device-map" in bad.stderr and not (tmp_path / "bad").exists()
