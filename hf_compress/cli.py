@@ -86,6 +86,10 @@ def cmd_compress(args) -> int:
     t0 = time.time()
     model, tokenizer = load_model(args.model, **_placement_args(args))
     print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s; RSS now {rss_mb():.0f} MiB")
+    placement = getattr(model, "hf_device_map", None)
+    if args.device_map and placement:
+        where = {d: sum(1 for v in placement.values() if v == d) for d in dict.fromkeys(placement.values())}
+        print("placement (modules per device): " + ", ".join(f"{d}: {n}" for d, n in where.items()))
     config.provenance = {**provenance_of(model), **_provenance_args(args), "command": _command_line()}
     base = None
     eval_text = read_text(args.eval_text) if args.eval_text else None
@@ -134,8 +138,8 @@ def _placement_args(args) -> dict:
         kw["device_map"] = json.loads(args.device_map) if args.device_map.startswith("{") else args.device_map
     if args.max_memory:
         try:
-            kw["max_memory"] = {(int(k) if k.isdigit() else k): v for k, v in
-                                (item.split("=", 1) for item in args.max_memory)}
+            kw["max_memory"] = {(int(k) if k.isdigit() else k): (int(v) if v.isdigit() else v) for k, v in
+                                (item.split("=", 1) for item in args.max_memory)}  # a bare number: bytes
         except ValueError:
             raise HfCompressError(f"--max-memory takes DEVICE=SIZE items (cpu=4GiB 0=20GiB), got {args.max_memory}") from None
     if args.offload_folder:

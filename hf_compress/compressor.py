@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .allocation import allocate_energy, plan_ranks
 from .calibration import BlockwiseRunner, LayerStats, calibration_windows, device_of, find_blocks, input_groups
 from .config import CompressionConfig
-from .errors import ConfigError, NonFiniteWeightError
+from .errors import CheckpointError, ConfigError, NonFiniteWeightError
 from .progress import Progress
 from .resume import Checkpoint, fingerprint
 from .methods import get_method
@@ -339,6 +339,9 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         per_block[_block_index(name, prefix)][name] = targets[name]
     ckpt = checkpoint_dir and Checkpoint(checkpoint_dir, fingerprint(config, targets, windows), checkpoint_every)
     saved = ckpt.streams() if ckpt else {}
+    if ckpt and ckpt.done and not saved:
+        raise CheckpointError(f"{ckpt.folder} says {ckpt.done} blocks are done but has no streams.safetensors to "
+                              "continue from; delete the folder to start over.")
 
     if "fisher" not in method.needs:
         fisher = {}
