@@ -111,6 +111,21 @@ def base_svd_llm(model, args, ratio: float, tok) -> None:
         u[:, :r] * sig[:r], torch.linalg.solve_triangular(s.T, vh[:r].T, upper=True, left=False)
 
 
+def svd_fp32_gap(model, ratio: float = 0.4) -> float:
+    """Largest ‖U₃₂V₃₂ − U₆₄V₆₄‖_F / ‖W − U₆₄V₆₄‖_F over the projections: how far plain SVD's fp32 factors are
+    from fp64 ones, relative to the truncation error itself (row ``check-svd-fp32``)."""
+    from hf_compress.allocation import uniform_rank
+    from hf_compress.methods.linalg import truncated_factors
+
+    worst = 0.0
+    for w in _weights(model).values():
+        r = uniform_rank(*w.shape, ratio)
+        (u32, v32), (u64, v64) = truncated_factors(w.float(), r), truncated_factors(w.double(), r)
+        p64 = u64 @ v64
+        worst = max(worst, float((u32.double() @ v32.double() - p64).norm() / (w.double() - p64).norm()))
+    return worst
+
+
 def run_row(args) -> dict:
     import torch
 
@@ -127,7 +142,9 @@ def run_row(args) -> dict:
     row = {"row": label, "threads": args.threads}
     reset_peak_rss()
     t0 = time.time()
-    if kind == "base-svd":
+    if kind == "check-svd-fp32":
+        row["max_gap"] = svd_fp32_gap(model)
+    elif kind == "base-svd":
         base_svd(model, args)
     elif kind == "base-rtn":
         base_rtn(model, args, int(setting[0]), int(setting[1]))
