@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hf_compress.progress import peak_rss_mb  # noqa: F401  (the benchmarks' peak-RSS reading)
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: the protocol's compressed layers (../shared/PEERS.md): every q/k/v/o/gate/up/down projection
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -21,14 +23,6 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_rows(script: str, jobs: list[tuple[str, list[str]]]) -> list[dict]:

@@ -85,22 +85,30 @@ class LayerStats:
     def absmean(self) -> torch.Tensor:
         return self.abssum / max(self.count, 1)
 
-    def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None, need_cross: bool = False) -> None:
+    def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None, need_cross: bool = False,
+            need_ref_gram: bool | None = None) -> None:
+        """Accumulate one batch (fp64 products: the compensation solves with G_cc⁻¹, whose conditioning an fp32
+        Gram would not survive). ``need_ref_gram`` (default: ``need_cross``): also Σ x_d x_dᵀ, which only the
+        held-out errors use, so the sequential engine asks for it on held-out batches only."""
         x = x.reshape(-1, x.shape[-1]).double()
+        need_ref_gram = need_cross if need_ref_gram is None else need_ref_gram
         if self.gram is None:
             n, kw = x.shape[1], {"dtype": torch.float64, "device": x.device}
             self.gram = torch.zeros(n, n, **kw)
             self.abssum = torch.zeros(n, **kw)
             if need_cross:
                 self.cross = torch.zeros(n, n, **kw)
+            if need_ref_gram:
                 self.ref_gram = torch.zeros(n, n, **kw)
         self.gram.addmm_(x.T, x)
         self.abssum += x.abs().sum(0)
         self.count += x.shape[0]
-        if need_cross:
+        if need_cross or need_ref_gram:
             xr = x_ref.reshape(-1, x_ref.shape[-1]).double()
-            self.cross.addmm_(xr.T, x)
-            self.ref_gram.addmm_(xr.T, xr)
+            if need_cross:
+                self.cross.addmm_(xr.T, x)
+            if need_ref_gram:
+                self.ref_gram.addmm_(xr.T, xr)
 
     def merged(self, other: "LayerStats | None") -> "LayerStats":
         """Statistics of both token sets together."""

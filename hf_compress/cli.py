@@ -76,10 +76,20 @@ def cmd_compress(args) -> int:
 
     from .hub import add_evaluation, provenance_of
 
+    from .progress import format_seconds, peak_rss_mb, rss_mb
+
     config = _config_from_args(args)
+    partial = _partial_dir(args.output)
+    if partial.exists() and not args.resume:
+        raise HfCompressError(f"{partial} holds an interrupted compression into {args.output}: rerun with --resume to "
+                              "continue it, or delete it to start over.")
     t0 = time.time()
-    model, tokenizer = load_model(args.model)
-    print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s")
+    model, tokenizer = load_model(args.model, **_placement_args(args))
+    print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s; RSS now {rss_mb():.0f} MiB")
+    placement = getattr(model, "hf_device_map", None)
+    if args.device_map and placement:
+        where = {d: sum(1 for v in placement.values() if v == d) for d in dict.fromkeys(placement.values())}
+        print("placement (modules per device): " + ", ".join(f"{d}: {n}" for d, n in where.items()))
     config.provenance = {**provenance_of(model), **_provenance_args(args), "command": _command_line()}
     base = None
     eval_text = read_text(args.eval_text) if args.eval_text else None
@@ -87,11 +97,13 @@ def cmd_compress(args) -> int:
         print("perplexity of the model before compression:")
         base = _print_ppl(model, tokenizer, eval_text, args)
     t0 = time.time()
-    compress(model, config, calibration=args.calib, tokenizer=tokenizer)
+    compress(model, config, calibration=args.calib, tokenizer=tokenizer, checkpoint_dir=partial,
+             checkpoint_every=args.checkpoint_every)
     rows = [r for r in layer_table(model) if r.kind != "dense"]
     now, dense = sum(r.bytes for r in rows), sum(r.dense_bytes for r in rows)
-    print(f"compressed {len(rows)} layers with {config.method} in {time.time() - t0:.1f}s; "
-          f"their bytes {dense:,} -> {now:,} ({now / max(dense, 1):.3f}x)")
+    print(f"compressed {len(rows)} layers with {config.method} in {format_seconds(time.time() - t0)} "
+          f"({time.time() - t0:.1f}s), peak RSS {peak_rss_mb():.0f} MiB; their bytes {dense:,} -> {now:,} "
+          f"({now / max(dense, 1):.3f}x)")
     if eval_text:
         print("perplexity of the compressed model:")
         after = _print_ppl(model, tokenizer, eval_text, args)
@@ -99,8 +111,42 @@ def cmd_compress(args) -> int:
         add_evaluation(model, base, dataset=name, base=True, command=_command_line())
         add_evaluation(model, after, dataset=name, command=_command_line())
     save_pretrained(model, args.output, tokenizer=tokenizer)
+    _remove_tree(partial)  # the checkpoint is complete: the resume state has served
     print(f"saved {args.output} (model card: {os.path.join(args.output, 'README.md')})")
     return 0
+
+
+def _partial_dir(output: str):
+    """Where an interrupted ``compress -o OUT`` keeps its finished blocks: ``OUT.partial`` beside the output."""
+    from pathlib import Path
+
+    out = Path(output).resolve()
+    return out.with_name(out.name + ".partial")
+
+
+def _remove_tree(path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _placement_args(args) -> dict:
+    """from_pretrained's placement options (accelerate big-model loading) from --device-map / --max-memory /
+    --offload-folder."""
+    kw = {}
+    if args.device_map:
+        kw["device_map"] = json.loads(args.device_map) if args.device_map.startswith("{") else args.device_map
+    if args.max_memory:
+        try:
+            kw["max_memory"] = {(int(k) if k.isdigit() else k): (int(v) if v.isdigit() else v) for k, v in
+                                (item.split("=", 1) for item in args.max_memory)}  # a bare number: bytes
+        except ValueError:
+            raise HfCompressError(f"--max-memory takes DEVICE=SIZE items (cpu=4GiB 0=20GiB), got {args.max_memory}") from None
+    if args.offload_folder:
+        kw["offload_folder"] = args.offload_folder
+    if kw and "device_map" not in kw:
+        raise HfCompressError("--max-memory / --offload-folder need --device-map (e.g. --device-map auto)")
+    return kw
 
 
 _ARGV: list[str] = []
@@ -238,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compression_args(p)
     p.add_argument("--eval-text", help="also measure perplexity on this text file before and after compression; "
                                         "recorded beside the checkpoint and shown in its model card")
+    r = p.add_argument_group("large models and long runs")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run from the blocks checkpointed "
+                                                         "in OUTPUT.partial (same settings; the result is identical)")
+    r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="commit finished blocks to OUTPUT.partial at most this often (default 60)")
+    r.add_argument("--device-map", help="accelerate device map for loading: auto, balanced, sequential, cpu, cuda, "
+                                        "or a JSON {module: device|\"disk\"}; with --offload-folder, what does not "
+                                        "fit --max-memory is offloaded to disk and read block by block")
+    r.add_argument("--max-memory", nargs="+", metavar="DEVICE=SIZE", help="per-device memory for --device-map, e.g. "
+                                                                          "cpu=4GiB 0=20GiB")
+    r.add_argument("--offload-folder", help="folder for the weights accelerate offloads to disk")
     _add_provenance_args(p)
     p.set_defaults(func=cmd_compress)
 

@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 from .allocation import allocate_energy, plan_ranks
 from .calibration import BlockwiseRunner, LayerStats, calibration_windows, device_of, find_blocks, input_groups
 from .config import CompressionConfig
-from .errors import ConfigError, NonFiniteWeightError
+from .errors import CheckpointError, ConfigError, NonFiniteWeightError
+from .progress import Progress
+from .resume import Checkpoint, fingerprint
 from .methods import get_method
 from .kernels import pack
 from .methods.eora import eora_factors
@@ -42,13 +44,19 @@ logger = logging.getLogger(__name__)
 
 
 def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibration=None, tokenizer=None,
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+             checkpoint_every: float = 60.0) -> nn.Module:
     """Compress ``model`` in place according to ``config`` and return it.
 
     ``calibration`` (calibrated methods): a text file path, a list of strings, a ``datasets.Dataset`` (``text``
     column) or a tensor of token ids; ``tokenizer`` tokenizes text sources. The model keeps its class
     (``LlamaForCausalLM`` stays ``LlamaForCausalLM``); targeted layers become compressed modules, and the model is
     marked so that ``save_pretrained`` writes an hf-compress checkpoint.
+
+    ``checkpoint_dir``: make the run resumable (`hf_compress.resume`): finished blocks are checkpointed there as
+    safetensors (the sequential engine's streams at most every ``checkpoint_every`` seconds); when the folder
+    already holds a run with the same settings, compression continues after its last committed block and the
+    result equals an uninterrupted run bit for bit. Delete the folder once the model is saved.
     """
     from .quantizer import attach
 
@@ -58,7 +66,8 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     from .kv.hook import calibrate_kv, kv_only
 
     if not kv_only(config):
-        compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress)
+        compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress,
+                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     calibrate_kv(model, config, calibration=calibration, tokenizer=tokenizer)  # KV method (hf_compress/kv)
     if calibration is not None and not config.calibration.get("source"):
         config.calibration["source"] = _describe_source(calibration)
@@ -92,7 +101,7 @@ def _checked_weight(name: str, module: nn.Module) -> torch.Tensor:
         weight = dense_weight(module).detach()
         if weight.device.type == "meta":
             raise ConfigError(f"Weight of {name} is on the meta device and no offload hook can load it.")
-        if not torch.isfinite(weight).all():
+        if weight.numel() and not torch.isfinite(torch.stack(weight.aminmax())).all():  # NaN propagates: one pass
             raise NonFiniteWeightError(f"Weight of {name} contains NaN or Inf; refusing to compress it.")
         return weight.clone() if offloaded else weight  # an offloaded weight goes back to disk on exit
 
@@ -236,7 +245,7 @@ def _correct(module, method, stats, heldout) -> None:
 
 
 def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration=None, tokenizer=None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, checkpoint_dir=None, checkpoint_every: float = 60.0) -> dict:
     """Replace the targeted modules of ``model`` by compressed ones (no bookkeeping on the model).
 
     Returns a small report: {"ranks": {name: rank|None}, "betas": {...}, "seconds": ...}."""
@@ -252,14 +261,23 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
 
     factor_bits = {n: 8 * m.weight.element_size() for n, m in targets.items()}
     if not uses_calibration(config, calibration is not None):
-        if alloc == "uniform":
+        ckpt = checkpoint_dir and Checkpoint(checkpoint_dir, fingerprint(config, targets), checkpoint_every)
+        if ckpt and ckpt.done:
+            plan = ckpt.extra["plan"]
+        elif alloc == "uniform":
             plan = _plan(config, method, shapes, factor_bits)
         else:
             spectra = {n: method.spectrum(_checked_weight(n, m).float()) for n, m in targets.items()}
             plan = allocate_energy(spectra, shapes, config.ratio)
-        for name in tqdm(list(targets), desc=f"hf-compress {config.method}", disable=not progress, unit="layer"):
-            if plan[name] is not None:
-                _replace(model, name, targets[name], method, config, plan[name])
+        units = _units(model, targets)
+        done = _restore(ckpt, model, len(units))
+        for u in Progress(range(len(units)), config.method, "block", bar=progress, skipped=done):
+            for name in units[u]:
+                if plan[name] is not None:
+                    _replace(model, name, targets[name], method, config, plan[name])
+            if ckpt:
+                ckpt.save_unit(u, model, [n for n in units[u] if plan[n] is not None])
+                ckpt.commit(u + 1, {"plan": plan})
         report = {"ranks": plan, "seconds": time.time() - t0}
     else:
         if calibration is None:
@@ -267,14 +285,41 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
             raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
                               "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
         report = _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress,
-                                      t0, factor_bits)
+                                      t0, factor_bits, checkpoint_dir, checkpoint_every)
     if config.eora_bits:
         report["eora_ranks"] = allocate_eora(model, list(targets), config.eora_bits)
     return report
 
 
+def _units(model, targets: dict[str, nn.Module]) -> list[list[str]]:
+    """The targets grouped by the repeated block that holds them (one unit per layer where they are not all
+    inside the blocks): the granularity of progress and checkpoints."""
+    try:
+        prefix, blocks = find_blocks(model, targets)
+    except ConfigError:
+        return [[n] for n in targets]
+    units: list[list[str]] = [[] for _ in blocks]
+    for name in targets:
+        units[_block_index(name, prefix)].append(name)
+    return units
+
+
+def _block_index(name: str, prefix: str) -> int:
+    return int(name[len(prefix) + 1 :].split(".")[0])
+
+
+def _restore(ckpt, model, n_units: int) -> int:
+    """Put the checkpointed units back into ``model``; the number of units restored."""
+    if not ckpt or not ckpt.done:
+        return 0
+    for u in range(ckpt.done):
+        ckpt.restore_unit(u, model)
+    logger.warning("resuming from %s: %d/%d blocks already compressed", ckpt.folder, ckpt.done, n_units)
+    return ckpt.done
+
+
 def _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress, t0,
-                         factor_bits=None):
+                         factor_bits=None, checkpoint_dir=None, checkpoint_every=60.0):
     cal = config.calibration
     windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
     n_tokens = windows.numel()
@@ -291,10 +336,19 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
     prefix, blocks = find_blocks(model, targets)
     per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
     for name in targets:
-        idx = int(name[len(prefix) + 1 :].split(".")[0])
-        per_block[idx][name] = targets[name]
+        per_block[_block_index(name, prefix)][name] = targets[name]
+    ckpt = checkpoint_dir and Checkpoint(checkpoint_dir, fingerprint(config, targets, windows), checkpoint_every)
+    saved = ckpt.streams() if ckpt else {}
+    if ckpt and ckpt.done and not saved:
+        raise CheckpointError(f"{ckpt.folder} says {ckpt.done} blocks are done but has no streams.safetensors to "
+                              "continue from; delete the folder to start over.")
 
-    fisher = _fisher_rows(model, targets, batches[:n_train_batches], progress) if "fisher" in method.needs else {}
+    if "fisher" not in method.needs:
+        fisher = {}
+    elif saved:
+        fisher = {n: saved[f"fisher.{n}"] for n in targets}
+    else:
+        fisher = _fisher_rows(model, targets, batches[:n_train_batches], progress)
 
     runner = BlockwiseRunner(model, blocks, torch.cat(batches), batch_size=bs)
     was_training = model.training
@@ -302,12 +356,14 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
     runner.capture()
 
     # (2) ranks
-    if alloc == "uniform":
+    if saved:
+        plan = ckpt.extra["plan"]
+    elif alloc == "uniform":
         plan = _plan(config, method, shapes, factor_bits)
     else:
         spectra = {}
         hidden = runner.hidden
-        for i in tqdm(range(len(blocks)), desc="hf-compress measure spectra", disable=not progress, unit="block"):
+        for i in Progress(range(len(blocks)), "measure spectra", "block", bar=progress):
             stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher)
             for name, st in stats.items():
                 spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
@@ -323,7 +379,13 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
     comp = list(runner.hidden)
     ref = list(runner.hidden) if need_cross else None
     betas = {}
-    for i in tqdm(range(len(blocks)), desc=f"hf-compress {config.method}", disable=not progress, unit="block"):
+    done = _restore(ckpt, model, len(blocks))
+    if done:
+        comp = [saved[f"comp.{b}"] for b in range(len(comp))]
+        ref = [saved[f"ref.{b}"] for b in range(len(comp))] if need_cross else None
+        betas = ckpt.extra["betas"]
+        runner.inputs[:done] = [[] for _ in range(done)]
+    for i in Progress(range(len(blocks)), config.method, "block", bar=progress, skipped=done):
         block, layers = blocks[i], per_block[i]
         correcting = getattr(method, "correct_dense", False)
         todo = {n: m for n, m in layers.items() if plan[n] is not None or correcting}
@@ -348,6 +410,13 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
             ref = runner.run(i, block, ref)
         comp = runner.run(i, block, comp)
         runner.inputs[i] = []  # this block's captured calls are no longer needed
+        if ckpt:
+            ckpt.save_unit(i, model, list(todo))
+            if ckpt.due() or i == len(blocks) - 1:
+                streams = {f"comp.{b}": h for b, h in enumerate(comp)}
+                streams.update({f"ref.{b}": h for b, h in enumerate(ref or [])})
+                streams.update({f"fisher.{n}": f for n, f in fisher.items()})
+                ckpt.commit(i + 1, {"plan": plan, "betas": betas}, streams)
     model.train(was_training)
     return {"ranks": plan, "betas": betas, "seconds": time.time() - t0, "calibration_tokens": n_tokens}
 
@@ -405,7 +474,7 @@ def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_bat
                 raise RuntimeError(f"input sharing of {n} changed between calibration batches")
             seen[key] = (n, x)
             target = train[n] if b < n_train_batches else val[n]
-            target.add(x, x_ref, need_cross=need_cross)
+            target.add(x, x_ref, need_cross=need_cross, need_ref_gram=need_cross and target is val[n])
         return hook
 
     handles = [m.register_forward_pre_hook(make(n)) for n, m in layers.items()]

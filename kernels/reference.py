@@ -39,8 +39,15 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     rows, n = codes.shape
     q = codes.to(torch.int64)
-    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2**bits):
-        raise ValueError(f"codes out of range for {bits}-bit packing")
+    if q.numel():
+        lo, hi = q.aminmax()
+        if int(lo) < 0 or int(hi) >= 2**bits:
+            raise ValueError(f"codes out of range for {bits}-bit packing")
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word, code j of a word at bit j·bits
+        per = 32 // bits
+        q = torch.nn.functional.pad(q, (0, -n % per)).view(rows, -1, per)
+        words = (q << torch.arange(0, 32, bits, device=q.device)).sum(-1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     start = torch.arange(n, device=codes.device) * bits
     lo, shift = start // 32, start % 32
     nwords = packed_words(n, bits)

@@ -54,9 +54,10 @@ class GPTQ(QuantMethod):
         w, h = w[:, perm], h[perm][:, perm]
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
         group_of = perm // g
+        groups = group_of.tolist()  # per processed column, as Python ints: the loop below is per column
         scales = torch.zeros(out, n_groups, device=w.device)
         zeros = torch.zeros_like(scales)
-        done = torch.zeros(n_groups, dtype=torch.bool)
+        done = [False] * n_groups
         codes = torch.zeros(out, n_pad, device=w.device)
         maxq = 2**bits - 1
         # blocks hold whole groups when there is no reordering, so a group's grid sees its up-to-date weights
@@ -66,7 +67,7 @@ class GPTQ(QuantMethod):
             w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
             err1 = torch.zeros_like(w1)
             for i in range(i2 - i1):
-                grp = int(group_of[i1 + i])
+                grp = groups[i1 + i]
                 if not done[grp]:
                     pos = (group_of == grp).nonzero().squeeze(1)  # this group's columns, in processing order
                     current = torch.where((pos >= i1) & (pos < i2), w1[:, (pos - i1).clamp(0, i2 - i1 - 1)], w[:, pos])

@@ -89,7 +89,7 @@ def fake_quant(wg, scale, zero, bits):
 
 def minmax(wg: torch.Tensor, bits: int, dtype: torch.dtype, shrink: float | torch.Tensor = 1.0,
            integer_zero: bool = False):
-    lo, hi = wg.amin(-1), wg.amax(-1)
+    lo, hi = wg.aminmax(dim=-1)
     return grid(lo * shrink, hi * shrink, bits, dtype, integer_zero)
 
 

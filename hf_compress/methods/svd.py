@@ -10,9 +10,10 @@ from .linalg import spectrum, truncated_factors
 
 
 def balanced_truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` approximation of `matrix` (Eckart–Young) as (U·√Σ, √Σ·Vᵀ), computed in fp64."""
-    u, v = truncated_factors(matrix.double(), rank)
-    return u.float(), v.float()
+    """Best rank-`rank` approximation of `matrix` (Eckart–Young) as (U·√Σ, √Σ·Vᵀ), computed in fp32: the factors
+    are stored in fp32 or narrower, and an fp32 SVD's factors are accurate far below that storage's rounding
+    (fp64 cost 2-4x the time for no measurable change in perplexity)."""
+    return truncated_factors(matrix.float(), rank)
 
 
 @METHODS.register("svd")

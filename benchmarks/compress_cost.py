@@ -1,0 +1,331 @@
+"""What compression costs on SmolLM2-135M, each method beside a same-run plain-torch baseline of the peer's core
+work — one command, one table:
+
+    .venv/bin/python benchmarks/compress_cost.py                    # every row (~30 min on 2 quiet cores)
+    .venv/bin/python benchmarks/compress_cost.py --rows svd:0.4 base-svd --eval-tokens 0
+
+Baselines (timed on the same 210 projections, same threads, same process layout: one process per row):
+
+* ``base-svd``: one fp32 ``torch.linalg.svd`` per weight (the plain-SVD reference's core work);
+* ``base-rtn:B:G``: min-max rounding per group in plain torch (scale, zero, round, clamp);
+* ``base-svd_llm:R``: SVD-LLM's core: one dense forward over the calibration windows accumulating each layer's
+  Gram XᵀX (fp32 products, as its reference code), then per layer Cholesky whitening, one fp32 SVD of W·S and
+  the rank-r factors with S⁻¹ folded back (uniform ratio R).
+
+``--llama7b-blocks N`` measures instead a Llama-2-7B-shaped model (hidden 4096, intermediate 11008, 32 heads,
+N blocks of random fp16 weights written to disk one block at a time, SmolLM2's tokenizer and vocabulary) compressed
+through the CLI with accelerate disk offload (``--device-map auto --max-memory cpu=1GiB --offload-folder``): per
+block time and peak RSS for svd_llm, asvd and gptq from the CLI's ``-v`` progress lines, beside the memory formula
+(`formula_mb`) and the extrapolation to 32 blocks.
+
+A method row is ``method:setting`` (``svd:0.4``, ``rtn:4:128``, ``svd_llm:0.2``, ``gptq:3:64``) run through
+``hf_compress.compress`` with each method's defaults, timed from the loaded model to the compressed one, then
+scored by perplexity (protocol of ../shared/PEERS.md: first ``--eval-tokens`` of WikiText-2 raw test, 512-token
+windows; calibration 32 x 512 tokens of gutenberg-pg1342, seed 0). ``ratio`` = method time / baseline time of
+the same run; ``README ppl`` is the perplexity the README reported for that setting before this work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from common import DATA, TARGETS, peak_rss_mb, print_table, reset_peak_rss, run_rows
+
+#: method row -> (baseline row, target ratio or seconds, README ppl at 32768 tokens)
+ROWS = {
+    "svd:0.4": ("base-svd", "<= 1.2x", 1.5e7),
+    "rtn:4:128": ("base-rtn:4:128", "<= 5 s", 39.36),
+    "rtn:3:64": ("base-rtn:3:64", "<= 5 s", 95.34),
+    "rtn:8:128": ("base-rtn:8:128", "<= 5 s", None),
+    "svd_llm:0.2": ("base-svd_llm:0.2", "<= 1.5x", 96.16),
+    "gptq:3:64": (None, "<= 150 s", 83.14),
+}
+DEFAULT = [r for m, (b, _, _) in ROWS.items() for r in ([b] if b else []) + [m]]
+
+
+def _weights(model):
+    from hf_compress.targets import dense_weight, find_targets
+
+    return {n: dense_weight(m).detach() for n, m in find_targets(model, TARGETS, []).items()}
+
+
+def base_svd(model, args) -> None:
+    import torch
+
+    for w in _weights(model).values():
+        torch.linalg.svd(w.float(), full_matrices=False)
+
+
+def base_rtn(model, args, bits: int, g: int) -> None:
+    import torch
+
+    maxq = 2**bits - 1
+    for w in _weights(model).values():
+        out, n = w.shape
+        wg = torch.nn.functional.pad(w.float(), (0, -n % g), value=0.0).view(out, -1, g)
+        lo, hi = wg.amin(-1, keepdim=True).clamp_max(0), wg.amax(-1, keepdim=True).clamp_min(0)
+        scale = ((hi - lo) / maxq).clamp_min(1e-8).half().float()
+        zero = (-lo / scale).round()
+        (wg / scale + zero).round().clamp(0, maxq).to(torch.uint8)
+
+
+def base_svd_llm(model, args, ratio: float, tok) -> None:
+    import torch
+
+    from hf_compress.allocation import uniform_rank
+    from hf_compress.calibration import calibration_windows
+    from hf_compress.targets import find_targets
+
+    windows = calibration_windows(str(DATA / args.calib), tok, args.nsamples, args.seqlen, 0)
+    layers = find_targets(model, TARGETS, [])
+    grams = {}
+
+    def hook(name):
+        def f(module, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            grams[name] = grams.get(name, 0) + x.T @ x
+        return f
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    with torch.no_grad():
+        for batch in windows.split(8):
+            model(input_ids=batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    for name, m in layers.items():
+        w = m.weight.detach().float()
+        gram = grams[name].double()
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        s, info = torch.linalg.cholesky_ex(gram)
+        damp = 1e-6 * gram.diagonal().mean()
+        while info:  # the reference's fallback: add to the diagonal until positive definite
+            s, info = torch.linalg.cholesky_ex(gram + damp * eye)
+            damp *= 10
+        s = s.float()
+        u, sig, vh = torch.linalg.svd(w @ s, full_matrices=False)
+        r = uniform_rank(*w.shape, ratio)
+        u[:, :r] * sig[:r], torch.linalg.solve_triangular(s.T, vh[:r].T, upper=True, left=False)
+
+
+def svd_fp32_gap(model, ratio: float = 0.4) -> float:
+    """Largest ‖U₃₂V₃₂ − U₆₄V₆₄‖_F / ‖W − U₆₄V₆₄‖_F over the projections: how far plain SVD's fp32 factors are
+    from fp64 ones, relative to the truncation error itself (row ``check-svd-fp32``)."""
+    from hf_compress.allocation import uniform_rank
+    from hf_compress.methods.linalg import truncated_factors
+
+    worst = 0.0
+    for w in _weights(model).values():
+        r = uniform_rank(*w.shape, ratio)
+        (u32, v32), (u64, v64) = truncated_factors(w.float(), r), truncated_factors(w.double(), r)
+        p64 = u64 @ v64
+        worst = max(worst, float((u32.double() @ v32.double() - p64).norm() / (w.double() - p64).norm()))
+    return worst
+
+
+def run_row(args) -> dict:
+    import torch
+
+    import hf_compress
+    from hf_compress.evaluation import perplexity
+    from hf_compress.loading import load_model, read_text, smollm2_gguf_path
+    from hf_compress.summary import layer_table
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tok = load_model(smollm2_gguf_path())
+    label = args.row_spec
+    kind, *setting = label.split(":")
+    row = {"row": label, "threads": args.threads}
+    reset_peak_rss()
+    t0 = time.time()
+    if kind == "check-svd-fp32":
+        row["max_gap"] = svd_fp32_gap(model)
+    elif kind == "base-svd":
+        base_svd(model, args)
+    elif kind == "base-rtn":
+        base_rtn(model, args, int(setting[0]), int(setting[1]))
+    elif kind == "base-svd_llm":
+        base_svd_llm(model, args, float(setting[0]), tok)
+    else:
+        cfg = {"method": kind, "targets": TARGETS,
+               "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}}
+        if kind in ("rtn", "gptq", "hqq"):
+            cfg.update(bits=int(setting[0]), group_size=int(setting[1]))
+        else:
+            cfg["ratio"] = float(setting[0])
+        hf_compress.compress(model, cfg, calibration=str(DATA / args.calib), tokenizer=tok, progress=False)
+    row["seconds"] = round(time.time() - t0, 2)
+    row["peak_rss_MB"] = round(peak_rss_mb())
+    if not kind.startswith("base-"):
+        rows = [r for r in layer_table(model) if r.name.split(".")[-1] in TARGETS]
+        row["proj_MB"] = round(sum(r.bytes for r in rows) / 1e6, 1)
+        if args.eval_tokens:
+            row["ppl"] = perplexity(model, tok, read_text(DATA / "wikitext-2-raw-test.txt"),
+                                    max_tokens=args.eval_tokens, progress=False).perplexity
+    return row
+
+
+def table(results: list[dict], eval_tokens: int) -> list[dict]:
+    by = {r.get("row", r.get("label")): r for r in results}
+    out = []
+    for label, (base, target, readme) in ROWS.items():
+        if label not in by:
+            continue
+        r, b = by[label], by.get(base or "", {})
+        ratio = r["seconds"] / b["seconds"] if b.get("seconds") else None
+        out.append({"method": label, "hf-compress s": r.get("seconds", r.get("error")), "baseline": base or "–",
+                    "baseline s": b.get("seconds", "–"), "ratio": round(ratio, 2) if ratio else "–",
+                    "target": target, "peak RSS MB": r.get("peak_rss_MB"), "proj MB": r.get("proj_MB"),
+                    f"ppl ({eval_tokens} tok)": r.get("ppl", "–"),
+                    "README ppl (32768 tok)": readme if readme is not None else "–"})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ Llama-2-7B shape
+H, I, HEADS, VOCAB = 4096, 11008, 32, 49152  # vocabulary of SmolLM2's tokenizer, used for calibration
+METHODS_7B = {"gptq": ["--bits", "3", "--group-size", "128"], "asvd": ["--ratio", "0.2"],
+              "svd_llm": ["--ratio", "0.2"]}
+
+
+def write_llama7b(folder, blocks: int) -> None:
+    """A Llama-2-7B-shaped checkpoint with ``blocks`` blocks of random fp16 weights (std 0.02, norms 1), written
+    one shard per block so that no more than one block is ever in memory."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_compress.loading import smollm2_gguf_path
+    from transformers import AutoTokenizer
+
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=I, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                      num_hidden_layers=blocks, vocab_size=VOCAB, max_position_embeddings=4096, dtype="float16",
+                      tie_word_embeddings=False)
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    shards: dict[str, dict] = {}
+    for name, p in model.state_dict().items():
+        key = f"block{name.split('.')[2]}" if name.startswith("model.layers.") else "rest"
+        shards.setdefault(key, {})[name] = None
+    os.makedirs(folder, exist_ok=True)
+    index = {}
+    shapes = dict(model.state_dict())
+    for k, names in enumerate(shards):
+        file = f"model-{k:05d}.safetensors"
+        tensors = {}
+        for name in shards[names]:
+            shape = shapes[name].shape
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shape, dtype=torch.float16)
+            else:
+                tensors[name] = (torch.randn(shape, generator=g) * 0.02).half()
+            index[name] = file
+        save_file(tensors, os.path.join(folder, file), metadata={"format": "pt"})
+        del tensors
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": index}, f)
+    cfg.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(str(smollm2_gguf_path().parent), gguf_file=smollm2_gguf_path().name)
+    tok.save_pretrained(folder)
+
+
+def formula_mb(method: str, n_tok: int, batch_tok: int, n_val_tok: int) -> dict:
+    """Peak memory of one block's compression (MiB), from what the sequential engine holds:
+
+    * the dense block being compressed, fp32 (P = 4H² + 3HI parameters), twice for svd_llm (the dense copy that
+      produces the reference stream);
+    * the calibration streams: n_tok x H fp32 each (compressed; and the dense reference for svd_llm);
+    * one batch's forward intermediates: batch_tok x (3I + 4H) fp32;
+    * the statistics of the widest layer (down_proj, I inputs), fp64 I x I matrices: gptq 1 Gram + its padded
+      Hessian, Cholesky factor and inverse (4); asvd 1 Gram + the whitened SVD's workspace (~3); svd_llm train
+      and held-out Gram and cross, held-out reference Gram, the merged Gram and cross, S and S⁻¹ (9);
+    * the process floor (interpreter, torch, the embeddings kept in RAM): measured before the first block."""
+    p_block = 4 * H * H + 3 * H * I
+    mb = 2**20
+    block = p_block * 4 * (2 if method == "svd_llm" else 1)
+    streams = n_tok * H * 4 * (2 if method == "svd_llm" else 1)
+    acts = batch_tok * (3 * I + 4 * H) * 4
+    stats = I * I * 8 * {"gptq": 4, "asvd": 3, "svd_llm": 9}[method]
+    return {"block": block / mb, "streams": streams / mb, "activations": acts / mb, "statistics": stats / mb}
+
+
+def run_llama7b(args) -> None:
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="llama7b-", dir=args.workdir)
+    model_dir = os.path.join(work, "model")
+    t0 = time.time()
+    write_llama7b(model_dir, args.llama7b_blocks)
+    print(f"wrote {args.llama7b_blocks}-block Llama-2-7B-shaped fp16 checkpoint in {time.time() - t0:.0f}s", flush=True)
+    n_tok, batch_tok = args.nsamples * args.seqlen, 8 * args.seqlen
+    rows = []
+    for method in args.methods_7b:
+        out = os.path.join(work, f"out-{method}")
+        cmd = [sys.executable, "-m", "hf_compress.cli", "-v", "compress", model_dir, "-o", out, "--method", method,
+               *METHODS_7B[method], "--calib", str(DATA / args.calib), "--nsamples", str(args.nsamples),
+               "--seqlen", str(args.seqlen), "--device-map", "auto", "--max-memory", "cpu=1GiB",
+               "--offload-folder", os.path.join(work, f"offload-{method}")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                                         "OMP_NUM_THREADS": str(args.threads)})
+        log = proc.stdout + proc.stderr
+        blocks = [(float(s), float(r)) for s, r in
+                  re.findall(rf"{method}: block \d+/\d+ done \(([\d.]+) s\).*peak RSS (\d+) MiB", log)]
+        summary = re.search(r"compressed .* in .*\(([\d.]+)s\), peak RSS (\d+) MiB", log)
+        if proc.returncode or not blocks or not summary:
+            print(f"{method}: FAILED\n{log[-3000:]}", file=sys.stderr, flush=True)
+            continue
+        floor = re.search(r"RSS now (\d+) MiB", log)
+        f = formula_mb(method, n_tok, batch_tok, n_tok // 8)
+        base = float(floor.group(1)) if floor else float("nan")
+        predicted = base + sum(f.values())
+        per_block = sum(s for s, _ in blocks) / len(blocks)
+        total = float(summary.group(1))
+        rows.append({"method": method, "blocks": len(blocks), "s/block": round(per_block, 1),
+                     "run s": round(total, 1), "32-block s (extrapolated)": round(total + (32 - len(blocks)) * per_block),
+                     "peak RSS MiB": round(max(r for _, r in blocks)), "floor MiB": round(base),
+                     "formula MiB": round(predicted), "measured/formula": round(max(r for _, r in blocks) / predicted, 2),
+                     **{f"{k} MiB": round(v) for k, v in f.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(os.path.join(work, f"offload-{method}"), ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    if rows:
+        print_table(rows, list(rows[0]))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--llama7b-blocks", type=int, help="measure a Llama-2-7B-shaped model of this many blocks instead")
+    p.add_argument("--methods-7b", nargs="+", default=list(METHODS_7B), choices=list(METHODS_7B))
+    p.add_argument("--workdir", default=None, help="where the 7B-shaped checkpoint and offload folders go")
+    p.add_argument("--rows", nargs="+", default=DEFAULT, help=f"rows to run (default: {' '.join(DEFAULT)})")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calib", default="gutenberg-pg1342.txt")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=32768, help="0: no perplexity")
+    p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--row-spec", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.row:
+        print("ROW " + json.dumps(run_row(args)), flush=True)
+        return
+    if args.llama7b_blocks:
+        return run_llama7b(args)
+    common = ["--threads", str(args.threads), "--calib", args.calib, "--nsamples", str(args.nsamples),
+              "--seqlen", str(args.seqlen), "--eval-tokens", str(args.eval_tokens)]
+    results = run_rows(__file__, [(r, ["--row-spec", r, *common]) for r in args.rows])
+    rows = table(results, args.eval_tokens)
+    print_table(rows, list(rows[0]) if rows else ["method"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

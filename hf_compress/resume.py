@@ -1,0 +1,167 @@
+"""Resumable compression: finished units (blocks) checkpointed as safetensors in a folder beside the output.
+
+Layout of the folder::
+
+    state.json              the commit point: what run this is (``fingerprint``), how many units are final
+                            (``done``), the rank plan and per-layer choices (``extra``)
+    unit-00003.safetensors  the compressed modules of unit 3 (their tensors; their records in the metadata)
+    streams.safetensors     tensors the next unit starts from (the calibration hidden states of the sequential
+                            engine; fisher rows), as of ``done``
+
+Every file is written under a temporary name and renamed into place (``os.replace``), and ``state.json`` is
+written last, so a run killed at any instant leaves either the previous commit or the new one, never a mix.
+Resuming restores units ``0..done-1`` and the streams, then runs exactly the code an uninterrupted run would have
+run from unit ``done`` on: the result is the same bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .modules import MODULE_TYPES
+from .targets import dense_weight, set_module, shape_of
+
+logger = logging.getLogger(__name__)
+
+STATE = "state.json"
+STREAMS = "streams.safetensors"
+
+
+def fingerprint(config, targets: dict[str, nn.Module], windows: torch.Tensor | None = None) -> dict:
+    """What must match for a checkpoint to be resumed: the compression settings (not the informational fields),
+    the targeted layers and their shapes, and a digest of the calibration windows."""
+    cfg = config.to_dict()
+    for key in ("provenance", "modules", "hf_compress_version"):
+        cfg.pop(key, None)
+    cfg["calibration"] = {k: v for k, v in (cfg.get("calibration") or {}).items() if k != "source"}
+    fp = {"config": cfg, "targets": {n: list(shape_of(m)) for n, m in targets.items()}}
+    if windows is not None:
+        fp["windows"] = hashlib.sha256(windows.cpu().long().numpy().tobytes()).hexdigest()
+    return json.loads(json.dumps(fp))  # the form it has once read back from state.json
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _home(module: nn.Module) -> torch.device:
+    """Where a compressed replacement of ``module`` lives: its weights' device, or, for a module offloaded by
+    accelerate (weights on ``meta``), its hook's execution device."""
+    for p in module.parameters(recurse=False):
+        if p.device.type != "meta":
+            return p.device
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device(device if device is not None else "cpu")
+
+
+class Checkpoint:
+    """Checkpoints of one compression run in ``folder``. ``every``: seconds between commits of the streams (the
+    compressed modules of each unit are written as soon as it is done; they are cheap)."""
+
+    def __init__(self, folder: str | os.PathLike, fp: dict, every: float = 60.0):
+        self.folder, self.fp, self.every = Path(folder), fp, float(every)
+        self.last_commit = time.time()
+        self.state = self._read()
+
+    def _read(self) -> dict | None:
+        path = self.folder / STATE
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"Resume state {path} is corrupt ({e}); delete {self.folder} to start over.") from None
+        if state.get("fingerprint") != self.fp:
+            ours, theirs = self.fp, state.get("fingerprint") or {}
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            if "config" in diff:
+                a, b = ours["config"], theirs.get("config", {})
+                diff = [f"config.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)] + diff[1:]
+            raise ConfigError(f"{self.folder} holds an interrupted compression with other settings ({', '.join(diff)} "
+                              "differ); rerun with the same settings, or delete it to start over.")
+        return state
+
+    @property
+    def done(self) -> int:
+        return int(self.state["done"]) if self.state else 0
+
+    @property
+    def extra(self) -> dict:
+        return self.state.get("extra", {}) if self.state else {}
+
+    def streams(self) -> dict[str, torch.Tensor]:
+        path = self.folder / STREAMS
+        return load_file(path) if self.done and path.is_file() else {}
+
+    def due(self) -> bool:
+        return time.time() - self.last_commit >= self.every
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def save_unit(self, unit: int, model: nn.Module, names) -> None:
+        """Write the current modules ``names`` of ``model`` (compressed, or dense weights refitted in place)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors, records = {}, {}
+        for name in names:
+            module = model.get_submodule(name)
+            if isinstance(module, tuple(MODULE_TYPES.values())):
+                records[name] = {"record": module.record(), "shape": [module.out_features, module.in_features]}
+                for k, t in module.state_dict().items():
+                    tensors[f"{name}.{k}"] = t.detach().contiguous()
+            else:
+                records[name] = {"record": {"type": "dense"}}
+                tensors[f"{name}.weight"] = dense_weight(module).detach().contiguous()
+        meta = {"modules": json.dumps(records)}
+        _atomic(self.folder / f"unit-{unit:05d}.safetensors",
+                lambda p: save_file({k: v.cpu() for k, v in tensors.items()}, str(p), metadata=meta))
+
+    def commit(self, done: int, extra: dict, streams: dict[str, torch.Tensor] | None = None) -> None:
+        """Declare units ``0..done-1`` final; ``streams``: the tensors the run continues from."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if streams:
+            _atomic(self.folder / STREAMS,
+                    lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in streams.items()}, str(p)))
+        self.state = {"fingerprint": self.fp, "done": done, "extra": extra}
+        _atomic(self.folder / STATE, lambda p: p.write_text(json.dumps(self.state), encoding="utf-8"))
+        self.last_commit = time.time()
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def restore_unit(self, unit: int, model: nn.Module) -> None:
+        path = self.folder / f"unit-{unit:05d}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing although {STATE} says unit {unit} is done; delete "
+                                  f"{self.folder} to start over.")
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            records = json.loads(f.metadata()["modules"])
+        for name, entry in records.items():
+            record, old = entry["record"], model.get_submodule(name)
+            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            if record["type"] == "dense":
+                with torch.no_grad():
+                    dense_weight(old).copy_(own["weight"])
+                continue
+            out_f, in_f = entry["shape"]
+            # the compute dtype is the dense weight's, as when it was compressed (`compressor._replace`)
+            new = MODULE_TYPES[record["type"]].from_record(record, in_f, out_f, device="meta",
+                                                           dtype=dense_weight(old).dtype)
+            new.load_state_dict(own, assign=True)
+            set_module(model, name, new.to(_home(old)))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
