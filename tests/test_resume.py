@@ -3,6 +3,7 @@ run's checkpoint bit for bit; nothing half-written ever sits under the output's 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,10 +129,13 @@ def test_cli_disk_offload_gives_the_in_memory_checkpoint(dense4, tmp_path):
               "--seqlen", "32"]
     mem = _cli("compress", dense4, "-o", tmp_path / "mem", *common)
     assert mem.returncode == 0, mem.stderr
-    off = _cli("compress", dense4, "-o", tmp_path / "off", *common, "--device-map", "auto", "--max-memory",
-               "cpu=20000", "--offload-folder", tmp_path / "offload")
+    # every block on disk; embeddings, norm and head on the CPU (accelerate < 1.15 refuses a model wholly on disk)
+    blocks_on_disk = json.dumps({"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "disk",
+                                 "model.norm": "cpu", "lm_head": "cpu"})
+    off = _cli("compress", dense4, "-o", tmp_path / "off", *common, "--device-map", blocks_on_disk,
+               "--offload-folder", tmp_path / "offload")
     assert off.returncode == 0, off.stderr
-    assert "placement (modules per device): disk:" in off.stdout  # the dense weights really stayed on disk
+    assert re.search(r"placement \(modules per device\): .*disk: 1", off.stdout)  # the blocks really stayed on disk
     assert "peak RSS" in off.stdout  # the summary line
     a, b = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
