@@ -48,7 +48,12 @@ ROWS = {
     "svd 0.4": {"build": {"method": "svd", "ratio": 0.4}},
     "KV: DynamicCache, 2048 ctx": {"build": "dense", "context": KV_CONTEXT},
     "KV: quant4, 2048 ctx": {"build": "dense", "context": KV_CONTEXT, "kv": "quant4"},
+    "KV: quant4 dense_copy, 2048 ctx": {"build": "dense", "context": KV_CONTEXT,
+                                        "kv": {"method": "quant", "bits": 4, "dense_copy": True}},
     "KV: quantmix, 2048 ctx": {"build": "dense", "context": KV_CONTEXT, "kv": "quantmix"},
+    "KV: quantmix dense_copy, 2048 ctx": {"build": "dense", "context": KV_CONTEXT,
+                                          "kv": {"method": "quant", "bits": 4, "value_bits": 3, "residual": 16,
+                                                 "group_size": 128, "value_flush": 1, "dense_copy": True}},
 }
 
 

@@ -619,3 +619,21 @@ def test_cli_compress_and_eval(tmp_path, tiny_tokenizer, capsys):
                  str(text), "--nsamples", "4", "--seqlen", "32"]) == 0
     widths = json.loads((tmp_path / "m" / "config.json").read_text())["base_config"]["quantization_config"]["kv"]
     assert sorted(widths["layer_bits"]["k"] + widths["layer_bits"]["v"]) == [3, 3, 4, 4]
+
+
+@pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 8, "residual": 4},
+                                  {"bits": 2, "group_size": 8, "residual": 4, "flush": 16, "rank": 2, "outliers": 0.02},
+                                  {"bits": 4, "value_bits": 2, "group_size": 8, "residual": 4, "value_flush": 1}],
+                         ids=["quant4", "gear", "value_flush"])
+def test_dense_copy_reads_the_same_and_only_it_holds_a_copy(opts):
+    """dense_copy keeps the quantized tokens dequantized (fast reads); without it reads dequantize the codes. The
+    logits are identical, and only the copy's cache holds more than its codes at run time."""
+    model = make_tiny("llama")
+    ids = _ids(2, 40)
+    plain, copy = QuantizedKVCache(model.config, **opts), QuantizedKVCache(model.config, **opts, dense_copy=True)
+    assert torch.equal(_split_logits(model, ids, plain, split=20), _split_logits(model, ids, copy, split=20))
+    assert all(layer.runtime_nbytes() == layer.nbytes() for layer in plain.compressed_layers)
+    assert all(layer.runtime_nbytes() > layer.nbytes() for layer in copy.compressed_layers)
+    assert kv.cache_nbytes(plain) == kv.cache_nbytes(copy)
+    with pytest.raises(ConfigError, match="dense_copy"):
+        QuantizedKVCache(model.config, dense_copy="yes")

@@ -21,10 +21,12 @@ Values go with the keys, or, with ``value_flush`` (per-token groups need no toke
 time as soon as they leave their ``residual`` window (the prefill's all but the last ``residual``).
 
 Reads return exactly the stored state dequantized (so beam reordering is exact: codes are index-selected, never
-re-quantized). Tokens are dequantized once, when they are quantized, into ``dk``/``dv`` (the model's dtype, with
-GEAR's corrections): a read is then one concatenation with the window, as `DynamicCache`'s, instead of unpacking
-the whole cache at every step (2x slower decode at 2048 tokens on CPU). That copy is run-time state, not the
-compressed state: `tensors()` (byte counts, what the cache stores) are the codes; `runtime_nbytes()` adds the copy.
+re-quantized). By default a read dequantizes the codes (the cache holds only its compressed state). With
+``dense_copy=True`` tokens are dequantized once, when they are quantized, into ``dk``/``dv`` (the model's dtype, with
+GEAR's corrections): a read is then one concatenation with the window, as `DynamicCache`'s (decode at 2048 tokens
+on CPU ~2x faster), but the cache then also holds that dense copy: more memory than `DynamicCache`, so it trades
+the memory saving for speed. `tensors()` (byte counts, what the cache stores) are the codes; `runtime_nbytes()`
+adds the copy. Reads are bit-identical either way.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class QuantizedKVLayer(KVCacheLayer):
     DEQUANTIZED = ("dk", "dv")  # the quantized tokens dequantized, per half (capacity-grown; first quantized[tag])
 
     def __init__(self, layer_idx, sliding_window=None, *, bits=4, group_size=32, residual=128, flush=None,
-                 rank=0, outliers=0.0, scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None):
+                 rank=0, outliers=0.0, scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None,
+                 dense_copy=False):
         super().__init__(layer_idx, sliding_window)
+        self.dense_copy = dense_copy
         self.bits, self.group = bits, group_size
         self.value_bits = value_bits or bits
         self.window_dtype = SCALE_DTYPES[window_dtype] if window_dtype else None
@@ -131,7 +135,8 @@ class QuantizedKVLayer(KVCacheLayer):
         for name, new in zip((tag + "q", tag + "s", tag + "m"), parts):
             old = getattr(self, name)
             setattr(self, name, new if old is None else torch.cat([old, new], dim=-2))
-        self._append_dequantized(tag, self._dequantize(tag, parts, [{**seg, "start": 0}] if self.rank or self.outliers else []))
+        if self.dense_copy:
+            self._append_dequantized(tag, self._dequantize(tag, parts, [{**seg, "start": 0}] if self.rank or self.outliers else []))
         self.quantized[tag] += m
 
     def _append_dequantized(self, tag: str, x: torch.Tensor) -> None:
@@ -199,8 +204,11 @@ class QuantizedKVLayer(KVCacheLayer):
         seg[f"{tag}_b"] = basis.to(torch.float16)
 
     def _read(self, tag):
-        """The quantized tokens of one half, dequantized (model dtype)."""
-        return getattr(self, "d" + tag)[..., :self.quantized[tag], :]
+        """The quantized tokens of one half, dequantized (model dtype): from the run-time copy with ``dense_copy``,
+        else from the codes at every read."""
+        if self.dense_copy:
+            return getattr(self, "d" + tag)[..., :self.quantized[tag], :]
+        return self._dequantize(tag, [getattr(self, tag + n) for n in ("q", "s", "m")], self.segments)
 
     def _dequantize(self, tag, parts, segments):
         """Codes ``parts`` (codes, scales, minima) of one half dequantized, with the GEAR corrections of
@@ -232,11 +240,12 @@ class QuantizedKVCache(CompressedKVCache):
     method = "quant"
 
     def __init__(self, config, bits=4, group_size=32, residual=128, flush=None, rank=0, outliers=0.0,
-                 scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None, layer_bits=None):
+                 scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None, layer_bits=None,
+                 dense_copy=False):
         spec = validate_quant({"method": self.method, "bits": bits, "group_size": group_size, "residual": residual,
                                "flush": flush, "rank": rank, "outliers": outliers, "scale_dtype": scale_dtype,
                                "value_bits": value_bits, "window_dtype": window_dtype, "value_flush": value_flush,
-                               "layer_bits": layer_bits})
+                               "layer_bits": layer_bits, "dense_copy": dense_copy})
         opts = {k: v for k, v in spec.items() if k not in ("method", "layer_bits", "avg_bits")}
         decoder = config.get_text_config(decoder=True)
         check_layer_bits(spec, decoder.num_hidden_layers)
@@ -297,6 +306,8 @@ def validate_quant(spec):
                           f"({spec['group_size']})")
     if spec.get("value_flush") is not None:
         check_int(spec, "value_flush", 1)
+    if not isinstance(spec.get("dense_copy", False), bool):
+        raise ConfigError(f"KV {spec['method']} dense_copy must be true or false, got {spec['dense_copy']!r}")
     check_int(spec, "rank", 0)
     o = spec.get("outliers")
     if isinstance(o, bool) or not isinstance(o, (int, float)) or not 0.0 <= o < 0.5:
@@ -326,7 +337,7 @@ def validate_quant(spec):
 class QuantMethod(KVMethod):
     defaults = {"bits": 4, "group_size": 32, "residual": 128, "flush": None, "rank": 0, "outliers": 0.0,
                 "scale_dtype": "float16", "value_bits": None, "window_dtype": None, "value_flush": None,
-                "layer_bits": None, "avg_bits": None}
+                "layer_bits": None, "avg_bits": None, "dense_copy": False}
     cache_class = QuantizedKVCache
 
     @classmethod
@@ -368,9 +379,10 @@ class GearKVCache(QuantizedKVCache):
     method = "gear"
 
     def __init__(self, config, bits=2, group_size=32, residual=128, flush=128, rank=2, outliers=0.01,
-                 scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None, layer_bits=None):
+                 scale_dtype="float16", value_bits=None, window_dtype=None, value_flush=None, layer_bits=None,
+                 dense_copy=False):
         super().__init__(config, bits, group_size, residual, flush, rank, outliers, scale_dtype, value_bits,
-                         window_dtype, value_flush, layer_bits)
+                         window_dtype, value_flush, layer_bits, dense_copy)
 
 
 @KV_METHODS.register("gear")
