@@ -40,7 +40,7 @@ from ...config import QUANT_METHOD, CompressionConfig
 from ...errors import CheckpointError, UnsupportedModuleError
 from .layout import load_tensor, part_module, part_ranges, set_shape, tensors
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handler prints it
 
 #: shard ids vLLM's merged layers pass to a weight loader -> part index
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
@@ -83,8 +83,8 @@ class HfCompressConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "HfCompressConfig":
         compression = CompressionConfig.from_dict(config)  # ConfigError naming a bad field
         if compression.kv:
-            logger.info("hf-compress: ignoring the checkpoint's KV-cache spec %s; vLLM manages its own paged KV cache.",
-                        compression.kv)
+            logger.info_once("hf-compress: ignoring the checkpoint's KV-cache spec %s; vLLM manages its own paged "
+                             "KV cache.", str(compression.kv))
         return cls(compression)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
@@ -171,6 +171,11 @@ class HfCompressLinearMethod(LinearMethodBase):
             if missing:
                 raise CheckpointError(f"Checkpoint lacks tensor {name}.{missing[0]} recorded in its config.")
             set_shape(part, ranges["in"].size, ranges["out"].size)
+        if getattr(layer, "bias", None) is not None:  # a compressed part recorded bias-free ran without one
+            offsets = torch.tensor([0] + [r["out"].size for r in layer.hfc_ranges]).cumsum(0).tolist()
+            for (_, record), start, end in zip(self.parts, offsets, offsets[1:]):
+                if record is not None and not record.get("bias", True):
+                    layer.bias.data[start:end] = 0
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         parts = layer.hfc_parts
