@@ -37,7 +37,7 @@ def make_checkpoints(work: Path, ct_export: Path | None) -> dict[str, Path]:
 
     paths = {}
     for label, config in ROWS.items():
-        path = work / label.split(" ", 1)[-1].replace(" ", "-")
+        path = work / label.replace(" ", "-")
         if not (path / "config.json").exists():
             model, _ = load_model(smollm2_gguf_path())
             if config is None:

@@ -30,7 +30,9 @@ TEXTS = ["The capital of France is", "def fibonacci(n):"]
 
 
 @pytest.fixture(scope="module")
-def smollm2_checkpoints(tmp_path_factory):
+def smollm2(tmp_path_factory):
+    """checkpoint(name) -> (path, prompts, vLLM's greedy tokens): compressed, saved and served on first use, so that
+    ``-k`` runs only the checkpoints it selects (each compression takes minutes on 2 cores)."""
     import hf_compress
     from hf_compress.loading import load_model, smollm2_gguf_path
 
@@ -40,24 +42,29 @@ def smollm2_checkpoints(tmp_path_factory):
         pytest.skip(str(e))
     text = resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt").read_text(encoding="utf-8")
     root = tmp_path_factory.mktemp("smollm2")
-    paths, tokenizer = {}, None
-    for name, config in CONFIGS.items():
-        model, tokenizer = load_model(gguf)
-        calibration = text if "calibration" in config else None
-        hf_compress.compress(model, config, calibration=calibration, tokenizer=tokenizer, progress=False)
-        paths[name] = root / name
-        hf_compress.save_pretrained(model, paths[name], tokenizer=tokenizer)
-        del model
-    prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
-    proc = vllm_run(list(paths.values()), prompts=prompts, max_model_len=256)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return paths, prompts, proc.result
+    made = {}
+
+    def checkpoint(name):
+        if name not in made:
+            model, tokenizer = load_model(gguf)
+            config = CONFIGS[name]
+            calibration = [text] if "calibration" in config else None
+            hf_compress.compress(model, config, calibration=calibration, tokenizer=tokenizer, progress=False)
+            path = root / name
+            hf_compress.save_pretrained(model, path, tokenizer=tokenizer)
+            prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
+            proc = vllm_run([path], prompts=prompts, max_model_len=256)
+            assert proc.returncode == 0, proc.stderr[-6000:]
+            made[name] = path, prompts, proc.result[str(path)]
+        return made[name]
+
+    return checkpoint
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_smollm2_greedy_agrees_with_transformers(smollm2_checkpoints, name):
-    paths, prompts, result = smollm2_checkpoints
-    assert_same_tokens(result[str(paths[name])], hf_greedy(paths[name], prompts), f"SmolLM2 {name}")
+def test_smollm2_greedy_agrees_with_transformers(smollm2, name):
+    path, prompts, tokens = smollm2(name)
+    assert_same_tokens(tokens, hf_greedy(path, prompts), f"SmolLM2 {name}")
 
 
 def _free_port() -> int:
@@ -66,11 +73,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_openai_server_serves_a_compressed_checkpoint(smollm2_checkpoints):
+def test_openai_server_serves_a_compressed_checkpoint(smollm2):
     from transformers import AutoTokenizer
 
-    paths, _, _ = smollm2_checkpoints
-    path = str(paths["gptq-4bit-g128"])
+    path = str(smollm2("hqq-3bit-eora16")[0])
     port = _free_port()
     cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", path, "--host", "127.0.0.1", "--port",
            str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "2"]
