@@ -91,7 +91,10 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     paths = make_checkpoints(args.work, args.ct_export)
-    results = {label: measure(path) for label, path in paths.items()}
+    results = {}
+    for label, path in paths.items():
+        results[label] = measure(path)
+        print(f"ROW {label}: {results[label]}", flush=True)  # as each lands (a row takes minutes on 2 cores)
     base = results["dense bf16"]
     print(f"\nSmolLM2-135M-Instruct in vLLM (CPU, {args.threads} threads, bf16 activations, eager)\n")
     print(f"| row | batch-1 decode tokens/s | vs dense bf16 | {CONCURRENT} concurrent tokens/s | vs dense bf16 |")
