@@ -1,0 +1,198 @@
+"""vLLM's side of the plugin: the config parser and the ``hf_compress`` quantization config + linear method.
+
+* `HfCompressConfigParser` is vLLM's ``hf`` config parser, which also reads our wrapped ``config.json``
+  (``model_type: hf_compress`` with ``base_config``) as the native config it wraps, so vLLM picks the native
+  architecture (``LlamaForCausalLM``, ...) and finds ``quantization_config`` with ``quant_method: hf_compress``;
+* `HfCompressConfig` hands each linear layer whose weights the config's ``modules`` record names a
+  `HfCompressLinearMethod`, and every other layer vLLM's unquantized method;
+* `HfCompressLinearMethod` holds one part module per logical weight of the layer (`layout`), computes with our
+  modules' own forward (the kernel dispatch of `hf_compress.kernels`: Triton on CUDA, the CPU paths on CPU) and
+  concatenates the parts' outputs for merged layers (``qkv_proj``, ``gate_up_proj``), whose parts may differ in type
+  and rank.
+
+vLLM owns its paged KV cache: a checkpoint's hf-compress KV spec is ignored there, with one log line.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethodBase,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.transformers_utils import config as vllm_config_module
+from vllm.transformers_utils.config import HFConfigParser, register_config_parser
+
+from ...auto import MODEL_TYPE
+from ...config import QUANT_METHOD, CompressionConfig
+from ...errors import CheckpointError, UnsupportedModuleError
+from .layout import load_tensor, part_module, part_ranges, set_shape, tensors
+
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handler prints it
+
+#: shard ids vLLM's merged layers pass to a weight loader -> part index
+QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+
+
+class HfCompressConfigParser(HFConfigParser):
+    """vLLM's ``hf`` parser; for an hf-compress checkpoint it returns the native config the wrapper holds (unwrapped
+    by `hf_compress.auto.CompressedConfig`, which names what is wrong with a bad one)."""
+
+    def parse(self, model, trust_remote_code: bool, revision=None, code_revision=None, **kwargs):
+        config_dict, config = super().parse(model, trust_remote_code, revision, code_revision, **kwargs)
+        if config_dict.get("model_type") != MODEL_TYPE:
+            return config_dict, config
+        return config_dict["base_config"], config.base_config
+
+
+class HfCompressConfig(QuantizationConfig):
+    """The ``quantization_config`` of an hf-compress checkpoint (`CompressionConfig`) as vLLM sees it."""
+
+    def __init__(self, compression: CompressionConfig):
+        super().__init__()
+        self.compression = compression
+        self.records: dict[str, dict] = dict(compression.modules)
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70  # the Triton kernels
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the config lives in config.json
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "HfCompressConfig":
+        compression = CompressionConfig.from_dict(config)  # ConfigError naming a bad field
+        if compression.kv:
+            logger.info_once("hf-compress: ignoring the checkpoint's KV-cache spec %s; vLLM manages its own paged "
+                             "KV cache.", str(compression.kv))
+        return cls(compression)
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        self.records = hf_to_vllm_mapper.apply_dict(self.records)
+
+    def part_names(self, prefix: str) -> list[str]:
+        """The checkpoint module names behind the vLLM layer ``prefix`` (several for a merged layer)."""
+        head, _, last = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(last, [last])
+        return [f"{head}.{p}" if head else p for p in parts]
+
+    def get_quant_method(self, layer: nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            names = self.part_names(prefix)
+            records = [self.records.get(name) for name in names]
+            if not any(records):
+                return UnquantizedLinearMethod()
+            return HfCompressLinearMethod(prefix, list(zip(names, records)))
+        if prefix in self.records:
+            raise UnsupportedModuleError(
+                f"{prefix} is compressed ({self.records[prefix].get('type')}), but vLLM builds it as a "
+                f"{type(layer).__name__}; the hf-compress plugin serves linear layers only.")
+        return None
+
+
+class HfCompressLinearMethod(LinearMethodBase):
+    """A vLLM linear layer whose logical weights (``parts``: checkpoint name, config record or None for dense) are
+    hf-compress modules."""
+
+    def __init__(self, prefix: str, parts: list[tuple[str, dict | None]]):
+        self.prefix = prefix
+        self.parts = parts
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        if len(output_partition_sizes) != len(self.parts):
+            raise UnsupportedModuleError(f"{self.prefix}: vLLM merges {len(output_partition_sizes)} weights here, "
+                                         f"the checkpoint names {len(self.parts)} ({[n for n, _ in self.parts]})")
+        parallel = ("row" if isinstance(layer, RowParallelLinear) else
+                    "column" if isinstance(layer, ColumnParallelLinear) else "replicated")
+        replicas = getattr(layer, "num_kv_head_replicas", 1)
+        outs = [size * layer.tp_size // (replicas if i else 1) if parallel == "column" else size
+                for i, size in enumerate(output_partition_sizes)]
+        layer.hfc_ranges = part_ranges(parallel, layer.tp_rank, input_size, input_size_per_partition, outs,
+                                       output_partition_sizes, replicas)
+        modules = []
+        for (name, record), out in zip(self.parts, outs):
+            try:
+                modules.append(part_module(record, input_size, out, params_dtype))
+            except ValueError as e:
+                raise UnsupportedModuleError(f"hf-compress cannot serve {name} in vLLM: {e}") from None
+        layer.hfc_parts = nn.ModuleList(modules)
+        for name, t in {n: t for m in modules for n, t in tensors(m).items()}.items():
+            self._register_proxy(layer, name, t.dtype)
+
+    def _register_proxy(self, layer: nn.Module, name: str, dtype: torch.dtype) -> None:
+        """An empty parameter under the checkpoint's tensor name (``U``, ``qweight``, ``down.scales``, ...) whose
+        weight loader puts the tensor into the part module the shard id names."""
+        owner = layer
+        *path, attr = name.split(".")
+        for step in path:  # QuantLowRankLinear's down.* / up.*: plain containers, as in the checkpoint
+            if not hasattr(owner, step):
+                owner.add_module(step, nn.Module())
+            owner = getattr(owner, step)
+        proxy = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        set_weight_attrs(proxy, {"weight_loader": functools.partial(self._load, layer, name)})
+        owner.register_parameter(attr, proxy)
+
+    def _load(self, layer, name: str, proxy: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        index = QKV_SHARDS.get(shard_id, shard_id) if shard_id is not None else 0
+        part_name = self.parts[index][0]
+        part = layer.hfc_parts[index]
+        if name not in tensors(part):
+            raise CheckpointError(f"Checkpoint tensor {part_name}.{name} does not belong to {part_name}, which its "
+                                  f"config records as {self.parts[index][1] or 'dense'}.")
+        try:
+            load_tensor(part, name, loaded.to(proxy.device), layer.hfc_ranges[index])
+        except ValueError as e:
+            raise CheckpointError(f"{part_name}: {e}") from None
+
+    def process_weights_after_loading(self, layer) -> None:
+        for (name, _), part, ranges in zip(self.parts, layer.hfc_parts, layer.hfc_ranges):
+            missing = [n for n, t in tensors(part).items() if t.is_meta]
+            if missing:
+                raise CheckpointError(f"Checkpoint lacks tensor {name}.{missing[0]} recorded in its config.")
+            set_shape(part, ranges["in"].size, ranges["out"].size)
+        if getattr(layer, "bias", None) is not None:  # a compressed part recorded bias-free ran without one
+            offsets = torch.tensor([0] + [r["out"].size for r in layer.hfc_ranges]).cumsum(0).tolist()
+            for (_, record), start, end in zip(self.parts, offsets, offsets[1:]):
+                if record is not None and not record.get("bias", True):
+                    layer.bias.data[start:end] = 0
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        parts = layer.hfc_parts
+        y = parts[0](x) if len(parts) == 1 else torch.cat([part(x) for part in parts], dim=-1)
+        return y if bias is None else y + bias
+
+
+@functools.cache
+def register() -> None:
+    """Register the quantization config and the config parser with vLLM (once per process)."""
+    register_quantization_config(QUANT_METHOD)(HfCompressConfig)
+    # Replacing the built-in "hf" parser makes vLLM log a warning in every process, for every model served; ours
+    # only adds the hf-compress case, so it is registered quietly.
+    config_logger = logging.getLogger(vllm_config_module.__name__)
+    level = config_logger.level
+    config_logger.setLevel(logging.ERROR)
+    try:
+        register_config_parser("hf")(HfCompressConfigParser)
+    finally:
+        config_logger.setLevel(level)
