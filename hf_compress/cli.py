@@ -221,7 +221,8 @@ def cmd_finetune(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    print(export(args.model, args.output, format=args.format, dense_lowrank=args.dense_lowrank).summary())
+    print(export(args.model, args.output, format=args.format, dense_lowrank=args.dense_lowrank,
+                 dtype=args.dtype).summary())
     return 0
 
 
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "what vLLM / SGLang / transformers load; dense: every layer multiplied out")
     p.add_argument("--dense-lowrank", action="store_true",
                    help="compressed-tensors: multiply low-rank layers out to dense weights instead of refusing them")
+    p.add_argument("--dtype", help="cast embeddings, norms, dense layers and adapter factors to this dtype, e.g. "
+                                   "bfloat16 (quantization scales keep their stored dtype; default: as stored)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="per-layer table of a (compressed) model")

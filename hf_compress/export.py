@@ -151,6 +151,21 @@ def _native_config(model):
     return CONFIG_MAPPING[d["model_type"]].from_dict(d)
 
 
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ExportError(f"dtype must be a floating torch dtype such as 'bfloat16', got {dtype!r}")
+    return value
+
+
+def _cast(tensors: dict, dtype: torch.dtype) -> dict:
+    """Floating tensors to ``dtype``, except quantization scales (their stored values are the exact ones)."""
+    return {k: t.to(dtype) if t.is_floating_point() and not k.endswith("weight_scale") else t
+            for k, t in tensors.items()}
+
+
 def _tied_names(model) -> list[str]:
     """State-dict names of the output embedding when it is tied to the input embedding (saved once)."""
     get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
@@ -161,14 +176,17 @@ def _tied_names(model) -> list[str]:
 
 
 def export(model, output: str | os.PathLike, format: str = "compressed-tensors", *, dense_lowrank: bool = False,
-           tokenizer=None) -> ExportResult:
+           dtype: torch.dtype | str | None = None, tokenizer=None) -> ExportResult:
     """Write ``model`` (an hf-compress model, or the path of its checkpoint) to ``output`` in ``format``.
 
+    ``dtype`` (e.g. ``"bfloat16"``): cast every floating tensor except the quantization scales (which keep their
+    stored dtype) — embeddings, norms, dense layers, biases, adapter factors; default: as they are.
     Raises `ExportError` naming every layer that cannot be exported exactly, before anything is written."""
     from huggingface_hub import save_torch_state_dict
 
     if format not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
+    dtype = _dtype(dtype)
     if isinstance(model, (str, os.PathLike)):
         from .loading import load_model
 
@@ -186,7 +204,36 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
             raise ExportError(f"cannot export {len(refused)} layer(s) exactly to compressed-tensors (nothing "
                               "written):\n" + "\n".join(f"  {name}: {why}" for name, why in refused.items()))
     result = ExportResult(path=str(output), format=format)
-    tensors = {k: t for k, t in model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
+    tensors, groups, factors = _tensors(model, layers, ct, result)
+    config = _native_config(model)
+    if dtype is not None:
+        tensors = _cast(tensors, dtype)
+        factors = {name: (u.to(dtype), v.to(dtype)) for name, (u, v) in factors.items()}
+        config.dtype = dtype
+    if ct:
+        ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers] + result.dense
+        config.quantization_config = ct_config(groups, ignore)
+        result.notes.append(_vllm_cpu_note(layers, result.packed))
+    if getattr(model.config.quantization_config, "kv", None):
+        result.notes.append("the checkpoint's KV-cache spec is not exported (engines manage their own KV cache)")
+    with atomic_directory(output) as tmp:
+        save_torch_state_dict(tensors, tmp, metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if factors:
+            _write_adapter(Path(tmp) / ADAPTER_DIR, factors, model, result)
+    return result
+
+
+def _tensors(model, layers: dict, ct: bool, result: ExportResult):
+    """(state dict to write, {(bits, group): layer names}, {layer: EoRA (U, V)}); records packed / dense layers in
+    ``result``. A tied output embedding is left out (saved once, as the input embedding)."""
+    skip = set(_tied_names(model))
+    tensors = {k: t for k, t in model.state_dict().items()
+               if k not in skip and not any(k.startswith(n + ".") for n in layers)}
     groups: dict[tuple[int, int], list[str]] = {}
     factors = {}
     for name, m in layers.items():
@@ -199,23 +246,7 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
         else:
             tensors.update({f"{name}.{k}": t for k, t in m.to_dense().state_dict().items()})
             result.dense.append(name)
-    config = _native_config(model)
-    if ct:
-        ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers] + result.dense
-        config.quantization_config = ct_config(groups, ignore)
-        result.notes.append(_vllm_cpu_note(layers, result.packed))
-    if getattr(model.config.quantization_config, "kv", None):
-        result.notes.append("the checkpoint's KV-cache spec is not exported (engines manage their own KV cache)")
-    with atomic_directory(output) as tmp:
-        save_torch_state_dict(tensors, tmp, shared_tensors_to_discard=_tied_names(model), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if factors:
-            _write_adapter(Path(tmp) / ADAPTER_DIR, factors, model, result)
-    return result
+    return tensors, groups, factors
 
 
 def _write_adapter(directory: Path, factors: dict, model, result: ExportResult) -> None:

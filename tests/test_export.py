@@ -202,3 +202,31 @@ def test_cli_export_and_refusal(tmp_path, capsys, ids):
     assert "self_attn.q_proj: a low-rank layer" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
     assert main(["export", str(tmp_path / "src"), "-o", str(tmp_path / "src")]) == 2  # never over its source
+
+
+def test_dtype_cast_keeps_scales_and_ties(tmp_path, ids):
+    """``dtype="bfloat16"``: embeddings, norms and adapter factors in bf16, scales as stored (fp16), a tied output
+    embedding saved once; the logits stay within bf16 rounding of ours (2% of their largest magnitude)."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _decoder_kwargs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**_decoder_kwargs(), tie_word_embeddings=True)).eval()
+    hf_compress.compress(model, CompressionConfig(method="rtn", bits=4, group_size=16, eora_rank=4), progress=False)
+    ref = output_of(model, ids)
+    result = export(model, tmp_path / "ct", dtype="bfloat16")
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "lm_head.weight" not in dtypes and dtypes["model.embed_tokens.weight"] == "BF16"
+    assert {d for k, d in dtypes.items() if k.endswith("weight_scale")} == {"F16"}
+    from peft import PeftModel
+    from transformers import CompressedTensorsConfig
+
+    # PEFT needs each Linear's .weight: dequantize at load (or run one forward, which decompresses them)
+    base = _load(tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True))
+    loaded = PeftModel.from_pretrained(base, result.adapter)
+    assert (output_of(loaded, ids) - ref).abs().max() <= 0.02 * ref.abs().max()
+    with pytest.raises(ExportError, match="dtype must be a floating torch dtype"):
+        export(model, tmp_path / "bad", dtype="int8")
