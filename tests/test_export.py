@@ -166,7 +166,8 @@ def test_dense_lowrank_multiplies_low_rank_layers_out(tmp_path, ids):
     model = make_tiny("llama")
     compress_modules(model, CompressionConfig(method="rtn", bits=4, group_size=16, targets=["*.mlp.*_proj"]),
                      progress=False)
-    hf_compress.compress(model, CompressionConfig(method="svd", ratio=0.3, targets=["*.self_attn.*_proj"]), progress=False)
+    hf_compress.compress(model, CompressionConfig(method="svd", ratio=0.3, targets=["*.self_attn.*_proj"]),
+                         progress=False)
     ref = output_of(model, ids)
     with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj: a low-rank layer"):
         export(model, tmp_path / "ct")
