@@ -224,7 +224,7 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if factors:
-            _write_adapter(Path(tmp) / ADAPTER_DIR, factors, model, result)
+            _write_adapter(Path(tmp) / ADAPTER_DIR, factors, model, layers, result)
     return result
 
 
@@ -249,7 +249,7 @@ def _tensors(model, layers: dict, ct: bool, result: ExportResult):
     return tensors, groups, factors
 
 
-def _write_adapter(directory: Path, factors: dict, model, result: ExportResult) -> None:
+def _write_adapter(directory: Path, factors: dict, model, layers: dict, result: ExportResult) -> None:
     from safetensors.torch import save_file
 
     task = "CAUSAL_LM" if getattr(model, "can_generate", lambda: False)() else None
@@ -259,7 +259,7 @@ def _write_adapter(directory: Path, factors: dict, model, result: ExportResult) 
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     result.adapter = os.path.join(result.path, ADAPTER_DIR)
     result.adapter_ranks = {name: u.shape[1] for name, (u, _) in factors.items()}
-    quantized = [name for name in factors if compressed_modules(model)[name].factor_bits]
+    quantized = [name for name in factors if layers[name].factor_bits]
     result.notes.append("the base alone is the model without its EoRA correction; load the adapter for the exact "
                         "model" + (f" ({len(quantized)} layers' quantized factors were dequantized into it)"
                                    if quantized else ""))
