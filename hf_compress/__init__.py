@@ -6,7 +6,8 @@
 
 __version__ = "0.1.0"
 
-from .errors import CheckpointError, ConfigError, HfCompressError, NonFiniteWeightError, UnsupportedModuleError  # noqa: E402
+from .errors import (CheckpointError, ConfigError, ExportError, HfCompressError, NonFiniteWeightError,  # noqa: E402
+                     UnsupportedModuleError)
 from .config import CompressionConfig  # noqa: E402
 from .methods import available_methods  # noqa: E402
 from .modules import LowRankLinear, QuantLinear, QuantLowRankLinear  # noqa: E402
@@ -36,4 +37,5 @@ __all__ = [
     "CheckpointError",
     "UnsupportedModuleError",
     "NonFiniteWeightError",
+    "ExportError",
 ]

@@ -1,4 +1,4 @@
-"""The ``hf-compress`` command line: compress, eval, info, finetune, card, push, demo."""
+"""The ``hf-compress`` command line: compress, eval, info, finetune, card, push, export, demo."""
 
 from __future__ import annotations
 
@@ -264,6 +264,14 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    print(export(args.model, args.output, format=args.format, dense_lowrank=args.dense_lowrank,
+                 dtype=args.dtype).summary())
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -343,6 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
         from .kv.cli import add_kv_args
 
         add_kv_args(p, p is sub.choices["eval"])
+
+    from .export import FORMATS
+
+    p = sub.add_parser("export", help="write a compressed checkpoint in a format stock engines load (docs/export.md)")
+    p.add_argument("model", help="compressed checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--format", default="compressed-tensors", choices=FORMATS,
+                   help="compressed-tensors: pack-quantized layers (+ a PEFT LoRA adapter for EoRA factors), "
+                        "what vLLM / SGLang / transformers load; dense: every layer multiplied out")
+    p.add_argument("--dense-lowrank", action="store_true",
+                   help="compressed-tensors: multiply low-rank layers out to dense weights instead of refusing them")
+    p.add_argument("--dtype", help="cast embeddings, norms, dense layers and adapter factors to this dtype, e.g. "
+                                   "bfloat16 (quantization scales keep their stored dtype; default: as stored)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="per-layer table of a (compressed) model")
     p.add_argument("model")

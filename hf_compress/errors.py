@@ -19,3 +19,7 @@ class CheckpointError(HfCompressError):
 
 class NonFiniteWeightError(HfCompressError):
     """A weight to compress holds NaN or Inf."""
+
+
+class ExportError(HfCompressError):
+    """A model cannot be exported (exactly) to the requested format; names the layers and why."""

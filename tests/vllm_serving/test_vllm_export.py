@@ -1,0 +1,123 @@
+"""The compressed-tensors export of a 4-bit SmolLM2 in stock vLLM 0.32 (CPU, fp16 activations, W4A16 kernel).
+
+Tolerances. vLLM computes in fp16 where ours runs in fp32, with the same weights (codes, fp16 scales and integer
+zero points are exact in both). Ours is scored teacher-forced on vLLM's own greedy continuation, so every position
+compares the two on the same context: vLLM's log-probability of each token it chose must be within ``LOGPROB_TOL``
+nats of ours. Greedy continuations agree with ours token for token until a position where vLLM's token is a
+near-tie for ours (within ``TIE`` nats of our best); the first divergence of each prompt is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from serving import NEW_TOKENS, PROMPTS, smollm2, token_logprobs, vllm_runs  # noqa: F401  (fixtures)
+
+LOGPROB_TOL = 0.1
+TIE = 0.1
+
+
+def _first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def _gaps(smollm2, run: dict, ref: str) -> list[list[float]]:
+    """|vLLM's logprob − ours| of each token vLLM chose, ours teacher-forced on vLLM's continuation."""
+    model = smollm2["refs"][ref]["model"]
+    out = []
+    for p, tokens, lps in zip(smollm2["prompts"], run["tokens"], run["logprobs"]):
+        ours = token_logprobs(model, p + tokens)[len(p) - 1:]
+        out.append([abs(a - b) for a, b in zip(lps, ours)])
+    return out
+
+
+def test_export_fits_vllm_cpu_kernel(smollm2):
+    r = smollm2["result"]
+    assert set(r.packed.values()) == {(4, 64)} and len(r.packed) == 210 and not r.dense
+    assert "every packed layer fits vLLM's CPU W4A16 kernel" in r.summary()
+
+
+def test_greedy_tokens_and_logprobs_agree_with_ours(smollm2, vllm_runs):
+    ours, run = smollm2["refs"]["base"], vllm_runs["base"]
+    gaps = _gaps(smollm2, run, "base")
+    for i, prompt in enumerate(PROMPTS):
+        k = _first_divergence(run["tokens"][i], ours["tokens"][i])
+        print(f"{prompt!r}: max |logprob vLLM - ours| {max(gaps[i]):.4f} nats; first divergence from our greedy "
+              f"tokens: {'none in ' + str(NEW_TOKENS) if k is None else k}")
+        if k is not None:  # vLLM's token there is a near-tie for ours
+            theirs = token_logprobs(ours["model"], smollm2["prompts"][i] + run["tokens"][i][:k + 1])[-1]
+            assert ours["scored"][i][k] - theirs <= TIE, (prompt, k)
+    assert max(max(g) for g in gaps) <= LOGPROB_TOL
+
+
+def test_eora_adapter_moves_vllm_toward_ours(smollm2, vllm_runs):
+    """Against our full model (with EoRA), vLLM with the adapter is closer than vLLM without it."""
+    mean = {}
+    for run in ("base", "lora"):
+        gaps = [g for row in _gaps(smollm2, vllm_runs[run], "full") for g in row]
+        mean[run] = sum(gaps) / len(gaps)
+        agree = [_first_divergence(t, o) for t, o in zip(vllm_runs[run]["tokens"], smollm2["refs"]["full"]["tokens"])]
+        print(f"vLLM {run}: mean |logprob - ours with EoRA| {mean[run]:.4f} nats; first divergence from our greedy "
+              f"tokens {[NEW_TOKENS if k is None else k for k in agree]}")
+    assert mean["lora"] < 0.5 * mean["base"] and mean["lora"] <= LOGPROB_TOL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, data: dict | None = None, timeout: float = 60):
+    body = None if data is None else json.dumps(data).encode()
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, json.loads(r.read() or b"null")
+
+
+def test_vllm_serve_answers_one_completion(smollm2, vllm_runs, tmp_path):
+    """``vllm serve`` on 127.0.0.1 (through vllm_cli.py: vllm-cpu's own ``vllm`` script cannot start): one greedy
+    completion equal to the offline engine's, then a clean shutdown."""
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0"}
+    cmd = [sys.executable, str(Path(__file__).with_name("vllm_cli.py")), "serve", str(smollm2["dir"]),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float16", "--max-model-len", "512", "--enforce-eager",
+           "--max-num-seqs", "2", "--served-model-name", "smollm2-ct"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, "vllm serve exited early:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if _get(f"http://127.0.0.1:{port}/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "vllm serve not ready in 600 s"
+            time.sleep(2)
+        status, body = _get(f"http://127.0.0.1:{port}/v1/completions",
+                            {"model": "smollm2-ct", "prompt": smollm2["prompts"][0], "max_tokens": 8,
+                             "temperature": 0})
+        assert status == 200
+        expected = smollm2["tokenizer"].decode(vllm_runs["base"]["tokens"][0][:8])
+        print(f"served completion: {body['choices'][0]['text']!r}")
+        assert body["choices"][0]["text"] == expected
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert proc.returncode == 0, "vllm serve did not shut down cleanly on SIGINT"
