@@ -149,7 +149,7 @@ def _valid_from_mask(mask, length, batch):
 
 def _base_attention(module, base):
     if base == "sdpa":
-        return AttentionInterface()["sdpa"]
+        return _SDPA
     # "eager" is not in the interface: each modeling module defines the eager function the interface falls back to
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
@@ -171,6 +171,7 @@ def _eviction_attention(base):
     return attention
 
 
+_SDPA = AttentionInterface()["sdpa"]  # resolved once, not at every attention call
 for _base in BASES:
     AttentionInterface.register(f"{PREFIX}{_base}", _eviction_attention(_base))
     AttentionMaskInterface.register(f"{PREFIX}{_base}", AttentionMaskInterface()[_base])
