@@ -19,9 +19,10 @@ Codes are packed along C into uint8: ``8 // bits`` codes per byte, code ``c`` in
 chunk at bits ``3c .. 3c + 2`` of the chunk's 24-bit little-endian word), so C must be a multiple of 8; the Triton
 kernels cover 2/4/8 bits and 3-bit runs the torch reference on every device.
 
-Dispatch: ``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when importable), ``torch`` (always
-the reference) or ``triton`` (Triton wherever it can run; on CPU that needs ``TRITON_INTERPRET=1`` set before
-triton is imported) — the same semantics as ``hf_compress.kernels.dispatch.backend_for``.
+Dispatch: ``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when importable, the CPU dequantize
+fast path `kernels.kv_cpu` for CPU tensors), ``cpu`` (that fast path), ``torch`` (always the reference) or ``triton``
+(Triton wherever it can run; on CPU that needs ``TRITON_INTERPRET=1`` set before triton is imported) — the same
+semantics as ``hf_compress.kernels.dispatch.backend_for``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import functools
 import os
 
 import torch
+
+from . import kv_cpu
 
 KV_BITS = (2, 3, 4, 8)
 TRITON_BITS = (2, 4, 8)  # widths the Triton kernels cover; 3-bit codes always run the torch reference
@@ -154,19 +157,23 @@ def dequantize_reference(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Ten
 
 # ----------------------------------------------------------------------------------------------- dispatch
 def backend(x: torch.Tensor, bits: int | None = None) -> str:
-    """"triton" or "torch" for tensor ``x`` (and, when given, a width: one the kernels do not cover is "torch")."""
+    """"triton", "cpu" or "torch" for tensor ``x`` (and, when given, a width: one the Triton kernels do not cover runs
+    on CPU tensors' fast path or the reference). ``cpu`` (`kernels.kv_cpu`) is a dequantize fast path only:
+    quantizing runs the reference on CPU."""
     choice = os.environ.get("HF_COMPRESS_KERNELS", "auto").lower()
     if choice not in ("auto", "torch", "triton", "cpu"):
         raise ValueError(f"HF_COMPRESS_KERNELS must be auto, torch, triton or cpu, got {choice!r}")
-    if choice in ("torch", "cpu"):  # the KV codes have no CPU kernel of their own: the caches dequantize incrementally
+    if choice == "torch":
         return "torch"
     if choice == "triton":
         if _triton() is None:
             raise RuntimeError("HF_COMPRESS_KERNELS=triton but triton is not importable")
         use = True
     else:
-        use = x.is_cuda and _triton() is not None
-    return "triton" if use and (bits is None or bits in TRITON_BITS) else "torch"
+        use = x.is_cuda and choice == "auto" and _triton() is not None
+    if use and (bits is None or bits in TRITON_BITS):
+        return "triton"
+    return "cpu" if x.device.type == "cpu" and choice != "triton" else "torch"
 
 
 @functools.lru_cache(maxsize=1)
@@ -187,7 +194,14 @@ def kv_quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=t
 
 
 def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, group: int, axis: str,
-                  dtype=torch.float32) -> torch.Tensor:
-    if backend(codes, bits) == "triton":
-        return _triton().dequantize(codes, scale, mn, bits, group, axis, dtype)
-    return dequantize_reference(codes, scale, mn, bits, group, axis, dtype)
+                  dtype=torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tokens ``codes`` stand for, [..., T, C] in ``dtype`` — or written into ``out`` (a tensor or view of that
+    shape, e.g. the front of a cache read's result) and returned."""
+    which = backend(codes, bits)
+    if which == "cpu" and kv_cpu.supports(bits, codes.shape[-1]):
+        return kv_cpu.dequantize(codes, scale, mn, bits, group, axis, out=out, dtype=dtype)
+    if which == "triton":
+        x = _triton().dequantize(codes, scale, mn, bits, group, axis, dtype if out is None else out.dtype)
+    else:
+        x = dequantize_reference(codes, scale, mn, bits, group, axis, dtype if out is None else out.dtype)
+    return x if out is None else out.copy_(x)

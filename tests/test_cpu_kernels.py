@@ -202,3 +202,46 @@ def test_loading_a_4bit_checkpoint_never_materialises_dense_weights(tmp_path):
     added, packed = (int(w) for w in proc.stdout.split()[1::2])
     assert packed == 42, proc.stdout  # 7 projections x 6 layers ran on the int4 kernel
     assert added < dense / 2, f"loading + one forward added {added / 1e6:.0f} MB (dense projections: {dense / 1e6:.0f} MB)"
+
+
+# ------------------------------------------------------------------------------------------- KV cache reads
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("axis,group", [("channel", 8), ("token", 8), ("token", 24)])
+def test_kv_cpu_dequantize_equals_the_reference(bits, axis, group):
+    """`kernels.kv_cpu` (bit-spread unpack, dequantize into a caller's buffer) gives exactly the reference's values,
+    on odd leading shapes, into a strided view, and in fp32 / bf16."""
+    from hf_compress.kernels import kv, kv_cpu
+
+    if axis == "token" and group % kv.codes_per_unit(bits):
+        pytest.skip("per-token groups hold whole packing units")
+    gen = torch.Generator().manual_seed(bits)
+    c = 48 if group == 24 else 40
+    x = torch.randn(3, 5, 16, c, generator=gen) * torch.linspace(0.1, 4, c)
+    codes, scale, mn = kv.quantize_reference(x, bits, group, axis)
+    assert torch.equal(kv_cpu.unpack_codes(codes, bits), kv.unpack_codes(codes, bits))
+    ref = kv.dequantize_reference(codes, scale, mn, bits, group, axis)
+    assert torch.equal(kv_cpu.dequantize(codes, scale, mn, bits, group, axis), ref)
+    for dtype in (torch.float32, torch.bfloat16):
+        buf = torch.full((3, 5, 21, c), float("nan"), dtype=dtype)
+        out = kv.kv_dequantize(codes, scale, mn, bits, group, axis, out=buf[..., 2:18, :])
+        assert out.data_ptr() == buf[..., 2:18, :].data_ptr()
+        assert torch.equal(buf[..., 2:18, :], ref.to(dtype))
+        assert buf[..., :2, :].isnan().all() and buf[..., 18:, :].isnan().all()  # nothing written outside
+    assert kv.backend(codes, bits) == "cpu"
+
+
+def test_kv_backend_choice(monkeypatch):
+    """``torch`` forces the reference for KV reads too; ``auto``/``cpu`` pick the CPU path for CPU tensors, and a
+    row that is not whole 8-code units goes to the reference with the same values."""
+    from hf_compress.kernels import kv, kv_cpu
+
+    x = torch.randn(2, 4, 12)  # 12 channels: 2-bit rows of 3 bytes, not whole 2-byte units
+    codes, scale, mn = kv.quantize_reference(x, 2, 4, "channel")
+    assert not kv_cpu.supports(2, codes.shape[-1]) and not kv_cpu.supports(4, 6) and kv_cpu.supports(4, 8)
+    assert kv_cpu.supports(8, 5)
+    ref = kv.dequantize_reference(codes, scale, mn, 2, 4, "channel")
+    assert torch.equal(kv.kv_dequantize(codes, scale, mn, 2, 4, "channel"), ref)
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
+    assert kv.backend(codes, 4) == "torch"
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "cpu")
+    assert kv.backend(codes, 4) == "cpu"

@@ -102,7 +102,7 @@ def test_value_bits_quantize_values_apart_from_keys():
             layer = cache.compressed_layers[0]
             b, h, t, d = 2, 2, layer.n_quant, 12
             assert layer.kq.nbytes == b * h * t * d * 4 // 8 and layer.vq.nbytes == b * h * t * d * 2 // 8
-            vals = layer._read("v")[..., :t, :].float()
+            vals = layer._full("v")[..., :t, :].float()
             vq = kv_quantize(vals, 2, layer._vgroup(d), "token", torch.float16)  # re-quantizing: a fixed point
             assert torch.allclose(kv_dequantize(*vq, 2, layer._vgroup(d), "token", torch.float32), vals, atol=1e-3)
     assert sizes["q2"] < sizes["k4v2"] < sizes["q4"]
@@ -269,7 +269,7 @@ def test_gear_full_rank_residual_is_exact_and_outliers_kept():
     # the outliers are reproduced exactly (to fp16)
     layer = cache.compressed_layers[0]
     seg = layer.segments[0]
-    keys = layer._read("k")[..., seg["start"]:seg["start"] + seg["length"], :].float()
+    keys = layer._full("k")[..., seg["start"]:seg["start"] + seg["length"], :].float()
     flat = keys.reshape(*keys.shape[:2], -1)
     torch.testing.assert_close(flat.gather(-1, seg["k_idx"].long()), seg["k_val"].float())
 

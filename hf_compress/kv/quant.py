@@ -120,9 +120,18 @@ class QuantizedKVLayer(KVCacheLayer):
         return ((n - self.residual) // unit) * unit if n >= self.residual + trigger else 0
 
     def _full(self, tag):
-        """Everything stored for one half, in the model's dtype: dequantized codes, then the window."""
-        window = getattr(self, "r" + tag).to(self.dtype)  # no copy unless window_dtype differs
-        return torch.cat([self._read(tag), window], dim=-2) if self.quantized[tag] else window
+        """Everything stored for one half, in the model's dtype: dequantized codes, then the window — from the
+        run-time copy with ``dense_copy``, else dequantized from the codes at every read, straight into the front of
+        the returned tensor (no concatenation afterwards)."""
+        window, n = getattr(self, "r" + tag), self.quantized[tag]
+        if not n:
+            return window.to(self.dtype)  # no copy unless window_dtype differs
+        if self.dense_copy:
+            return torch.cat([getattr(self, "d" + tag)[..., :n, :], window.to(self.dtype)], dim=-2)
+        out = window.new_empty(*window.shape[:-2], n + window.shape[-2], window.shape[-1], dtype=self.dtype)
+        self._dequantize(tag, [getattr(self, tag + n_) for n_ in ("q", "s", "m")], self.segments, out[..., :n, :])
+        out[..., n:, :] = window
+        return out
 
     def _quantize_oldest(self, tag: str, m: int) -> None:
         window = getattr(self, "r" + tag)
@@ -203,21 +212,16 @@ class QuantizedKVLayer(KVCacheLayer):
         seg[f"{tag}_a"] = (err @ basis).to(torch.float16)
         seg[f"{tag}_b"] = basis.to(torch.float16)
 
-    def _read(self, tag):
-        """The quantized tokens of one half, dequantized (model dtype): from the run-time copy with ``dense_copy``,
-        else from the codes at every read."""
-        if self.dense_copy:
-            return getattr(self, "d" + tag)[..., :self.quantized[tag], :]
-        return self._dequantize(tag, [getattr(self, tag + n) for n in ("q", "s", "m")], self.segments)
-
-    def _dequantize(self, tag, parts, segments):
+    def _dequantize(self, tag, parts, segments, out=None):
         """Codes ``parts`` (codes, scales, minima) of one half dequantized, with the GEAR corrections of
-        ``segments`` (``start`` relative to the first token of ``parts``), in the model's dtype."""
+        ``segments`` (``start`` relative to the first token of ``parts``), in the model's dtype (into ``out`` when
+        given)."""
         bits, group, axis = self._layout(tag)
+        segments = [seg for seg in segments if seg["tag"] == tag]
+        if not segments:
+            return kv_dequantize(*parts, bits, group, axis, self.dtype, out=out)
         x = kv_dequantize(*parts, bits, group, axis, torch.float32)
         for seg in segments:
-            if seg["tag"] != tag:
-                continue
             a, stop = seg["start"], seg["start"] + seg["length"]
             part = x[..., a:stop, :]
             if f"{tag}_a" in seg:
@@ -227,7 +231,7 @@ class QuantizedKVLayer(KVCacheLayer):
                 flat = part.reshape(b, h, t * d)
                 flat.scatter_(-1, seg[f"{tag}_idx"].long(), seg[f"{tag}_val"].float())
                 x[..., a:stop, :] = flat.view(b, h, t, d)
-        return x.to(self.dtype)
+        return x.to(self.dtype) if out is None else out.copy_(x)
 
 
 class QuantizedKVCache(CompressedKVCache):
