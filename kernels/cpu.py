@@ -30,7 +30,9 @@ groups with the same scale and zero.
 
 Plain functions over the packed buffers, usable without a transformers model (e.g. a vLLM linear method):
 ``pack = repack(qweight, scales, zeros, bits, group_size, in_features)`` once, then
-``quant_linear(x, pack, bias, u, v)`` per call. Memory at run time: the int4 copy (4 bits per weight; 8 for 8-bit
+``quant_linear(x, pack, bias, u, v)`` per call. A call of many rows (a prefill: ``DEQUANTIZE_ROWS``) dequantizes
+the weight once (`dequantize_t`, a transient bf16 copy of that one layer) and runs a bf16 GEMM, which outgrows the
+int4 kernel's per-row cost. Memory at run time: the int4 copy (4 bits per weight; 8 for 8-bit
 layers) and bf16 scales/zeros, beside the checkpoint's own buffers.
 """
 
@@ -77,6 +79,7 @@ class Int4Pack(NamedTuple):
     padded: int  # K rounded up to whole groups of the layer
     copies: int  # 1, or 2 for 8-bit layers ([hi | lo] halves)
     out_features: int  # N of the layer
+    source: tuple | None = None  # (qweight, scales, zeros, bits, group_size): references, for `dequantize_t`
 
     @property
     def nbytes(self) -> int:
@@ -125,7 +128,43 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
     sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))  # [N', K' / gk, 2]
     padded = scales.shape[1] * group_size
     return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded,
-                    sz.shape[1] * gk // padded, n)
+                    sz.shape[1] * gk // padded, n, (qweight, scales, zeros, bits, group_size))
+
+
+#: rows (times the pack's copies) from which a call dequantizes the weight once and runs a bf16 GEMM instead of
+#: the int4 kernel, whose time grows ~linearly with the rows (measured, 1 thread, SmolLM2 shapes: at 256 rows the
+#: dequantize + GEMM path is 1.2-1.7x faster for 2/3/4 bits, 2.5-3x for 8 bits; at 64 rows the int4 kernel wins
+#: for 2/3/4 bits and they are even for 8 bits)
+DEQUANTIZE_ROWS = 128
+
+
+def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int) -> torch.Tensor:
+    """The layer's dense weight, transposed, in bf16: Wᵀ [groups * group_size, N] (rows past ``in_features`` belong
+    to the padded last group; multiply them by zero activations). Built on the transposed words so that every step
+    runs along contiguous N-long rows (scales broadcast over whole rows): code ``k = u * per + j`` of unit ``u``
+    (one int32 word of ``32 / bits`` codes; 3 words of 32 codes at 3 bits) is plane ``j`` of that unit."""
+    n, groups = scales.shape
+    per, wpu = (32, 3) if bits == 3 else (32 // bits, 1)
+    units = groups * group_size // per
+    w = qweight
+    if w.shape[1] < units * wpu:
+        w = F.pad(w, (0, units * wpu - w.shape[1]))
+    wt = w.view(n, units, wpu).permute(1, 2, 0).contiguous()  # [units, words per unit, N]
+    if wpu == 1:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=w.device).view(1, per, 1)
+        planes = (wt >> shifts).bitwise_and_(2**bits - 1)
+    else:  # 3 bits: code j of a unit starts at bit 3j of its 96; codes 10 and 21 straddle two words
+        j = torch.arange(32, device=w.device)
+        planes = (wt[:, (3 * j) // 32, :] >> ((3 * j) % 32).to(torch.int32).view(1, 32, 1)).bitwise_and_(7)
+        for jj in (10, 21):
+            word, shift = (3 * jj) // 32, (3 * jj) % 32
+            low = (wt[:, word] >> shift) & ((1 << (32 - shift)) - 1)  # logical: drop the sign bits
+            planes[:, jj] = low | ((wt[:, word + 1] << (32 - shift)) & 7)
+    sf, zf = scales.float(), zeros.float()
+    st = sf.t().reshape(groups, 1, 1, n)
+    zt = (-zf * sf).t().reshape(groups, 1, 1, n)
+    return torch.mul(planes.view(groups, group_size // per, per, n), st).add_(zt).view(-1, n).to(torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,11 +194,14 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     xb = x2.to(torch.bfloat16)
     if pack.padded != pack.in_features:
         xb = F.pad(xb, (0, pack.padded - pack.in_features))
-    if pack.copies == 2:
-        xb = torch.cat([xb, xb], 1)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), pack.weight, pack.group, pack.scales_zeros)
-    if y.shape[1] != pack.out_features:
-        y = y[:, :pack.out_features]
+    if pack.source is not None and xb.shape[0] * pack.copies >= DEQUANTIZE_ROWS:  # prefill: dequantize once
+        y = xb @ dequantize_t(*pack.source)
+    else:
+        if pack.copies == 2:
+            xb = torch.cat([xb, xb], 1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), pack.weight, pack.group, pack.scales_zeros)
+        if y.shape[1] != pack.out_features:
+            y = y[:, :pack.out_features]
     y = y.to(x.dtype)
     if u is not None:  # in the input's dtype: at one row an fp32 GEMV is faster on CPU than a bf16 one
         y = torch.addmm(y, F.linear(x2, v.to(x.dtype)), u.to(x.dtype).t())

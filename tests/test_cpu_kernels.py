@@ -67,8 +67,9 @@ def test_int4_layout_is_exact(bits, n, k, g):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("n,k,g,rows", [(24, 40, 32, 1), (576, 576, 128, 1), (100, 300, 64, 20), (48, 512, 256, 33)],
-                         ids=["tiny-partial", "smollm2-partial", "odd", "g256-rows"])
+@pytest.mark.parametrize("n,k,g,rows", [(24, 40, 32, 1), (576, 576, 128, 1), (100, 300, 64, 20), (48, 512, 256, 33),
+                                        (100, 300, 64, 130), (40, 200, 96, 150)],
+                         ids=["tiny-partial", "smollm2-partial", "odd", "g256-rows", "odd-prefill", "g96-prefill"])
 def test_cpu_quant_linear_matches_reference(bits, dtype, n, k, g, rows):
     qw, s, z = _layer(n, k, bits, g, seed=bits)
     gen = torch.Generator().manual_seed(1)
@@ -81,6 +82,26 @@ def test_cpu_quant_linear_matches_reference(bits, dtype, n, k, g, rows):
     assert y.dtype == dtype and y.shape == (rows, n)
     ref = reference.quant_linear(x.float(), qw, s, z, bits, g, k, bias.float(), u.float(), v.float())
     assert _rel(y, ref) < TOL
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k,g", [(24, 40, 32), (17, 300, 64), (40, 200, 96), (48, 512, 256)])
+def test_dequantize_t_is_the_reference_weight(bits, n, k, g, monkeypatch):
+    """The prefill path's one-off dequantization is the reference weight (transposed, bf16-rounded), and a call of
+    ``DEQUANTIZE_ROWS`` rows or more takes it (fewer rows: the int4 kernel)."""
+    qw, s, z = _layer(n, k, bits, g, seed=bits)
+    wt = cpu.dequantize_t(qw, s, z, bits, g)
+    ref = reference.dequantize(qw, s, z, bits, g, k)
+    assert wt.dtype == torch.bfloat16 and wt.shape == (-(-k // g) * g, n)
+    assert torch.allclose(wt[:k].float().t(), ref, rtol=2**-8, atol=1e-6)
+    calls = []
+    real = cpu.dequantize_t
+    monkeypatch.setattr(cpu, "dequantize_t", lambda *a: calls.append(1) or real(*a))
+    pack = cpu.repack(qw, s, z, bits, g, k)
+    for rows in (1, cpu.DEQUANTIZE_ROWS // pack.copies - 1, cpu.DEQUANTIZE_ROWS // pack.copies):
+        x = torch.randn(rows, k)
+        assert _rel(cpu.quant_linear(x, pack), x @ ref.t()) < TOL
+    assert len(calls) == 1
 
 
 def test_fallbacks_and_cache_invalidation(monkeypatch):
