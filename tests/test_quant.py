@@ -265,6 +265,14 @@ def test_quantized_eora_factors_are_packed_close_and_truncate_exactly(ids):
     x = torch.randn(2, 3, q4.in_features)
     u, v = q4.factors(torch.float32)
     assert torch.allclose(q4(x), x @ (q4.dequantized() + u @ v).T, atol=1e-5)
+    with torch.no_grad():  # inference: the factors are dequantized once and kept, and rebuilt when a buffer changes
+        for scale in (1.0, 2.0):
+            q4.V_scales.mul_(scale)
+            uq, vq = q4.factors(torch.float32)
+            ref = x @ (q4.dequantized() + uq @ vq).T
+            assert (q4(x) - ref).abs().max() < 3e-2 * ref.abs().max()  # the CPU path: bf16 activations
+            assert torch.equal(q4._factor_cache["factors"][1], vq)
+        q4.V_scales.div_(2.0)
     assert torch.equal(q4.qweight, fl.qweight)  # the same GPTQ codes underneath
     u8, v8 = made["q8"].get_submodule(name).factors(torch.float32)
     ref = fl.U @ fl.V

@@ -203,8 +203,23 @@ class QuantLinear(nn.Module):
             self.U = nn.Parameter(self.U.detach()[:, :rank].contiguous(), requires_grad=self.U.requires_grad)
             self.V = nn.Parameter(self.V.detach()[:rank].contiguous(), requires_grad=self.V.requires_grad)
 
+    def _runtime_factors(self, dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`factors` for a forward: quantized factors are dequantized once per dtype and kept (a plain attribute,
+        never state; rebuilt when a factor buffer is replaced or changed in place) unless autograd is recording —
+        at run time such a layer holds its factors in ``dtype`` as a float-factor layer does."""
+        if not self.factor_bits or torch.is_grad_enabled():
+            return self.factors(dtype)
+        src = tuple(getattr(self, n) for n in FACTOR_BUFFERS)
+        versions = (dtype, tuple(t._version for t in src))
+        cache = self.__dict__.setdefault("_factor_cache", {})
+        old = cache.get("src")
+        if old is None or any(a is not b for a, b in zip(old, src)) or cache["versions"] != versions:
+            cache.clear()
+            cache.update(src=src, versions=versions, factors=tuple(t.contiguous() for t in self.factors(dtype)))
+        return cache["factors"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = self.factors(x.dtype)
+        u, v = self._runtime_factors(x.dtype)
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
                             self.bias, u, v, cache=self._kernel_cache)
 
