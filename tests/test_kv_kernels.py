@@ -57,7 +57,7 @@ def test_dispatch_env(monkeypatch):
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
     assert K.backend(x) == "torch"
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
-    assert K.backend(x) == "torch"  # CPU tensor
+    assert K.backend(x) == "cpu"  # CPU tensor: the CPU dequantize fast path (kernels/kv_cpu.py)
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "bogus")
     with pytest.raises(ValueError, match="HF_COMPRESS_KERNELS"):
         K.backend(x)
