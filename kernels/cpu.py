@@ -22,8 +22,9 @@ exactly on the int4 kernel, with ``z' = zero``:
 So the CPU kernel is exact up to bf16: the activations, and ``scale``/``zero`` stored in bf16 (relative rounding
 2**-9 of each; the tests hold the output to relative 3e-2 of the fp32 reference, as the GPU kernels).
 
-Shapes the kernel does not take are padded, not refused: K up to whole groups (a partial last group: zero columns
-of x meet whatever codes, so padding adds nothing), N up to a multiple of 16 (rows cut from the output). A group
+Shapes the kernel does not take are padded, not refused: K up to whole groups where no kernel group both divides the
+layer's group and tiles K (a partial last group: zero columns of x meet whatever codes, so padding adds nothing; where
+one does, e.g. 576 inputs with group 128 run as kernel groups of 64, K is not padded and a call pads nothing), N up to a multiple of 16 (rows cut from the output). A group
 size that no kernel group divides (not a multiple of 32) is the one case left to the reference (`supports`). A
 kernel group smaller than ``group_size`` is fine: each stored group becomes ``group_size // kernel_group`` kernel
 groups with the same scale and zero.
@@ -76,7 +77,7 @@ class Int4Pack(NamedTuple):
     scales_zeros: torch.Tensor  # [copies * padded / group, padded N, 2] bf16
     group: int  # kernel group
     in_features: int  # K of the layer
-    padded: int  # K rounded up to whole groups of the layer
+    padded: int  # K, or K rounded up to whole groups of the layer where no kernel group tiles K
     copies: int  # 1, or 2 for 8-bit layers ([hi | lo] halves)
     out_features: int  # N of the layer
     source: tuple | None = None  # (qweight, scales, zeros, bits, group_size): references, for `dequantize_t`
@@ -99,6 +100,9 @@ def int4_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
                          f"got group_size={group_size}, bits={bits}")
     codes = unpack(qweight, bits, in_features, dtype=torch.int32)
     n, padded = codes.shape[0], scales.shape[1] * group_size
+    whole = next((g for g in KERNEL_GROUPS if group_size % g == 0 and in_features % g == 0), None)
+    if whole is not None:  # kernel groups that tile K exactly: no padded columns, no padded activations per call
+        gk, padded = whole, in_features
     s, z = scales.float(), zeros.float()
     if bits == 8:
         halves = [(torch.Tensor.bitwise_right_shift_, 4, 16 * s, (128 - z) * s),
@@ -110,9 +114,9 @@ def int4_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     for i, (op, arg, _, _) in enumerate(halves):  # in place: no temporary the size of the codes
         part = cols[:n, i * padded:i * padded + in_features]
         op(part.copy_(codes), arg)
-    rep = group_size // gk
-    sc = torch.cat([sc.repeat_interleave(rep, 1) for *_, sc, _ in halves], 1)
-    zp = torch.cat([zp.repeat_interleave(rep, 1) for *_, zp in halves], 1)
+    rep, per_half = group_size // gk, padded // gk
+    sc = torch.cat([sc.repeat_interleave(rep, 1)[:, :per_half] for *_, sc, _ in halves], 1)
+    zp = torch.cat([zp.repeat_interleave(rep, 1)[:, :per_half] for *_, zp in halves], 1)
     return cols, sc, zp, gk
 
 
@@ -126,9 +130,9 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(cols, 1)
     del cols
     sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))  # [N', K' / gk, 2]
-    padded = scales.shape[1] * group_size
-    return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded,
-                    sz.shape[1] * gk // padded, n, (qweight, scales, zeros, bits, group_size))
+    copies = 2 if bits == 8 else 1
+    return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features,
+                    sz.shape[1] * gk // copies, copies, n, (qweight, scales, zeros, bits, group_size))
 
 
 #: rows (times the pack's copies) from which a call dequantizes the weight once and runs a bf16 GEMM instead of
@@ -195,7 +199,7 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     if pack.padded != pack.in_features:
         xb = F.pad(xb, (0, pack.padded - pack.in_features))
     if pack.source is not None and xb.shape[0] * pack.copies >= DEQUANTIZE_ROWS:  # prefill: dequantize once
-        y = xb @ dequantize_t(*pack.source)
+        y = xb @ dequantize_t(*pack.source)[:xb.shape[1]]
     else:
         if pack.copies == 2:
             xb = torch.cat([xb, xb], 1)

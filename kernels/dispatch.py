@@ -126,12 +126,13 @@ def _run(kernel, ref, *tensors):
 def cpu_pack(cache: dict, qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> cpu.Int4Pack:
     """The layer's `cpu.repack`, built on first use and kept in ``cache`` (a plain dict the caller owns, never part of
     a state dict); rebuilt when a buffer is replaced or changed in place (tensor identity and version counter)."""
-    src = (qweight, scales, zeros)
-    versions = tuple(t._version for t in src)
-    old = cache.get("src")
-    if old is None or any(a is not b for a, b in zip(old, src)) or cache["versions"] != versions:
+    old = cache.get("src")  # spelt out, not a loop: this runs at every decode step of every layer
+    versions = (qweight._version, scales._version, zeros._version)
+    if (old is None or old[0] is not qweight or old[1] is not scales or old[2] is not zeros
+            or cache["versions"] != versions):
         cache.clear()  # drop the old pack before building the new one
-        cache.update(src=src, versions=versions, pack=cpu.repack(qweight, scales, zeros, bits, group_size, in_features))
+        cache.update(src=(qweight, scales, zeros), versions=versions,
+                     pack=cpu.repack(qweight, scales, zeros, bits, group_size, in_features))
         cpu.release_freed_memory()
     return cache["pack"]
 

@@ -52,15 +52,19 @@ def test_private_ops_exist_and_keep_their_layout():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("n,k,g", [(24, 40, 32), (17, 300, 64), (48, 512, 256), (40, 200, 96)],
-                         ids=["partial-group", "odd-N", "g256", "g96-as-3x32"])
+@pytest.mark.parametrize("n,k,g", [(24, 40, 32), (17, 300, 64), (48, 512, 256), (40, 200, 96), (24, 576, 128)],
+                         ids=["partial-group", "odd-N", "g256", "g96-as-3x32", "partial-g128-as-g64"])
 def test_int4_layout_is_exact(bits, n, k, g):
     """The re-expression on int4 codes (module docstring of kernels/cpu.py) is the reference weight exactly (fp32)."""
     qw, s, z = _layer(n, k, bits, g)
     cols, sc, zp, gk = cpu.int4_layout(qw, s, z, bits, g, k)
     assert int(cols.min()) >= 0 and int(cols.max()) <= 15 and g % gk == 0
     w = (cols.float() - 8) * sc.repeat_interleave(gk, 1) + zp.repeat_interleave(gk, 1)
-    padded = s.shape[1] * g
+    padded = cols.shape[1] // (2 if bits == 8 else 1)
+    # K is padded to whole groups only where no kernel group both divides g and tiles K (576 with g128: groups of 64)
+    assert padded == (k if k % gk == 0 else s.shape[1] * g)
+    if (k, g) == (576, 128):
+        assert (gk, padded) == (64, 576)
     w = w.reshape(n, -1, padded).sum(1)[:, :k]  # 8-bit: the [hi | lo] halves add up
     torch.testing.assert_close(w, reference.dequantize(qw, s, z, bits, g, k), rtol=0, atol=1e-6)
 
