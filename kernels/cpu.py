@@ -66,6 +66,16 @@ def kernel_group(group_size: int) -> int | None:
     return next((g for g in KERNEL_GROUPS if group_size % g == 0), None)
 
 
+def tiling(group_size: int, in_features: int) -> tuple[int, int]:
+    """(kernel group, padded K) of a layer: kernel groups that divide ``group_size`` and tile K exactly where one
+    exists (no padded columns, no padded activations per call: 576 inputs with group 128 run as groups of 64), else
+    the largest dividing ``group_size`` with K padded to whole groups of the layer."""
+    whole = next((g for g in KERNEL_GROUPS if group_size % g == 0 and in_features % g == 0), None)
+    if whole is not None:
+        return whole, in_features
+    return kernel_group(group_size), -(-in_features // group_size) * group_size
+
+
 def supports(bits: int, group_size: int) -> bool:
     return bits in SUPPORTED_BITS and kernel_group(group_size) is not None
 
@@ -94,15 +104,12 @@ def int4_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     scales and zeros [N, copies * padded / kernel group] (fp32) with ``W = sum over copies of (c - 8) * scale + zero``
     (module docstring), and the kernel group. Built in place in one int32 buffer (repacking a layer needs ~12 bytes
     per weight for a moment, not a dense copy)."""
-    gk = kernel_group(group_size)
     if not supports(bits, group_size):
         raise ValueError(f"the int4 CPU kernel takes groups that are multiples of 32 and 2/3/4/8-bit codes; "
                          f"got group_size={group_size}, bits={bits}")
     codes = unpack(qweight, bits, in_features, dtype=torch.int32)
-    n, padded = codes.shape[0], scales.shape[1] * group_size
-    whole = next((g for g in KERNEL_GROUPS if group_size % g == 0 and in_features % g == 0), None)
-    if whole is not None:  # kernel groups that tile K exactly: no padded columns, no padded activations per call
-        gk, padded = whole, in_features
+    n = codes.shape[0]
+    gk, padded = tiling(group_size, in_features)
     s, z = scales.float(), zeros.float()
     if bits == 8:
         halves = [(torch.Tensor.bitwise_right_shift_, 4, 16 * s, (128 - z) * s),
