@@ -61,6 +61,7 @@ def available() -> bool:
     return all(hasattr(torch.ops.aten, name) for name in OPS)
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_group(group_size: int) -> int | None:
     """The largest kernel group dividing ``group_size`` (None: no CPU kernel for it)."""
     return next((g for g in KERNEL_GROUPS if group_size % g == 0), None)
@@ -76,6 +77,7 @@ def tiling(group_size: int, in_features: int) -> tuple[int, int]:
     return kernel_group(group_size), -(-in_features // group_size) * group_size
 
 
+@functools.lru_cache(maxsize=None)  # asked at every forward
 def supports(bits: int, group_size: int) -> bool:
     return bits in SUPPORTED_BITS and kernel_group(group_size) is not None
 
