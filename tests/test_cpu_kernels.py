@@ -3,6 +3,7 @@ reference: the exact re-expression of our layout, the numerics of the kernel pat
 the GPU kernels' tolerance), dispatch and its fallbacks, and modules / models on the CPU path."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,17 +180,22 @@ def test_smollm2_fast_path_agrees_with_reference():
     model, tok = load_model(smollm2_gguf_path())
     hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 128}, progress=False)
     ids = tok("The history of the city begins", return_tensors="pt").input_ids
+    # and a 200-token prompt, whose prefill takes the dequantize-once path (cpu.DEQUANTIZE_ROWS)
+    text = (Path(hf_compress.__file__).parent / "data" / "tinyshakespeare-excerpt.txt").read_text()
+    long_ids = tok(text, return_tensors="pt").input_ids[:, :200]
+    assert long_ids.shape[1] == 200 >= cpu.DEQUANTIZE_ROWS
     out = []
     for _ in range(2):
         with torch.no_grad():
-            out.append(model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                      pad_token_id=tok.eos_token_id)[0, ids.shape[1]:])
+            out.append([model.generate(p, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                       pad_token_id=tok.eos_token_id)[0, p.shape[1]:] for p in (ids, long_ids)])
         if len(out) == 1:
             assert sum(m._kernel_cache.get("pack") is not None for m in model.modules()
                        if hasattr(m, "_kernel_cache")) == 210, "not every projection ran on the CPU kernel"
             model = model.dequantize()
-    agree = float((out[0] == out[1]).float().mean())
-    assert agree >= 0.9, f"greedy agreement {agree:.2f}"
+    for fast, ref in zip(*out):
+        agree = float((fast == ref).float().mean())
+        assert agree >= 0.9, f"greedy agreement {agree:.2f}"
 
 
 def test_loading_a_4bit_checkpoint_never_materialises_dense_weights(tmp_path):
