@@ -7,11 +7,12 @@ cache read at 2048 tokens). Here every step runs over whole contiguous rows:
 * unpack: each 8-code packing unit (2 bytes at 2 bits, 4 at 4 bits, 3 at 3 bits) is widened into one int64 and its
   codes spread to one byte each with shift/or/mask steps (the classic bit "spread"), then viewed as uint8 — codes in
   their order, no gather, no interleaving copy;
-* dequantize: ``x = q * scale + mn`` (a multiply and an in-place add) into the caller's buffer (``out``, e.g. the front of the
+* dequantize: ``x = q * scale + mn`` into the caller's buffer (``out``, e.g. the front of the
   tensor a cache read returns, so that the quantized tokens and the full-precision window are not concatenated
   afterwards).
 
-Results equal the reference's exactly (the same fp32 multiply and add). A shape this path does not take (a row of codes that is not a whole number of 8-code units) goes to the
+Values equal the reference's up to the rounding of a fused multiply-add for keys (relative 1e-6; exact for
+values: the same fp32 multiply and add). A shape this path does not take (a row of codes that is not a whole number of 8-code units) goes to the
 reference.
 """
 
@@ -63,12 +64,16 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits:
     else:
         shape, s, m = (*lead, t, c // group, group), scale.unsqueeze(-1), mn.unsqueeze(-1)
     qf, s, m = q.view(shape).float(), s.float(), m.float()
-    # mul then add, not addcmul: addcmul broadcasting over the innermost axis (the per-token groups) is ~4x slower
+    # keys (scales broadcast over token rows): one addcmul; values (scales broadcast along the innermost axis, which
+    # addcmul handles ~4x slower): a multiply then an in-place add
     if out is not None and out.dtype == torch.float32:  # straight into the caller's buffer: no second pass
         view = out.unflatten(-2, shape[-3:-1]) if axis == "channel" else out.unflatten(-1, shape[-2:])
-        torch.mul(qf, s, out=view).add_(m)
+        if axis == "channel":
+            torch.addcmul(m, qf, s, out=view)
+        else:
+            torch.mul(qf, s, out=view).add_(m)
         return out
-    x = torch.mul(qf, s).add_(m).view(*lead, t, c)
+    x = (torch.addcmul(m, qf, s) if axis == "channel" else torch.mul(qf, s).add_(m)).view(*lead, t, c)
     if out is None:
         return x.to(dtype)
     return out.copy_(x)
