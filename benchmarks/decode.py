@@ -152,12 +152,15 @@ def main() -> None:
         for base in ("dense fp32", "dense bf16"):
             if base in by and "decode tok/s" in r and r.get("context") == by[base]["context"]:
                 r[f"x {base}"] = round(r["decode tok/s"] / by[base]["decode tok/s"], 2)
+        peer = by.get("torchao int4 g64 (bf16 model)")
+        if peer and "decode tok/s" in r and r.get("context") == peer["context"]:
+            r["x torchao"] = round(r["decode tok/s"] / peer["decode tok/s"], 2)
         if r.get("context") == KV_CONTEXT and "KV: DynamicCache, 2048 ctx" in by and "decode tok/s" in r:
             r["x DynamicCache (time/token)"] = round(by["KV: DynamicCache, 2048 ctx"]["decode tok/s"]
                                                      / r["decode tok/s"], 2)
     print(f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2, "
           f"HF_COMPRESS_KERNELS={args.kernels}")
-    print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x DynamicCache (time/token)",
+    print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x torchao", "x DynamicCache (time/token)",
                           "prefill ms", "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"])
 
 
