@@ -160,7 +160,8 @@ def main() -> None:
                                                      / r["decode tok/s"], 2)
     print(f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2, "
           f"HF_COMPRESS_KERNELS={args.kernels}")
-    print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x torchao", "x DynamicCache (time/token)",
+    print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x torchao",
+                          "x DynamicCache (time/token)",
                           "prefill ms", "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"])
 
 

@@ -23,11 +23,11 @@ So the CPU kernel is exact up to bf16: the activations, and ``scale``/``zero`` s
 2**-9 of each; the tests hold the output to relative 3e-2 of the fp32 reference, as the GPU kernels).
 
 Shapes the kernel does not take are padded, not refused: K up to whole groups where no kernel group both divides the
-layer's group and tiles K (a partial last group: zero columns of x meet whatever codes, so padding adds nothing; where
-one does, e.g. 576 inputs with group 128 run as kernel groups of 64, K is not padded and a call pads nothing), N up to a multiple of 16 (rows cut from the output). A group
-size that no kernel group divides (not a multiple of 32) is the one case left to the reference (`supports`). A
-kernel group smaller than ``group_size`` is fine: each stored group becomes ``group_size // kernel_group`` kernel
-groups with the same scale and zero.
+layer's group and tiles K (a partial last group: zero columns of x meet whatever codes, so padding adds nothing;
+where one does, e.g. 576 inputs with group 128 run as kernel groups of 64, K is not padded and a call pads nothing),
+N up to a multiple of 16 (rows cut from the output). A group size that no kernel group divides (not a multiple of
+32) is the one case left to the reference (`supports`). A kernel group smaller than ``group_size`` is fine: each
+stored group becomes ``group_size // kernel_group`` kernel groups with the same scale and zero.
 
 Plain functions over the packed buffers, usable without a transformers model (e.g. a vLLM linear method):
 ``pack = repack(qweight, scales, zeros, bits, group_size, in_features)`` once, then
