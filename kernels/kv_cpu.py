@@ -13,7 +13,8 @@ cache read at 2048 tokens). Here every step runs over whole contiguous rows:
 
 Values equal the reference's up to the rounding of a fused multiply-add for keys (relative 1e-6; exact for values:
 the same fp32 multiply and add). A shape this path does not take (a row of codes that is not a whole number of
-8-code units) goes to the reference. """
+8-code units) goes to the reference.
+"""
 
 from __future__ import annotations
 
