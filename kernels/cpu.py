@@ -92,7 +92,7 @@ class Int4Pack(NamedTuple):
     padded: int  # K, or K rounded up to whole groups of the layer where no kernel group tiles K
     copies: int  # 1, or 2 for 8-bit layers ([hi | lo] halves)
     out_features: int  # N of the layer
-    source: tuple | None = None  # (qweight, scales, zeros, bits, group_size): references, for `dequantize_t`
+    sources: tuple = ()  # per output block, (qweight, scales, zeros, bits, group_size): references for `dequantize_t`
 
     @property
     def nbytes(self) -> int:
@@ -141,7 +141,7 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
     sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))  # [N', K' / gk, 2]
     copies = 2 if bits == 8 else 1
     return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features,
-                    sz.shape[1] * gk // copies, copies, n, (qweight, scales, zeros, bits, group_size))
+                    sz.shape[1] * gk // copies, copies, n, ((qweight, scales, zeros, bits, group_size),))
 
 
 #: rows (times the pack's copies) from which a call dequantizes the weight once and runs a bf16 GEMM instead of
@@ -207,8 +207,10 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     xb = x2.to(torch.bfloat16)
     if pack.padded != pack.in_features:
         xb = F.pad(xb, (0, pack.padded - pack.in_features))
-    if pack.source is not None and xb.shape[0] * pack.copies >= DEQUANTIZE_ROWS:  # prefill: dequantize once
-        y = xb @ dequantize_t(*pack.source)[:xb.shape[1]]
+    if pack.sources and xb.shape[0] * pack.copies >= DEQUANTIZE_ROWS:  # prefill: dequantize once
+        k = xb.shape[1]
+        parts = [dequantize_t(*src)[:k] for src in pack.sources]
+        y = xb @ (parts[0] if len(parts) == 1 else torch.cat(parts, 1))
     else:
         if pack.copies == 2:
             xb = torch.cat([xb, xb], 1)
