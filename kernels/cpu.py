@@ -174,10 +174,13 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
             word, shift = (3 * jj) // 32, (3 * jj) % 32
             low = (wt[:, word] >> shift) & ((1 << (32 - shift)) - 1)  # logical: drop the sign bits
             planes[:, jj] = low | ((wt[:, word + 1] << (32 - shift)) & 7)
+    del wt
     sf, zf = scales.float(), zeros.float()
     st = sf.t().reshape(groups, 1, 1, n)
     zt = (-zf * sf).t().reshape(groups, 1, 1, n)
-    return torch.mul(planes.view(groups, group_size // per, per, n), st).add_(zt).view(-1, n).to(torch.bfloat16)
+    wf = torch.mul(planes.view(groups, group_size // per, per, n), st)
+    del planes  # the transient peak is one fp32 copy of the layer plus its bf16 result, not the int32 codes besides
+    return wf.add_(zt).view(-1, n).to(torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=1)
