@@ -144,11 +144,11 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
                     sz.shape[1] * gk // copies, copies, n, ((qweight, scales, zeros, bits, group_size),))
 
 
-#: rows (times the pack's copies) from which a call dequantizes the weight once and runs a bf16 GEMM instead of
-#: the int4 kernel, whose time grows ~linearly with the rows (measured, 1 thread, SmolLM2 shapes: at 256 rows the
-#: dequantize + GEMM path is 1.2-1.7x faster for 2/3/4 bits, 2.5-3x for 8 bits; at 64 rows the int4 kernel wins
-#: for 2/3/4 bits and they are even for 8 bits)
-DEQUANTIZE_ROWS = 128
+#: rows from which a call dequantizes the weight once and runs a bf16 GEMM instead of the int4 kernel, per pack
+#: ``copies`` (1: 2/3/4 bits, 2: 8 bits, whose int4 call reads K twice). Measured on SmolLM2's whole prefill, 1
+#: thread, bf16 model: 4-bit at 256 tokens 706 ms dequantizing vs 641-661 ms on the int4 kernel, at 512 tokens 1098
+#: vs 1408 ms, at 1024 2146 vs 2643 ms; 8-bit at 256 tokens (fp32 model) 739-806 vs 1176-1189 ms
+DEQUANTIZE_ROWS = {1: 384, 2: 96}
 
 
 def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -210,7 +210,7 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     xb = x2.to(torch.bfloat16)
     if pack.padded != pack.in_features:
         xb = F.pad(xb, (0, pack.padded - pack.in_features))
-    if pack.sources and xb.shape[0] * pack.copies >= DEQUANTIZE_ROWS:  # prefill: dequantize once
+    if pack.sources and xb.shape[0] >= DEQUANTIZE_ROWS[pack.copies]:  # a long prefill: dequantize once
         k = xb.shape[1]
         parts = [dequantize_t(*src)[:k] for src in pack.sources]
         y = xb @ (parts[0] if len(parts) == 1 else torch.cat(parts, 1))
