@@ -94,14 +94,16 @@ def _is_offloaded(module: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in module.parameters(recurse=False))
 
 
-def _checked_weight(name: str, module: nn.Module) -> torch.Tensor:
-    """The dense [out, in] weight, read through accelerate's offload hooks when the module is offloaded."""
+def _checked_weight(name: str, module: nn.Module, check: bool = True) -> torch.Tensor:
+    """The dense [out, in] weight, read through accelerate's offload hooks when the module is offloaded.
+    ``check``: refuse NaN/Inf (`compress_modules` checks every target before it changes any, so the
+    replacement itself reads the weight unchecked)."""
     offloaded = _is_offloaded(module)
     with align_module_device(module):
         weight = dense_weight(module).detach()
         if weight.device.type == "meta":
             raise ConfigError(f"Weight of {name} is on the meta device and no offload hook can load it.")
-        if weight.numel() and not torch.isfinite(torch.stack(weight.aminmax())).all():  # NaN propagates: one pass
+        if check and weight.numel() and not torch.isfinite(torch.stack(weight.aminmax())).all():  # NaN propagates
             raise NonFiniteWeightError(f"Weight of {name} contains NaN or Inf; refusing to compress it.")
         return weight.clone() if offloaded else weight  # an offloaded weight goes back to disk on exit
 
@@ -109,7 +111,7 @@ def _checked_weight(name: str, module: nn.Module) -> torch.Tensor:
 def _replace(model, name, module, method, config, rank, stats=None, heldout=None) -> None:
     """Swap the dense layer ``name`` for its compressed form. ``rank``: the low-rank rank, or for a quantization
     method the EoRA rank (0: none)."""
-    weight = _checked_weight(name, module)
+    weight = _checked_weight(name, module, check=False)  # checked with every target in `compress_modules`
     with align_module_device(module):
         bias = None if module.bias is None else module.bias.detach().clone()
     kw = {"source": source_of(module), "dtype": weight.dtype, "device": weight.device}
