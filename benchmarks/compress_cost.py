@@ -38,6 +38,7 @@ from common import DATA, TARGETS, peak_rss_mb, print_table, reset_peak_rss, run_
 #: method row -> (baseline row, target ratio or seconds, README ppl at 32768 tokens)
 ROWS = {
     "svd:0.4": ("base-svd", "<= 1.2x", 1.5e7),
+    "rtn:2:128": ("base-rtn:2:128", "<= 5 s", None),
     "rtn:4:128": ("base-rtn:4:128", "<= 5 s", 39.36),
     "rtn:3:64": ("base-rtn:3:64", "<= 5 s", 95.34),
     "rtn:8:128": ("base-rtn:8:128", "<= 5 s", None),

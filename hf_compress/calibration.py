@@ -163,9 +163,12 @@ class BlockwiseRunner:
 
     @torch.no_grad()
     def capture(self) -> None:
-        """Run the model once per batch, recording each block's call (hidden states of block 0 only)."""
+        """Run the model once per batch, recording each block's call (hidden states of block 0 only). The forward
+        stops as the last block is called: nothing after its inputs (that block, the final norm, the LM head and
+        its logits) is needed, so none of it is computed or loaded."""
         records: list[list[_Batch]] = [[] for _ in self.blocks]
         hidden: list[torch.Tensor] = []
+        last = len(self.blocks) - 1
 
         def make_hook(i):
             def hook(module, args, kwargs):
@@ -175,6 +178,8 @@ class BlockwiseRunner:
                 rest = args[1:] if args else ()
                 kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 records[i].append(_Batch(rest, kw))
+                if i == last:
+                    raise _Stop
             return hook
 
         handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
@@ -182,7 +187,10 @@ class BlockwiseRunner:
         try:
             for start in range(0, self.windows.shape[0], self.batch_size):
                 batch = self.windows[start : start + self.batch_size].to(device)
-                self.model(input_ids=batch, use_cache=False)
+                try:
+                    self.model(input_ids=batch, use_cache=False)
+                except _Stop:
+                    pass
         finally:
             for h in handles:
                 h.remove()

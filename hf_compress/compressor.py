@@ -15,6 +15,7 @@ Data-free methods factorize each targeted weight directly. Calibrated methods ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -322,6 +323,7 @@ def _restore(ckpt, model, n_units: int) -> int:
 
 def _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress, t0,
                          factor_bits=None, checkpoint_dir=None, checkpoint_every=60.0):
+    clock = _Phases()
     cal = config.calibration
     windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
     n_tokens = windows.numel()
@@ -350,12 +352,14 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
     elif saved:
         fisher = {n: saved[f"fisher.{n}"] for n in targets}
     else:
-        fisher = _fisher_rows(model, targets, batches[:n_train_batches], progress)
+        with clock("fisher"):
+            fisher = _fisher_rows(model, targets, batches[:n_train_batches], progress)
 
     runner = BlockwiseRunner(model, blocks, torch.cat(batches), batch_size=bs)
     was_training = model.training
     model.eval()
-    runner.capture()
+    with clock("capture"):
+        runner.capture()
 
     # (2) ranks
     if saved:
@@ -366,12 +370,16 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         spectra = {}
         hidden = runner.hidden
         for i in Progress(range(len(blocks)), "measure spectra", "block", bar=progress):
-            stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher)
-            for name, st in stats.items():
-                spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
-            hidden = runner.run(i, blocks[i], hidden)
+            with clock("spectra: statistics"):
+                stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher)
+            with clock("spectra: spectrum"):
+                for name, st in stats.items():
+                    spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
+            with clock("spectra: forward"):
+                hidden = runner.run(i, blocks[i], hidden)
         if alloc == "loss":
-            sens = _output_sensitivity(model, targets, batches[:n_train_batches], progress)
+            with clock("sensitivity"):
+                sens = _output_sensitivity(model, targets, batches[:n_train_batches], progress)
             plan = allocate_energy(spectra, shapes, config.ratio, weights=sens, relative=False)
         else:
             plan = allocate_energy(spectra, shapes, config.ratio)
@@ -394,23 +402,28 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         if todo:
             ref_inputs, ref_out = ({}, None)
             if need_cross:
-                ref_inputs, ref_out = _reference_inputs(runner, i, copy.deepcopy(block), todo, prefix, ref)
+                with clock("reference forward"):
+                    ref_inputs, ref_out = _reference_inputs(runner, i, copy.deepcopy(block), todo, prefix, ref)
             for group in input_groups(block, _local(todo, prefix, i), runner, i, comp[0]):
                 names = [f"{prefix}.{i}.{n}" for n in group]
-                stats = _collect(runner, i, block, {n: model.get_submodule(n) for n in names}, comp, n_train_batches,
-                                 fisher, ref_inputs=ref_inputs, heldout=True, stop_after=True)
+                with clock("statistics (partial forwards)"):
+                    stats = _collect(runner, i, block, {n: model.get_submodule(n) for n in names}, comp,
+                                     n_train_batches, fisher, ref_inputs=ref_inputs, heldout=True, stop_after=True)
                 for n in names:
                     train_stats, val_stats = stats[n]
-                    if plan[n] is not None:
-                        _replace(model, n, model.get_submodule(n), method, config, plan[n], train_stats, val_stats)
-                    else:
-                        _correct(model.get_submodule(n), method, train_stats, val_stats)
+                    with clock("fit (method)"):
+                        if plan[n] is not None:
+                            _replace(model, n, model.get_submodule(n), method, config, plan[n], train_stats, val_stats)
+                        else:
+                            _correct(model.get_submodule(n), method, train_stats, val_stats)
                     if hasattr(method, "last_beta"):
                         betas[n] = method.last_beta
             ref = ref_out if need_cross else None
         elif need_cross:
-            ref = runner.run(i, block, ref)
-        comp = runner.run(i, block, comp)
+            with clock("reference forward"):
+                ref = runner.run(i, block, ref)
+        with clock("compressed forward"):
+            comp = runner.run(i, block, comp)
         runner.inputs[i] = []  # this block's captured calls are no longer needed
         if ckpt:
             ckpt.save_unit(i, model, list(todo))
@@ -420,7 +433,27 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
                 streams.update({f"fisher.{n}": f for n, f in fisher.items()})
                 ckpt.commit(i + 1, {"plan": plan, "betas": betas}, streams)
     model.train(was_training)
-    return {"ranks": plan, "betas": betas, "seconds": time.time() - t0, "calibration_tokens": n_tokens}
+    logger.info("time by phase: %s", clock)
+    return {"ranks": plan, "betas": betas, "seconds": time.time() - t0, "calibration_tokens": n_tokens,
+            "phases": dict(clock.seconds)}
+
+
+class _Phases:
+    """Wall time per phase of the calibrated engine: ``with clock("capture"): ...`` (logged at INFO)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - t0
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
 
 
 def _local(layers: dict[str, nn.Module], prefix: str, i: int) -> dict[str, nn.Module]:
