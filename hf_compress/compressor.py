@@ -331,6 +331,10 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
     if n_tokens < 4 * widest:
         logger.warning("Only %d calibration tokens for layers with up to %d inputs: the input Gram matrices are "
                        "poorly conditioned; use at least %d tokens (nsamples x seqlen).", n_tokens, widest, 4 * widest)
+    # only a method reading nothing but per-channel statistics (asvd), with no quantized factors or EoRA that
+    # would read the Gram, skips it
+    need_gram = not (method.needs <= {"absmean"} and config.bits is None and config.quantizer is None
+                     and not config.eora_rank and not config.eora_bits)
     n_val = max(1, windows.shape[0] // 8) if method.needs_heldout and windows.shape[0] >= 2 else 0
     bs = cal["batch_size"]
     train, val = windows[: windows.shape[0] - n_val], windows[windows.shape[0] - n_val :]
@@ -371,7 +375,7 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         hidden = runner.hidden
         for i in Progress(range(len(blocks)), "measure spectra", "block", bar=progress):
             with clock("spectra: statistics"):
-                stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher)
+                stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher, need_gram=need_gram)
             with clock("spectra: spectrum"):
                 for name, st in stats.items():
                     spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
@@ -408,7 +412,8 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
                 names = [f"{prefix}.{i}.{n}" for n in group]
                 with clock("statistics (partial forwards)"):
                     stats = _collect(runner, i, block, {n: model.get_submodule(n) for n in names}, comp,
-                                     n_train_batches, fisher, ref_inputs=ref_inputs, heldout=True, stop_after=True)
+                                     n_train_batches, fisher, ref_inputs=ref_inputs, heldout=True, stop_after=True,
+                                     need_gram=need_gram)
                 for n in names:
                     train_stats, val_stats = stats[n]
                     with clock("fit (method)"):
@@ -477,8 +482,9 @@ def _reference_inputs(runner, i, dense_block, layers, prefix, ref_hidden):
 
 
 def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_batches, fisher, *, ref_inputs=None,
-             heldout=False, stop_after=False):
-    """Statistics of each layer's inputs over the batches of ``hidden`` run through ``block``.
+             heldout=False, stop_after=False, need_gram=True):
+    """Statistics of each layer's inputs over the batches of ``hidden`` run through ``block`` (``need_gram=False``:
+    per-channel statistics only, see `LayerStats.add`).
 
     Returns {name: LayerStats} or, with ``heldout``, {name: (train LayerStats, held-out LayerStats | None)}."""
     train = {n: LayerStats() for n in layers}
@@ -509,7 +515,8 @@ def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_bat
                 raise RuntimeError(f"input sharing of {n} changed between calibration batches")
             seen[key] = (n, x)
             target = train[n] if b < n_train_batches else val[n]
-            target.add(x, x_ref, need_cross=need_cross, need_ref_gram=need_cross and target is val[n])
+            target.add(x, x_ref, need_cross=need_cross, need_ref_gram=need_cross and target is val[n],
+                       need_gram=need_gram)
         return hook
 
     handles = [m.register_forward_pre_hook(make(n)) for n, m in layers.items()]
