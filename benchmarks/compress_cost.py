@@ -109,7 +109,7 @@ def base_svd_llm(model, args, ratio: float, tok) -> None:
         s = s.float()
         u, sig, vh = torch.linalg.svd(w @ s, full_matrices=False)
         r = uniform_rank(*w.shape, ratio)
-        u[:, :r] * sig[:r], torch.linalg.solve_triangular(s.T, vh[:r].T, upper=True, left=False)
+        u[:, :r] * sig[:r], torch.linalg.solve_triangular(s, vh[:r], upper=False, left=False)  # Vᵣ·S⁻¹
 
 
 def svd_fp32_gap(model, ratio: float = 0.4) -> float:
@@ -326,7 +326,8 @@ def run_llama7b(args) -> None:
         peak = max(float(summary.group(2)) if summary else 0, max(r for _, r in blocks))
         rows.append({"method": method, "blocks": f"{len(blocks)}/{args.llama7b_blocks}" + (" (timed out)" if timed_out else ""),
                      "s/block": round(per_block, 1), "run s": round(total, 1),
-                     "32-block s (extrapolated)": round(total + (32 - len(blocks)) * per_block),
+                     # every phase runs once per block (capture, spectra, sensitivity, the sequential pass)
+                     "32-block s (extrapolated)": round(32 * (per_block if timed_out else total / len(blocks))),
                      "peak RSS MiB": round(peak), "floor MiB": round(base),
                      "formula MiB": round(predicted), "measured/formula": round(peak / predicted, 2),
                      **{f"{k} MiB": round(v) for k, v in f.items() if k != "peak"}})
@@ -344,6 +345,8 @@ def main():
     p.add_argument("--llama7b-blocks", type=int, help="measure a Llama-2-7B-shaped model of this many blocks instead")
     p.add_argument("--7b", dest="seven_b", action="store_true", help="the Llama-2-7B-shaped table: --llama7b-blocks 2 "
                    "--nsamples 4 unless given")
+    p.add_argument("--shape-7b", type=int, nargs=3, metavar=("HIDDEN", "INTERMEDIATE", "HEADS"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--timeout-7b", type=float, default=None, help="seconds per method; a method still running is "
                    "stopped and its finished blocks reported")
     p.add_argument("--methods-7b", nargs="+", default=list(METHODS_7B), choices=list(METHODS_7B))
@@ -357,6 +360,9 @@ def main():
     p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--row-spec", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.shape_7b:  # a smaller model of the same architecture (a quick check of this mode)
+        global H, I, HEADS
+        H, I, HEADS = args.shape_7b
     if args.seven_b:
         args.llama7b_blocks = args.llama7b_blocks or 2
         if "--nsamples" not in sys.argv:
