@@ -374,13 +374,14 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         spectra = {}
         hidden = runner.hidden
         for i in Progress(range(len(blocks)), "measure spectra", "block", bar=progress):
-            with clock("spectra: statistics"):
-                stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher, need_gram=need_gram)
+            with clock("spectra: statistics and forward"):  # the block's outputs come from the same forward
+                out: list[torch.Tensor] = []
+                stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher,
+                                 need_gram=need_gram, outputs=out)
             with clock("spectra: spectrum"):
                 for name, st in stats.items():
                     spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
-            with clock("spectra: forward"):
-                hidden = runner.run(i, blocks[i], hidden)
+            hidden = out
         if alloc == "loss":
             with clock("sensitivity"):
                 sens = _output_sensitivity(model, targets, batches[:n_train_batches], progress)
@@ -482,9 +483,10 @@ def _reference_inputs(runner, i, dense_block, layers, prefix, ref_hidden):
 
 
 def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_batches, fisher, *, ref_inputs=None,
-             heldout=False, stop_after=False, need_gram=True):
+             heldout=False, stop_after=False, need_gram=True, outputs: list | None = None):
     """Statistics of each layer's inputs over the batches of ``hidden`` run through ``block`` (``need_gram=False``:
-    per-channel statistics only, see `LayerStats.add`).
+    per-channel statistics only, see `LayerStats.add`; ``outputs``, without ``stop_after``: a list that receives
+    the block's outputs, which the hooks leave untouched, so that the next block needs no second forward).
 
     Returns {name: LayerStats} or, with ``heldout``, {name: (train LayerStats, held-out LayerStats | None)}."""
     train = {n: LayerStats() for n in layers}
@@ -522,7 +524,9 @@ def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_bat
     handles = [m.register_forward_pre_hook(make(n)) for n, m in layers.items()]
     last = list(layers.values())[-1] if stop_after else None
     try:
-        runner.run(i, block, hidden, per_batch=new_batch, stop_after=last)
+        result = runner.run(i, block, hidden, per_batch=new_batch, stop_after=last)
+        if outputs is not None and result is not None:
+            outputs.extend(result)
     finally:
         for h in handles:
             h.remove()
