@@ -252,6 +252,7 @@ def formula_mb(method: str, n_tok: int, batch_tok: int) -> dict:
 
     * ``block``: the dense block in fp32, P x 4 bytes (accelerate loads an offloaded block's weights for its
       forward; the statistics pass stops inside the block, so they stay loaded while its layers are fitted);
+      twice for svd_llm, whose dense copy of the block produces the reference stream (not measured at 7B);
     * ``streams``: the calibration hidden states, n_tok x H x 4 bytes, twice (the compressed stream and the
       block-0 inputs the runner keeps); svd_llm adds the dense reference stream and the dense block's captured
       layer inputs (n_tok x (3H + I) x 4);
@@ -266,7 +267,7 @@ def formula_mb(method: str, n_tok: int, batch_tok: int) -> dict:
     embeddings) is the CLI's RSS after loading."""
     mb = 2**20
     p_block = 4 * H * H + 3 * H * I
-    block = p_block * 4
+    block = p_block * 4 * (2 if method == "svd_llm" else 1)  # svd_llm: + the dense copy (copy.deepcopy) of the block
     streams = 2 * n_tok * H * 4 + (n_tok * H * 4 + n_tok * (3 * H + I) * 4 if method == "svd_llm" else 0)
     forward = batch_tok * (3 * I + 4 * H) * 4 + (I * I * 8 if method != "asvd" else 0)
     fit = {"gptq": 4 * I * I * 8 + 2 * H * I * 4,
