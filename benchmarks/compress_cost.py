@@ -12,7 +12,8 @@ Baselines (timed on the same 210 projections, same threads, same process layout:
   Gram XᵀX (fp32 products, as its reference code), then per layer Cholesky whitening, one fp32 SVD of W·S and
   the rank-r factors with S⁻¹ folded back (uniform ratio R).
 
-``--llama7b-blocks N`` measures instead a Llama-2-7B-shaped model (hidden 4096, intermediate 11008, 32 heads,
+``--7b`` (= ``--llama7b-blocks 2 --nsamples 4`` unless those are given; ``--methods-7b``, ``--timeout-7b`` seconds
+per method) or ``--llama7b-blocks N`` measures instead a Llama-2-7B-shaped model (hidden 4096, intermediate 11008, 32 heads,
 N blocks of random fp16 weights written to disk one block at a time, SmolLM2's tokenizer and vocabulary) compressed
 through the CLI with accelerate disk offload (``--device-map auto --max-memory cpu=1GiB --offload-folder``): per
 block time and peak RSS for svd_llm, asvd and gptq from the CLI's ``-v`` progress lines, beside the memory formula
