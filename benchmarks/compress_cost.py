@@ -12,7 +12,8 @@ Baselines (timed on the same 210 projections, same threads, same process layout:
   Gram XᵀX (fp32 products, as its reference code), then per layer Cholesky whitening, one fp32 SVD of W·S and
   the rank-r factors with S⁻¹ folded back (uniform ratio R).
 
-``--llama7b-blocks N`` measures instead a Llama-2-7B-shaped model (hidden 4096, intermediate 11008, 32 heads,
+``--7b`` (= ``--llama7b-blocks 2 --nsamples 4`` unless those are given; ``--methods-7b``, ``--timeout-7b`` seconds
+per method) or ``--llama7b-blocks N`` measures instead a Llama-2-7B-shaped model (hidden 4096, intermediate 11008, 32 heads,
 N blocks of random fp16 weights written to disk one block at a time, SmolLM2's tokenizer and vocabulary) compressed
 through the CLI with accelerate disk offload (``--device-map auto --max-memory cpu=1GiB --offload-folder``): per
 block time and peak RSS for svd_llm, asvd and gptq from the CLI's ``-v`` progress lines, beside the memory formula
@@ -38,6 +39,7 @@ from common import DATA, TARGETS, peak_rss_mb, print_table, reset_peak_rss, run_
 #: method row -> (baseline row, target ratio or seconds, README ppl at 32768 tokens)
 ROWS = {
     "svd:0.4": ("base-svd", "<= 1.2x", 1.5e7),
+    "rtn:2:128": ("base-rtn:2:128", "<= 5 s", None),
     "rtn:4:128": ("base-rtn:4:128", "<= 5 s", 39.36),
     "rtn:3:64": ("base-rtn:3:64", "<= 5 s", 95.34),
     "rtn:8:128": ("base-rtn:8:128", "<= 5 s", None),
@@ -108,7 +110,7 @@ def base_svd_llm(model, args, ratio: float, tok) -> None:
         s = s.float()
         u, sig, vh = torch.linalg.svd(w @ s, full_matrices=False)
         r = uniform_rank(*w.shape, ratio)
-        u[:, :r] * sig[:r], torch.linalg.solve_triangular(s.T, vh[:r].T, upper=True, left=False)
+        u[:, :r] * sig[:r], torch.linalg.solve_triangular(s, vh[:r], upper=False, left=False)  # Vᵣ·S⁻¹
 
 
 def svd_fp32_gap(model, ratio: float = 0.4) -> float:
@@ -157,7 +159,18 @@ def run_row(args) -> dict:
             cfg.update(bits=int(setting[0]), group_size=int(setting[1]))
         else:
             cfg["ratio"] = float(setting[0])
+        import logging
+
+        phases = []  # the calibrated engine's "time by phase" line (hf_compress.compressor, INFO)
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda rec: phases.append(rec.getMessage()) if rec.getMessage().startswith("time by") else None
+        log = logging.getLogger("hf_compress.compressor")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
         hf_compress.compress(model, cfg, calibration=str(DATA / args.calib), tokenizer=tok, progress=False)
+        log.removeHandler(handler)
+        if phases:
+            row["phases"] = phases[-1].removeprefix("time by phase: ")
     row["seconds"] = round(time.time() - t0, 2)
     row["peak_rss_MB"] = round(peak_rss_mb())
     if not kind.startswith("base-"):
@@ -234,24 +247,36 @@ def write_llama7b(folder, blocks: int) -> None:
     tok.save_pretrained(folder)
 
 
-def formula_mb(method: str, n_tok: int, batch_tok: int, n_val_tok: int) -> dict:
-    """Peak memory of one block's compression (MiB), from what the sequential engine holds:
+def formula_mb(method: str, n_tok: int, batch_tok: int) -> dict:
+    """Peak memory of one block's compression beyond the process floor (MiB), from what the sequential engine
+    holds (H = hidden, I = intermediate, P = 4H² + 3HI parameters of a block):
 
-    * the dense block being compressed, fp32 (P = 4H² + 3HI parameters), twice for svd_llm (the dense copy that
-      produces the reference stream);
-    * the calibration streams: n_tok x H fp32 each (compressed; and the dense reference for svd_llm);
-    * one batch's forward intermediates: batch_tok x (3I + 4H) fp32;
-    * the statistics of the widest layer (down_proj, I inputs), fp64 I x I matrices: gptq 1 Gram + its padded
-      Hessian, Cholesky factor and inverse (4); asvd 1 Gram + the whitened SVD's workspace (~3); svd_llm train
-      and held-out Gram and cross, held-out reference Gram, the merged Gram and cross, S and S⁻¹ (9);
-    * the process floor (interpreter, torch, the embeddings kept in RAM): measured before the first block."""
-    p_block = 4 * H * H + 3 * H * I
+    * ``block``: the dense block in fp32, P x 4 bytes (accelerate loads an offloaded block's weights for its
+      forward; the statistics pass stops inside the block, so they stay loaded while its layers are fitted);
+      twice for svd_llm, whose dense copy of the block produces the reference stream (not measured at 7B);
+    * ``streams``: the calibration hidden states, n_tok x H x 4 bytes, twice (the compressed stream and the
+      block-0 inputs the runner keeps); svd_llm adds the dense reference stream and the dense block's captured
+      layer inputs (n_tok x (3H + I) x 4);
+    * ``fit``: the largest of (a) one batch's forward intermediates with the Gram being accumulated,
+      batch_tok x (3I + 4H) x 4 + I² x 8, and (b) fitting the widest layer (down_proj, I inputs):
+      gptq: Gram, damped Hessian, its Cholesky factor and inverse (4 fp64 I x I) plus the weight and its working
+      copy (2 x H x I fp32); asvd: the fp64 SVD of the scaled H x I weight (weight, scaled copy, Vᵀ, LAPACK's
+      workspace ~ 4 x H x I fp64, U and workspace 2 x H² fp64); svd_llm: 9 fp64 I x I (train and held-out Gram
+      and cross, held-out reference Gram, the merged Gram and cross, S and S⁻¹).
+
+    peak = floor + block + streams + fit. The floor (interpreter, torch, what stays in RAM such as the
+    embeddings) is the CLI's RSS after loading."""
     mb = 2**20
-    block = p_block * 4 * (2 if method == "svd_llm" else 1)
-    streams = n_tok * H * 4 * (2 if method == "svd_llm" else 1)
-    acts = batch_tok * (3 * I + 4 * H) * 4
-    stats = I * I * 8 * {"gptq": 4, "asvd": 3, "svd_llm": 9}[method]
-    return {"block": block / mb, "streams": streams / mb, "activations": acts / mb, "statistics": stats / mb}
+    p_block = 4 * H * H + 3 * H * I
+    block = p_block * 4 * (2 if method == "svd_llm" else 1)  # svd_llm: + the dense copy (copy.deepcopy) of the block
+    streams = 2 * n_tok * H * 4 + (n_tok * H * 4 + n_tok * (3 * H + I) * 4 if method == "svd_llm" else 0)
+    forward = batch_tok * (3 * I + 4 * H) * 4 + (I * I * 8 if method != "asvd" else 0)
+    fit = {"gptq": 4 * I * I * 8 + 2 * H * I * 4,
+           "asvd": 4 * H * I * 8 + 2 * H * H * 8,
+           "svd_llm": 9 * I * I * 8}[method]
+    out = {"block": block / mb, "streams": streams / mb, "forward": forward / mb, "fit": fit / mb}
+    out["peak"] = out["block"] + out["streams"] + max(out["forward"], out["fit"])
+    return out
 
 
 def run_llama7b(args) -> None:
@@ -265,7 +290,7 @@ def run_llama7b(args) -> None:
     t0 = time.time()
     write_llama7b(model_dir, args.llama7b_blocks)
     print(f"wrote {args.llama7b_blocks}-block Llama-2-7B-shaped fp16 checkpoint in {time.time() - t0:.0f}s", flush=True)
-    n_tok, batch_tok = args.nsamples * args.seqlen, 8 * args.seqlen
+    n_tok, batch_tok = args.nsamples * args.seqlen, min(args.nsamples, 8) * args.seqlen
     rows = []
     for method in args.methods_7b:
         out = os.path.join(work, f"out-{method}")
@@ -273,28 +298,44 @@ def run_llama7b(args) -> None:
                *METHODS_7B[method], "--calib", str(DATA / args.calib), "--nsamples", str(args.nsamples),
                "--seqlen", str(args.seqlen), "--device-map", "auto", "--max-memory", "cpu=1GiB",
                "--offload-folder", os.path.join(work, f"offload-{method}")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                                         "OMP_NUM_THREADS": str(args.threads)})
-        log = proc.stdout + proc.stderr
+        print(f"{method}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)})
+        lines, started = [], time.time()
+        timed_out = False
+        for line in proc.stdout:  # streamed, so a long run shows its progress lines as they come
+            lines.append(line)
+            if "block" in line or "RSS" in line or "phase" in line or "Error" in line:
+                print(f"  [{method} {time.time() - started:.0f}s] {line.rstrip()}", flush=True)
+            if args.timeout_7b and time.time() - started > args.timeout_7b:
+                proc.kill()
+                timed_out = True
+                break
+        proc.wait()
+        log = "".join(lines)
         blocks = [(float(s), float(r)) for s, r in
                   re.findall(rf"{method}: block \d+/\d+ done \(([\d.]+) s\).*peak RSS (\d+) MiB", log)]
         summary = re.search(r"compressed .* in .*\(([\d.]+)s\), peak RSS (\d+) MiB", log)
-        if proc.returncode or not blocks or not summary:
+        if not blocks or (proc.returncode and not timed_out):
             print(f"{method}: FAILED\n{log[-3000:]}", file=sys.stderr, flush=True)
             continue
         floor = re.search(r"RSS now (\d+) MiB", log)
-        f = formula_mb(method, n_tok, batch_tok, n_tok // 8)
+        f = formula_mb(method, n_tok, batch_tok)
         base = float(floor.group(1)) if floor else float("nan")
-        predicted = base + sum(f.values())
+        predicted = base + f["peak"]
         per_block = sum(s for s, _ in blocks) / len(blocks)
-        total = float(summary.group(1))
-        rows.append({"method": method, "blocks": len(blocks), "s/block": round(per_block, 1),
-                     "run s": round(total, 1), "32-block s (extrapolated)": round(total + (32 - len(blocks)) * per_block),
-                     "peak RSS MiB": round(max(r for _, r in blocks)), "floor MiB": round(base),
-                     "formula MiB": round(predicted), "measured/formula": round(max(r for _, r in blocks) / predicted, 2),
-                     **{f"{k} MiB": round(v) for k, v in f.items()}})
+        total = float(summary.group(1)) if summary else time.time() - started
+        peak = max(float(summary.group(2)) if summary else 0, max(r for _, r in blocks))
+        rows.append({"method": method, "blocks": f"{len(blocks)}/{args.llama7b_blocks}" + (" (timed out)" if timed_out else ""),
+                     "s/block": round(per_block, 1), "run s": round(total, 1),
+                     # every phase runs once per block (capture, spectra, sensitivity, the sequential pass)
+                     "32-block s (extrapolated)": round(32 * (per_block if timed_out else total / len(blocks))),
+                     "peak RSS MiB": round(peak), "floor MiB": round(base),
+                     "formula MiB": round(predicted), "measured/formula": round(peak / predicted, 2),
+                     **{f"{k} MiB": round(v) for k, v in f.items() if k != "peak"}})
         print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out + ".partial", ignore_errors=True)
         shutil.rmtree(os.path.join(work, f"offload-{method}"), ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     if rows:
@@ -304,6 +345,12 @@ def run_llama7b(args) -> None:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--llama7b-blocks", type=int, help="measure a Llama-2-7B-shaped model of this many blocks instead")
+    p.add_argument("--7b", dest="seven_b", action="store_true", help="the Llama-2-7B-shaped table: --llama7b-blocks 2 "
+                   "--nsamples 4 unless given")
+    p.add_argument("--shape-7b", type=int, nargs=3, metavar=("HIDDEN", "INTERMEDIATE", "HEADS"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--timeout-7b", type=float, default=None, help="seconds per method; a method still running is "
+                   "stopped and its finished blocks reported")
     p.add_argument("--methods-7b", nargs="+", default=list(METHODS_7B), choices=list(METHODS_7B))
     p.add_argument("--workdir", default=None, help="where the 7B-shaped checkpoint and offload folders go")
     p.add_argument("--rows", nargs="+", default=DEFAULT, help=f"rows to run (default: {' '.join(DEFAULT)})")
@@ -315,6 +362,13 @@ def main():
     p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--row-spec", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.shape_7b:  # a smaller model of the same architecture (a quick check of this mode)
+        global H, I, HEADS
+        H, I, HEADS = args.shape_7b
+    if args.seven_b:
+        args.llama7b_blocks = args.llama7b_blocks or 2
+        if "--nsamples" not in sys.argv:
+            args.nsamples = 4
     if args.row:
         print("ROW " + json.dumps(run_row(args)), flush=True)
         return

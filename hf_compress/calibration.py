@@ -86,21 +86,24 @@ class LayerStats:
         return self.abssum / max(self.count, 1)
 
     def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None, need_cross: bool = False,
-            need_ref_gram: bool | None = None) -> None:
+            need_ref_gram: bool | None = None, need_gram: bool = True) -> None:
         """Accumulate one batch (fp64 products: the compensation solves with G_cc⁻¹, whose conditioning an fp32
         Gram would not survive). ``need_ref_gram`` (default: ``need_cross``): also Σ x_d x_dᵀ, which only the
-        held-out errors use, so the sequential engine asks for it on held-out batches only."""
+        held-out errors use, so the sequential engine asks for it on held-out batches only. ``need_gram=False``
+        (a method that reads only ``absmean``): no Gram, which is most of the work and an n x n fp64 matrix."""
         x = x.reshape(-1, x.shape[-1]).double()
         need_ref_gram = need_cross if need_ref_gram is None else need_ref_gram
-        if self.gram is None:
+        if self.abssum is None:
             n, kw = x.shape[1], {"dtype": torch.float64, "device": x.device}
-            self.gram = torch.zeros(n, n, **kw)
             self.abssum = torch.zeros(n, **kw)
+            if need_gram:
+                self.gram = torch.zeros(n, n, **kw)
             if need_cross:
                 self.cross = torch.zeros(n, n, **kw)
             if need_ref_gram:
                 self.ref_gram = torch.zeros(n, n, **kw)
-        self.gram.addmm_(x.T, x)
+        if self.gram is not None:
+            self.gram.addmm_(x.T, x)
         self.abssum += x.abs().sum(0)
         self.count += x.shape[0]
         if need_cross or need_ref_gram:
@@ -163,9 +166,12 @@ class BlockwiseRunner:
 
     @torch.no_grad()
     def capture(self) -> None:
-        """Run the model once per batch, recording each block's call (hidden states of block 0 only)."""
+        """Run the model once per batch, recording each block's call (hidden states of block 0 only). The forward
+        stops as the last block is called: nothing after its inputs (that block, the final norm, the LM head and
+        its logits) is needed, so none of it is computed or loaded."""
         records: list[list[_Batch]] = [[] for _ in self.blocks]
         hidden: list[torch.Tensor] = []
+        last = len(self.blocks) - 1
 
         def make_hook(i):
             def hook(module, args, kwargs):
@@ -175,6 +181,8 @@ class BlockwiseRunner:
                 rest = args[1:] if args else ()
                 kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 records[i].append(_Batch(rest, kw))
+                if i == last:
+                    raise _Stop
             return hook
 
         handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
@@ -182,7 +190,10 @@ class BlockwiseRunner:
         try:
             for start in range(0, self.windows.shape[0], self.batch_size):
                 batch = self.windows[start : start + self.batch_size].to(device)
-                self.model(input_ids=batch, use_cache=False)
+                try:
+                    self.model(input_ids=batch, use_cache=False)
+                except _Stop:
+                    pass
         finally:
             for h in handles:
                 h.remove()

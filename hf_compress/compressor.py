@@ -15,6 +15,7 @@ Data-free methods factorize each targeted weight directly. Calibrated methods ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -94,14 +95,16 @@ def _is_offloaded(module: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in module.parameters(recurse=False))
 
 
-def _checked_weight(name: str, module: nn.Module) -> torch.Tensor:
-    """The dense [out, in] weight, read through accelerate's offload hooks when the module is offloaded."""
+def _checked_weight(name: str, module: nn.Module, check: bool = True) -> torch.Tensor:
+    """The dense [out, in] weight, read through accelerate's offload hooks when the module is offloaded.
+    ``check``: refuse NaN/Inf (`compress_modules` checks every target before it changes any, so the
+    replacement itself reads the weight unchecked)."""
     offloaded = _is_offloaded(module)
     with align_module_device(module):
         weight = dense_weight(module).detach()
         if weight.device.type == "meta":
             raise ConfigError(f"Weight of {name} is on the meta device and no offload hook can load it.")
-        if weight.numel() and not torch.isfinite(torch.stack(weight.aminmax())).all():  # NaN propagates: one pass
+        if check and weight.numel() and not torch.isfinite(torch.stack(weight.aminmax())).all():  # NaN propagates
             raise NonFiniteWeightError(f"Weight of {name} contains NaN or Inf; refusing to compress it.")
         return weight.clone() if offloaded else weight  # an offloaded weight goes back to disk on exit
 
@@ -109,7 +112,7 @@ def _checked_weight(name: str, module: nn.Module) -> torch.Tensor:
 def _replace(model, name, module, method, config, rank, stats=None, heldout=None) -> None:
     """Swap the dense layer ``name`` for its compressed form. ``rank``: the low-rank rank, or for a quantization
     method the EoRA rank (0: none)."""
-    weight = _checked_weight(name, module)
+    weight = _checked_weight(name, module, check=False)  # checked with every target in `compress_modules`
     with align_module_device(module):
         bias = None if module.bias is None else module.bias.detach().clone()
     kw = {"source": source_of(module), "dtype": weight.dtype, "device": weight.device}
@@ -320,6 +323,7 @@ def _restore(ckpt, model, n_units: int) -> int:
 
 def _compress_calibrated(model, config, method, alloc, targets, shapes, calibration, tokenizer, progress, t0,
                          factor_bits=None, checkpoint_dir=None, checkpoint_every=60.0):
+    clock = _Phases()
     cal = config.calibration
     windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
     n_tokens = windows.numel()
@@ -327,6 +331,10 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
     if n_tokens < 4 * widest:
         logger.warning("Only %d calibration tokens for layers with up to %d inputs: the input Gram matrices are "
                        "poorly conditioned; use at least %d tokens (nsamples x seqlen).", n_tokens, widest, 4 * widest)
+    # only a method reading nothing but per-channel statistics (asvd), with no quantized factors or EoRA that
+    # would read the Gram, skips it
+    need_gram = not (method.needs <= {"absmean"} and config.bits is None and config.quantizer is None
+                     and not config.eora_rank and not config.eora_bits)
     n_val = max(1, windows.shape[0] // 8) if method.needs_heldout and windows.shape[0] >= 2 else 0
     bs = cal["batch_size"]
     train, val = windows[: windows.shape[0] - n_val], windows[windows.shape[0] - n_val :]
@@ -348,12 +356,14 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
     elif saved:
         fisher = {n: saved[f"fisher.{n}"] for n in targets}
     else:
-        fisher = _fisher_rows(model, targets, batches[:n_train_batches], progress)
+        with clock("fisher"):
+            fisher = _fisher_rows(model, targets, batches[:n_train_batches], progress)
 
     runner = BlockwiseRunner(model, blocks, torch.cat(batches), batch_size=bs)
     was_training = model.training
     model.eval()
-    runner.capture()
+    with clock("capture"):
+        runner.capture()
 
     # (2) ranks
     if saved:
@@ -364,12 +374,17 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         spectra = {}
         hidden = runner.hidden
         for i in Progress(range(len(blocks)), "measure spectra", "block", bar=progress):
-            stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher)
-            for name, st in stats.items():
-                spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
-            hidden = runner.run(i, blocks[i], hidden)
+            with clock("spectra: statistics and forward"):  # the block's outputs come from the same forward
+                out: list[torch.Tensor] = []
+                stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher,
+                                 need_gram=need_gram, outputs=out)
+            with clock("spectra: spectrum"):
+                for name, st in stats.items():
+                    spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
+            hidden = out
         if alloc == "loss":
-            sens = _output_sensitivity(model, targets, batches[:n_train_batches], progress)
+            with clock("sensitivity"):
+                sens = _output_sensitivity(model, targets, batches[:n_train_batches], progress)
             plan = allocate_energy(spectra, shapes, config.ratio, weights=sens, relative=False)
         else:
             plan = allocate_energy(spectra, shapes, config.ratio)
@@ -392,23 +407,29 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         if todo:
             ref_inputs, ref_out = ({}, None)
             if need_cross:
-                ref_inputs, ref_out = _reference_inputs(runner, i, copy.deepcopy(block), todo, prefix, ref)
+                with clock("reference forward"):
+                    ref_inputs, ref_out = _reference_inputs(runner, i, copy.deepcopy(block), todo, prefix, ref)
             for group in input_groups(block, _local(todo, prefix, i), runner, i, comp[0]):
                 names = [f"{prefix}.{i}.{n}" for n in group]
-                stats = _collect(runner, i, block, {n: model.get_submodule(n) for n in names}, comp, n_train_batches,
-                                 fisher, ref_inputs=ref_inputs, heldout=True, stop_after=True)
+                with clock("statistics (partial forwards)"):
+                    stats = _collect(runner, i, block, {n: model.get_submodule(n) for n in names}, comp,
+                                     n_train_batches, fisher, ref_inputs=ref_inputs, heldout=True, stop_after=True,
+                                     need_gram=need_gram)
                 for n in names:
                     train_stats, val_stats = stats[n]
-                    if plan[n] is not None:
-                        _replace(model, n, model.get_submodule(n), method, config, plan[n], train_stats, val_stats)
-                    else:
-                        _correct(model.get_submodule(n), method, train_stats, val_stats)
+                    with clock("fit (method)"):
+                        if plan[n] is not None:
+                            _replace(model, n, model.get_submodule(n), method, config, plan[n], train_stats, val_stats)
+                        else:
+                            _correct(model.get_submodule(n), method, train_stats, val_stats)
                     if hasattr(method, "last_beta"):
                         betas[n] = method.last_beta
             ref = ref_out if need_cross else None
         elif need_cross:
-            ref = runner.run(i, block, ref)
-        comp = runner.run(i, block, comp)
+            with clock("reference forward"):
+                ref = runner.run(i, block, ref)
+        with clock("compressed forward"):
+            comp = runner.run(i, block, comp)
         runner.inputs[i] = []  # this block's captured calls are no longer needed
         if ckpt:
             ckpt.save_unit(i, model, list(todo))
@@ -418,7 +439,27 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
                 streams.update({f"fisher.{n}": f for n, f in fisher.items()})
                 ckpt.commit(i + 1, {"plan": plan, "betas": betas}, streams)
     model.train(was_training)
-    return {"ranks": plan, "betas": betas, "seconds": time.time() - t0, "calibration_tokens": n_tokens}
+    logger.info("time by phase: %s", clock)
+    return {"ranks": plan, "betas": betas, "seconds": time.time() - t0, "calibration_tokens": n_tokens,
+            "phases": dict(clock.seconds)}
+
+
+class _Phases:
+    """Wall time per phase of the calibrated engine: ``with clock("capture"): ...`` (logged at INFO)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - t0
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
 
 
 def _local(layers: dict[str, nn.Module], prefix: str, i: int) -> dict[str, nn.Module]:
@@ -442,8 +483,10 @@ def _reference_inputs(runner, i, dense_block, layers, prefix, ref_hidden):
 
 
 def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_batches, fisher, *, ref_inputs=None,
-             heldout=False, stop_after=False):
-    """Statistics of each layer's inputs over the batches of ``hidden`` run through ``block``.
+             heldout=False, stop_after=False, need_gram=True, outputs: list | None = None):
+    """Statistics of each layer's inputs over the batches of ``hidden`` run through ``block`` (``need_gram=False``:
+    per-channel statistics only, see `LayerStats.add`; ``outputs``, without ``stop_after``: a list that receives
+    the block's outputs, which the hooks leave untouched, so that the next block needs no second forward).
 
     Returns {name: LayerStats} or, with ``heldout``, {name: (train LayerStats, held-out LayerStats | None)}."""
     train = {n: LayerStats() for n in layers}
@@ -474,13 +517,16 @@ def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_bat
                 raise RuntimeError(f"input sharing of {n} changed between calibration batches")
             seen[key] = (n, x)
             target = train[n] if b < n_train_batches else val[n]
-            target.add(x, x_ref, need_cross=need_cross, need_ref_gram=need_cross and target is val[n])
+            target.add(x, x_ref, need_cross=need_cross, need_ref_gram=need_cross and target is val[n],
+                       need_gram=need_gram)
         return hook
 
     handles = [m.register_forward_pre_hook(make(n)) for n, m in layers.items()]
     last = list(layers.values())[-1] if stop_after else None
     try:
-        runner.run(i, block, hidden, per_batch=new_batch, stop_after=last)
+        result = runner.run(i, block, hidden, per_batch=new_batch, stop_after=last)
+        if outputs is not None and result is not None:
+            outputs.extend(result)
     finally:
         for h in handles:
             h.remove()

@@ -17,6 +17,8 @@ stored).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -38,11 +40,33 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     rows, n = codes.shape
-    q = codes.to(torch.int64)
-    if q.numel():
-        lo, hi = q.aminmax()
+    if codes.numel():
+        lo, hi = codes.aminmax()
         if int(lo) < 0 or int(hi) >= 2**bits:
             raise ValueError(f"codes out of range for {bits}-bit packing")
+    if sys.byteorder != "little":  # the byte-level path below reads bytes as little-endian int32 words
+        return _pack_words(codes, bits)
+    # The bit stream as bytes: 8 // bits codes per byte (2, 4, 8 bits), or for 3 bits 8 codes per 3 bytes (a
+    # 24-bit group never straddles a byte). Reinterpreting 4 little-endian bytes as one int32 is the word.
+    nwords = packed_words(n, bits)
+    per = 8 if bits == 3 else 8 // bits  # codes per unit (3 bytes for 3 bits, else 1 byte)
+    q = F.pad(codes.to(torch.int32 if bits == 3 else torch.uint8), (0, -n % per)).view(rows, -1, per)
+    if bits == 8:
+        stream = q.reshape(rows, -1)
+    elif bits == 3:  # 8 codes -> one 24-bit word -> its 3 bytes
+        word = (q << torch.arange(0, 24, 3, device=q.device, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+        stream = ((word[..., None] >> torch.tensor([0, 8, 16], device=q.device, dtype=torch.int32)) & 0xFF)
+        stream = stream.to(torch.uint8).reshape(rows, -1)
+    else:  # 2, 4 bits: the codes of a byte occupy disjoint bits, so their sum is their bitwise or (no carry)
+        stream = (q << torch.arange(0, 8, bits, device=q.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    stream = F.pad(stream, (0, 4 * nwords - stream.shape[1]))
+    return stream.contiguous().view(torch.int32)
+
+
+def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack` by integer arithmetic on int64 words (any byte order; the layout's definition spelled out)."""
+    rows, n = codes.shape
+    q = codes.to(torch.int64)
     if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word, code j of a word at bit j·bits
         per = 32 // bits
         q = torch.nn.functional.pad(q, (0, -n % per)).view(rows, -1, per)

@@ -15,7 +15,7 @@ from hf_compress.methods.base import LowRankMethod
 from hf_compress.methods.linalg import whitening
 from hf_compress.registry import METHODS
 
-from conftest import make_tiny, output_of
+from conftest import VOCAB, make_tiny, output_of
 
 
 def _stats(x, x_ref=None):
@@ -299,3 +299,56 @@ def test_disk_offloaded_model_compresses_like_in_memory(tmp_path):
     off.save_pretrained(tmp_path / "c")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     assert (output_of(again, x) - output_of(ref, x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_capture_stops_at_the_last_block_with_every_call_recorded(arch):
+    # The capture forward records each block's call and stops as the last block is called: the LM head never
+    # runs, and a block run from the records reproduces the full model's hidden states exactly.
+    from hf_compress.calibration import BlockwiseRunner, find_blocks
+    from hf_compress.targets import find_targets
+
+    model = make_tiny(arch)
+    windows = torch.randint(3, VOCAB, (5, 12), generator=_gen(3))
+    prefix, blocks = find_blocks(model, find_targets(model, None, []))
+    calls = {"head": 0, "last": 0}
+    model.get_output_embeddings().register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
+    blocks[-1].register_forward_hook(lambda *a: calls.__setitem__("last", calls["last"] + 1))
+    runner = BlockwiseRunner(model, blocks, windows, batch_size=2)
+    runner.capture()
+    assert calls == {"head": 0, "last": 0}
+    assert [len(r) for r in runner.inputs] == [3] * len(blocks) and len(runner.hidden) == 3
+    with torch.no_grad():
+        full = model(input_ids=windows[:2], output_hidden_states=True).hidden_states
+    hidden = runner.hidden
+    for i, block in enumerate(blocks[:-1]):
+        hidden = runner.run(i, block, hidden)
+        assert torch.equal(hidden[0], full[i + 1])  # bit for bit: the same computation as the model's own forward
+
+
+def test_asvd_collects_no_gram_and_matches_its_formula():
+    # asvd reads only mean |x|: the engine accumulates no Gram for it, and its factors are the scaled SVD's
+    model = make_tiny("llama")
+    ids = torch.randint(3, VOCAB, (8, 16), generator=_gen(4))
+    seen = []
+    orig = LayerStats.add
+
+    def spy(self, *a, **kw):
+        orig(self, *a, **kw)
+        seen.append(self.gram is None)
+    LayerStats.add = spy
+    try:
+        hf_compress.compress(model, {"method": "asvd", "ratio": 0.5, "alloc": "uniform",
+                                     "calibration": {"nsamples": 8, "seqlen": 16}}, calibration=ids, progress=False)
+    finally:
+        LayerStats.add = orig
+    assert seen and all(seen)
+    w = torch.randn(6, 10, generator=_gen(5))
+    x = torch.randn(40, 10, generator=_gen(6))
+    st = LayerStats()
+    st.add(x, need_gram=False)
+    assert st.gram is None and torch.allclose(st.absmean, x.double().abs().mean(0))
+    u, v = get_method("asvd")().factorize(w, 3, st)
+    s = x.double().abs().mean(0).sqrt()
+    uu, ss, vh = torch.linalg.svd(w.double() * s, full_matrices=False)
+    assert torch.allclose(u.double() @ v.double(), (uu[:, :3] * ss[:3]) @ vh[:3] / s, atol=1e-5)

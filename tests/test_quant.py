@@ -50,6 +50,19 @@ def test_pack_unpack_roundtrip_and_density(bits, n):
     assert torch.equal(unpack(words, bits, n), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 7, 31, 33, 64, 77, 576, 1537])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_pack_equals_the_word_arithmetic_definition(bits, n, dtype):
+    # the byte-level fast path against the int64 word arithmetic that spells the layout out: every word equal
+    from hf_compress.kernels.reference import _pack_words
+
+    codes = torch.randint(0, 2**bits, (6, n), generator=torch.Generator().manual_seed(bits * 1000 + n)).to(dtype)
+    codes[0] = 2**bits - 1  # all bits set, including the straddling ones of 3-bit
+    fast, ref = pack(codes, bits), _pack_words(codes, bits)
+    assert fast.dtype == ref.dtype == torch.int32 and torch.equal(fast, ref)
+
+
 def test_pack_bit_positions():
     # 3-bit codes 0..10 -> code k at bits [3k, 3k+3); code 10 straddles words 0 and 1
     codes = torch.tensor([[7] * 10 + [5]])

@@ -83,4 +83,4 @@ class GPTQ(QuantMethod):
                 err1[:, i] = e
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
         codes = codes[:, torch.argsort(perm)][:, :n]
-        return Quantized(codes.to(torch.int64), scales, zeros, bits, g)
+        return Quantized(codes.to(torch.uint8), scales, zeros, bits, g)

@@ -20,7 +20,7 @@ ZERO_LIMIT = 1024.0
 
 @dataclass
 class Quantized:
-    """codes [out, in] (int64), scales / zeros [out, n_groups] (fp32 values exactly representable in the storage
+    """codes [out, in] (uint8), scales / zeros [out, n_groups] (fp32 values exactly representable in the storage
     dtype); the last group may be partial."""
 
     codes: torch.Tensor
@@ -144,5 +144,5 @@ def least_squares_refit(wg: torch.Tensor, q: torch.Tensor, dtype: torch.dtype, w
 
 def finish(wg: torch.Tensor, scale, zero, bits: int, group_size: int, in_features: int) -> Quantized:
     out = wg.shape[0]
-    codes = codes_for(wg, scale, zero, bits).to(torch.int64).reshape(out, -1)[:, :in_features]
+    codes = codes_for(wg, scale, zero, bits).to(torch.uint8).reshape(out, -1)[:, :in_features]  # exact: 0..255
     return Quantized(codes, scale, zero, bits, group_size)

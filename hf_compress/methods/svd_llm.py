@@ -57,10 +57,17 @@ class SVDLLM(LowRankMethod):
         return fits
 
     @staticmethod
-    def _heldout_error(w, u, v, val) -> float:
-        """Σ_t ‖W' x_c − W x_d‖² on held-out tokens, from their statistics (W' = U·V)."""
+    def _heldout_error(w, u, v, val, fixed=None) -> float:
+        """Σ_t ‖W' x_c − W x_d‖² on held-out tokens, from their statistics (W' = U·V). ``fixed``: the terms that do
+        not depend on W', ``_heldout_fixed(w, val)``, computed once for a grid of candidates."""
         wp = u @ v
-        return float(((wp @ val.gram) * wp).sum() - 2 * ((w @ val.cross) * wp).sum() + ((w @ val.ref_gram) * w).sum())
+        w_cross, ref = fixed if fixed is not None else SVDLLM._heldout_fixed(w, val)
+        return float(((wp @ val.gram) * wp).sum() - 2 * (w_cross * wp).sum() + ref)
+
+    @staticmethod
+    def _heldout_fixed(w, val):
+        """(W·G_dc, Σ_t ‖W x_d‖²) of the held-out tokens: the parts of `_heldout_error` that W' does not change."""
+        return w @ val.cross, ((w @ val.ref_gram) * w).sum()
 
     def correct(self, weight, stats, heldout=None):
         """A layer kept dense, refitted to the dense model's output given its drifted inputs:
@@ -71,7 +78,9 @@ class SVDLLM(LowRankMethod):
         w = weight.double()
         _, s_inv = whitening(stats.gram)
         w_star = w @ stats.cross @ s_inv.T @ s_inv
-        errors = [self._heldout_error(w, w + b * (w_star - w), torch.eye(w.shape[1], dtype=w.dtype), heldout) for b in BETAS]
+        fixed = self._heldout_fixed(w, heldout)
+        eye = torch.eye(w.shape[1], dtype=w.dtype)
+        errors = [self._heldout_error(w, w + b * (w_star - w), eye, heldout, fixed) for b in BETAS]
         beta = BETAS[errors.index(min(errors))]
         self.last_beta = beta
         if beta == 0:
@@ -91,7 +100,8 @@ class SVDLLM(LowRankMethod):
         else:
             # model selection in fp32 (one SVD per β), the final fit in fp64 on all windows
             fits = self._fits(w, stats, rank, BETAS, dtype=torch.float32)
-            errors = [self._heldout_error(w, u, v, heldout) for u, v in fits]
+            fixed = self._heldout_fixed(w, heldout)
+            errors = [self._heldout_error(w, u, v, heldout, fixed) for u, v in fits]
             beta = BETAS[errors.index(min(errors))]
         self.last_beta = beta
         ((u, v),) = self._fits(w, stats.merged(heldout), rank, (beta,))
