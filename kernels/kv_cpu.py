@@ -48,8 +48,9 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
         word &= (1 << (8 * unit)) - 1
     else:  # 3 bytes: a 24-bit little-endian word, padded to an int32 with a zero high byte
         word = F.pad(p.view(*lead, w // 3, 3), (0, 1)).view(torch.int32).squeeze(-1).to(torch.int64)
-    for shift, mask in steps:
-        word = (word | (word << shift)) & mask
+    for shift, mask in steps:  # in place: one temporary per step
+        word |= word << shift
+        word &= mask
     return word.view(torch.uint8).view(*lead, w * 8 // bits)
 
 
@@ -63,7 +64,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits:
         shape, s, m = (*lead, t // group, group, c), scale.unsqueeze(-2), mn.unsqueeze(-2)
     else:
         shape, s, m = (*lead, t, c // group, group), scale.unsqueeze(-1), mn.unsqueeze(-1)
-    qf, s, m = q.view(shape).float(), s.float(), m.float()
+    qf = q.view(shape).float()  # scales / minima stay in their dtype: the multiply-add casts them per element
     # keys (scales broadcast over token rows): one addcmul; values (scales broadcast along the innermost axis, which
     # addcmul handles ~4x slower): a multiply then an in-place add
     if out is not None and out.dtype == torch.float32:  # straight into the caller's buffer: no second pass
