@@ -117,24 +117,54 @@ def load_into_method(prefix: str, parts: list[tuple[str, nn.Module]], shard_ids)
     return method, layer
 
 
-@pytest.mark.parametrize("layer,proj,shard_ids", [
-    (0, "self_attn", ("q", "k", "v")),  # low rank r24 / dense / low rank r8
-    (0, "mlp", (0, 1)),  # 3-bit + float EoRA / 8-bit + packed EoRA
-    (1, "self_attn", ("q", "k", "v")),  # three 4-bit parts
-    (1, "mlp", (0, 1)),  # low rank r16 / r40
+@pytest.mark.parametrize("layer,proj,shard_ids,plan", [
+    (0, "self_attn", ("q", "k", "v"), None),  # low rank r24 / dense / low rank r8: the parts' own forward
+    (0, "mlp", (0, 1), None),  # 3-bit + float EoRA / 8-bit + packed EoRA (int4 layouts differ: 8-bit is two halves)
+    (1, "self_attn", ("q", "k", "v"), "int4"),  # three 4-bit parts: one int4 kernel call
+    (1, "mlp", (0, 1), "lowrank"),  # low rank r16 / r40: V stacked, one GEMM
 ])
-def test_merged_layer_equals_separate_layers(mixed, layer, proj, shard_ids):
+def test_merged_layer_equals_separate_layers(mixed, layer, proj, shard_ids, plan):
     names = ["q_proj", "k_proj", "v_proj"] if proj == "self_attn" else ["gate_proj", "up_proj"]
     base = f"model.layers.{layer}.{proj}."
     parts = [(base + n, mixed.get_submodule(base + n)) for n in names]
     merged = base + ("qkv_proj" if proj == "self_attn" else "gate_up_proj")
+    _check_merged(merged, parts, shard_ids, plan)
+
+
+def _check_merged(merged, parts, shard_ids, plan):
     method, fake = load_into_method(merged, parts, shard_ids)
+    assert (fake.hfc_int4 is not None, fake.hfc_lowrank is not None) == (plan == "int4", plan == "lowrank")
     x = torch.randn(5, parts[0][1].in_features, generator=torch.Generator().manual_seed(0))
     bias = torch.randn(sum(m.out_features for _, m in parts), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = torch.cat([m(x) for _, m in parts], dim=-1) + bias
         got = method.apply(fake, x, bias)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "hqq", "bits": 3, "group_size": 32, "eora_rank": 8},  # float EoRA: U block-diagonal, V stacked
+    {"method": "rtn", "bits": 4, "group_size": 32, "eora_rank": 4, "eora_factor_bits": 4,
+     "eora_factor_group_size": 32},  # packed EoRA, dequantized once at load
+    {"method": "rtn", "bits": 2, "group_size": 64},
+])
+def test_quant_layers_run_as_one_int4_call(config):
+    """Every part a QuantLinear of one int4 layout (single layers too): repacked at load, one kernel call (codes side by side) plus one low-rank term for
+    the EoRA factors, equal to the separate layers (same bf16 kernel per output column; fp32 sums reordered)."""
+    from vllm_helpers import _variant
+
+    model = _variant("llama", config)
+    for proj, names, shard_ids in [("self_attn", ["q_proj", "k_proj", "v_proj"], ("q", "k", "v")),
+                                   ("mlp", ["gate_proj", "up_proj"], (0, 1)), ("self_attn", ["o_proj"], [None])]:
+        base = f"model.layers.0.{proj}."
+        parts = [(base + n, model.get_submodule(base + n)) for n in names]
+        _check_merged(base + ("merged" if len(names) > 1 else names[0]), parts, shard_ids, "int4")
+
+
+def test_single_layers_take_the_fast_paths(mixed):
+    for name, plan in [("model.layers.0.self_attn.o_proj", None),  # 2-bit g48: no int4 kernel group divides 48
+                       ("model.layers.1.self_attn.o_proj", "lowrank"), ("model.layers.0.mlp.down_proj", None)]:
+        _check_merged(name, [(name, mixed.get_submodule(name))], [None], plan)
 
 
 def shard(module: nn.Module, parallel: str, rank: int, tp: int) -> nn.Module:
