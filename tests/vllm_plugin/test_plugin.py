@@ -100,7 +100,7 @@ class FakeLayer(nn.Module):
     tp_rank, tp_size = 0, 1
 
 
-def load_into_method(prefix: str, parts: list[tuple[str, nn.Module]], shard_ids):
+def load_into_method(prefix: str, parts: list[tuple[str, nn.Module]], shard_ids, dtype=torch.float32):
     from hf_compress.integrations.vllm.plugin import HfCompressLinearMethod
 
     records = [(name, None if isinstance(m, nn.Linear) else m.record()) for name, m in parts]
@@ -108,7 +108,7 @@ def load_into_method(prefix: str, parts: list[tuple[str, nn.Module]], shard_ids)
     layer = FakeLayer()
     in_f = parts[0][1].in_features
     outs = [m.out_features for _, m in parts]
-    method.create_weights(layer, in_f, outs, in_f, sum(outs), torch.float32)
+    method.create_weights(layer, in_f, outs, in_f, sum(outs), dtype)
     for (_, module), shard_id in zip(parts, shard_ids):
         for tensor_name, t in module.state_dict().items():
             proxy = layer.get_parameter(tensor_name)
