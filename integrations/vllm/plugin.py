@@ -187,10 +187,11 @@ class HfCompressLinearMethod(LinearMethodBase):
             return cpu.quant_linear(x, plan.pack, bias, plan.u, plan.v)
         plan = layer.hfc_lowrank
         if plan is not None:
-            t = torch.nn.functional.linear(x, plan.v)
-            if len(plan.u) == 1:
-                return torch.nn.functional.linear(t, plan.u[0], bias)
-            y = torch.cat([torch.nn.functional.linear(t[..., a:b], u) for u, (a, b) in zip(plan.u, plan.spans)], -1)
+            t = plan.gemm_v(x)
+            if len(plan.gemm_u) == 1:
+                y = plan.gemm_u[0](t)
+            else:
+                y = torch.cat([gemm(t[..., a:b].contiguous()) for gemm, (a, b) in zip(plan.gemm_u, plan.spans)], -1)
             return y if bias is None else y + bias
         parts = layer.hfc_parts
         y = parts[0](x) if len(parts) == 1 else torch.cat([part(x) for part in parts], dim=-1)
@@ -208,11 +209,26 @@ class Int4Plan(NamedTuple):
 
 class LowRankPlan(NamedTuple):
     """Low-rank parts: V [R, in] stacked along the rank (one GEMM for all parts), each part's U [out_i, r_i] applied
-    to its ``spans`` slice of V·x."""
+    to its ``spans`` slice of V·x; each GEMM a callable x -> x·Wᵀ (`_gemm`)."""
 
-    v: torch.Tensor
-    u: list[torch.Tensor]
+    gemm_v: Any
+    gemm_u: list[Any]
     spans: list[tuple[int, int]]
+
+
+def _gemm(weight: torch.Tensor):
+    """x -> x·weightᵀ. On CPU in bf16 / fp16, vLLM's own dense GEMM (`dispatch_cpu_unquantized_gemm`: the weight
+    prepacked once for oneDNN, or for its small-GEMM kernel), as its unquantized layers run; torch's ``F.linear``
+    otherwise (fp32 keeps the reference's numerics)."""
+    if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        holder = nn.Module()
+        holder.weight = nn.Parameter(weight, requires_grad=False)
+        dispatch_cpu_unquantized_gemm(holder, remove_weight=False)
+        linear = holder.cpu_linear
+        return lambda x: linear(x, weight, None)
+    return functools.partial(torch.nn.functional.linear, weight=weight)
 
 
 def _backend(t: torch.Tensor) -> str | None:
@@ -261,7 +277,7 @@ def lowrank_plan(parts: list[nn.Module]) -> LowRankPlan | None:
         return None
     v = parts[0].V.detach() if len(parts) == 1 else torch.cat([p.V.detach() for p in parts]).contiguous()
     ends = torch.tensor([p.rank for p in parts]).cumsum(0).tolist()
-    return LowRankPlan(v, [p.U.detach() for p in parts], list(zip([0] + ends[:-1], ends)))
+    return LowRankPlan(_gemm(v), [_gemm(p.U.detach().contiguous()) for p in parts], list(zip([0] + ends[:-1], ends)))
 
 
 @functools.cache
