@@ -5,6 +5,7 @@ equal their separate parts; tensor-parallel shards recombine to the unsharded la
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -12,6 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from vllm_helpers import (
+    NEW_TOKENS,
+    PROMPTS,
+    assert_agrees,
     assert_same_tokens,
     compressed,
     hf_greedy,
@@ -254,3 +258,24 @@ def test_unservable_checkpoints_fail_naming_the_layer(tmp_path):
     proc = vllm_run([missing])
     assert proc.returncode != 0
     assert "Checkpoint lacks tensor model.layers.1.mlp.down_proj.scales recorded in its config" in proc.stdout + proc.stderr
+
+
+# --- tensor parallelism in vLLM's CPU backend ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 binds one core per rank")
+def test_tensor_parallel_2_in_vllm_cpu(tmp_path, monkeypatch):
+    """vLLM's CPU backend at ``tensor_parallel_size=2`` (two worker processes; its automatic thread binding wants one
+    NUMA node per rank, so each rank is bound to one core by hand): column- and row-parallel shards of 4-bit and
+    low-rank layers serve what transformers computes unsharded. Row-parallel int4 shards sum bf16-rounded partial
+    products, so agreement is `assert_agrees`' (tokens, or logprobs within 0.25 nats)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    paths = [compressed("llama", {"method": "rtn", "bits": 4, "group_size": 32}, tmp_path / "rtn4"),
+             compressed("llama", {"method": "svd", "ratio": 0.4}, tmp_path / "svd0.4")]
+    proc = vllm_run(paths, tensor_parallel_size=2)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for path in paths:
+        at = assert_agrees(path, PROMPTS, proc.result[str(path)], proc.result["logprobs:" + str(path)], 0.25,
+                           f"tp=2 {path.name}")
+        print(f"tp=2 {path.name}: greedy tokens agreeing per prompt {[NEW_TOKENS if a is None else a for a in at]}")
