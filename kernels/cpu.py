@@ -184,11 +184,12 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 
 def concat_key(bits: int, group_size: int, in_features: int) -> tuple[int, int, int, int] | None:
-    """Layers with equal keys can share one `repack_concat` (same kernel group, padded K and copies); None: no CPU
-    kernel for the layer."""
+    """Layers on one input with equal keys can share one `repack_concat` (same kernel group, padded K and copies, as
+    `tiling` gives them); None: no CPU kernel for the layer."""
     if not supports(bits, group_size):
         return None
-    return kernel_group(group_size), in_features, -(-in_features // group_size) * group_size, 2 if bits == 8 else 1
+    gk, padded = tiling(group_size, in_features)
+    return gk, in_features, padded, 2 if bits == 8 else 1
 
 
 def repack_concat(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]]) -> Int4Pack:
@@ -210,7 +211,8 @@ def repack_concat(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
     del cols
     sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))
     gk, in_features, padded, copies = keys.pop()
-    return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded, copies, n)
+    return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded, copies, n,
+                    tuple(layer[:5] for layer in layers))
 
 
 @functools.lru_cache(maxsize=1)
