@@ -183,6 +183,38 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return wf.add_(zt).view(-1, n).to(torch.bfloat16)
 
 
+def concat_key(bits: int, group_size: int, in_features: int) -> tuple[int, int, int, int] | None:
+    """Layers on one input with equal keys can share one `repack_concat` (same kernel group, padded K and copies, as
+    `tiling` gives them); None: no CPU kernel for the layer."""
+    if not supports(bits, group_size):
+        return None
+    gk, padded = tiling(group_size, in_features)
+    return gk, in_features, padded, 2 if bits == 8 else 1
+
+
+def repack_concat(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]]) -> Int4Pack:
+    """Several layers on the same input, ``(qweight, scales, zeros, bits, group_size, in_features)`` each, as one
+    `Int4Pack` whose output is their outputs side by side (a merged ``qkv`` / ``gate_up`` projection in one kernel
+    call). Their `concat_key` must agree (bits and group sizes may differ otherwise: every width becomes int4 codes
+    with its own scales and zeros); each output column is computed exactly as in the layer's own `repack`."""
+    keys = {concat_key(*layer[3:]) for layer in layers}
+    if len(keys) != 1 or None in keys:
+        raise ValueError(f"layers with different kernel layouts cannot share one int4 pack: {sorted(map(str, keys))}")
+    if not available():
+        raise RuntimeError(f"this torch ({torch.__version__}) has no aten.{OPS[0]} / aten.{OPS[1]}")
+    built = [int4_layout(*layer) for layer in layers]
+    n = sum(cols.shape[0] for cols, *_ in built)
+    cols = F.pad(torch.cat([c for c, *_ in built]), (0, 0, 0, -n % N_MULTIPLE))
+    sc, zp = torch.cat([b[1] for b in built]), torch.cat([b[2] for b in built])
+    del built
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(cols, 1)
+    del cols
+    sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))
+    gk, in_features, padded, copies = keys.pop()
+    return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded, copies, n,
+                    tuple(layer[:5] for layer in layers))
+
+
 @functools.lru_cache(maxsize=1)
 def _malloc_trim():
     try:

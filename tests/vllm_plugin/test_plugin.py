@@ -5,6 +5,7 @@ equal their separate parts; tensor-parallel shards recombine to the unsharded la
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -12,6 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from vllm_helpers import (
+    NEW_TOKENS,
+    PROMPTS,
+    assert_agrees,
     assert_same_tokens,
     compressed,
     hf_greedy,
@@ -100,7 +104,7 @@ class FakeLayer(nn.Module):
     tp_rank, tp_size = 0, 1
 
 
-def load_into_method(prefix: str, parts: list[tuple[str, nn.Module]], shard_ids):
+def load_into_method(prefix: str, parts: list[tuple[str, nn.Module]], shard_ids, dtype=torch.float32):
     from hf_compress.integrations.vllm.plugin import HfCompressLinearMethod
 
     records = [(name, None if isinstance(m, nn.Linear) else m.record()) for name, m in parts]
@@ -108,7 +112,7 @@ def load_into_method(prefix: str, parts: list[tuple[str, nn.Module]], shard_ids)
     layer = FakeLayer()
     in_f = parts[0][1].in_features
     outs = [m.out_features for _, m in parts]
-    method.create_weights(layer, in_f, outs, in_f, sum(outs), torch.float32)
+    method.create_weights(layer, in_f, outs, in_f, sum(outs), dtype)
     for (_, module), shard_id in zip(parts, shard_ids):
         for tensor_name, t in module.state_dict().items():
             proxy = layer.get_parameter(tensor_name)
@@ -117,24 +121,54 @@ def load_into_method(prefix: str, parts: list[tuple[str, nn.Module]], shard_ids)
     return method, layer
 
 
-@pytest.mark.parametrize("layer,proj,shard_ids", [
-    (0, "self_attn", ("q", "k", "v")),  # low rank r24 / dense / low rank r8
-    (0, "mlp", (0, 1)),  # 3-bit + float EoRA / 8-bit + packed EoRA
-    (1, "self_attn", ("q", "k", "v")),  # three 4-bit parts
-    (1, "mlp", (0, 1)),  # low rank r16 / r40
+@pytest.mark.parametrize("layer,proj,shard_ids,plan", [
+    (0, "self_attn", ("q", "k", "v"), None),  # low rank r24 / dense / low rank r8: the parts' own forward
+    (0, "mlp", (0, 1), None),  # 3-bit + float EoRA / 8-bit + packed EoRA (int4 layouts differ: 8-bit is two halves)
+    (1, "self_attn", ("q", "k", "v"), "int4"),  # three 4-bit parts: one int4 kernel call
+    (1, "mlp", (0, 1), "lowrank"),  # low rank r16 / r40: V stacked, one GEMM
 ])
-def test_merged_layer_equals_separate_layers(mixed, layer, proj, shard_ids):
+def test_merged_layer_equals_separate_layers(mixed, layer, proj, shard_ids, plan):
     names = ["q_proj", "k_proj", "v_proj"] if proj == "self_attn" else ["gate_proj", "up_proj"]
     base = f"model.layers.{layer}.{proj}."
     parts = [(base + n, mixed.get_submodule(base + n)) for n in names]
     merged = base + ("qkv_proj" if proj == "self_attn" else "gate_up_proj")
+    _check_merged(merged, parts, shard_ids, plan)
+
+
+def _check_merged(merged, parts, shard_ids, plan):
     method, fake = load_into_method(merged, parts, shard_ids)
+    assert (fake.hfc_int4 is not None, fake.hfc_lowrank is not None) == (plan == "int4", plan == "lowrank")
     x = torch.randn(5, parts[0][1].in_features, generator=torch.Generator().manual_seed(0))
     bias = torch.randn(sum(m.out_features for _, m in parts), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = torch.cat([m(x) for _, m in parts], dim=-1) + bias
         got = method.apply(fake, x, bias)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "hqq", "bits": 3, "group_size": 32, "eora_rank": 8},  # float EoRA: U block-diagonal, V stacked
+    {"method": "rtn", "bits": 4, "group_size": 32, "eora_rank": 4, "eora_factor_bits": 4,
+     "eora_factor_group_size": 32},  # packed EoRA, dequantized once at load
+    {"method": "rtn", "bits": 2, "group_size": 64},
+])
+def test_quant_layers_run_as_one_int4_call(config):
+    """Every part a QuantLinear of one int4 layout (single layers too): repacked at load, one kernel call (codes side by side) plus one low-rank term for
+    the EoRA factors, equal to the separate layers (same bf16 kernel per output column; fp32 sums reordered)."""
+    from vllm_helpers import _variant
+
+    model = _variant("llama", config)
+    for proj, names, shard_ids in [("self_attn", ["q_proj", "k_proj", "v_proj"], ("q", "k", "v")),
+                                   ("mlp", ["gate_proj", "up_proj"], (0, 1)), ("self_attn", ["o_proj"], [None])]:
+        base = f"model.layers.0.{proj}."
+        parts = [(base + n, model.get_submodule(base + n)) for n in names]
+        _check_merged(base + ("merged" if len(names) > 1 else names[0]), parts, shard_ids, "int4")
+
+
+def test_single_layers_take_the_fast_paths(mixed):
+    for name, plan in [("model.layers.0.self_attn.o_proj", None),  # 2-bit g48: no int4 kernel group divides 48
+                       ("model.layers.1.self_attn.o_proj", "lowrank"), ("model.layers.0.mlp.down_proj", None)]:
+        _check_merged(name, [(name, mixed.get_submodule(name))], [None], plan)
 
 
 def shard(module: nn.Module, parallel: str, rank: int, tp: int) -> nn.Module:
@@ -224,3 +258,24 @@ def test_unservable_checkpoints_fail_naming_the_layer(tmp_path):
     proc = vllm_run([missing])
     assert proc.returncode != 0
     assert "Checkpoint lacks tensor model.layers.1.mlp.down_proj.scales recorded in its config" in proc.stdout + proc.stderr
+
+
+# --- tensor parallelism in vLLM's CPU backend ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 binds one core per rank")
+def test_tensor_parallel_2_in_vllm_cpu(tmp_path, monkeypatch):
+    """vLLM's CPU backend at ``tensor_parallel_size=2`` (two worker processes; its automatic thread binding wants one
+    NUMA node per rank, so each rank is bound to one core by hand): column- and row-parallel shards of 4-bit and
+    low-rank layers serve what transformers computes unsharded. Row-parallel int4 shards sum bf16-rounded partial
+    products, so agreement is `assert_agrees`' (tokens, or logprobs within 0.25 nats)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    paths = [compressed("llama", {"method": "rtn", "bits": 4, "group_size": 32}, tmp_path / "rtn4"),
+             compressed("llama", {"method": "svd", "ratio": 0.4}, tmp_path / "svd0.4")]
+    proc = vllm_run(paths, tensor_parallel_size=2)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for path in paths:
+        at = assert_agrees(path, PROMPTS, proc.result[str(path)], proc.result["logprobs:" + str(path)], 0.25,
+                           f"tp=2 {path.name}")
+        print(f"tp=2 {path.name}: greedy tokens agreeing per prompt {[NEW_TOKENS if a is None else a for a in at]}")

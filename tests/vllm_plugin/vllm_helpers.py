@@ -75,6 +75,21 @@ def hf_greedy(path: Path, prompts=PROMPTS, n: int = NEW_TOKENS) -> list[list[int
     return out
 
 
+def hf_teacher_forced(path: Path, prompts, continuations) -> list[tuple[list[float], list[float]]]:
+    """transformers' log-probabilities (fp32) along each given continuation: per prompt (logprob of each given token,
+    logprob of transformers' own top choice at the same position), both teacher-forced on the continuation."""
+    import hf_compress  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompts, continuations):
+            lp = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1].log_softmax(-1)
+            out.append((lp.gather(1, torch.tensor(c)[:, None])[:, 0].tolist(), lp.max(-1).values.tolist()))
+    return out
+
+
 def vllm_run(paths: list[Path], prompts=PROMPTS, n: int = NEW_TOKENS, **llm_kwargs) -> subprocess.CompletedProcess:
     """Run `greedy.py` on the checkpoints; its JSON answer is in ``.result`` when it succeeded."""
     out = Path(paths[0]).parent / "vllm-greedy.json"
@@ -101,6 +116,30 @@ def assert_same_tokens(ours: list[list[int]], ref: list[list[int]], label: str) 
         assert len(got) == len(want) == NEW_TOKENS, (label, i, len(got), len(want))
         at = first_divergence(got, want)
         assert at is None, f"{label}, prompt {i}: vLLM diverges from transformers at token {at}: {got} vs {want}"
+
+
+def assert_agrees(path: Path, prompts, tokens, logprobs, tol: float, label: str) -> list[int | None]:
+    """Greedy agreement with transformers, or logprobs within ``tol``: vLLM's greedy tokens equal transformers' for
+    all `NEW_TOKENS`; where they diverge, along vLLM's whole continuation (teacher-forced in transformers) vLLM's
+    log-probability of each token is within ``tol`` (nats) of transformers', and each token vLLM chose is within
+    ``tol`` of transformers' best at that position (a near-tie the two engines' rounding split). Returns the first
+    divergence per prompt (None: all tokens agree)."""
+    ref = hf_greedy(path, prompts)
+    at = [first_divergence(got, want) for got, want in zip(tokens, ref)]
+    for i, (got, want) in enumerate(zip(tokens, ref)):
+        assert len(got) == len(want) == NEW_TOKENS, (label, i, len(got), len(want))
+    diverged = [i for i, a in enumerate(at) if a is not None]
+    if diverged:
+        forced = hf_teacher_forced(path, [prompts[i] for i in diverged], [tokens[i] for i in diverged])
+        for i, (hf_lp, hf_top) in zip(diverged, forced):
+            gap = max(abs(a - b) for a, b in zip(logprobs[i], hf_lp))
+            behind = max(t - a for a, t in zip(hf_lp, hf_top))
+            print(f"{label}, prompt {i}: first divergence at token {at[i]}; along vLLM's tokens max |logprob vLLM - "
+                  f"transformers| = {gap:.4f}, vLLM's choice at most {behind:.4f} below transformers' best")
+            assert gap <= tol and behind <= tol, (
+                f"{label}, prompt {i}: vLLM diverges from transformers at token {at[i]} and its logprobs differ by "
+                f"{gap:.4f} (choice {behind:.4f} below transformers' best), over {tol}: {tokens[i]} vs {ref[i]}")
+    return at
 
 
 def lowrank(linear, rank: int, bias: bool = True):
