@@ -132,16 +132,7 @@ def int4_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
            in_features: int) -> Int4Pack:
     """Our packed layout -> the int4 CPU kernel's (`int4_layout` with N padded to a multiple of 16, converted)."""
-    if not available():
-        raise RuntimeError(f"this torch ({torch.__version__}) has no aten.{OPS[0]} / aten.{OPS[1]}")
-    n = qweight.shape[0]
-    cols, sc, zp, gk = int4_layout(qweight, scales, zeros, bits, group_size, in_features, n + -n % N_MULTIPLE)
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(cols, 1)
-    del cols
-    sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))  # [N', K' / gk, 2]
-    copies = 2 if bits == 8 else 1
-    return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features,
-                    sz.shape[1] * gk // copies, copies, n, ((qweight, scales, zeros, bits, group_size),))
+    return repack_concat([(qweight, scales, zeros, bits, group_size, in_features)])
 
 
 #: rows from which a call dequantizes the weight once and runs a bf16 GEMM instead of the int4 kernel, per pack
@@ -196,20 +187,24 @@ def repack_concat(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
     """Several layers on the same input, ``(qweight, scales, zeros, bits, group_size, in_features)`` each, as one
     `Int4Pack` whose output is their outputs side by side (a merged ``qkv`` / ``gate_up`` projection in one kernel
     call). Their `concat_key` must agree (bits and group sizes may differ otherwise: every width becomes int4 codes
-    with its own scales and zeros); each output column is computed exactly as in the layer's own `repack`."""
+    with its own scales and zeros); each output column is computed exactly as in the layer's own `repack` (the
+    one-layer case)."""
     keys = {concat_key(*layer[3:]) for layer in layers}
-    if len(keys) != 1 or None in keys:
+    if len(layers) > 1 and (len(keys) != 1 or None in keys):  # one layer: int4_layout names what it cannot take
         raise ValueError(f"layers with different kernel layouts cannot share one int4 pack: {sorted(map(str, keys))}")
     if not available():
         raise RuntimeError(f"this torch ({torch.__version__}) has no aten.{OPS[0]} / aten.{OPS[1]}")
-    built = [int4_layout(*layer) for layer in layers]
-    n = sum(cols.shape[0] for cols, *_ in built)
-    cols = F.pad(torch.cat([c for c, *_ in built]), (0, 0, 0, -n % N_MULTIPLE))
-    sc, zp = torch.cat([b[1] for b in built]), torch.cat([b[2] for b in built])
-    del built
+    n = sum(layer[0].shape[0] for layer in layers)
+    if len(layers) == 1:  # built straight into the N-padded buffer: no concatenated copy of the codes
+        cols, sc, zp, _ = int4_layout(*layers[0], rows=n + -n % N_MULTIPLE)
+    else:
+        built = [int4_layout(*layer) for layer in layers]
+        cols = F.pad(torch.cat([c for c, *_ in built]), (0, 0, 0, -n % N_MULTIPLE))
+        sc, zp = torch.cat([b[1] for b in built]), torch.cat([b[2] for b in built])
+        del built
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(cols, 1)
     del cols
-    sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))
+    sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))  # [N', K' / gk, 2]
     gk, in_features, padded, copies = keys.pop()
     return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded, copies, n,
                     tuple(layer[:5] for layer in layers))

@@ -123,18 +123,28 @@ def _run(kernel, ref, *tensors):
     return kernel(*tensors)
 
 
+def reuse(cache: dict, name: str, src: tuple, build, key=None):
+    """``cache[name]``, built with ``build()`` on first use and kept in ``cache`` (a plain dict the caller owns, never
+    part of a state dict) until a tensor of ``src`` is replaced or changed in place (identity and version counter),
+    or ``key`` changes."""
+    old = cache.get("src")
+    versions = [t._version for t in src]
+    if (old is None or cache["key"] != key or cache["versions"] != versions
+            or any(a is not b for a, b in zip(old, src))):
+        cache.clear()  # drop the old value before building the new one
+        cache.update(src=src, versions=versions, key=key)
+        cache[name] = build()
+    return cache[name]
+
+
 def cpu_pack(cache: dict, qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> cpu.Int4Pack:
-    """The layer's `cpu.repack`, built on first use and kept in ``cache`` (a plain dict the caller owns, never part of
-    a state dict); rebuilt when a buffer is replaced or changed in place (tensor identity and version counter)."""
-    old = cache.get("src")  # spelt out, not a loop: this runs at every decode step of every layer
-    versions = (qweight._version, scales._version, zeros._version)
-    if (old is None or old[0] is not qweight or old[1] is not scales or old[2] is not zeros
-            or cache["versions"] != versions):
-        cache.clear()  # drop the old pack before building the new one
-        cache.update(src=(qweight, scales, zeros), versions=versions,
-                     pack=cpu.repack(qweight, scales, zeros, bits, group_size, in_features))
+    """The layer's `cpu.repack`, kept in ``cache`` (`reuse`); the repack's temporaries are handed back to the OS."""
+    def build():
+        pack = cpu.repack(qweight, scales, zeros, bits, group_size, in_features)
         cpu.release_freed_memory()
-    return cache["pack"]
+        return pack
+
+    return reuse(cache, "pack", (qweight, scales, zeros), build)
 
 
 def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

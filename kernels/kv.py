@@ -200,8 +200,6 @@ def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bi
     which = backend(codes, bits)
     if which == "cpu" and kv_cpu.supports(bits, codes.shape[-1]):
         return kv_cpu.dequantize(codes, scale, mn, bits, group, axis, out=out, dtype=dtype)
-    if which == "triton":
-        x = _triton().dequantize(codes, scale, mn, bits, group, axis, dtype if out is None else out.dtype)
-    else:
-        x = dequantize_reference(codes, scale, mn, bits, group, axis, dtype if out is None else out.dtype)
+    run = _triton().dequantize if which == "triton" else dequantize_reference
+    x = run(codes, scale, mn, bits, group, axis, dtype if out is None else out.dtype)
     return x if out is None else out.copy_(x)

@@ -144,8 +144,8 @@ class QuantizedKVLayer(KVCacheLayer):
         for name, new in zip((tag + "q", tag + "s", tag + "m"), parts):
             old = getattr(self, name)
             setattr(self, name, new if old is None else torch.cat([old, new], dim=-2))
-        if self.dense_copy:
-            self._append_dequantized(tag, self._dequantize(tag, parts, [{**seg, "start": 0}] if self.rank or self.outliers else []))
+        if self.dense_copy:  # this segment's corrections, relative to its own first token
+            self._append_dequantized(tag, self._dequantize(tag, parts, [{**seg, "start": 0}]))
         self.quantized[tag] += m
 
     def _append_dequantized(self, tag: str, x: torch.Tensor) -> None:
@@ -217,7 +217,7 @@ class QuantizedKVLayer(KVCacheLayer):
         ``segments`` (``start`` relative to the first token of ``parts``), in the model's dtype (into ``out`` when
         given)."""
         bits, group, axis = self._layout(tag)
-        segments = [seg for seg in segments if seg["tag"] == tag]
+        segments = [seg for seg in segments if seg["tag"] == tag and (f"{tag}_a" in seg or f"{tag}_idx" in seg)]
         if not segments:
             return kv_dequantize(*parts, bits, group, axis, self.dtype, out=out)
         x = kv_dequantize(*parts, bits, group, axis, torch.float32)

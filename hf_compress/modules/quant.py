@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels import SUPPORTED_BITS, dequantize, packed_words, quant_linear
+from ..kernels.dispatch import reuse
 from .lowrank import SOURCES, dense_module
 
 #: the buffers of quantized compensation factors, in (qweight, scales, zeros) order for Uᵀ then V
@@ -209,14 +210,9 @@ class QuantLinear(nn.Module):
         at run time such a layer holds its factors in ``dtype`` as a float-factor layer does."""
         if not self.factor_bits or torch.is_grad_enabled():
             return self.factors(dtype)
-        src = tuple(getattr(self, n) for n in FACTOR_BUFFERS)
-        versions = (dtype, tuple(t._version for t in src))
         cache = self.__dict__.setdefault("_factor_cache", {})
-        old = cache.get("src")
-        if old is None or any(a is not b for a, b in zip(old, src)) or cache["versions"] != versions:
-            cache.clear()
-            cache.update(src=src, versions=versions, factors=tuple(t.contiguous() for t in self.factors(dtype)))
-        return cache["factors"]
+        return reuse(cache, "factors", tuple(getattr(self, n) for n in FACTOR_BUFFERS),
+                     lambda: tuple(t.contiguous() for t in self.factors(dtype)), key=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u, v = self._runtime_factors(x.dtype)
