@@ -32,7 +32,7 @@ stored group becomes ``group_size // kernel_group`` kernel groups with the same 
 Plain functions over the packed buffers, usable without a transformers model (e.g. a vLLM linear method):
 ``pack = repack(qweight, scales, zeros, bits, group_size, in_features)`` once, then
 ``quant_linear(x, pack, bias, u, v)`` per call. A call of many rows (a prefill: ``DEQUANTIZE_ROWS``) dequantizes
-the weight once (`dequantize_t`, a transient bf16 copy of that one layer) and runs a bf16 GEMM, which outgrows the
+the weight once (`dequantize_planes`, into a reused bf16 buffer the size of that one layer) and runs a bf16 GEMM, which outgrows the
 int4 kernel's per-row cost. Memory at run time: the int4 copy (4 bits per weight; 8 for 8-bit
 layers) and bf16 scales/zeros, beside the checkpoint's own buffers.
 """
@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import threading
 from typing import NamedTuple
 
 import torch
@@ -92,7 +93,7 @@ class Int4Pack(NamedTuple):
     padded: int  # K, or K rounded up to whole groups of the layer where no kernel group tiles K
     copies: int  # 1, or 2 for 8-bit layers ([hi | lo] halves)
     out_features: int  # N of the layer
-    sources: tuple = ()  # per output block, (qweight, scales, zeros, bits, group_size): references for `dequantize_t`
+    sources: tuple = ()  # per output block, (qweight, scales, zeros, bits, group_size): references for `dequantize_planes`
 
     @property
     def nbytes(self) -> int:
@@ -136,42 +137,84 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
 
 
 #: rows from which a call dequantizes the weight once and runs a bf16 GEMM instead of the int4 kernel, per pack
-#: ``copies`` (1: 2/3/4 bits, 2: 8 bits, whose int4 call reads K twice). Measured on SmolLM2's whole prefill, 1
-#: thread, bf16 model: 4-bit at 256 tokens 706 ms dequantizing vs 641-661 ms on the int4 kernel, at 512 tokens 1098
-#: vs 1408 ms, at 1024 2146 vs 2643 ms; 8-bit at 256 tokens (fp32 model) 739-806 vs 1176-1189 ms
-DEQUANTIZE_ROWS = {1: 384, 2: 96}
+#: ``copies`` (1: 2/3/4 bits, 2: 8 bits, whose int4 call reads K twice). The int4 kernel costs one GEMV per row
+#: (1536 x 576, 1 thread: 10 us a row), the other path a fixed ~0.45 ms for the dequantization plus the bf16 GEMM's
+#: 3.6 us a row. `benchmarks/prefill.py` measures the whole model both ways: the two cross at 110-140 rows for
+#: 2/3/4 bits and below 32 rows for 8 bits
+DEQUANTIZE_ROWS = {1: 128, 2: 32}
+
+_scratch = threading.local()
 
 
-def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                 group_size: int) -> torch.Tensor:
-    """The layer's dense weight, transposed, in bf16: Wᵀ [groups * group_size, N] (rows past ``in_features`` belong
-    to the padded last group; multiply them by zero activations). Built on the transposed words so that every step
-    runs along contiguous N-long rows (scales broadcast over whole rows): code ``k = u * per + j`` of unit ``u``
-    (one int32 word of ``32 / bits`` codes; 3 words of 32 codes at 3 bits) is plane ``j`` of that unit."""
+def _buffer(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch buffer of at least ``numel`` elements, reused from call to call: a fresh multi-megabyte
+    tensor per layer and call costs more in page faults than the arithmetic it holds (3.6 vs 0.4 ms per 1536 x 640
+    layer, measured). Kept at the largest layer's size: ~7 bytes per weight of that one layer."""
+    buf = getattr(_scratch, slot, None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, slot, buf)
+    return buf[:numel]
+
+
+def codes_per_unit(bits: int) -> int:
+    """Codes per byte-aligned unit of our bit stream: 8 per 3 bytes at 3 bits, else ``8 // bits`` per byte."""
+    return 8 if bits == 3 else 8 // bits
+
+
+def plane_order(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x [M, K] with its columns in `dequantize_planes`' order: column ``i * U + u`` is input ``u * c + i`` (``c``
+    codes per unit, ``U = K / c`` units)."""
+    c = codes_per_unit(bits)
+    if c == 1:
+        return x
+    m, k = x.shape
+    return x.view(m, k // c, c).transpose(1, 2).reshape(m, k)
+
+
+def dequantize_planes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                      group_size: int) -> torch.Tensor:
+    """The layer's dense weight in bf16, [N, groups * group_size], with its columns in plane order (`plane_order`:
+    apply it to the input): code ``i`` of every byte-aligned unit of a row is read with one shift and mask over the
+    row's bytes, so every step is a contiguous elementwise pass, and no permutation of the weight is ever made.
+    Columns past ``in_features`` belong to the padded last group (give them zero inputs). Computed in fp32, in
+    reused buffers (`_buffer`), rounded once to bf16; the result is a scratch buffer, valid until the next call on
+    this thread."""
     n, groups = scales.shape
-    per, wpu = (32, 3) if bits == 3 else (32 // bits, 1)
-    units = groups * group_size // per
-    w = qweight
-    if w.shape[1] < units * wpu:
-        w = F.pad(w, (0, units * wpu - w.shape[1]))
-    wt = w.view(n, units, wpu).permute(1, 2, 0).contiguous()  # [units, words per unit, N]
-    if wpu == 1:
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=w.device).view(1, per, 1)
-        planes = (wt >> shifts).bitwise_and_(2**bits - 1)
-    else:  # 3 bits: code j of a unit starts at bit 3j of its 96; codes 10 and 21 straddle two words
-        j = torch.arange(32, device=w.device)
-        planes = (wt[:, (3 * j) // 32, :] >> ((3 * j) % 32).to(torch.int32).view(1, 32, 1)).bitwise_and_(7)
-        for jj in (10, 21):
-            word, shift = (3 * jj) // 32, (3 * jj) % 32
-            low = (wt[:, word] >> shift) & ((1 << (32 - shift)) - 1)  # logical: drop the sign bits
-            planes[:, jj] = low | ((wt[:, word + 1] << (32 - shift)) & 7)
-    del wt
-    sf, zf = scales.float(), zeros.float()
-    st = sf.t().reshape(groups, 1, 1, n)
-    zt = (-zf * sf).t().reshape(groups, 1, 1, n)
-    wf = torch.mul(planes.view(groups, group_size // per, per, n), st)
-    del planes  # the transient peak is one fp32 copy of the layer plus its bf16 result, not the int32 codes besides
-    return wf.add_(zt).view(-1, n).to(torch.bfloat16)
+    k = groups * group_size
+    c = codes_per_unit(bits)
+    units = k // c
+    nbytes = units * (3 if bits == 3 else 1)
+    b = qweight.view(torch.uint8)
+    if b.shape[1] < nbytes:  # the padded last group reads code 0
+        b = F.pad(b, (0, nbytes - b.shape[1]))
+    b = b[:, :nbytes]
+    codes = _buffer("codes", n * k, torch.uint8).view(n, c, units)
+    if bits == 8:
+        codes[:, 0].copy_(b)
+    elif bits == 3:  # code i of a unit starts at bit 3i of its 24: codes 2 and 5 straddle two bytes
+        planes = _buffer("bytes", n * nbytes, torch.uint8).view(n, 3, units)
+        b0, b1, b2 = planes.copy_(b.view(n, units, 3).transpose(1, 2)).unbind(1)  # byte j of every unit, contiguous
+        for i, (byte, shift) in enumerate([(b0, 0), (b0, 3), (b0, 6), (b1, 1), (b1, 4), (b1, 7), (b2, 2), (b2, 5)]):
+            torch.bitwise_right_shift(byte, shift, out=codes[:, i])
+        codes[:, 2].bitwise_or_(b1 << 2)  # the bits above a code's 3 are cleared by the mask below
+        codes[:, 5].bitwise_or_(b2 << 1)
+        codes.bitwise_and_(7)
+    else:
+        for i in range(c):
+            torch.bitwise_right_shift(b, i * bits, out=codes[:, i])
+        codes.bitwise_and_(2**bits - 1)
+    run = group_size // c  # units per group (a unit never straddles a group: groups are multiples of 32 codes)
+    shape = (n, 1, groups, run)
+    s = scales.float().view(n, 1, groups, 1)
+    zs = zeros.float().view(n, 1, groups, 1) * s
+    if run < 32:  # scales per unit, so that the passes below run along whole rows: broadcast per group, inner
+        # runs of 8 units (3 bits g64, 2 bits g32) make the elementwise loops ~3x slower (measured)
+        per_unit = _buffer("scales", 2 * n * units, torch.float32).view(2, *shape)
+        s, zs = per_unit[0].copy_(s.expand(shape)), per_unit[1].copy_(zs.expand(shape))
+    w = _buffer("fp32", n * k, torch.float32).view(n, c, groups, run).copy_(codes.view(n, c, groups, run))
+    w.mul_(s).sub_(zs)
+    return _buffer("bf16", n * k, torch.bfloat16).view(n, k).copy_(w.view(n, k))
 
 
 def concat_key(bits: int, group_size: int, in_features: int) -> tuple[int, int, int, int] | None:
@@ -238,9 +281,12 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     if pack.padded != pack.in_features:
         xb = F.pad(xb, (0, pack.padded - pack.in_features))
     if pack.sources and xb.shape[0] >= DEQUANTIZE_ROWS[pack.copies]:  # a long prefill: dequantize once
-        k = xb.shape[1]
-        parts = [dequantize_t(*src)[:k] for src in pack.sources]
-        y = xb @ (parts[0] if len(parts) == 1 else torch.cat(parts, 1))
+        xb = xb[:, :pack.in_features]
+        parts = []
+        for qweight, scales, zeros, bits, group_size in pack.sources:
+            xs = F.pad(xb, (0, scales.shape[1] * group_size - pack.in_features))
+            parts.append(F.linear(plane_order(xs, bits), dequantize_planes(qweight, scales, zeros, bits, group_size)))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     else:
         if pack.copies == 2:
             xb = torch.cat([xb, xb], 1)

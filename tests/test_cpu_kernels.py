@@ -2,11 +2,14 @@
 reference: the exact re-expression of our layout, the numerics of the kernel path (bf16 activations: relative 3e-2,
 the GPU kernels' tolerance), dispatch and its fallbacks, and modules / models on the CPU path."""
 
+import importlib
 import importlib.util
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hf_compress import kernels
 from hf_compress.kernels import cpu, dispatch, reference
@@ -53,60 +56,49 @@ def test_private_ops_exist_and_keep_their_layout():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("n,k,g", [(24, 40, 32), (17, 300, 64), (48, 512, 256), (40, 200, 96), (24, 576, 128)],
-                         ids=["partial-group", "odd-N", "g256", "g96-as-3x32", "partial-g128-as-g64"])
-def test_int4_layout_is_exact(bits, n, k, g):
-    """The re-expression on int4 codes (module docstring of kernels/cpu.py) is the reference weight exactly (fp32)."""
-    qw, s, z = _layer(n, k, bits, g)
-    cols, sc, zp, gk = cpu.int4_layout(qw, s, z, bits, g, k)
-    assert int(cols.min()) >= 0 and int(cols.max()) <= 15 and g % gk == 0
-    w = (cols.float() - 8) * sc.repeat_interleave(gk, 1) + zp.repeat_interleave(gk, 1)
-    padded = cols.shape[1] // (2 if bits == 8 else 1)
-    # K is padded to whole groups only where no kernel group both divides g and tiles K (576 with g128: groups of 64)
-    assert padded == (k if k % gk == 0 else s.shape[1] * g)
-    if (k, g) == (576, 128):
-        assert (gk, padded) == (64, 576)
-    w = w.reshape(n, -1, padded).sum(1)[:, :k]  # 8-bit: the [hi | lo] halves add up
-    torch.testing.assert_close(w, reference.dequantize(qw, s, z, bits, g, k), rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("n,k,g,rows", [(24, 40, 32, 1), (576, 576, 128, 1), (100, 300, 64, 20), (48, 512, 256, 33),
-                                        (100, 300, 64, 400), (40, 200, 96, 390)],
-                         ids=["tiny-partial", "smollm2-partial", "odd", "g256-rows", "odd-prefill", "g96-prefill"])
-def test_cpu_quant_linear_matches_reference(bits, dtype, n, k, g, rows):
-    qw, s, z = _layer(n, k, bits, g, seed=bits)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(rows, k, generator=gen).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype)
-    u, v = (torch.randn(n, 5, generator=gen) * 0.1).to(dtype), (torch.randn(5, k, generator=gen) * 0.1).to(dtype)
-    cache = {}
-    y = kernels.quant_linear(x, qw, s, z, bits, g, k, bias, u, v, cache=cache)
-    assert isinstance(cache.get("pack"), cpu.Int4Pack), "the CPU path did not run"
-    assert y.dtype == dtype and y.shape == (rows, n)
-    ref = reference.quant_linear(x.float(), qw, s, z, bits, g, k, bias.float(), u.float(), v.float())
-    assert _rel(y, ref) < TOL
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n,k,g", [(24, 40, 32), (17, 300, 64), (40, 200, 96), (48, 512, 256)])
-def test_dequantize_t_is_the_reference_weight(bits, n, k, g, monkeypatch):
-    """The prefill path's one-off dequantization is the reference weight (transposed, bf16-rounded), and a call of
-    ``DEQUANTIZE_ROWS`` rows or more takes it (fewer rows: the int4 kernel)."""
+def test_dequantize_planes_is_the_reference_weight(bits, n, k, g, monkeypatch):
+    """The prefill path's one-off dequantization is the reference weight (bf16-rounded) with its columns in
+    `plane_order`, padded columns are code 0, and a call of ``DEQUANTIZE_ROWS`` rows or more takes it (fewer rows:
+    the int4 kernel)."""
     qw, s, z = _layer(n, k, bits, g, seed=bits)
-    wt = cpu.dequantize_t(qw, s, z, bits, g)
-    ref = reference.dequantize(qw, s, z, bits, g, k)
-    assert wt.dtype == torch.bfloat16 and wt.shape == (-(-k // g) * g, n)
-    assert torch.allclose(wt[:k].float().t(), ref, rtol=2**-8, atol=1e-6)
+    padded = -(-k // g) * g
+    wp = cpu.dequantize_planes(qw, s, z, bits, g)
+    ref = F.pad(reference.dequantize(qw, s, z, bits, g, k), (0, padded - k))
+    ref[:, k:] = -(z * s).repeat_interleave(g, 1)[:, k:]  # code 0 in the padded columns
+    order = cpu.plane_order(torch.arange(padded).view(1, -1), bits)[0]
+    assert sorted(order.tolist()) == list(range(padded))
+    assert wp.dtype == torch.bfloat16 and wp.shape == (n, padded)
+    assert torch.allclose(wp.float(), ref[:, order], rtol=2**-8, atol=1e-6)
     calls = []
-    real = cpu.dequantize_t
-    monkeypatch.setattr(cpu, "dequantize_t", lambda *a: calls.append(1) or real(*a))
+    real = cpu.dequantize_planes
+    monkeypatch.setattr(cpu, "dequantize_planes", lambda *a: calls.append(1) or real(*a))
     pack = cpu.repack(qw, s, z, bits, g, k)
     for rows in (1, cpu.DEQUANTIZE_ROWS[pack.copies] - 1, cpu.DEQUANTIZE_ROWS[pack.copies]):
         x = torch.randn(rows, k)
-        assert _rel(cpu.quant_linear(x, pack), x @ ref.t()) < TOL
+        assert _rel(cpu.quant_linear(x, pack), x @ ref[:, :k].t()) < TOL
     assert len(calls) == 1
+
+
+def test_dequantize_scratch_is_per_thread():
+    """The prefill path reuses per-thread buffers: two threads running different layers at once both get their own
+    layer's product (a shared buffer would hand one thread the other's weight)."""
+    layers = [_layer(64 + 16 * i, 256, 4, 64, seed=i) for i in range(2)]
+    packs = [cpu.repack(qw, s, z, 4, 64, 256) for qw, s, z in layers]
+    x = torch.randn(cpu.DEQUANTIZE_ROWS[1], 256)
+    refs = [x @ reference.dequantize(qw, s, z, 4, 64, 256).t() for qw, s, z in layers]
+    errors = []
+
+    def run(i):
+        for _ in range(20):
+            errors.append(_rel(cpu.quant_linear(x, packs[i]), refs[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 40 and max(errors) < TOL
 
 
 def test_fallbacks_and_cache_invalidation(monkeypatch):
