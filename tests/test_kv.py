@@ -159,6 +159,44 @@ def test_value_flush_quantizes_values_token_by_token():
         kv.parse_kv_spec({"method": "quant", "value_flush": 0})
 
 
+def test_values_coded_ahead_read_as_if_flushed_one_by_one(monkeypatch):
+    """value_flush: the values' codes are made for the whole window at once (one quantization per ``residual``
+    tokens, not one per token), yet every read returns what flushing one token at a time defines: every token older
+    than the window dequantized from its own per-token codes, the window exact; the stored bytes count only the
+    quantized tokens' codes, and the codes made ahead show in `runtime_nbytes`."""
+    from hf_compress.kernels.kv import kv_dequantize, kv_quantize
+    from hf_compress.kv import quant
+
+    model = make_tiny("llama")
+    cache = QuantizedKVCache(model.config, bits=4, group_size=8, residual=4, value_flush=1)
+    calls = []
+    monkeypatch.setattr(quant, "kv_quantize", lambda x, *a: calls.append(x.shape[-2]) or kv_quantize(x, *a))
+    layer = cache.compressed_layers[0]
+    gen = torch.Generator().manual_seed(0)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    heads = model.config.num_key_value_heads
+    values = []
+    for step, t in enumerate([10] + [1] * 20):
+        k, v = (torch.randn(1, heads, t, head_dim, generator=gen) for _ in range(2))
+        values.append(v)
+        _, read = cache.update(k, v, 0)
+        seen = torch.cat(values, -2)
+        n = seen.shape[-2] - 4
+        r = n - t if step else 0  # a read returns the state before this update's flush
+        group = layer._vgroup(head_dim)
+        expect = torch.cat([kv_dequantize(*kv_quantize(seen[..., :r, :], 4, group, "token"), 4, group, "token"),
+                            seen[..., r:, :]], -2)
+        assert torch.equal(read, expect), step
+        assert layer.quantized["v"] == n and layer.rv.shape[-2] == 4
+        stored = layer.tensors()
+        assert stored["vq"].shape[-2] == stored["vs"].shape[-2] == n
+        ahead = layer._coded("v") - n
+        per_token = sum(t[..., :1, :].nbytes for t in (layer.vq, layer.vs, layer.vm))
+        assert layer.runtime_nbytes() == layer.nbytes() + ahead * per_token
+    value_calls = [c for c in calls if c not in (8, 16)]  # keys flush whole 8-token groups
+    assert len(value_calls) <= 6, calls  # 21 updates and 26 tokens flushed: a quantization per 5 tokens at most
+
+
 def test_layer_bits_give_each_layer_its_widths():
     """layer_bits: every layer packs at its own widths; a prefill's codes equal the uniform cache's at that width
     (prefill attention reads the exact keys, so every layer sees the same inputs)."""
@@ -632,7 +670,10 @@ def test_dense_copy_reads_the_same_and_only_it_holds_a_copy(opts):
     ids = _ids(2, 40)
     plain, copy = QuantizedKVCache(model.config, **opts), QuantizedKVCache(model.config, **opts, dense_copy=True)
     assert torch.equal(_split_logits(model, ids, plain, split=20), _split_logits(model, ids, copy, split=20))
-    assert all(layer.runtime_nbytes() == layer.nbytes() for layer in plain.compressed_layers)
+    for layer in plain.compressed_layers:  # beyond the codes, only the value codes made ahead for window tokens
+        ahead = layer._coded("v") - layer.quantized["v"]
+        assert layer.runtime_nbytes() == layer.nbytes() + ahead * sum(t[..., :1, :].nbytes for t in
+                                                                      (layer.vq, layer.vs, layer.vm))
     assert all(layer.runtime_nbytes() > layer.nbytes() for layer in copy.compressed_layers)
     assert kv.cache_nbytes(plain) == kv.cache_nbytes(copy)
     with pytest.raises(ConfigError, match="dense_copy"):

@@ -18,7 +18,10 @@ Per layer the cache holds
 When the key window holds ``residual + flush`` tokens, its oldest tokens (a multiple of ``group_size``) are
 quantized; the prefill is quantized at once, except its last ``residual``..``residual + group_size - 1`` tokens.
 Values go with the keys, or, with ``value_flush`` (per-token groups need no token grouping), ``value_flush`` at a
-time as soon as they leave their ``residual`` window (the prefill's all but the last ``residual``).
+time as soon as they leave their ``residual`` window (the prefill's all but the last ``residual``); their codes are
+made ahead, for the whole window at once, and wait until their tokens leave it (per-token codes do not depend on
+when they are made, so reads are those of quantizing one flush at a time, for one quantization call per
+``residual`` tokens; without GEAR corrections, whose segments would change).
 
 Reads return exactly the stored state dequantized (so beam reordering is exact: codes are index-selected, never
 re-quantized). By default a read dequantizes the codes (the cache holds only its compressed state). With
@@ -74,15 +77,32 @@ class QuantizedKVLayer(KVCacheLayer):
     def n_quant(self) -> int:
         return self.quantized["k"]
 
+    def _coded(self, tag: str) -> int:
+        """Tokens of one half that have codes: the quantized ones, then (values with ``value_flush``) codes made
+        ahead for the window's oldest tokens (`_quantize_oldest`)."""
+        codes = getattr(self, tag + "q")
+        return 0 if codes is None else codes.shape[-2]
+
+    def _codes(self, tag: str) -> list[torch.Tensor]:
+        """(codes, scales, minima) of the quantized tokens of one half (without codes made ahead)."""
+        parts = [getattr(self, tag + n) for n in ("q", "s", "m")]
+        if self._coded(tag) > self.quantized[tag]:  # only values, whose groups are per token: sliced along tokens
+            parts = [p[..., :self.quantized[tag], :] for p in parts]
+        return parts
+
     def tensors(self):
+        """The stored state: windows and the quantized tokens' codes (codes made ahead for window tokens are a
+        run-time precomputation, like ``dense_copy``: `runtime_nbytes`)."""
         out = {n: getattr(self, n) for n in self.STATE if getattr(self, n) is not None}
+        out.update(zip(("vq", "vs", "vm"), self._codes("v")) if self.vq is not None else ())
         for i, seg in enumerate(self.segments):
             out.update({f"seg{i}.{k}": v for k, v in seg.items() if isinstance(v, torch.Tensor)})
         return out
 
     def runtime_nbytes(self) -> int:
-        """What the layer holds at run time: the stored state plus the dequantized copy of the quantized tokens."""
-        return self.nbytes() + sum(getattr(self, n).nbytes for n in self.DEQUANTIZED if getattr(self, n) is not None)
+        """What the layer holds at run time: the stored state, the codes made ahead and the dequantized copy."""
+        full = [getattr(self, n) for n in self.DEQUANTIZED + ("vq", "vs", "vm") if getattr(self, n) is not None]
+        return self.nbytes() + sum(t.nbytes for t in full) - sum(t.nbytes for t in self._codes("v") if t is not None)
 
     def _index_batch(self, fn):
         for n in self.STATE + self.DEQUANTIZED:
@@ -129,29 +149,36 @@ class QuantizedKVLayer(KVCacheLayer):
         if self.dense_copy:
             return torch.cat([getattr(self, "d" + tag)[..., :n, :], window.to(self.dtype)], dim=-2)
         out = window.new_empty(*window.shape[:-2], n + window.shape[-2], window.shape[-1], dtype=self.dtype)
-        self._dequantize(tag, [getattr(self, tag + n_) for n_ in ("q", "s", "m")], self.segments, out[..., :n, :])
+        self._dequantize(tag, self._codes(tag), self.segments, out[..., :n, :])
         out[..., n:, :] = window
         return out
 
     def _quantize_oldest(self, tag: str, m: int) -> None:
+        """Move the window's oldest ``m`` tokens of one half to codes. Values with ``value_flush`` (per-token groups, no
+        GEAR segments) are coded ahead: when their codes run out, the whole window is quantized at once and its
+        younger tokens' codes wait (read from the window until they leave it) — the same codes as quantizing them one
+        flush at a time, for one quantization call per ``residual`` tokens instead of one per flush."""
         window = getattr(self, "r" + tag)
-        x = window[..., :m, :]
+        ahead = self._coded(tag) - self.quantized[tag]  # the window's oldest tokens that already have codes
+        if m > ahead:
+            ahead_ok = tag == "v" and self.value_flush is not None and not (self.rank or self.outliers)
+            stop = window.shape[-2] if ahead_ok else m
+            seg = {"tag": tag, "start": self.quantized[tag] + ahead, "length": stop - ahead}
+            parts = self._compress(window[..., ahead:stop, :], seg, tag)
+            if self.rank or self.outliers:
+                self.segments.append(seg)
+            for name, new in zip((tag + "q", tag + "s", tag + "m"), parts):
+                old = getattr(self, name)
+                setattr(self, name, new if old is None else torch.cat([old, new], dim=-2))
+            if self.dense_copy:  # this segment's corrections, relative to its own first token
+                self._append_dequantized(tag, self._dequantize(tag, parts, [{**seg, "start": 0}]), seg["start"])
         setattr(self, "r" + tag, window[..., m:, :].contiguous())
-        seg = {"tag": tag, "start": self.quantized[tag], "length": m}
-        parts = self._compress(x, seg, tag)
-        if self.rank or self.outliers:
-            self.segments.append(seg)
-        for name, new in zip((tag + "q", tag + "s", tag + "m"), parts):
-            old = getattr(self, name)
-            setattr(self, name, new if old is None else torch.cat([old, new], dim=-2))
-        if self.dense_copy:  # this segment's corrections, relative to its own first token
-            self._append_dequantized(tag, self._dequantize(tag, parts, [{**seg, "start": 0}]))
         self.quantized[tag] += m
 
-    def _append_dequantized(self, tag: str, x: torch.Tensor) -> None:
-        """Write ``x`` after the first ``quantized[tag]`` tokens of ``d<tag>``, growing it geometrically (amortised
-        O(1) per token, where a concatenation would copy the whole copy at every flush)."""
-        name, n, m = "d" + tag, self.quantized[tag], x.shape[-2]
+    def _append_dequantized(self, tag: str, x: torch.Tensor, n: int) -> None:
+        """Write ``x`` after the first ``n`` tokens of ``d<tag>``, growing it geometrically (amortised O(1) per token,
+        where a concatenation would copy the whole copy at every flush)."""
+        name, m = "d" + tag, x.shape[-2]
         buf = getattr(self, name)
         if buf is None or buf.shape[-2] < n + m:
             grown = x.new_empty(*x.shape[:-2], max(2 * (n + m), 64), x.shape[-1])
