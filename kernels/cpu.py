@@ -62,6 +62,12 @@ def available() -> bool:
     return all(hasattr(torch.ops.aten, name) for name in OPS)
 
 
+@functools.lru_cache(maxsize=1)
+def _int4_mm():
+    """The int4 GEMM's overload, looked up once (``torch.ops.aten.<name>`` costs ~1 us per call to resolve)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_group(group_size: int) -> int | None:
     """The largest kernel group dividing ``group_size`` (None: no CPU kernel for it)."""
@@ -275,7 +281,6 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     """y = x · Wᵀ + (x · Vᵀ) · Uᵀ + b for a layer `repack`-ed into ``pack``; returned in ``x.dtype``."""
     if x.shape[-1] != pack.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer {pack.in_features}")
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, pack.in_features)
     xb = x2.to(torch.bfloat16)
     if pack.padded != pack.in_features:
@@ -290,7 +295,7 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     else:
         if pack.copies == 2:
             xb = torch.cat([xb, xb], 1)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), pack.weight, pack.group, pack.scales_zeros)
+        y = _int4_mm()(xb.contiguous(), pack.weight, pack.group, pack.scales_zeros)
         if y.shape[1] != pack.out_features:
             y = y[:, :pack.out_features]
     y = y.to(x.dtype)
@@ -298,4 +303,4 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
         y = torch.addmm(y, F.linear(x2, v.to(x.dtype)), u.to(x.dtype).t())
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.reshape(*lead, pack.out_features)
+    return y.view(*x.shape[:-1], pack.out_features)

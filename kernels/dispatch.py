@@ -126,14 +126,14 @@ def _run(kernel, ref, *tensors):
 def reuse(cache: dict, name: str, src: tuple, build, key=None):
     """``cache[name]``, built with ``build()`` on first use and kept in ``cache`` (a plain dict the caller owns, never
     part of a state dict) until a tensor of ``src`` is replaced or changed in place (identity and version counter),
-    or ``key`` changes."""
-    old = cache.get("src")
-    versions = [t._version for t in src]
-    if (old is None or cache["key"] != key or cache["versions"] != versions
-            or any(a is not b for a, b in zip(old, src))):
+    or ``key`` changes. (Asked at every forward: one tuple comparison; the ids cannot be reused while ``cache``
+    holds the tensors.) Inference tensors (made under ``torch.inference_mode``) have no version counter: only their
+    replacement is seen."""
+    state = (key, *[(id(t), -1 if t.is_inference() else t._version) for t in src])
+    if cache.get("state") != state:
         cache.clear()  # drop the old value before building the new one
-        cache.update(src=src, versions=versions, key=key)
         cache[name] = build()
+        cache.update(src=src, state=state)
     return cache[name]
 
 

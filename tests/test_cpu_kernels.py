@@ -116,6 +116,13 @@ def test_fallbacks_and_cache_invalidation(monkeypatch):
     y2 = kernels.quant_linear(x, qw, s, z, 4, 32, 64, cache=cache)
     assert _rel(y2, reference.quant_linear(x, qw, s, z, 4, 32, 64)) < TOL and not torch.allclose(y, y2)
 
+    with torch.inference_mode():  # inference tensors have no version counter: the pack is still kept and right
+        qi, si, zi = (t.clone() for t in (qw, s, z))
+        inner = {}
+        for _ in range(2):
+            assert _rel(kernels.quant_linear(x, qi, si, zi, 4, 32, 64, cache=inner), y2) < TOL
+        assert isinstance(inner.get("pack"), cpu.Int4Pack)
+
     xg = x.clone().requires_grad_()  # training: the reference, whose gradients autograd knows
     y = kernels.quant_linear(xg, qw, s, z, 4, 32, 64, cache=cache)
     (gx,) = torch.autograd.grad(y.sum(), xg)
