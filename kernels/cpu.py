@@ -159,7 +159,8 @@ def _buffer(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     weight of that one layer, per thread that runs a prefill."""
     buf = getattr(_scratch, slot, None)
     if buf is None or buf.numel() < numel or buf.dtype != dtype:
-        buf = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = torch.empty(numel, dtype=dtype)
         setattr(_scratch, slot, buf)
     return buf[:numel]
 

@@ -80,6 +80,20 @@ def test_dequantize_planes_is_the_reference_weight(bits, n, k, g, monkeypatch):
     assert len(calls) == 1
 
 
+def test_dequantize_scratch_serves_inference_mode_and_no_grad():
+    """The reused prefill buffers, first made under ``torch.inference_mode``, are still writable under ``no_grad``
+    (an inference tensor is not, outside inference mode), and the product is the same in both."""
+    qw, s, z = _layer(64, 256, 4, 64, seed=3)
+    pack = cpu.repack(qw, s, z, 4, 64, 256)
+    x = torch.randn(cpu.DEQUANTIZE_ROWS[1], 256)
+    cpu._scratch.__dict__.clear()  # this thread's buffers: made afresh below, under inference_mode
+    with torch.inference_mode():
+        a = cpu.quant_linear(x, pack)
+    with torch.no_grad():
+        b = cpu.quant_linear(x, pack)
+    assert torch.equal(a, b) and _rel(b, x @ reference.dequantize(qw, s, z, 4, 64, 256).t()) < TOL
+
+
 def test_dequantize_scratch_is_per_thread():
     """The prefill path reuses per-thread buffers: two threads running different layers at once both get their own
     layer's product (a shared buffer would hand one thread the other's weight)."""
