@@ -22,17 +22,18 @@ kernels cover 2/4/8 bits and 3-bit runs the torch reference on every device.
 Dispatch: ``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when importable, the CPU dequantize
 fast path `kernels.kv_cpu` for CPU tensors), ``cpu`` (that fast path), ``torch`` (always the reference) or ``triton``
 (Triton wherever it can run; on CPU that needs ``TRITON_INTERPRET=1`` set before triton is imported) — the same
-semantics as ``hf_compress.kernels.dispatch.backend_for``.
+variable, read once per process (`hf_compress.kernels.dispatch.kernel_mode`; `refresh_backend` re-reads it), and the
+same semantics as ``hf_compress.kernels.dispatch.backend_for``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from . import kv_cpu
+from .dispatch import kernel_mode
 
 KV_BITS = (2, 3, 4, 8)
 TRITON_BITS = (2, 4, 8)  # widths the Triton kernels cover; 3-bit codes always run the torch reference
@@ -160,9 +161,7 @@ def backend(x: torch.Tensor, bits: int | None = None) -> str:
     """"triton", "cpu" or "torch" for tensor ``x`` (and, when given, a width: one the Triton kernels do not cover runs
     on CPU tensors' fast path or the reference). ``cpu`` (`kernels.kv_cpu`) is a dequantize fast path only:
     quantizing runs the reference on CPU."""
-    choice = os.environ.get("HF_COMPRESS_KERNELS", "auto").lower()
-    if choice not in ("auto", "torch", "triton", "cpu"):
-        raise ValueError(f"HF_COMPRESS_KERNELS must be auto, torch, triton or cpu, got {choice!r}")
+    choice = kernel_mode()
     if choice == "torch":
         return "torch"
     if choice == "triton":

@@ -287,6 +287,8 @@ def test_kv_backend_choice(monkeypatch):
     ref = kv.dequantize_reference(codes, scale, mn, 2, 4, "channel")
     assert torch.equal(kv.kv_dequantize(codes, scale, mn, 2, 4, "channel"), ref)
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
+    dispatch.refresh_backend()
     assert kv.backend(codes, 4) == "torch"
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "cpu")
+    dispatch.refresh_backend()
     assert kv.backend(codes, 4) == "cpu"

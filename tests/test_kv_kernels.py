@@ -8,6 +8,7 @@ import torch
 from conftest import run_python
 
 from hf_compress.kernels import kv as K
+from hf_compress.kernels.dispatch import refresh_backend
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -53,14 +54,21 @@ def test_constant_groups_and_bad_shapes():
 
 
 def test_dispatch_env(monkeypatch):
+    """The KV kernels follow HF_COMPRESS_KERNELS as the weight kernels do (read once; `refresh_backend` re-reads)."""
     x = torch.zeros(1)
-    monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
-    assert K.backend(x) == "torch"
-    monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
-    assert K.backend(x) == "cpu"  # CPU tensor: the CPU dequantize fast path (kernels/kv_cpu.py)
-    monkeypatch.setenv("HF_COMPRESS_KERNELS", "bogus")
-    with pytest.raises(ValueError, match="HF_COMPRESS_KERNELS"):
-        K.backend(x)
+    try:
+        monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
+        assert refresh_backend() == "torch" and K.backend(x) == "torch"
+        monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
+        assert K.backend(x) == "torch"  # still the mode read last
+        refresh_backend()
+        assert K.backend(x) == "cpu"  # CPU tensor: the CPU dequantize fast path (kernels/kv_cpu.py)
+        monkeypatch.setenv("HF_COMPRESS_KERNELS", "bogus")
+        with pytest.raises(ValueError, match="HF_COMPRESS_KERNELS"):
+            refresh_backend()
+    finally:
+        monkeypatch.undo()
+        refresh_backend()
 
 
 def test_triton_matches_reference_interpreted():
