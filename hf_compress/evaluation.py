@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .calibration import device_of
+from .compat import cache_kwargs
 from .errors import ConfigError
 
 
@@ -72,7 +73,7 @@ def decode_speed(model, input_ids: torch.Tensor, new_tokens: int = 64, repeats: 
         raise ConfigError(f"new_tokens must be >= 2 to time decoding, got {new_tokens}")
 
     def run(n: int) -> float:
-        kw = {"past_key_values": make_cache()} if make_cache else {}
+        kw = cache_kwargs(model, make_cache()) if make_cache else {}
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, Mist
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 import hf_compress
+from hf_compress.compat import cache_kwargs
 from hf_compress import CheckpointError, CompressionConfig, ConfigError
 from hf_compress import kv
 from hf_compress.kv.eviction import EvictionKVCache
@@ -34,10 +35,10 @@ def _calib(seed=2):
 @torch.no_grad()
 def _split_logits(model, ids, cache, split=30):
     """Logits of ids[:, split:] fed one token at a time after a prefill of ids[:, :split] into ``cache``."""
-    model(input_ids=ids[:, :split], past_key_values=cache, use_cache=True)
+    model(input_ids=ids[:, :split], **cache_kwargs(model, cache), use_cache=True)
     out = []
     for t in range(split, ids.shape[1]):
-        out.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        out.append(model(input_ids=ids[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True).logits[:, -1])
     return torch.stack(out, dim=1)
 
 
@@ -206,7 +207,7 @@ def test_layer_bits_give_each_layer_its_widths():
     uniform = {b: QuantizedKVCache(model.config, group_size=8, residual=4, bits=b) for b in (2, 3, 4)}
     with torch.no_grad():
         for cache in (mixed, *uniform.values()):
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
     for i, (kb, vb) in enumerate(((4, 2), (3, 3))):
         layer = mixed.compressed_layers[i]
         assert (layer.bits, layer.value_bits) == (kb, vb)
@@ -228,8 +229,8 @@ def _kl_through_cache(model, windows, spec, prefix):
     rest; next-token log-probabilities of the rest."""
     with torch.no_grad():
         cache = kv.make_cache(model, spec)
-        model(input_ids=windows[:, :prefix], past_key_values=cache, use_cache=True)
-        logits = model(input_ids=windows[:, prefix:], past_key_values=cache, use_cache=True).logits
+        model(input_ids=windows[:, :prefix], **cache_kwargs(model, cache), use_cache=True)
+        logits = model(input_ids=windows[:, prefix:], **cache_kwargs(model, cache), use_cache=True).logits
     return torch.log_softmax(logits.double(), -1)
 
 
@@ -356,11 +357,11 @@ def test_eviction_lengths_and_masks():
     ids = _ids()
     cache = EvictionKVCache(model, keep=0.25, window=4)
     with torch.no_grad():
-        model(input_ids=ids[:, :32], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :32], **cache_kwargs(model, cache), use_cache=True)
         assert cache.get_seq_length() == 32  # logical
         assert all(layer.stored_length() == 8 for layer in cache.compressed_layers)
         assert cache.get_mask_sizes(1, 0) == (9, 24)
-        model(input_ids=ids[:, 32:33], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, 32:33], **cache_kwargs(model, cache), use_cache=True)
     assert cache.get_seq_length() == 33 and cache.compressed_layers[0].stored_length() == 9
     full = EvictionKVCache(model, keep=1.0, window=4)
     torch.testing.assert_close(_split_logits(model, ids, full), _reference(model, ids), atol=1e-5, rtol=0)
@@ -382,7 +383,8 @@ def test_eviction_scores_are_the_models_attention(monkeypatch):
     monkeypatch.setattr(EvictionKVLayer, "_select", spy)
     ids = _ids()
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=EvictionKVCache(model, keep=0.25, window=4), output_attentions=True)
+        out = model(input_ids=ids, **cache_kwargs(model, EvictionKVCache(model, keep=0.25, window=4)),
+                    output_attentions=True)
     for i, att in enumerate(out.attentions):  # [B, Hq, L, L]
         q, k, scaling = seen[i]
         b, hkv, length, d = k.shape
@@ -405,9 +407,9 @@ def test_eviction_left_padding_matches_single_rows():
         mask = torch.ones_like(batch)
         mask[1, : 40 - real] = 0
         both = model.generate(batch, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
-                              past_key_values=EvictionKVCache(model, keep=0.5, window=4, kernel=1))
+                              **cache_kwargs(model, EvictionKVCache(model, keep=0.5, window=4, kernel=1)))
         solo = model.generate(row[None], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
-                              past_key_values=EvictionKVCache(model, keep=keep_solo, window=4, kernel=1))
+                              **cache_kwargs(model, EvictionKVCache(model, keep=keep_solo, window=4, kernel=1)))
         assert torch.equal(both[1, 40:], solo[0, real:]), real
 
 
@@ -418,7 +420,8 @@ def test_eviction_right_padding_refused_and_needs_model():
     mask[1, -5:] = 0
     with pytest.raises(ConfigError, match="left padding"):
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=EvictionKVCache(model, keep=0.25, window=4))
+            model(input_ids=ids, attention_mask=mask,
+                  **cache_kwargs(model, EvictionKVCache(model, keep=0.25, window=4)))
     bare = EvictionKVCache(model, keep=0.25, window=4)  # updated without the model's attention seeing the queries
     bare.layers[0].update(torch.zeros(1, 2, 40, 12), torch.zeros(1, 2, 40, 12))
     with pytest.raises(ConfigError, match="make_cache"), torch.no_grad():
@@ -426,7 +429,7 @@ def test_eviction_right_padding_refused_and_needs_model():
     cache = EvictionKVCache(model, keep=0.25, window=4)
     model.set_attn_implementation("sdpa")  # switched away after the cache was built: refused at the first decode step
     with pytest.raises(ConfigError, match="attention implementation"):
-        model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache)
+        model.generate(ids, max_new_tokens=2, do_sample=False, **cache_kwargs(model, cache))
 
 
 def test_pyramid_budgets_and_padded_decode():
@@ -436,7 +439,7 @@ def test_pyramid_budgets_and_padded_decode():
     mask[0, :6] = 0
     cache = kv.make_cache(model, {"method": "snapkv", "keep": 0.5, "window": 4, "schedule": "pyramid"})
     out = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
-                         past_key_values=cache)
+                         **cache_kwargs(model, cache))
     stored = [layer.stored_length() for layer in cache.compressed_layers]
     assert stored[0] > stored[1] and out.shape == (2, 45)
     assert cache.get_seq_length() == 44
@@ -456,9 +459,9 @@ def test_generate_batch2_and_beam_search(spec):
         hf_compress.compress(model, {"kv": spec, "calibration": {"nsamples": 6, "seqlen": 32}}, calibration=_calib())
         spec = model.config.quantization_config.kv
     ids = _ids(2, 150 if spec in ("quant4", "quant2", "gear") else 40)
-    greedy = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=kv.make_cache(model, spec))
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False, **cache_kwargs(model, kv.make_cache(model, spec)))
     beams = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2,
-                           past_key_values=kv.make_cache(model, spec))
+                           **cache_kwargs(model, kv.make_cache(model, spec)))
     assert greedy.shape == (2, ids.shape[1] + 6) and beams.shape == (4, ids.shape[1] + 6)
 
 
@@ -470,7 +473,7 @@ def test_beam_search_exact_with_lossless_settings():
     for cache in (LowRankKVCache(model, window=4, projections=proj),
                   QuantizedKVCache(model.config, bits=8, group_size=8, residual=4),
                   QuantizedKVCache(model.config, bits=8, group_size=8, residual=4, value_flush=1)):
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, past_key_values=cache)
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3, **cache_kwargs(model, cache))
         assert torch.equal(out, ref), type(cache).__name__
 
 
@@ -482,7 +485,7 @@ def test_default_cache_in_memory_and_explicit_wins():
     out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert isinstance(out.past_key_values, QuantizedKVCache) and out.past_key_values.compressed_layers[0].bits == 2
     dyn = DynamicCache(config=model.config)
-    model.generate(ids, max_new_tokens=3, do_sample=False, past_key_values=dyn)
+    model.generate(ids, max_new_tokens=3, do_sample=False, **cache_kwargs(model, dyn))
     assert dyn.get_seq_length() == 42 and dyn.layers[0].keys.shape[-2] == 42
     plain = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="dynamic",
                            return_dict_in_generate=True)
@@ -503,13 +506,14 @@ def test_save_load_fresh_process_uses_cache_by_default(tmp_path):
     proc = run_python(f"""
         import torch, hf_compress
         from transformers import AutoModelForCausalLM, DynamicCache
+        from hf_compress.compat import cache_kwargs
         from hf_compress.kv import LowRankKVCache
         m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ck')!r})
         ids = torch.tensor({ids.tolist()})
         out = m.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
         print(type(out.past_key_values).__name__, out.sequences.tolist())
         d = DynamicCache(config=m.config)
-        m.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=d)
+        m.generate(ids, max_new_tokens=5, do_sample=False, **cache_kwargs(m, d))
         print(type(d).__name__, d.layers[0].keys.shape[-2])
     """)
     lines = proc.stdout.strip().splitlines()
@@ -603,14 +607,14 @@ def test_unsupported_layouts():
     assert cache.passthrough == [0, 1] and isinstance(cache.layers[0], DynamicSlidingWindowLayer)
     ids = _ids(1, 30)
     ref = mistral.generate(ids, max_new_tokens=5, do_sample=False)
-    assert torch.equal(mistral.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache), ref)
+    assert torch.equal(mistral.generate(ids, max_new_tokens=5, do_sample=False, **cache_kwargs(mistral, cache)), ref)
     # a window that never slides within max_position_embeddings is compressed, and guarded
     wide = make_tiny("mistral")
     wide.config.sliding_window = 64
     cache = QuantizedKVCache(wide.config, bits=8, group_size=8, residual=4)
     assert not cache.passthrough
     with pytest.raises(ConfigError, match="sliding-window"):
-        wide.generate(_ids(1, 60), max_new_tokens=8, do_sample=False, past_key_values=cache)
+        wide.generate(_ids(1, 60), max_new_tokens=8, do_sample=False, **cache_kwargs(wide, cache))
     # eviction reads queries through the AttentionInterface: any model dispatching through it works (GPT-2: no
     # q_proj, no RoPE), other attention implementations are refused by name
     from types import SimpleNamespace
