@@ -166,12 +166,15 @@ class BlockwiseRunner:
 
     @torch.no_grad()
     def capture(self) -> None:
-        """Run the model once per batch, recording each block's call (hidden states of block 0 only). The forward
-        stops as the last block is called: nothing after its inputs (that block, the final norm, the LM head and
-        its logits) is needed, so none of it is computed or loaded."""
+        """Run the model once per batch, recording each block's call (hidden states of block 0 only). Only block 0
+        is computed: the calls of the others (masks, position embeddings) are made by the model's forward before
+        any block runs, so blocks 1.. return their input unchanged, shaped like block 0's real output, and their
+        weights are neither used nor loaded. The forward stops as the last block is called (nothing after its
+        inputs, the final norm, the LM head and its logits, is computed)."""
         records: list[list[_Batch]] = [[] for _ in self.blocks]
         hidden: list[torch.Tensor] = []
         last = len(self.blocks) - 1
+        shape = {}  # block 0's output: a tensor, or a tuple whose first element is the hidden states
 
         def make_hook(i):
             def hook(module, args, kwargs):
@@ -185,7 +188,17 @@ class BlockwiseRunner:
                     raise _Stop
             return hook
 
+        def passthrough(*args, **kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            out = shape["out"]
+            return h if isinstance(out, torch.Tensor) else (h, *out[1:])
+
         handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        handles.append(self.blocks[0].register_forward_hook(lambda mod, args, out: shape.__setitem__("out", out)))
+        # an instance-level forward (accelerate's offload hooks put theirs there) is put back afterwards
+        own = {b: b.__dict__["forward"] for b in self.blocks[1:] if "forward" in b.__dict__}
+        for b in self.blocks[1:]:
+            b.forward = passthrough
         device = device_of(self.model)
         try:
             for start in range(0, self.windows.shape[0], self.batch_size):
@@ -197,6 +210,11 @@ class BlockwiseRunner:
         finally:
             for h in handles:
                 h.remove()
+            for b in self.blocks[1:]:
+                if b in own:
+                    b.forward = own[b]
+                else:
+                    del b.forward
         self.inputs, self.hidden = records, hidden
 
     @torch.no_grad()

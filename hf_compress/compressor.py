@@ -372,7 +372,7 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         plan = _plan(config, method, shapes, factor_bits)
     else:
         spectra = {}
-        hidden = runner.hidden
+        hidden = runner.hidden[:n_train_batches]  # spectra are of the training windows: held-out ones are not run
         for i in Progress(range(len(blocks)), "measure spectra", "block", bar=progress):
             with clock("spectra: statistics and forward"):  # the block's outputs come from the same forward
                 out: list[torch.Tensor] = []

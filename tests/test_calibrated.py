@@ -304,19 +304,25 @@ def test_disk_offloaded_model_compresses_like_in_memory(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_capture_stops_at_the_last_block_with_every_call_recorded(arch):
     # The capture forward records each block's call and stops as the last block is called: the LM head never
-    # runs, and a block run from the records reproduces the full model's hidden states exactly.
+    # runs, only block 0 is computed (the others pass their input through and their layers never run), and a
+    # block run from the records reproduces the full model's hidden states exactly.
     from hf_compress.calibration import BlockwiseRunner, find_blocks
     from hf_compress.targets import find_targets
 
-    model = make_tiny(arch)
+    model = make_tiny(arch, layers=3)
     windows = torch.randint(3, VOCAB, (5, 12), generator=_gen(3))
     prefix, blocks = find_blocks(model, find_targets(model, None, []))
-    calls = {"head": 0, "last": 0}
+    calls = {"head": 0, "last": 0, "layers of block 1": 0, "block 1": 0}
     model.get_output_embeddings().register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
     blocks[-1].register_forward_hook(lambda *a: calls.__setitem__("last", calls["last"] + 1))
+    blocks[1].register_forward_hook(lambda *a: calls.__setitem__("block 1", calls["block 1"] + 1))
+    for m in blocks[1].modules():
+        if m is not blocks[1]:
+            m.register_forward_hook(lambda *a: calls.__setitem__("layers of block 1", calls["layers of block 1"] + 1))
     runner = BlockwiseRunner(model, blocks, windows, batch_size=2)
     runner.capture()
-    assert calls == {"head": 0, "last": 0}
+    assert calls == {"head": 0, "last": 0, "layers of block 1": 0, "block 1": 3}
+    assert all("forward" not in b.__dict__ for b in blocks)  # the class's forward is back
     assert [len(r) for r in runner.inputs] == [3] * len(blocks) and len(runner.hidden) == 3
     with torch.no_grad():
         full = model(input_ids=windows[:2], output_hidden_states=True).hidden_states
