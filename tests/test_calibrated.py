@@ -358,3 +358,21 @@ def test_asvd_collects_no_gram_and_matches_its_formula():
     s = x.double().abs().mean(0).sqrt()
     uu, ss, vh = torch.linalg.svd(w.double() * s, full_matrices=False)
     assert torch.allclose(u.double() @ v.double(), (uu[:, :3] * ss[:3]) @ vh[:3] / s, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, block", [(200, 64), (192, 64), (50, 64), (7, 1)])
+def test_add_gram_equals_the_full_product_and_is_symmetric(n, block):
+    # the block lower triangle's products plus mirrored copies: the accumulated xᵀx up to rounding, over batches
+    from hf_compress.calibration import add_gram
+
+    xs = [torch.randn(33, n, generator=_gen(20 + b), dtype=torch.float64) * torch.linspace(0.01, 30, n, dtype=torch.float64)
+          for b in range(3)]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for x in xs:
+        add_gram(gram, x, block)
+    full = sum(x.T @ x for x in xs)
+    assert (gram - full).abs().max().item() <= 1e-13 * full.abs().max().item()
+    off = torch.ones(n, n, dtype=torch.bool)
+    for i in range(0, n, block):
+        off[i : i + block, i : i + block] = False
+    assert torch.equal(gram[off], gram.T[off])
