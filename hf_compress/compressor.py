@@ -3,7 +3,7 @@
 Data-free methods factorize each targeted weight directly. Calibrated methods run block by block
 (`hf_compress.calibration.BlockwiseRunner`):
 
-1. capture every block's inputs for the calibration windows (one forward of the model);
+1. capture every block's inputs for the calibration windows (one forward of the model, block 0 alone computed);
 2. when ranks are allocated from measurements: one pass over the blocks on the dense stream, collecting each
    layer's statistics, keeping only its spectrum, then `allocate_energy` under the global budget;
 3. the compression pass, block i at a time: inside the block, layers that share an input (q/k/v; o; gate/up;
