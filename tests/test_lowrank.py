@@ -128,30 +128,3 @@ def test_weight_property_is_the_dense_product():
     layer = LowRankLinear.from_factors(torch.randn(6, 2), torch.randn(2, 4), None)
     assert torch.allclose(layer.weight, layer.U @ layer.V)
     assert math.isclose(layer.rank, 2)
-
-
-@pytest.mark.parametrize("inference_mode", [False, True], ids=["no_grad", "inference_mode"])
-def test_cpu_inference_stores_u_by_columns(tmp_path, inference_mode):
-    """The first inference forward on CPU re-stores U by columns (the CPU GEMV's fast layout): the same parameter
-    object, shape and values, output as the formula; a normal (not an inference) tensor, so training afterwards works;
-    a saved and reloaded model has the same factors. Training (grad enabled) leaves the layout alone."""
-    from transformers import AutoModelForCausalLM
-
-    model = make_tiny("llama")
-    hf_compress.compress(model, {"method": "svd", "ratio": 0.3}, progress=False)
-    layer = model.get_submodule("model.layers.0.mlp.up_proj")
-    u0, param = layer.U.detach().clone(), layer.U
-    x = torch.randn(1, 3, layer.in_features)
-    expected = (x.double() @ layer.V.double().T) @ u0.double().T
-    layer(x).sum().backward()  # grad enabled: rows kept
-    assert layer.U.is_contiguous()
-    with torch.inference_mode() if inference_mode else torch.no_grad():
-        got = layer(x)
-    assert layer.U is param and layer.U.stride() == (1, layer.out_features) and torch.equal(layer.U, u0)
-    assert not layer.U.is_inference()
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
-    layer(x).sum().backward()  # and training still works on the re-stored factor
-    assert layer.U.grad is not None
-    model.save_pretrained(tmp_path)
-    again = AutoModelForCausalLM.from_pretrained(tmp_path).get_submodule("model.layers.0.mlp.up_proj")
-    assert torch.equal(again.U, u0) and torch.equal(again.V, layer.V)

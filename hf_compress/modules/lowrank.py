@@ -72,23 +72,7 @@ class LowRankLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and min(self.U.shape) > 1:
-            by_columns = self.U.device.type == "cpu"
-            if (self.U.stride(0) == 1) != by_columns:
-                self._store_u(by_columns)
         return lowrank_linear(x, self.U, self.V, self.bias)
-
-    def _store_u(self, by_columns: bool) -> None:
-        """U's memory layout for inference on its device. A decode step computes t·Uᵀ (t: 1 x rank) over U [out,
-        rank]: stored by rows, that is ``out`` dot products of rank-long rows, which the CPU GEMV runs ~1.2-2x
-        slower in fp32 (rank 16-330 at SmolLM2's shapes, weights streamed from memory as in a model) than the same
-        product over U stored by columns (``rank`` contiguous rows of ``out``; bf16 runs at the same speed either
-        way); the GPU kernels read U by rows. So an inference forward re-stores U for its device once: the same
-        parameter, shape and values, no second copy. Saving is unaffected (`save_pretrained` writes tensors
-        contiguous); training keeps whatever layout U has."""
-        with torch.inference_mode(False), torch.no_grad():
-            u = self.U.data
-            self.U.data = u.t().contiguous().t() if by_columns else u.contiguous()
 
     @property
     def weight(self) -> torch.Tensor:
