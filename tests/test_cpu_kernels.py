@@ -56,6 +56,43 @@ def test_private_ops_exist_and_keep_their_layout():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k,g", [(24, 40, 32), (17, 300, 64), (48, 512, 256), (40, 200, 96), (24, 576, 128)],
+                         ids=["partial-group", "odd-N", "g256", "g96-as-3x32", "partial-g128-as-g64"])
+def test_int4_layout_is_exact(bits, n, k, g):
+    """The re-expression on int4 codes (module docstring of kernels/cpu.py) is the reference weight exactly (fp32)."""
+    qw, s, z = _layer(n, k, bits, g)
+    cols, sc, zp, gk = cpu.int4_layout(qw, s, z, bits, g, k)
+    assert int(cols.min()) >= 0 and int(cols.max()) <= 15 and g % gk == 0
+    w = (cols.float() - 8) * sc.repeat_interleave(gk, 1) + zp.repeat_interleave(gk, 1)
+    padded = cols.shape[1] // (2 if bits == 8 else 1)
+    # K is padded to whole groups only where no kernel group both divides g and tiles K (576 with g128: groups of 64)
+    assert padded == (k if k % gk == 0 else s.shape[1] * g)
+    if (k, g) == (576, 128):
+        assert (gk, padded) == (64, 576)
+    w = w.reshape(n, -1, padded).sum(1)[:, :k]  # 8-bit: the [hi | lo] halves add up
+    torch.testing.assert_close(w, reference.dequantize(qw, s, z, bits, g, k), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,k,g,rows", [(24, 40, 32, 1), (576, 576, 128, 1), (100, 300, 64, 20), (48, 512, 256, 33),
+                                        (100, 300, 64, 400), (40, 200, 96, 390)],
+                         ids=["tiny-partial", "smollm2-partial", "odd", "g256-rows", "odd-prefill", "g96-prefill"])
+def test_cpu_quant_linear_matches_reference(bits, dtype, n, k, g, rows):
+    qw, s, z = _layer(n, k, bits, g, seed=bits)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    u, v = (torch.randn(n, 5, generator=gen) * 0.1).to(dtype), (torch.randn(5, k, generator=gen) * 0.1).to(dtype)
+    cache = {}
+    y = kernels.quant_linear(x, qw, s, z, bits, g, k, bias, u, v, cache=cache)
+    assert isinstance(cache.get("pack"), cpu.Int4Pack), "the CPU path did not run"
+    assert y.dtype == dtype and y.shape == (rows, n)
+    ref = reference.quant_linear(x.float(), qw, s, z, bits, g, k, bias.float(), u.float(), v.float())
+    assert _rel(y, ref) < TOL
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n,k,g", [(24, 40, 32), (17, 300, 64), (40, 200, 96), (48, 512, 256)])
 def test_dequantize_planes_is_the_reference_weight(bits, n, k, g, monkeypatch):
     """The prefill path's one-off dequantization is the reference weight (bf16-rounded) with its columns in
