@@ -48,7 +48,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .reference import SUPPORTED_BITS, unpack
+from .reference import SUPPORTED_BITS, codes_per_unit, unpack
 
 #: the private aten ops this path relies on (a test fails naming them if they disappear or change layout)
 OPS = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
@@ -163,11 +163,6 @@ def _buffer(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
             buf = torch.empty(numel, dtype=dtype)
         setattr(_scratch, slot, buf)
     return buf[:numel]
-
-
-def codes_per_unit(bits: int) -> int:
-    """Codes per byte-aligned unit of our bit stream: 8 per 3 bytes at 3 bits, else ``8 // bits`` per byte."""
-    return 8 if bits == 3 else 8 // bits
 
 
 def plane_order(x: torch.Tensor, bits: int) -> torch.Tensor:

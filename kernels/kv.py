@@ -34,15 +34,11 @@ import torch
 
 from . import kv_cpu
 from .dispatch import kernel_mode
+from .reference import codes_per_unit
 
 KV_BITS = (2, 3, 4, 8)
 TRITON_BITS = (2, 4, 8)  # widths the Triton kernels cover; 3-bit codes always run the torch reference
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def codes_per_unit(bits: int) -> int:
-    """Codes in the smallest whole-byte packing unit: 8 // bits codes per byte, or 8 codes per 3 bytes at 3 bits."""
-    return 8 if bits == 3 else 8 // bits
 
 
 # ----------------------------------------------------------------------------------------------- checks

@@ -30,6 +30,12 @@ def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torc
     return F.linear(F.linear(x, v), u, bias)
 
 
+def codes_per_unit(bits: int) -> int:
+    """Codes in the smallest whole-byte unit of a little-endian bit stream of ``bits``-bit codes: 8 per 3 bytes at 3
+    bits, else ``8 // bits`` per byte (the weight words of this module and the KV codes of `kernels.kv` alike)."""
+    return 8 if bits == 3 else 8 // bits
+
+
 def packed_words(n_codes: int, bits: int) -> int:
     """int32 words that hold ``n_codes`` codes of ``bits`` bits."""
     return -(-n_codes * bits // 32)
@@ -49,7 +55,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     # The bit stream as bytes: 8 // bits codes per byte (2, 4, 8 bits), or for 3 bits 8 codes per 3 bytes (a
     # 24-bit group never straddles a byte). Reinterpreting 4 little-endian bytes as one int32 is the word.
     nwords = packed_words(n, bits)
-    per = 8 if bits == 3 else 8 // bits  # codes per unit (3 bytes for 3 bits, else 1 byte)
+    per = codes_per_unit(bits)  # codes per unit (3 bytes for 3 bits, else 1 byte)
     q = F.pad(codes.to(torch.int32 if bits == 3 else torch.uint8), (0, -n % per)).view(rows, -1, per)
     if bits == 8:
         stream = q.reshape(rows, -1)

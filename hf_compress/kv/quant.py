@@ -101,8 +101,10 @@ class QuantizedKVLayer(KVCacheLayer):
 
     def runtime_nbytes(self) -> int:
         """What the layer holds at run time: the stored state, the codes made ahead and the dequantized copy."""
-        full = [getattr(self, n) for n in self.DEQUANTIZED + ("vq", "vs", "vm") if getattr(self, n) is not None]
-        return self.nbytes() + sum(t.nbytes for t in full) - sum(t.nbytes for t in self._codes("v") if t is not None)
+        copies = sum(getattr(self, n).nbytes for n in self.DEQUANTIZED if getattr(self, n) is not None)
+        ahead = sum(full.nbytes - live.nbytes for full, live in zip((self.vq, self.vs, self.vm), self._codes("v"))
+                    if full is not None)
+        return self.nbytes() + copies + ahead
 
     def _index_batch(self, fn):
         for n in self.STATE + self.DEQUANTIZED:
