@@ -46,15 +46,21 @@ def kernel_mode() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _triton():
-    """The Triton kernel modules, or None when triton is missing or broken (the reference serves then)."""
+    """The Triton kernel modules (weights and KV cache: one cache, cleared by `refresh_backend`), or None when
+    triton is missing or broken (the reference serves then)."""
     global _import_error
     try:
-        from . import triton_common, triton_lowrank, triton_quant
+        from . import kv_triton, triton_common, triton_lowrank, triton_quant
     except Exception as e:  # noqa: BLE001 - ImportError, or a triton that fails to initialise
         _import_error = f"{type(e).__name__}: {e}"
         return None
     _import_error = None
-    return SimpleNamespace(common=triton_common, lowrank=triton_lowrank, quant=triton_quant)
+    return SimpleNamespace(common=triton_common, lowrank=triton_lowrank, quant=triton_quant, kv=kv_triton)
+
+
+def import_error() -> str | None:
+    """Why the Triton kernels could not be imported (None when they were, or were not tried)."""
+    return _import_error
 
 
 def triton_available() -> bool:

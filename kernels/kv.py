@@ -28,12 +28,10 @@ same semantics as ``hf_compress.kernels.dispatch.backend_for``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import kv_cpu
-from .dispatch import kernel_mode
+from .dispatch import ENV_VAR, _triton, import_error, kernel_mode
 from .reference import codes_per_unit
 
 KV_BITS = (2, 3, 4, 8)
@@ -156,35 +154,36 @@ def dequantize_reference(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Ten
 def backend(x: torch.Tensor, bits: int | None = None) -> str:
     """"triton", "cpu" or "torch" for tensor ``x`` (and, when given, a width: one the Triton kernels do not cover runs
     on CPU tensors' fast path or the reference). ``cpu`` (`kernels.kv_cpu`) is a dequantize fast path only:
-    quantizing runs the reference on CPU."""
+    quantizing runs the reference on CPU. A mode that cannot run for ``x`` raises as
+    `hf_compress.kernels.dispatch.backend_for` does (``cpu`` with a CUDA tensor, ``triton`` without Triton or with a
+    CPU tensor outside the interpreter) instead of quietly running the reference."""
     choice = kernel_mode()
     if choice == "torch":
         return "torch"
+    on_cpu = x.device.type == "cpu"
+    if choice == "cpu":
+        if not on_cpu:
+            raise RuntimeError(f"{ENV_VAR}=cpu with a {x.device.type} tensor: the CPU KV fast path runs on CPU "
+                               "tensors; use auto or torch here")
+        return "cpu"
     if choice == "triton":
-        if _triton() is None:
-            raise RuntimeError("HF_COMPRESS_KERNELS=triton but triton is not importable")
-        use = True
-    else:
-        use = x.is_cuda and choice == "auto" and _triton() is not None
-    if use and (bits is None or bits in TRITON_BITS):
+        mods = _triton()
+        if mods is None:
+            raise RuntimeError(f"{ENV_VAR}=triton but Triton is not importable ({import_error()})")
+        if not x.is_cuda and not mods.common.INTERPRET:
+            raise RuntimeError(f"{ENV_VAR}=triton with a {x.device.type} tensor: Triton runs on CUDA tensors, or on "
+                               "CPU under TRITON_INTERPRET=1 (set before triton is imported); use auto or torch here")
+        return "triton" if bits is None or bits in TRITON_BITS else "torch"
+    if x.is_cuda and _triton() is not None and (bits is None or bits in TRITON_BITS):
         return "triton"
-    return "cpu" if x.device.type == "cpu" and choice != "triton" else "torch"
-
-
-@functools.lru_cache(maxsize=1)
-def _triton():
-    try:
-        from . import kv_triton
-    except Exception:  # noqa: BLE001 - triton missing or broken: the reference serves
-        return None
-    return kv_triton
+    return "cpu" if on_cpu else "torch"
 
 
 def kv_quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=torch.float16):
     """x [..., T, C] -> (codes uint8 [..., T, C*bits/8], scale, mn) — layout in the module docstring."""
     if backend(x, bits) == "triton":
         _check(bits, group, axis, x.shape)
-        return _triton().quantize(x, bits, group, axis, scale_dtype)
+        return _triton().kv.quantize(x, bits, group, axis, scale_dtype)
     return quantize_reference(x, bits, group, axis, scale_dtype)
 
 
@@ -195,6 +194,6 @@ def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bi
     which = backend(codes, bits)
     if which == "cpu" and kv_cpu.supports(bits, codes.shape[-1]):
         return kv_cpu.dequantize(codes, scale, mn, bits, group, axis, out=out, dtype=dtype)
-    run = _triton().dequantize if which == "triton" else dequantize_reference
+    run = _triton().kv.dequantize if which == "triton" else dequantize_reference
     x = run(codes, scale, mn, bits, group, axis, dtype if out is None else out.dtype)
     return x if out is None else out.copy_(x)

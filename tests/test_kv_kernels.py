@@ -71,6 +71,48 @@ def test_dispatch_env(monkeypatch):
         refresh_backend()
 
 
+def test_dispatch_refuses_what_it_cannot_run(monkeypatch):
+    """A forced mode that cannot run for the tensor raises, naming the problem, as the weight kernels'
+    `backend_for` does — it used to run the reference quietly (cpu with a CUDA tensor) or fail inside Triton."""
+    from hf_compress.kernels import dispatch
+
+    meta = torch.zeros(1, device="meta")  # a non-CPU tensor without a GPU
+    try:
+        monkeypatch.setenv("HF_COMPRESS_KERNELS", "cpu")
+        refresh_backend()
+        assert K.backend(torch.zeros(1)) == "cpu"
+        with pytest.raises(RuntimeError, match="HF_COMPRESS_KERNELS=cpu with a meta tensor"):
+            K.backend(meta)
+        with pytest.raises(RuntimeError, match="HF_COMPRESS_KERNELS=cpu with a meta tensor"):
+            dispatch.backend_for(meta)  # the same rule for the weight kernels
+        monkeypatch.setenv("HF_COMPRESS_KERNELS", "triton")
+        refresh_backend()
+        if dispatch.triton_available() and not dispatch._triton().common.INTERPRET:
+            with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+                K.backend(torch.zeros(1))
+        elif not dispatch.triton_available():
+            with pytest.raises(RuntimeError, match="not importable"):
+                K.backend(torch.zeros(1))
+        monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
+        refresh_backend()
+        assert K.backend(meta) == "torch" and K.backend(torch.zeros(1)) == "cpu"
+    finally:
+        monkeypatch.undo()
+        refresh_backend()
+
+
+def test_refresh_backend_clears_the_kv_triton_import():
+    """One Triton import for weights and KV cache, so `refresh_backend` clears both (the KV kernels kept their own
+    cached import, which it did not clear: a failed import stayed failed for the KV cache)."""
+    from hf_compress.kernels import dispatch
+
+    assert K._triton is dispatch._triton
+    dispatch._triton()
+    assert dispatch._triton.cache_info().currsize == 1
+    refresh_backend()
+    assert dispatch._triton.cache_info().currsize == 0
+
+
 def test_triton_matches_reference_interpreted():
     pytest.importorskip("triton")
     proc = run_python("""
