@@ -261,6 +261,7 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
         _checked_weight(name, module)
     shapes = {name: shape_of(m) for name, m in targets.items()}
     t0 = time.time()
+    tied_head = _tied_output_embedding(model, targets)
 
     factor_bits = {n: 8 * m.weight.element_size() for n, m in targets.items()}
     if not uses_calibration(config, calibration is not None):
@@ -291,7 +292,33 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
                                       t0, factor_bits, checkpoint_dir, checkpoint_every)
     if config.eora_bits:
         report["eora_ranks"] = allocate_eora(model, list(targets), config.eora_bits)
+    if tied_head is not None and model.get_output_embeddings() is not tied_head:
+        _untie(model)
     return report
+
+
+def _tied_output_embedding(model: nn.Module, targets: dict[str, nn.Module]) -> nn.Module | None:
+    """The output embedding (``lm_head``) when it is among ``targets`` and shares its weight with the input
+    embedding; None otherwise."""
+    get_out, get_in = (getattr(model, n, None) for n in ("get_output_embeddings", "get_input_embeddings"))
+    head, emb = (get_out() if get_out else None), (get_in() if get_in else None)
+    if head is None or emb is None or not any(m is head for m in targets.values()):
+        return None
+    return head if getattr(head, "weight", None) is getattr(emb, "weight", False) else None
+
+
+def _untie(model: nn.Module) -> None:
+    """A compressed head is no longer the input embedding (which stays dense, for the lookup): say so in the config,
+    or transformers ties the embedding's weight back onto the compressed module at load (``tie_word_embeddings``)
+    and fails. Costs the head's compressed bytes beside the embedding's."""
+    config = getattr(model, "config", None)
+    seen = set()
+    for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
+        if c is not None and id(c) not in seen and getattr(c, "tie_word_embeddings", False):
+            seen.add(id(c))
+            c.tie_word_embeddings = False
+    logger.info("the compressed lm_head was tied to the input embeddings: untied (tie_word_embeddings=False); the "
+                "embedding stays dense")
 
 
 def _units(model, targets: dict[str, nn.Module]) -> list[list[str]]:

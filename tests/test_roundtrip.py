@@ -145,3 +145,36 @@ def test_lowrank_layers_keep_their_dtype(ids):
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     assert layers and all(m.U.dtype == torch.bfloat16 and m.V.dtype == torch.bfloat16 for m in layers)
     assert torch.isfinite(output_of(model, ids)).all()
+
+
+@pytest.mark.parametrize("arch,cfg", [("llama", {"method": "rtn", "bits": 4, "group_size": 16}),
+                                      ("gpt2", {"method": "svd", "ratio": 0.5})], ids=["llama-rtn4", "gpt2-svd"])
+def test_a_compressed_tied_head_is_untied_and_reloads(arch, cfg, ids, tmp_path):
+    """``targets`` may name the output embedding (``lm_head``) even when it is tied to the input embedding: the
+    head is compressed, the embedding stays dense and unchanged, the config says the two are no longer tied, and
+    the checkpoint reloads to the same outputs (with the tie left in the config, loading tied the embedding's
+    weight back onto the compressed head and failed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _decoder_kwargs
+
+    if arch == "llama":
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**_decoder_kwargs(2), tie_word_embeddings=True)).eval()
+    else:
+        model = make_tiny("gpt2")
+    emb = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is emb and model.config.tie_word_embeddings
+    before = emb.detach().clone()
+    layers = ["lm_head", "q_proj"] if arch == "llama" else ["lm_head", "c_attn"]
+    hf_compress.compress(model, {**cfg, "targets": layers}, progress=False)
+    head = model.get_output_embeddings()
+    assert not isinstance(head, torch.nn.Linear) and not model.config.tie_word_embeddings
+    assert torch.equal(model.get_input_embeddings().weight, before)
+    ref = output_of(model, ids)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["base_config"]["tie_word_embeddings"] is False
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(again.get_output_embeddings()) is type(head)
+    assert torch.equal(again.get_input_embeddings().weight, before)
+    assert (output_of(again, ids) - ref).abs().max().item() <= 1e-6
