@@ -14,8 +14,8 @@ use the dense fp32 model with a 2048-token prompt and compare with ``DynamicCach
 
 Rows: dense fp32 and bf16; the peer, torchao's int4 weight-only CPU path (``PrototypeInt4WeightOnlyConfig``,
 ``_weight_int4pack_mm_for_cpu``; bf16 model: it needs bf16 activations) on the same 210 projections at g64
-(torchao needs in_features % group == 0; SmolLM2's 576-wide inputs rule out g128); ours at 2/3/4/8 bits, 3-bit +
-EoRA r32 (calibrated on 16 x 512 tokens of gutenberg-pg1342.txt), ``svd`` 0.4, and the KV caches. Ours run with
+(torchao needs in_features % group == 0; SmolLM2's 576-wide inputs rule out g128); ours at 2/3/4/8 bits (4-bit
+also with the tied ``lm_head`` compressed: ``+ lm_head``, which unties it from the embedding), 3-bit + EoRA r32 (calibrated on 16 x 512 tokens of gutenberg-pg1342.txt), ``svd`` 0.4, and the KV caches. Ours run with
 ``HF_COMPRESS_KERNELS=auto`` (the CPU int4 kernels: `hf_compress.kernels.cpu`); add ``--kernels torch`` to time
 the reference instead.
 """
@@ -41,6 +41,9 @@ ROWS = {
     "rtn 4-bit g128": {"build": {"method": "rtn", "bits": 4, "group_size": 128}},
     "rtn 4-bit g64": {"build": {"method": "rtn", "bits": 4, "group_size": 64}},
     "rtn 4-bit g128 (bf16 model)": {"build": {"method": "rtn", "bits": 4, "group_size": 128}, "dtype": "bfloat16"},
+    "rtn 4-bit g128 + lm_head": {"build": {"method": "rtn", "bits": 4, "group_size": 128, "lm_head": True}},
+    "rtn 4-bit g128 + lm_head (bf16 model)": {"build": {"method": "rtn", "bits": 4, "group_size": 128, "lm_head": True},
+                                              "dtype": "bfloat16"},
     "hqq 3-bit g64": {"build": {"method": "hqq", "bits": 3, "group_size": 64}},
     "hqq 2-bit g32": {"build": {"method": "hqq", "bits": 2, "group_size": 32}},
     "rtn 8-bit g128": {"build": {"method": "rtn", "bits": 8, "group_size": 128}},
@@ -75,7 +78,8 @@ def build_checkpoint(build, out: Path) -> None:
         model.save_pretrained(out)
         tok.save_pretrained(out)
         return
-    cfg = {**build, "targets": TARGETS, "calibration": CALIB}
+    cfg = {**{k: v for k, v in build.items() if k != "lm_head"}, "calibration": CALIB,
+           "targets": TARGETS + (["lm_head"] if build.get("lm_head") else [])}  # lm_head: the tied head too
     calibrated = build.get("eora_rank") or build["method"] in ("gptq", "svd_llm", "asvd")
     hf_compress.compress(model, cfg, calibration=str(DATA / "gutenberg-pg1342.txt") if calibrated else None,
                          tokenizer=tok, progress=False)

@@ -33,7 +33,8 @@ class CompressionConfig(QuantizationConfigMixin):
         targets: module-name patterns to compress. A plain name matches the module of that name or any module
             whose name ends with ``"." + name`` (PEFT's ``target_modules`` rule); a pattern with ``*``/``?``/``[``
             is a glob over the full name; ``"re:<regex>"`` is a full-match regular expression. ``None`` means
-            every ``nn.Linear`` / GPT-2 ``Conv1D`` inside the model's repeated blocks (never ``lm_head``).
+            every ``nn.Linear`` / GPT-2 ``Conv1D`` inside the model's repeated blocks (never ``lm_head``; name it
+            to compress it too: a head tied to the input embeddings is then untied, the embedding stays dense).
         skip: patterns (same rules) of modules to leave untouched.
         dense_fallback: keep a layer dense when its low-rank form would not have fewer parameters. Turn off only to
             test factorisations at full rank.
