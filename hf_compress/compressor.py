@@ -379,8 +379,7 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
                 stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher,
                                  need_gram=need_gram, outputs=out)
             with clock("spectra: spectrum"):
-                for name, st in stats.items():
-                    spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
+                spectra.update(method.spectra(stats, lambda n: _checked_weight(n, targets[n]).float()))
             hidden = out
         if alloc == "loss":
             with clock("sensitivity"):

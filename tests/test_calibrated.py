@@ -376,3 +376,37 @@ def test_add_gram_equals_the_full_product_and_is_symmetric(n, block):
     for i in range(0, n, block):
         off[i : i + block, i : i + block] = False
     assert torch.equal(gram[off], gram.T[off])
+
+
+def test_svd_llm_spectra_share_one_whitening_per_gram_bit_for_bit():
+    # one Cholesky factor per Gram for the layers that share it, no S⁻¹: the very spectra of one whitening per layer
+    from hf_compress.methods import linalg
+
+    x = torch.randn(300, 12, generator=_gen(30)).double()
+    shared = x.T @ x
+    x2 = x.clone()
+    x2[:, 11] = 0  # rank-deficient: the damping ladder, as in `whitening`
+    deficient = x2.T @ x2
+    stats = {"q": LayerStats(gram=shared), "k": LayerStats(gram=shared), "d": LayerStats(gram=deficient)}
+    weights = {"q": torch.randn(12, 12, generator=_gen(31)), "k": torch.randn(4, 12, generator=_gen(32)),
+               "d": torch.randn(5, 12, generator=_gen(33))}
+    method = get_method("svd_llm")()
+    calls = []
+    orig = linalg.whitening_factor
+
+    def counting(gram, name=""):
+        calls.append(gram)
+        return orig(gram, name)
+    import hf_compress.methods.svd_llm as mod
+    mod.whitening_factor = counting
+    try:
+        got = method.spectra(stats, weights.__getitem__)
+    finally:
+        mod.whitening_factor = orig
+    assert len(calls) == 2  # the shared Gram is factored once
+    for n, st in stats.items():
+        s, _ = whitening(st.gram)
+        assert torch.equal(got[n], torch.linalg.svdvals(weights[n].double() @ s))
+        assert torch.equal(method.spectrum(weights[n], st), got[n])
+    assert torch.equal(linalg.whitening_factor(deficient), whitening(deficient)[0])
+
