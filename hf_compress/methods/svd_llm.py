@@ -50,10 +50,18 @@ class SVDLLM(LowRankMethod):
         factors: dict[int, torch.Tensor] = {}
         out = {}
         for n, st in stats.items():
+            if st.out_gram is not None:  # σ(W·S)² = eig(W·G·Wᵀ) = eig(Σ y yᵀ), descending
+                out[n] = torch.linalg.eigvalsh(st.out_gram).clamp_min(0).sqrt().flip(0)
+                continue
             if id(st.gram) not in factors:  # ``stats`` holds every Gram during the call: no id is reused
                 factors[id(st.gram)] = whitening_factor(st.gram)
             out[n] = spectrum(weight_of(n).double() @ factors[id(st.gram)])
         return out
+
+    def spectrum_from_outputs(self, out_features, in_features):
+        """Fewer outputs than inputs (k/v/down projections): their out x out output Gram instead of the
+        in x in input Gram for the spectrum, which then needs no whitening (the undamped W·S's singular values)."""
+        return out_features < in_features
 
     @staticmethod
     def _fits(w, stats, rank, betas, dtype=torch.float64):
