@@ -80,6 +80,7 @@ class LayerStats:
     abssum: torch.Tensor | None = None
     count: int = 0
     fisher_rows: torch.Tensor | None = None  # per output row: Σ_j E[g_ij²]
+    out_gram: torch.Tensor | None = None  # Σ y yᵀ of the layer's outputs without bias (`add_output`)
 
     @property
     def absmean(self) -> torch.Tensor:
@@ -113,6 +114,17 @@ class LayerStats:
             if need_ref_gram:
                 add_gram(self.ref_gram, xr)
 
+    def add_output(self, y: torch.Tensor) -> None:
+        """Accumulate the Gram of one batch of the layer's outputs y = W x (bias removed): W·G·Wᵀ of the inputs'
+        Gram G, whose eigenvalues are the squared singular values of W·S for S·Sᵀ = G — an out x out product
+        where the input Gram is in x in (SVD-LLM's spectra, for layers with fewer outputs than inputs). Statistics
+        of outputs only: ``add`` is not called on the same instance (``count`` counts the tokens of either)."""
+        y = y.reshape(-1, y.shape[-1]).double()
+        if self.out_gram is None:
+            self.out_gram = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64, device=y.device)
+        add_gram(self.out_gram, y)
+        self.count += y.shape[0]
+
     def merged(self, other: "LayerStats | None") -> "LayerStats":
         """Statistics of both token sets together."""
         if other is None or other.count == 0:
@@ -120,10 +132,11 @@ class LayerStats:
         def add(a, b):
             return None if a is None else a + b
         return LayerStats(add(self.gram, other.gram), add(self.cross, other.cross), add(self.ref_gram, other.ref_gram),
-                          add(self.abssum, other.abssum), self.count + other.count, self.fisher_rows)
+                          add(self.abssum, other.abssum), self.count + other.count, self.fisher_rows,
+                          add(self.out_gram, other.out_gram))
 
     def check_finite(self, name: str) -> None:
-        for key in ("gram", "cross", "ref_gram", "abssum", "fisher_rows"):
+        for key in ("gram", "cross", "ref_gram", "abssum", "fisher_rows", "out_gram"):
             t = getattr(self, key)
             if t is not None and not torch.isfinite(t).all():
                 raise HfCompressError(f"NaN/Inf in calibration statistics ({key}) of layer {name}")

@@ -404,10 +404,10 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
             with clock("spectra: statistics and forward"):  # the block's outputs come from the same forward
                 out: list[torch.Tensor] = []
                 stats = _collect(runner, i, blocks[i], per_block[i], hidden, n_train_batches, fisher,
-                                 need_gram=need_gram, outputs=out)
+                                 need_gram=need_gram, outputs=out,
+                                 output_gram={n for n in per_block[i] if method.spectrum_from_outputs(*shapes[n])})
             with clock("spectra: spectrum"):
-                for name, st in stats.items():
-                    spectra[name] = method.spectrum(_checked_weight(name, targets[name]).float(), st)
+                spectra.update(method.spectra(stats, lambda n: _checked_weight(n, targets[n]).float()))
             hidden = out
         if alloc == "loss":
             with clock("sensitivity"):
@@ -510,10 +510,11 @@ def _reference_inputs(runner, i, dense_block, layers, prefix, ref_hidden):
 
 
 def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_batches, fisher, *, ref_inputs=None,
-             heldout=False, stop_after=False, need_gram=True, outputs: list | None = None):
+             heldout=False, stop_after=False, need_gram=True, outputs: list | None = None, output_gram=()):
     """Statistics of each layer's inputs over the batches of ``hidden`` run through ``block`` (``need_gram=False``:
     per-channel statistics only, see `LayerStats.add`; ``outputs``, without ``stop_after``: a list that receives
-    the block's outputs, which the hooks leave untouched, so that the next block needs no second forward).
+    the block's outputs, which the hooks leave untouched, so that the next block needs no second forward;
+    ``output_gram``: names of layers whose statistics are instead the Gram of their outputs, `LayerStats.add_output`).
 
     Returns {name: LayerStats} or, with ``heldout``, {name: (train LayerStats, held-out LayerStats | None)}."""
     train = {n: LayerStats() for n in layers}
@@ -548,7 +549,17 @@ def _collect(runner, i, block, layers: dict[str, nn.Module], hidden, n_train_bat
                        need_gram=need_gram)
         return hook
 
-    handles = [m.register_forward_pre_hook(make(n)) for n, m in layers.items()]
+    def make_out(n):
+        def hook(module, args, out):
+            y = out[0] if isinstance(out, tuple) else out
+            if getattr(module, "bias", None) is not None:
+                with align_module_device(module):  # an offloaded layer's bias is back on disk after its forward
+                    y = y - module.bias.detach()
+            (train[n] if current["b"] < n_train_batches else val[n]).add_output(y.detach())
+        return hook
+
+    handles = [m.register_forward_hook(make_out(n)) if n in output_gram else m.register_forward_pre_hook(make(n))
+               for n, m in layers.items()]
     last = list(layers.values())[-1] if stop_after else None
     try:
         result = runner.run(i, block, hidden, per_batch=new_batch, stop_after=last)

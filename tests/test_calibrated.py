@@ -376,3 +376,72 @@ def test_add_gram_equals_the_full_product_and_is_symmetric(n, block):
     for i in range(0, n, block):
         off[i : i + block, i : i + block] = False
     assert torch.equal(gram[off], gram.T[off])
+
+
+def test_svd_llm_spectra_share_one_whitening_per_gram_bit_for_bit():
+    # one Cholesky factor per Gram for the layers that share it, no S⁻¹: the very spectra of one whitening per layer
+    from hf_compress.methods import linalg
+
+    x = torch.randn(300, 12, generator=_gen(30)).double()
+    shared = x.T @ x
+    x2 = x.clone()
+    x2[:, 11] = 0  # rank-deficient: the damping ladder, as in `whitening`
+    deficient = x2.T @ x2
+    stats = {"q": LayerStats(gram=shared), "k": LayerStats(gram=shared), "d": LayerStats(gram=deficient)}
+    weights = {"q": torch.randn(12, 12, generator=_gen(31)), "k": torch.randn(4, 12, generator=_gen(32)),
+               "d": torch.randn(5, 12, generator=_gen(33))}
+    method = get_method("svd_llm")()
+    calls = []
+    orig = linalg.whitening_factor
+
+    def counting(gram, name=""):
+        calls.append(gram)
+        return orig(gram, name)
+    import hf_compress.methods.svd_llm as mod
+    mod.whitening_factor = counting
+    try:
+        got = method.spectra(stats, weights.__getitem__)
+    finally:
+        mod.whitening_factor = orig
+    assert len(calls) == 2  # the shared Gram is factored once
+    for n, st in stats.items():
+        s, _ = whitening(st.gram)
+        assert torch.equal(got[n], torch.linalg.svdvals(weights[n].double() @ s))
+        assert torch.equal(method.spectrum(weights[n], st), got[n])
+    assert torch.equal(linalg.whitening_factor(deficient), whitening(deficient)[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_svd_llm_spectra_from_output_grams_equal_the_whitened_ones(arch):
+    # layers with fewer outputs than inputs take their spectrum from Σ y yᵀ (bias removed) instead of the
+    # whitened W·S of the input Gram: the same singular values up to rounding
+    from hf_compress.calibration import BlockwiseRunner, find_blocks
+    from hf_compress.compressor import _collect
+    from hf_compress.targets import dense_weight, find_targets, shape_of
+
+    model = make_tiny(arch)
+    with torch.no_grad():
+        for m in model.modules():  # gpt2's Conv1D biases start at zero: make them count
+            if getattr(m, "bias", None) is not None:
+                m.bias.normal_(0, 0.5, generator=_gen(40))
+    ids = torch.randint(3, 96, (8, 16), generator=_gen(41))
+    targets = find_targets(model, None, [])
+    prefix, blocks = find_blocks(model, targets)
+    runner = BlockwiseRunner(model, blocks, ids, batch_size=4)
+    runner.capture()
+    method = get_method("svd_llm")()
+    layers = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.0.")}
+    by_out = {n for n, m in layers.items() if method.spectrum_from_outputs(*shape_of(m))}
+    assert by_out and by_out != set(layers)
+    weight_of = lambda n: dense_weight(targets[n]).detach().float()  # noqa: E731
+    ref = method.spectra(_collect(runner, 0, blocks[0], layers, runner.hidden, 2, {}), weight_of)
+    stats = _collect(runner, 0, blocks[0], layers, runner.hidden, 2, {}, output_gram=by_out)
+    got = method.spectra(stats, weight_of)
+    for n in layers:
+        if n in by_out:
+            assert stats[n].gram is None and stats[n].out_gram is not None and stats[n].count == 8 * 16
+            assert got[n].shape == ref[n].shape
+            assert torch.allclose(got[n], ref[n], rtol=0, atol=1e-5 * ref[n][0].item()), n
+            assert torch.all(got[n][:-1] >= got[n][1:])
+        else:
+            assert torch.equal(got[n], ref[n]), n

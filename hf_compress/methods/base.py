@@ -43,6 +43,17 @@ class LowRankMethod(CompressionMethod):
         at rank r, in the method's own metric. Used to allocate ranks."""
         raise NotImplementedError
 
+    def spectra(self, stats: dict[str, Any], weight_of) -> dict[str, torch.Tensor]:
+        """`spectrum` of several layers (one block's) at once: {name: singular values} for the names of
+        ``stats``, ``weight_of(name)`` giving each dense fp32 weight when it is needed (one at a time). A method
+        may share work between the layers here (SVD-LLM: one whitening per Gram that several layers read)."""
+        return {n: self.spectrum(weight_of(n), st) for n, st in stats.items()}
+
+    def spectrum_from_outputs(self, out_features: int, in_features: int) -> bool:
+        """Whether the spectrum of a layer of this shape is taken from the Gram of its outputs
+        (`LayerStats.out_gram`) instead of its inputs' statistics."""
+        return False
+
     def factorize(self, weight: torch.Tensor, rank: int, stats: Any = None, heldout: Any = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (U [out, rank], V [rank, in]) with U @ V ≈ weight. ``weight`` is fp32, [out, in]."""

@@ -13,6 +13,15 @@ def whitening(gram: torch.Tensor, name: str = "") -> tuple[torch.Tensor, torch.T
     """(S, S⁻¹) with S·Sᵀ ≈ gram. Cholesky first; on failure (rank-deficient Gram from real data) retry with
     growing diagonal damping, then fall back to the eigen-decomposition with small eigenvalues clipped.
     Never raises for a finite symmetric positive semi-definite input."""
+    return _whitening(gram, name, inverse=True)
+
+
+def whitening_factor(gram: torch.Tensor, name: str = "") -> torch.Tensor:
+    """S of `whitening` alone, bit for bit (the same damping ladder), without computing S⁻¹."""
+    return _whitening(gram, name, inverse=False)[0]
+
+
+def _whitening(gram: torch.Tensor, name: str, inverse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     gram = gram.double()
     n = gram.shape[0]
     scale = gram.diagonal().mean().clamp_min(1e-30)
@@ -22,12 +31,12 @@ def whitening(gram: torch.Tensor, name: str = "") -> tuple[torch.Tensor, torch.T
         if info == 0:
             if damp > 0:
                 logger.info("whitening %s: Cholesky needed damping %.0e x mean(diag)", name, damp)
-            return s, torch.linalg.solve_triangular(s, eye, upper=False)
+            return s, torch.linalg.solve_triangular(s, eye, upper=False) if inverse else None
     logger.warning("whitening %s: Cholesky failed, using the eigen-decomposition", name)
     evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
     evals = evals.clamp_min(1e-6 * scale)
     root = evals.sqrt()
-    return evecs * root, (evecs / root).T
+    return evecs * root, (evecs / root).T if inverse else None
 
 
 def truncated_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

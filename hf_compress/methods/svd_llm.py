@@ -20,7 +20,7 @@ import torch
 from ..errors import ConfigError
 from ..registry import METHODS
 from .base import LowRankMethod
-from .linalg import spectrum, truncated_factors, whitening
+from .linalg import spectrum, truncated_factors, whitening, whitening_factor
 
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -41,8 +41,27 @@ class SVDLLM(LowRankMethod):
             self.needs_heldout = False
 
     def spectrum(self, weight, stats=None):
-        s, _ = whitening(stats.gram)
-        return spectrum(weight.double() @ s)
+        return self.spectra({"": stats}, lambda _: weight)[""]
+
+    def spectra(self, stats, weight_of):
+        """Singular values of W·S per layer, S (alone: the spectrum never reads S⁻¹) computed once per Gram:
+        layers fed the same input (q/k/v, gate/up) share one Gram tensor (`_collect`). The same S bit for bit as
+        `whitening`'s, so the same spectra as one `whitening` per layer."""
+        factors: dict[int, torch.Tensor] = {}
+        out = {}
+        for n, st in stats.items():
+            if st.out_gram is not None:  # σ(W·S)² = eig(W·G·Wᵀ) = eig(Σ y yᵀ), descending
+                out[n] = torch.linalg.eigvalsh(st.out_gram).clamp_min(0).sqrt().flip(0)
+                continue
+            if id(st.gram) not in factors:  # ``stats`` holds every Gram during the call: no id is reused
+                factors[id(st.gram)] = whitening_factor(st.gram)
+            out[n] = spectrum(weight_of(n).double() @ factors[id(st.gram)])
+        return out
+
+    def spectrum_from_outputs(self, out_features, in_features):
+        """Fewer outputs than inputs (k/v/down projections): their out x out output Gram instead of the
+        in x in input Gram for the spectrum, which then needs no whitening (the undamped W·S's singular values)."""
+        return out_features < in_features
 
     @staticmethod
     def _fits(w, stats, rank, betas, dtype=torch.float64):
