@@ -241,19 +241,59 @@ def repack_concat(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
     if not available():
         raise RuntimeError(f"this torch ({torch.__version__}) has no aten.{OPS[0]} / aten.{OPS[1]}")
     n = sum(layer[0].shape[0] for layer in layers)
-    if len(layers) == 1:  # built straight into the N-padded buffer: no concatenated copy of the codes
-        cols, sc, zp, _ = int4_layout(*layers[0], rows=n + -n % N_MULTIPLE)
-    else:
-        built = [int4_layout(*layer) for layer in layers]
-        cols = F.pad(torch.cat([c for c, *_ in built]), (0, 0, 0, -n % N_MULTIPLE))
-        sc, zp = torch.cat([b[1] for b in built]), torch.cat([b[2] for b in built])
-        del built
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(cols, 1)
-    del cols
+    n_pad = n + -n % N_MULTIPLE
+    step = REPACK_ROWS if _row_blocks_independent() else n_pad
+    packed, scs, zps = [], [], []
+    for a in range(0, n_pad, step):  # a chunk of rows at a time: ~8.5 bytes per weight of one chunk, not the layer
+        b = min(a + step, n_pad)
+        cols, sc, zp = _layout_rows(layers, a, min(b, n), rows=b - a)
+        packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(cols, 1))
+        scs.append(sc)
+        zps.append(zp)
+        del cols
+    weight = packed[0] if len(packed) == 1 else torch.cat(packed)
+    del packed
+    sc, zp = (t[0] if len(t) == 1 else torch.cat(t) for t in (scs, zps))
     sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))  # [N', K' / gk, 2]
     gk, in_features, padded, copies = keys.pop()
     return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded, copies, n,
                     tuple(layer[:5] for layer in layers))
+
+
+#: rows repacked at a time (`repack_concat`): a multiple of every ISA's block of rows in the int4 layout; the
+#: temporaries of one chunk (int32 codes and columns) are 8 bytes per weight of the chunk, ~19 MB at K = 576
+REPACK_ROWS = 4096
+
+
+def _layout_rows(layers, a: int, b: int, rows: int):
+    """`int4_layout` of rows ``a:b`` of the layers' outputs side by side, in a buffer of ``rows`` rows (the extra
+    ones code 0) — (codes [rows, K'], scales [b - a, K' / gk], zeros)."""
+    parts, off = [], 0
+    for qweight, scales, zeros, bits, group_size, in_features in layers:
+        lo, hi = max(a, off) - off, min(b, off + qweight.shape[0]) - off
+        if lo < hi:
+            parts.append((qweight[lo:hi], scales[lo:hi], zeros[lo:hi], bits, group_size, in_features))
+        off += qweight.shape[0]
+    if len(parts) == 1:  # built straight into the padded buffer: no concatenated copy of the codes
+        cols, sc, zp, _ = int4_layout(*parts[0], rows=rows)
+        return cols, sc, zp
+    built = [int4_layout(*part) for part in parts]
+    cols = F.pad(torch.cat([c for c, *_ in built]), (0, 0, 0, rows - (b - a)))
+    return cols, torch.cat([x[1] for x in built]), torch.cat([x[2] for x in built])
+
+
+@functools.lru_cache(maxsize=1)
+def _row_blocks_independent() -> bool:
+    """Whether this CPU's int4 layout packs blocks of rows independently (so that packing a layer a chunk of
+    `REPACK_ROWS` rows at a time and concatenating gives the layer's pack): checked once against one conversion of
+    a probe of 144 rows (two chunks of 64 and 80). Where it is not, a layer is packed in one piece."""
+    if not available():
+        return False
+    codes = torch.randint(0, 16, (144, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    whole = convert(codes, 1)
+    parts = torch.cat([convert(codes[:64].contiguous(), 1), convert(codes[64:].contiguous(), 1)])
+    return whole.shape == parts.shape and torch.equal(whole, parts)
 
 
 @functools.lru_cache(maxsize=1)

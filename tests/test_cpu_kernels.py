@@ -117,6 +117,27 @@ def test_dequantize_planes_is_the_reference_weight(bits, n, k, g, monkeypatch):
     assert len(calls) == 1
 
 
+def test_repacking_a_chunk_of_rows_at_a_time_gives_the_same_pack(monkeypatch):
+    """A layer (and several side by side, with boundaries off the chunks) repacked `REPACK_ROWS` rows at a time is
+    the pack made in one piece, byte for byte — which is what `_row_blocks_independent` checks on the CPU it runs
+    on; so a large layer's repack needs one chunk's temporaries, not the layer's (SmolLM2's 49152-row lm_head:
+    ~240 MB in one piece)."""
+    assert cpu._row_blocks_independent(), "this CPU's int4 layout does not pack blocks of rows independently"
+    layers = [(*_layer(200, 96, 4, 32, 1), 4, 32, 96), (*_layer(40, 96, 3, 32, 2), 3, 32, 96),
+              (*_layer(88, 96, 2, 32, 3), 2, 32, 96)]
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    for group in ([layers[0]], layers):
+        monkeypatch.setattr(cpu, "REPACK_ROWS", 1 << 20)
+        whole = cpu.repack_concat(group)
+        for rows in (64, 128):
+            monkeypatch.setattr(cpu, "REPACK_ROWS", rows)
+            chunked = cpu.repack_concat(group)
+            assert torch.equal(chunked.weight, whole.weight) and torch.equal(chunked.scales_zeros, whole.scales_zeros)
+            assert torch.equal(cpu.quant_linear(x, chunked), cpu.quant_linear(x, whole))
+    monkeypatch.setattr(cpu, "_row_blocks_independent", lambda: False)  # elsewhere: one piece
+    assert torch.equal(cpu.repack_concat(layers).weight, whole.weight)
+
+
 def test_dequantize_scratch_serves_inference_mode_and_no_grad():
     """The reused prefill buffers, first made under ``torch.inference_mode``, are still writable under ``no_grad``
     (an inference tensor is not, outside inference mode), and the product is the same in both."""
