@@ -58,11 +58,6 @@ def _triton():
     return SimpleNamespace(common=triton_common, lowrank=triton_lowrank, quant=triton_quant, kv=kv_triton)
 
 
-def import_error() -> str | None:
-    """Why the Triton kernels could not be imported (None when they were, or were not tried)."""
-    return _import_error
-
-
 def triton_available() -> bool:
     return _triton() is not None
 
@@ -89,13 +84,20 @@ def backend_for(tensor: torch.Tensor) -> str:
             raise RuntimeError(f"{ENV_VAR}=cpu with a {tensor.device.type} tensor" if not on_cpu else
                                f"{ENV_VAR}=cpu but this torch ({torch.__version__}) lacks aten.{' / aten.'.join(cpu.OPS)}")
         return "cpu"
+    checked_triton(tensor)
+    return "triton"
+
+
+def checked_triton(tensor: torch.Tensor) -> SimpleNamespace:
+    """The Triton kernel modules for ``HF_COMPRESS_KERNELS=triton``; raises, naming the problem, where they cannot run
+    for ``tensor`` (Triton not importable, or a CPU tensor outside the interpreter)."""
     mods = _triton()
     if mods is None:
         raise RuntimeError(f"{ENV_VAR}=triton but Triton is not importable ({_import_error})")
     if not tensor.is_cuda and not mods.common.INTERPRET:
         raise RuntimeError(f"{ENV_VAR}=triton with a {tensor.device.type} tensor: Triton runs on CUDA tensors, or on "
                            "CPU under TRITON_INTERPRET=1 (set before triton is imported); use auto or torch here")
-    return "triton"
+    return mods
 
 
 class _KernelFn(torch.autograd.Function):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import kv_cpu
-from .dispatch import ENV_VAR, _triton, import_error, kernel_mode
+from .dispatch import ENV_VAR, _triton, checked_triton, kernel_mode
 from .reference import codes_per_unit
 
 KV_BITS = (2, 3, 4, 8)
@@ -167,12 +167,7 @@ def backend(x: torch.Tensor, bits: int | None = None) -> str:
                                "tensors; use auto or torch here")
         return "cpu"
     if choice == "triton":
-        mods = _triton()
-        if mods is None:
-            raise RuntimeError(f"{ENV_VAR}=triton but Triton is not importable ({import_error()})")
-        if not x.is_cuda and not mods.common.INTERPRET:
-            raise RuntimeError(f"{ENV_VAR}=triton with a {x.device.type} tensor: Triton runs on CUDA tensors, or on "
-                               "CPU under TRITON_INTERPRET=1 (set before triton is imported); use auto or torch here")
+        checked_triton(x)
         return "triton" if bits is None or bits in TRITON_BITS else "torch"
     if x.is_cuda and _triton() is not None and (bits is None or bits in TRITON_BITS):
         return "triton"
