@@ -260,8 +260,8 @@ def repack_concat(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
                     tuple(layer[:5] for layer in layers))
 
 
-#: rows repacked at a time (`repack_concat`): a multiple of every ISA's block of rows in the int4 layout; the
-#: temporaries of one chunk (int32 codes and columns) are 8 bytes per weight of the chunk, ~19 MB at K = 576
+#: rows repacked at a time (`repack_concat`): a multiple of the probe's 64-row chunks (`_row_blocks_independent`);
+#: the temporaries of one chunk (int32 codes and columns) are 8 bytes per weight of the chunk, ~19 MB at K = 576
 REPACK_ROWS = 4096
 
 
