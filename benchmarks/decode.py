@@ -15,7 +15,8 @@ use the dense fp32 model with a 2048-token prompt and compare with ``DynamicCach
 Rows: dense fp32 and bf16; the peer, torchao's int4 weight-only CPU path (``PrototypeInt4WeightOnlyConfig``,
 ``_weight_int4pack_mm_for_cpu``; bf16 model: it needs bf16 activations) on the same 210 projections at g64
 (torchao needs in_features % group == 0; SmolLM2's 576-wide inputs rule out g128); ours at 2/3/4/8 bits (4-bit
-also with the tied ``lm_head`` compressed: ``+ lm_head``, which unties it from the embedding), 3-bit + EoRA r32 (calibrated on 16 x 512 tokens of gutenberg-pg1342.txt), ``svd`` 0.4, and the KV caches. Ours run with
+also with the tied ``lm_head`` compressed: ``+ lm_head``, which unties it from the embedding), 3-bit + EoRA r32
+(calibrated on 16 x 512 tokens of gutenberg-pg1342.txt), ``svd`` 0.4, and the KV caches. Ours run with
 ``HF_COMPRESS_KERNELS=auto`` (the CPU int4 kernels: `hf_compress.kernels.cpu`); add ``--kernels torch`` to time
 the reference instead.
 """

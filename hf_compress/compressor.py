@@ -312,10 +312,8 @@ def _untie(model: nn.Module) -> None:
     or transformers ties the embedding's weight back onto the compressed module at load (``tie_word_embeddings``)
     and fails. Costs the head's compressed bytes beside the embedding's."""
     config = getattr(model, "config", None)
-    seen = set()
-    for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
-        if c is not None and id(c) not in seen and getattr(c, "tie_word_embeddings", False):
-            seen.add(id(c))
+    for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):  # often one object
+        if getattr(c, "tie_word_embeddings", False):
             c.tie_word_embeddings = False
     logger.info("the compressed lm_head was tied to the input embeddings: untied (tie_word_embeddings=False); the "
                 "embedding stays dense")
