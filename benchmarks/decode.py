@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/decode.py                          # every row (~25 min on 2 cores)
     .venv/bin/python benchmarks/decode.py --rows "dense fp32" "rtn 4-bit g128"
+    .venv/bin/python benchmarks/decode.py --rounds 3                # each row 3 times, round-robin, best kept
 
 Protocol: 2 threads (``--threads``), ``generate`` batch 1, greedy, a 256-token prompt (the start of WikiText-2 raw
 test), 64 new tokens, best of two (`hf_compress.evaluation.decode_speed`): ``decode tok/s`` = 63 / (t(64 new tokens)
@@ -124,12 +125,34 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
             "RSS over imports MB": round(peak_rss_mb() - imports_mb), "ckpt MB": round(files / 1e6, 1)}
 
 
+def _best_of_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per label from several rounds of the same rows: the round with the most decode tokens/s, with the
+    least prefill time and the most peak RSS of all rounds (rows that failed in every round keep their error)."""
+    merged: dict[str, dict] = {}
+    for results in rounds:
+        for r in results:
+            key = r.get("row", r.get("label"))
+            old = merged.get(key)
+            if old is None or "decode tok/s" not in old:
+                merged[key] = dict(r)
+            elif "decode tok/s" in r:
+                best = dict(r if r["decode tok/s"] > old["decode tok/s"] else old)
+                best["prefill ms"] = min(r["prefill ms"], old["prefill ms"])
+                for k in ("peak RSS MB", "RSS over imports MB"):
+                    best[k] = max(r[k], old[k])
+                merged[key] = best
+    return list(merged.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     ap.add_argument("--workdir", default="/tmp/hf-compress-decode", help="where the checkpoints are built (reused)")
     ap.add_argument("--kernels", default="auto", help="HF_COMPRESS_KERNELS for our rows (auto: the CPU kernels)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per row (default 2, the protocol's)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every row this many times, round-robin, and keep each row's best decode (its prefill: "
+                         "the least, its RSS: the most): a machine whose speed drifts over minutes then favours no row")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -151,7 +174,8 @@ def main() -> None:
             print(f"building {_slug(build)} ...", file=sys.stderr, flush=True)
             subprocess.run([sys.executable, __file__, "--workdir", str(work), "--build", json.dumps(build)],
                            check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    results = run_rows(__file__, [(label, [label, "--workdir", str(work)]) for label in args.rows])
+    jobs = [(label, [label, "--workdir", str(work)]) for label in args.rows]
+    results = _best_of_rounds([run_rows(__file__, jobs) for _ in range(args.rounds)])
     by = {r["row"]: r for r in results if "row" in r}
     for r in results:
         for base in ("dense fp32", "dense bf16"):
@@ -163,7 +187,8 @@ def main() -> None:
         if r.get("context") == KV_CONTEXT and "KV: DynamicCache, 2048 ctx" in by and "decode tok/s" in r:
             r["x DynamicCache (time/token)"] = round(by["KV: DynamicCache, 2048 ctx"]["decode tok/s"]
                                                      / r["decode tok/s"], 2)
-    print(f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2, "
+    rounds = f" in each of {args.rounds} rounds (the best round per row)" if args.rounds > 1 else ""
+    print(f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2{rounds}, "
           f"HF_COMPRESS_KERNELS={args.kernels}")
     print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x torchao",
                           "x DynamicCache (time/token)",

@@ -319,7 +319,7 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     if x.shape[-1] != pack.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer {pack.in_features}")
     x2 = x.reshape(-1, pack.in_features)
-    xb = x2.to(torch.bfloat16)
+    xb = x2.bfloat16()  # (a no-op for bf16; the named conversions parse their arguments ~1 us faster than .to)
     if pack.padded != pack.in_features:
         xb = F.pad(xb, (0, pack.padded - pack.in_features))
     if pack.sources and xb.shape[0] >= DEQUANTIZE_ROWS[pack.copies]:  # a long prefill: dequantize once
@@ -335,7 +335,7 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
         y = _int4_mm()(xb.contiguous(), pack.weight, pack.group, pack.scales_zeros)
         if y.shape[1] != pack.out_features:
             y = y[:, :pack.out_features]
-    y = y.to(x.dtype)
+    y = y.float() if x.dtype is torch.float32 else y.to(x.dtype)
     if u is not None:  # in the input's dtype: at one row an fp32 GEMV is faster on CPU than a bf16 one
         y = torch.addmm(y, F.linear(x2, v.to(x.dtype)), u.to(x.dtype).t())
     if bias is not None:
