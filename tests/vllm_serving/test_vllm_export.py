@@ -30,6 +30,22 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
+def _assert_agrees(model, prompt: list[int], tokens: list[int], logprobs: list[float], ours: list[int],
+                   ours_scored: list[float]) -> None:
+    """vLLM's greedy ``tokens`` (and their ``logprobs``) against ``model``'s greedy ``ours`` (and their log-probs
+    ``ours_scored``) after ``prompt``: the two agree until a position where vLLM's token is a near-tie for ours
+    (within ``TIE`` nats of our best), and every token vLLM chose has ours' teacher-forced log-prob within
+    ``LOGPROB_TOL`` nats."""
+    scored = token_logprobs(model, prompt + tokens)[len(prompt) - 1:]
+    gaps = [abs(a - b) for a, b in zip(logprobs, scored)]
+    k = _first_divergence(tokens, ours)
+    print(f"max |logprob vLLM - ours| {max(gaps):.4f} nats; first divergence from our greedy tokens: "
+          f"{'none in ' + str(len(tokens)) if k is None else k}")
+    if k is not None:  # vLLM's token there is a near-tie for ours
+        assert ours_scored[k] - scored[k] <= TIE, k
+    assert max(gaps) <= LOGPROB_TOL
+
+
 def _gaps(smollm2, run: dict, ref: str) -> list[list[float]]:
     """|vLLM's logprob − ours| of each token vLLM chose, ours teacher-forced on vLLM's continuation."""
     model = smollm2["refs"][ref]["model"]
@@ -48,15 +64,10 @@ def test_export_fits_vllm_cpu_kernel(smollm2):
 
 def test_greedy_tokens_and_logprobs_agree_with_ours(smollm2, vllm_runs):
     ours, run = smollm2["refs"]["base"], vllm_runs["base"]
-    gaps = _gaps(smollm2, run, "base")
     for i, prompt in enumerate(PROMPTS):
-        k = _first_divergence(run["tokens"][i], ours["tokens"][i])
-        print(f"{prompt!r}: max |logprob vLLM - ours| {max(gaps[i]):.4f} nats; first divergence from our greedy "
-              f"tokens: {'none in ' + str(NEW_TOKENS) if k is None else k}")
-        if k is not None:  # vLLM's token there is a near-tie for ours
-            theirs = token_logprobs(ours["model"], smollm2["prompts"][i] + run["tokens"][i][:k + 1])[-1]
-            assert ours["scored"][i][k] - theirs <= TIE, (prompt, k)
-    assert max(max(g) for g in gaps) <= LOGPROB_TOL
+        print(f"{prompt!r}:", end=" ")
+        _assert_agrees(ours["model"], smollm2["prompts"][i], run["tokens"][i], run["logprobs"][i], ours["tokens"][i],
+                       ours["scored"][i])
 
 
 def test_eora_adapter_moves_vllm_toward_ours(smollm2, vllm_runs):
@@ -149,12 +160,5 @@ def test_a_compressed_lm_head_exports_and_stock_vllm_serves_it(tmp_path):
                       "max_tokens": NEW_TOKENS}, tmp_path)["base"]
     ours = model.dequantize()
     for p, tokens, lps in zip(prompts, run["tokens"], run["logprobs"]):
-        scored = token_logprobs(ours, p + tokens)[len(p) - 1:]
-        gaps = [abs(a - b) for a, b in zip(lps, scored)]
-        k = _first_divergence(tokens, greedy(ours, p, NEW_TOKENS))
-        print(f"max |logprob vLLM - ours| {max(gaps):.4f} nats; first divergence: {k}")
-        if k is not None:  # vLLM's token there is a near-tie for ours
-            ctx = p + tokens[:k]
-            best = token_logprobs(ours, ctx + greedy(ours, ctx, 1))[-1]
-            assert best - scored[k] <= TIE, k
-        assert max(gaps) <= LOGPROB_TOL
+        mine = greedy(ours, p, NEW_TOKENS)
+        _assert_agrees(ours, p, tokens, lps, mine, token_logprobs(ours, p + mine)[len(p) - 1:])
