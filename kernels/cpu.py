@@ -1,4 +1,5 @@
-"""CPU fast path for `QuantLinear`: every width (2/3/4/8 bits) runs on PyTorch's int4 CPU kernel.
+"""CPU fast paths: `QuantLinear` on PyTorch's int4 CPU kernel (every width, 2/3/4/8 bits), and `LowRankLinear`'s U
+held by columns (`lowrank_columns`, at the end of this module).
 
 PyTorch ships a weight-only int4 GEMM for CPU, ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group,
 scales_and_zeros)`` (private ops, the ones torchao's int4 CPU layout calls): codes ``c`` in 0..15 with
@@ -42,6 +43,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
+import sys
 import threading
 from typing import NamedTuple
 
@@ -341,3 +344,102 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.view(*x.shape[:-1], pack.out_features)
+
+
+# ----------------------------------------------------------------------------------------------- low rank
+def lowrank_columns(u: torch.Tensor) -> torch.Tensor:
+    """The U [out, r] a low-rank layer's CPU forward reads: U stored by columns (a contiguous [r, out] buffer,
+    viewed transposed) where U's own pages can be handed back, U itself otherwise. One row of fp32 activations
+    times a row-major U is a GEMV over ``out`` short rows of ``r`` values, which MKL runs at about half the
+    bandwidth of the same product over U's columns (SmolLM2's 1536 x 251 U at 2 threads, weights streamed from
+    memory: 204 vs 109 us; 576 x 251: 69 vs 32 us; bf16 runs through oneDNN and reads either layout at one speed,
+    so only fp32 takes this). Same product up to the order of fp32 additions.
+
+    U itself is left as it is (the checkpoint's layout, what state dicts, merges and the other backends read). The
+    copy is made only when U's pages come from a memory-mapped checkpoint (how transformers loads safetensors
+    files) and so can be taken out of the process's RSS after the copy (`release_pages`): the copy then replaces
+    them rather than adding U's bytes. A U in anonymous memory (a model compressed in this process, or converted
+    to another dtype at load) is read as it is: a second copy would add its bytes for good."""
+    span = _release_range(u)
+    if span is None:
+        return u
+    cols = u.detach().t().contiguous().t()
+    _release(span)
+    return cols
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return fn
+
+
+def _in_file_mapping(start: int, end: int) -> bool:
+    """Whether the bytes [start, end) lie in one mapping of this process that maps a file (not anonymous memory,
+    the heap, or a deleted file)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                if lo <= start < hi:
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    return end <= hi and path.startswith("/") and not path.endswith("(deleted)")
+    except OSError:
+        pass
+    return False
+
+
+def _unwritten(first: int, last: int) -> bool:
+    """Whether no page of [first, last) that this process has resident is a private (copy-on-write) copy: each is
+    still the file's own page (``/proc/self/pagemap``: bit 63 present, bit 61 file page or shared)."""
+    page = mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first // page * 8)
+            data = pagemap.read((last - first) // page * 8)
+    except OSError:
+        return False
+    if len(data) != (last - first) // page * 8:
+        return False
+    entries = torch.frombuffer(bytearray(data), dtype=torch.int64)
+    return not bool(((entries < 0) & ((entries >> 61) & 1 == 0)).any())
+
+
+def _release_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """The page-aligned address range `release_pages` would release for ``t``; None where it would do nothing."""
+    if _madvise() is None or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first or not _in_file_mapping(start, end) or not _unwritten(first, last):
+        return None
+    return first, last
+
+
+def release_pages(t: torch.Tensor) -> int:
+    """Take the whole pages of ``t``'s bytes out of this process's resident set, where they are pages of a file
+    mapping (a safetensors checkpoint that transformers memory-mapped) that nothing wrote; returns the bytes
+    released (0: nothing done). Linux ``madvise(MADV_DONTNEED)``: a later read of ``t`` faults the pages back in
+    from the file, unchanged. Left alone: anonymous memory (whose pages it would zero), a range where any page was
+    written (in a private mapping a written page is a copy-on-write copy, which would revert to the file's
+    bytes: checked page by page in ``/proc/self/pagemap``, so a write through ``.data`` is seen too), and systems
+    other than Linux."""
+    span = _release_range(t)
+    return 0 if span is None else _release(span)
+
+
+def _release(span: tuple[int, int]) -> int:
+    first, last = span
+    return last - first if _madvise()(first, last - first, _MADV_DONTNEED) == 0 else 0

@@ -7,8 +7,8 @@ specification), ``triton`` (always Triton; an error where it cannot run: Triton 
 devices or a torch without them).
 
 The CPU backend runs `QuantLinear` (`kernels.cpu`; a layer whose group size the kernel cannot take, or a call
-without a ``cache`` to keep the repacked weight in, runs the reference); low-rank layers are two dense GEMMs, which
-is already what the reference does on CPU.
+without a ``cache`` to keep the repacked weight in, runs the reference); low-rank layers are the reference's two
+dense GEMMs, with an fp32 U read from a copy held by columns (`cpu.lowrank_columns`, kept in the ``cache``).
 
 The variable is read once per process (the first forward) and cached, as is the Triton import;
 `refresh_backend()` re-reads both (tests, or after changing the variable at run time).
@@ -161,10 +161,17 @@ def cpu_pack(cache: dict, qweight, scales, zeros, bits: int, group_size: int, in
     return reuse(cache, "pack", (qweight, scales, zeros), build)
 
 
-def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = (x · Vᵀ) · Uᵀ + b."""
-    if backend_for(x) == "triton":
+def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   cache: dict | None = None) -> torch.Tensor:
+    """y = (x · Vᵀ) · Uᵀ + b. ``cache``: where the CPU backend keeps an fp32 U by columns (`cpu.lowrank_columns`)
+    between calls; without one, or when a gradient is needed, it runs the reference on U as it is."""
+    backend = backend_for(x)
+    if backend == "triton":
         return _run(_triton().lowrank.lowrank_linear, reference.lowrank_linear, x, u, v, bias)
+    if (backend == "cpu" and cache is not None and u.dtype is torch.float32 and u.device.type == "cpu"
+            and not _needs_grad(x, u, v, bias)):
+        # keyed on U's storage too: Module.to() swaps a parameter's data keeping its identity and version counter
+        u = reuse(cache, "u_columns", (u,), lambda: cpu.lowrank_columns(u), key=u.data_ptr())
     return reference.lowrank_linear(x, u, v, bias)
 
 

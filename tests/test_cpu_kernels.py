@@ -306,6 +306,136 @@ def test_loading_a_4bit_checkpoint_never_materialises_dense_weights(tmp_path):
     assert added < dense / 2, f"loading + one forward added {added / 1e6:.0f} MB (dense projections: {dense / 1e6:.0f} MB)"
 
 
+# ------------------------------------------------------------------------------------------- low rank
+linux_only = pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="page release is Linux-only")
+
+
+def _mapped_rss(path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@linux_only
+def test_release_pages_hands_back_clean_file_pages_only(tmp_path):
+    """`cpu.release_pages`: the pages of a tensor in a private file mapping (as transformers maps safetensors) leave
+    the resident set and read back unchanged; a mapping with a written page (through ``.data``, which no version
+    counter sees) and anonymous memory are left as they are."""
+    n = 1 << 20  # 4 MB
+    want = torch.arange(n, dtype=torch.float32)
+    path = tmp_path / "blob.bin"
+    want.numpy().tofile(path)
+    t = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    assert torch.equal(t, want) and _mapped_rss(path) >= 0.9 * 4 * n
+    released = cpu.release_pages(t)
+    assert released >= 4 * n - 2 * 4096 and _mapped_rss(path) <= 8192
+    assert torch.equal(t, want)  # faulted back in from the file
+
+    t.data[5] = -1.0
+    assert cpu.release_pages(t) == 0 and t[5] == -1.0 and torch.equal(t[6:], want[6:])
+    anon = want.clone()
+    assert cpu.release_pages(anon) == 0 and torch.equal(anon, want)
+
+
+def _lowrank_llama():
+    """A 2-block Llama with svd factors of several pages each (hidden 256: U up to 704 x 94 fp32)."""
+    import hf_compress
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    hf_compress.compress(model, {"method": "svd", "ratio": 0.3}, progress=False)
+    return model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@linux_only
+def test_lowrank_cpu_path_reads_u_by_columns_from_a_loaded_checkpoint(tmp_path, monkeypatch):
+    """A low-rank checkpoint loaded with from_pretrained (fp32): every layer's CPU forward reads a copy of U held
+    by columns, U's own pages leave the resident set (so the copy adds nothing to RSS), the logits are the
+    reference's up to fp32 rounding, and U still holds the checkpoint's values. Relies on transformers
+    memory-mapping safetensors checkpoints: if it stops, no U is a file mapping's and this fails saying so."""
+    import hf_compress
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.modules import LowRankLinear
+
+    hf_compress.save_pretrained(_lowrank_llama(), tmp_path, model_card=False)
+    saved = load_file(tmp_path / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert len(layers) == 14
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    before = _mapped_rss(tmp_path / "model.safetensors")
+    fast = _logits(model, ids)
+    for name, m in layers.items():
+        cols = m._kernel_cache.get("u_columns")
+        assert cols is not None and cols is not m.U, (
+            f"{name}: no U by columns: its U is not in a file mapping (does transformers still memory-map "
+            "safetensors checkpoints?)")
+        assert cols.stride() == (1, m.out_features) and torch.equal(cols, m.U)
+    u_bytes = sum(m.U.numel() * 4 for m in layers.values())
+    assert _mapped_rss(tmp_path / "model.safetensors") <= before + 0.5 * u_bytes  # U's pages were handed back
+    assert _logits(model, ids).equal(fast)  # the copies are kept between calls
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
+    dispatch.refresh_backend()
+    ref = _logits(model, ids)
+    assert _rel(fast, ref) < 1e-5
+    for name, m in layers.items():
+        assert torch.equal(m.U, saved[f"{name}.U"]), name
+
+    model.to(torch.bfloat16).to(torch.float32)  # U's data swapped under the same Parameter: no stale copy is read
+    ref = _logits(model, ids)
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
+    dispatch.refresh_backend()
+    assert _rel(_logits(model, ids), ref) < 1e-5 and _rel(ref, fast) > 1e-4
+
+
+def test_lowrank_cpu_path_never_copies_u_it_cannot_hand_back():
+    """A model compressed in this process (U in anonymous memory), a bf16 model, and a training step keep reading U
+    as it is: no second copy of U is made, and the outputs are the reference's."""
+    model = _lowrank_llama()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    from hf_compress.modules import LowRankLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    fast = _logits(model, ids)
+    assert all(m._kernel_cache["u_columns"] is m.U for m in layers)
+    assert torch.equal(fast, model(input_ids=ids).logits.detach())
+
+    new_u = torch.nn.Parameter(layers[0].U.detach() * 2)  # a replaced U (a merge, load_state_dict) is picked up
+    layers[0].U = new_u
+    x = torch.randn(3, layers[0].in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layers[0](x), reference.lowrank_linear(x, new_u, layers[0].V, layers[0].bias))
+    assert layers[0]._kernel_cache["u_columns"] is new_u
+
+    layers[1]._kernel_cache.clear()
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(layers[1](xg).sum(), xg)  # training: the reference, no cache
+    torch.testing.assert_close(gx, (layers[1].U @ layers[1].V).sum(0).expand(3, -1).detach())
+    assert not layers[1]._kernel_cache
+
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert all(m._kernel_cache.get("u_columns") in (None, m.U) or m.U.dtype is torch.float32 for m in layers)
+    assert not any(m._kernel_cache.get("u_columns") is not None and m._kernel_cache["u_columns"] is not m.U
+                   for m in layers)
+
+
 # ------------------------------------------------------------------------------------------- KV cache reads
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis,group", [("channel", 8), ("token", 8), ("token", 24)])

@@ -42,6 +42,7 @@ class LowRankLinear(nn.Module):
         self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.V = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self._kernel_cache: dict = {}  # the CPU backend's U by columns (`kernels.dispatch.lowrank_linear`); not state
         self.reset_parameters()
 
     @property
@@ -72,7 +73,7 @@ class LowRankLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lowrank_linear(x, self.U, self.V, self.bias)
+        return lowrank_linear(x, self.U, self.V, self.bias, cache=self._kernel_cache)
 
     @property
     def weight(self) -> torch.Tensor:
