@@ -133,21 +133,22 @@ def _run(kernel, ref, *tensors):
 
 def reuse(cache: dict, name: str, src: tuple, build, key=None):
     """``cache[name]``, built with ``build()`` on first use and kept in ``cache`` (a plain dict the caller owns, never
-    part of a state dict) until a tensor of ``src`` is replaced or changed in place (identity and version counter),
-    or ``key`` changes. Asked at every forward, so the check is a loop of identity and integer comparisons (no
-    tuple built per call: at one row a layer's whole kernel call is ~20 us). Inference tensors (made under
-    ``torch.inference_mode``) have no version counter: only their replacement is seen."""
+    part of a state dict) until a tensor of ``src`` is replaced, changed in place (identity and version counter) or
+    given other data (its data pointer: ``Module.to()`` swaps a parameter's data keeping its identity and version
+    counter), or ``key`` changes. Asked at every forward, so the check is a loop of identity and integer
+    comparisons (no tuple built per call: at one row a layer's whole kernel call is ~20 us). Inference tensors
+    (made under ``torch.inference_mode``) have no version counter: only their replacement or new data is seen."""
     seen = cache.get("seen")
     if seen is not None and cache["key"] == key and len(seen) == len(src):
-        for t, (held, version) in zip(src, seen):
-            if t is not held or (version is not None and t._version != version):
+        for t, (held, version, ptr) in zip(src, seen):
+            if t is not held or t.data_ptr() != ptr or (version is not None and t._version != version):
                 break
         else:
             return cache[name]
     cache.clear()  # drop the old value before building the new one
     value = build()
     cache.update({name: value, "key": key,
-                  "seen": tuple((t, None if t.is_inference() else t._version) for t in src)})
+                  "seen": tuple((t, None if t.is_inference() else t._version, t.data_ptr()) for t in src)})
     return value
 
 
@@ -170,8 +171,7 @@ def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torc
         return _run(_triton().lowrank.lowrank_linear, reference.lowrank_linear, x, u, v, bias)
     if (backend == "cpu" and cache is not None and u.dtype is torch.float32 and u.device.type == "cpu"
             and not _needs_grad(x, u, v, bias)):
-        # keyed on U's storage too: Module.to() swaps a parameter's data keeping its identity and version counter
-        u = reuse(cache, "u_columns", (u,), lambda: cpu.lowrank_columns(u), key=u.data_ptr())
+        u = reuse(cache, "u_columns", (u,), lambda: cpu.lowrank_columns(u))
     return reference.lowrank_linear(x, u, v, bias)
 
 
