@@ -9,20 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hf_compress.progress import peak_rss_mb  # noqa: F401  (the benchmarks' peak-RSS reading)
+from hf_compress.progress import peak_rss_mb, reset_peak_rss  # noqa: F401  (the benchmarks' peak-RSS reading)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: the protocol's compressed layers (../shared/PEERS.md): every q/k/v/o/gate/up/down projection
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def reset_peak_rss() -> None:
-    """Linux: restart the kernel's peak-RSS counter (VmHWM) so the next reading covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def run_rows(script: str, jobs: list[tuple[str, list[str]]]) -> list[dict]:

@@ -16,8 +16,9 @@ Baselines (timed on the same 210 projections, same threads, same process layout:
 per method) or ``--llama7b-blocks N`` measures instead a Llama-2-7B-shaped model (hidden 4096, intermediate 11008, 32 heads,
 N blocks of random fp16 weights written to disk one block at a time, SmolLM2's tokenizer and vocabulary) compressed
 through the CLI with accelerate disk offload (``--device-map auto --max-memory cpu=1GiB --offload-folder``): per
-block time and peak RSS for svd_llm, asvd and gptq from the CLI's ``-v`` progress lines, beside the memory formula
-(`formula_mb`) and the extrapolation to 32 blocks.
+block time and peak RSS for svd_llm, asvd, gptq and (data-free) svd from the CLI's ``-v`` progress lines, beside the
+memory formula (`formula_mb`) and the extrapolation to 32 blocks; the RSS once each block is done (finished blocks
+are read back from the checkpoint folder, memory-mapped, rather than kept in RAM) and the peak including the save.
 
 A method row is ``method:setting`` (``svd:0.4``, ``rtn:4:128``, ``svd_llm:0.2``, ``gptq:3:64``) run through
 ``hf_compress.compress`` with each method's defaults, timed from the loaded model to the compressed one, then
@@ -201,7 +202,7 @@ def table(results: list[dict], eval_tokens: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------ Llama-2-7B shape
 H, I, HEADS, VOCAB = 4096, 11008, 32, 49152  # vocabulary of SmolLM2's tokenizer, used for calibration
 METHODS_7B = {"gptq": ["--bits", "3", "--group-size", "128"], "asvd": ["--ratio", "0.2"],
-              "svd_llm": ["--ratio", "0.2"]}
+              "svd_llm": ["--ratio", "0.2"], "svd": ["--ratio", "0.2"]}  # svd: data-free, one layer at a time
 
 
 def write_llama7b(folder, blocks: int) -> None:
@@ -264,9 +265,18 @@ def formula_mb(method: str, n_tok: int, batch_tok: int) -> dict:
       workspace ~ 4 x H x I fp64, U and workspace 2 x H² fp64); svd_llm: 9 fp64 I x I (train and held-out Gram
       and cross, held-out reference Gram, the merged Gram and cross, S and S⁻¹).
 
+    Data-free ``svd`` holds no block, no streams and no forward: one layer at a time, the widest (H x I), is read
+    through its offload hook and cloned (fp16, 2 x H x I x 2), made fp32 (H x I x 4) and factored:
+    ``torch.linalg.svd`` in fp32 takes 4 x H x I x 4 beyond its input (measured by a one-off probe on 11008 x
+    4096: 681 MiB) and the rank-r factors two copies of r(H + I) = 0.8 H·I values at ratio 0.2 (2 x 0.8 x H x I
+    x 4): 30.4 x H x I bytes in all.
+
     peak = floor + block + streams + fit. The floor (interpreter, torch, what stays in RAM such as the
     embeddings) is the CLI's RSS after loading."""
     mb = 2**20
+    if method == "svd":
+        fit = 2 * H * I * 2 + H * I * 4 + 4 * H * I * 4 + 2 * 0.8 * H * I * 4
+        return {"block": 0.0, "streams": 0.0, "forward": 0.0, "fit": fit / mb, "peak": fit / mb}
     p_block = 4 * H * H + 3 * H * I
     block = p_block * 4 * (2 if method == "svd_llm" else 1)  # svd_llm: + the dense copy (copy.deepcopy) of the block
     streams = 2 * n_tok * H * 4 + (n_tok * H * 4 + n_tok * (3 * H + I) * 4 if method == "svd_llm" else 0)
@@ -315,11 +325,14 @@ def run_llama7b(args) -> None:
         log = "".join(lines)
         blocks = [(float(s), float(r)) for s, r in
                   re.findall(rf"{method}: block \d+/\d+ done \(([\d.]+) s\).*peak RSS (\d+) MiB", log)]
+        after = re.findall(rf"{method}: block \d+/\d+ done .*, RSS (\d+) MiB, peak", log)  # once each block is done
+        saved = re.search(r"saved .*; peak RSS (\d+) MiB, now (\d+) MiB of which (\d+) MiB file pages", log)
         summary = re.search(r"compressed .* in .*\(([\d.]+)s\), peak RSS (\d+) MiB", log)
         if not blocks or (proc.returncode and not timed_out):
             print(f"{method}: FAILED\n{log[-3000:]}", file=sys.stderr, flush=True)
             continue
         floor = re.search(r"RSS now (\d+) MiB", log)
+        loading = re.search(r"peak while loading (\d+) MiB", log)  # the CLI restarts the peak after loading
         f = formula_mb(method, n_tok, batch_tok)
         base = float(floor.group(1)) if floor else float("nan")
         predicted = base + f["peak"]
@@ -330,9 +343,14 @@ def run_llama7b(args) -> None:
                      "s/block": round(per_block, 1), "run s": round(total, 1),
                      # every phase runs once per block (capture, spectra, sensitivity, the sequential pass)
                      "32-block s (extrapolated)": round(32 * (per_block if timed_out else total / len(blocks))),
+                     "load peak MiB": loading.group(1) if loading else "-",
                      "peak RSS MiB": round(peak), "floor MiB": round(base),
                      "formula MiB": round(predicted), "measured/formula": round(peak / predicted, 2),
-                     **{f"{k} MiB": round(v) for k, v in f.items() if k != "peak"}})
+                     **{f"{k} MiB": round(v) for k, v in f.items() if k != "peak"},
+                     "RSS after each block MiB": " / ".join(after),
+                     # the save reads the finished blocks back: file pages of the checkpoint folder's files
+                     "peak incl. save MiB": saved.group(1) if saved else "-",
+                     "end: RSS / file pages MiB": f"{saved.group(2)} / {saved.group(3)}" if saved else "-"})
         print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out + ".partial", ignore_errors=True)

@@ -76,7 +76,7 @@ def cmd_compress(args) -> int:
 
     from .hub import add_evaluation, provenance_of
 
-    from .progress import format_seconds, peak_rss_mb, rss_mb
+    from .progress import format_seconds, peak_rss_mb, reset_peak_rss, rss_mb
 
     config = _config_from_args(args)
     partial = _partial_dir(args.output)
@@ -85,7 +85,9 @@ def cmd_compress(args) -> int:
                               "continue it, or delete it to start over.")
     t0 = time.time()
     model, tokenizer = load_model(args.model, **_placement_args(args))
-    print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s; RSS now {rss_mb():.0f} MiB")
+    print(f"loaded {args.model} ({type(model).__name__}) in {time.time() - t0:.1f}s; RSS now {rss_mb():.0f} MiB, "
+          f"peak while loading {peak_rss_mb():.0f} MiB")
+    reset_peak_rss()  # the peaks printed from here on are the compression's (and the save's)
     placement = getattr(model, "hf_device_map", None)
     if args.device_map and placement:
         where = {d: sum(1 for v in placement.values() if v == d) for d in dict.fromkeys(placement.values())}
@@ -112,7 +114,8 @@ def cmd_compress(args) -> int:
         add_evaluation(model, after, dataset=name, command=_command_line())
     save_pretrained(model, args.output, tokenizer=tokenizer)
     _remove_tree(partial)  # the checkpoint is complete: the resume state has served
-    print(f"saved {args.output} (model card: {os.path.join(args.output, 'README.md')})")
+    print(f"saved {args.output} (model card: {os.path.join(args.output, 'README.md')}); peak RSS {peak_rss_mb():.0f} "
+          f"MiB, now {rss_mb():.0f} MiB of which {rss_mb('RssFile'):.0f} MiB file pages")
     return 0
 
 

@@ -57,7 +57,10 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     ``checkpoint_dir``: make the run resumable (`hf_compress.resume`): finished blocks are checkpointed there as
     safetensors (the sequential engine's streams at most every ``checkpoint_every`` seconds); when the folder
     already holds a run with the same settings, compression continues after its last committed block and the
-    result equals an uninterrupted run bit for bit. Delete the folder once the model is saved.
+    result equals an uninterrupted run bit for bit. Delete the folder once the model is saved. The compressed
+    layers of blocks that accelerate offloaded (``device_map`` with ``"disk"``/``"cpu"`` offload) are read from
+    their files there, memory-mapped, once their block is written, so that finished blocks do not accumulate in RAM
+    (on Linux a mapped file may be deleted: the mapping keeps its bytes).
     """
     from .quantizer import attach
 
@@ -125,7 +128,8 @@ def _replace(model, name, module, method, config, rank, stats=None, heldout=None
                 new = LowRankLinear.from_factors(u, v, bias, **kw)
             else:
                 new = _quantized_factors(u, v, bias, config, None if stats is None else stats.merged(heldout), **kw)
-    # For an offloaded layer the (smaller) compressed module stays in memory on the hook's execution device.
+    # For an offloaded layer the (smaller) compressed module is made on the hook's execution device; with a
+    # checkpoint folder, once its block is written there it is read from that file (`Checkpoint.release_unit`).
     set_module(model, name, new)
 
 
@@ -281,6 +285,7 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
                     _replace(model, name, targets[name], method, config, plan[name])
             if ckpt:
                 ckpt.save_unit(u, model, [n for n in units[u] if plan[n] is not None])
+                ckpt.release_unit(u, model, [n for n in units[u] if _is_offloaded(targets[n])])
                 ckpt.commit(u + 1, {"plan": plan})
         report = {"ranks": plan, "seconds": time.time() - t0}
     else:
@@ -458,6 +463,7 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
         runner.inputs[i] = []  # this block's captured calls are no longer needed
         if ckpt:
             ckpt.save_unit(i, model, list(todo))
+            ckpt.release_unit(i, model, [n for n in todo if _is_offloaded(targets[n])])  # off RAM, read from disk
             if ckpt.due() or i == len(blocks) - 1:
                 streams = {f"comp.{b}": h for b, h in enumerate(comp)}
                 streams.update({f"ref.{b}": h for b, h in enumerate(ref or [])})

@@ -42,7 +42,7 @@ def layer_table(model: nn.Module) -> list[LayerInfo]:
         if name in compressed:
             out_f, in_f = module.out_features, module.in_features
             bias = 0 if module.bias is None else module.bias.numel() * module.bias.element_size()
-            size = torch.empty((), dtype=getattr(module, "compute_dtype", None) or module.weight.dtype).element_size()
+            size = torch.empty((), dtype=module.compute_dtype).element_size()  # (`weight` would compute the product)
             dense = out_f * in_f * size + bias
             now = _tensor_bytes(module)
             rows.append(LayerInfo(name, module.type_name, (out_f, in_f), _detail(module), now, dense,

@@ -112,3 +112,16 @@ def tiny_tokenizer(tmp_path_factory):
                                    unk_token="<unk>")
     assert fast.vocab_size <= VOCAB
     return fast
+
+
+def resident_pages(t: torch.Tensor) -> tuple[int, int]:
+    """(resident, total) whole pages of ``t``'s bytes in this process (/proc/self/pagemap bit 63; Linux)."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // page), end // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = torch.frombuffer(bytearray(f.read((last - first) * 8)), dtype=torch.int64)
+    return int((entries < 0).sum()), last - first

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from hf_compress import kernels
 from hf_compress.kernels import cpu, dispatch, reference
+from conftest import resident_pages
 
 TOL = 3e-2  # relative to the reference's max |y|: bf16 activations, as tests/test_kernels.py's GPU tolerance
 
@@ -322,19 +323,6 @@ def _mapped_rss(path) -> int:
     return total
 
 
-def _resident_pages(t: torch.Tensor) -> tuple[int, int]:
-    """(resident, total) whole pages of ``t``'s bytes in this process (/proc/self/pagemap bit 63)."""
-    import mmap
-
-    page = mmap.PAGESIZE
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    first, last = -(-start // page), end // page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(first * 8)
-        entries = torch.frombuffer(bytearray(f.read((last - first) * 8)), dtype=torch.int64)
-    return int((entries < 0).sum()), last - first
-
-
 @linux_only
 def test_release_pages_hands_back_clean_file_pages_only(tmp_path):
     """`cpu.release_pages`: the pages of a tensor in a private file mapping (as transformers maps safetensors) leave
@@ -397,7 +385,7 @@ def test_lowrank_cpu_path_reads_u_by_columns_from_a_loaded_checkpoint(tmp_path, 
         assert cols is not None and cols is not m.U, (
             f"{name}: no U by columns: its U is not in a file mapping (does transformers still memory-map "
             "safetensors checkpoints?)")
-        resident, pages = _resident_pages(m.U)  # before anything reads U again
+        resident, pages = resident_pages(m.U)  # before anything reads U again
         assert pages >= 2 and resident == 0, f"{name}: {resident} of U's {pages} pages still resident"
     for name, m in layers.items():
         cols = m._kernel_cache["u_columns"]

@@ -115,6 +115,28 @@ def test_card_metadata_sections_and_measured_numbers(tmp_path, tiny_tokenizer, m
         assert "4-bit g16" in card.text and "bits per weight" in card.text
 
 
+@pytest.mark.parametrize("cfg", [{"method": "svd", "ratio": 0.4}, {"method": "rtn", "bits": 4, "group_size": 16},
+                                 {"method": "svd", "ratio": 0.4, "bits": 4, "group_size": 16}],
+                         ids=["lowrank", "quant", "lowrank_quant"])
+def test_layer_table_computes_no_dense_weight(cfg, monkeypatch):
+    """The size table (CLI summary, `hf-compress info`, the card) reads shapes and dtypes only: a compressed
+    layer's ``weight`` (the dense product, as large as the layer it replaced) is never computed. At 7B shapes it
+    took 113 s and a dense layer's memory per call, and read back every block a disk-offloaded run had released."""
+    from hf_compress.modules import MODULE_TYPES, compressed_modules
+    from hf_compress.summary import layer_table
+
+    model = hf_compress.compress(make_tiny("llama"), cfg, progress=False)
+    assert len({type(m) for m in compressed_modules(model).values()}) == 1
+    for cls in MODULE_TYPES.values():
+        monkeypatch.setattr(cls, "weight", property(lambda self: pytest.fail("layer_table computed .weight")))
+    rows = [r for r in layer_table(model) if r.kind != "dense"]
+    assert len(rows) == 14
+    for r in rows:
+        m = model.get_submodule(r.name)
+        assert r.bytes == sum(t.numel() * t.element_size() for t in m.state_dict().values())
+        assert r.dense_bytes == r.shape[0] * r.shape[1] * 4  # an fp32 model
+
+
 def test_card_never_shows_numbers_of_other_weights(tmp_path, tiny_tokenizer):
     model, _, after = _compressed(tiny_tokenizer)
     out = tmp_path / "ckpt"

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_compress
-from conftest import _decoder_kwargs
+from conftest import _decoder_kwargs, resident_pages
 from hf_compress.errors import ConfigError
 
 TEXT = str(resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt"))
@@ -137,7 +137,64 @@ def test_cli_disk_offload_gives_the_in_memory_checkpoint(dense4, tmp_path):
     assert off.returncode == 0, off.stderr
     assert re.search(r"placement \(modules per device\): .*disk: 1", off.stdout)  # the blocks really stayed on disk
     assert "peak RSS" in off.stdout  # the summary line
+    assert re.search(r"RSS now \d+ MiB, peak while loading \d+ MiB", off.stdout)  # then the peak restarts
+    assert re.search(r"saved .*; peak RSS \d+ MiB, now \d+ MiB of which \d+ MiB file pages", off.stdout)
     a, b = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     bad = _cli("compress", dense4, "-o", tmp_path / "bad", *common, "--offload-folder", tmp_path / "x")
     assert bad.returncode == 2 and "need --device-map" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file of the mapping that holds ``t``'s bytes (/proc/self/maps); None for anonymous memory."""
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(a, 16) for a in fields[0].split("-"))
+        if lo <= start < hi:
+            return fields[5].strip() if len(fields) == 6 and end <= hi else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="reads Linux's /proc/self/maps and pagemap")
+@pytest.mark.parametrize("cfg", [{"method": "svd", "ratio": 0.4},
+                                 {"method": "asvd", "ratio": 0.4, "calibration": {"nsamples": 8, "seqlen": 32}}],
+                         ids=["data-free", "calibrated"])
+def test_offloaded_blocks_leave_ram_once_checkpointed(tmp_path, cfg):
+    """With every block on disk (accelerate offload), a finished block's compressed layers are read from their
+    unit file in the checkpoint folder, memory-mapped and not resident, instead of staying in RAM until the save;
+    the model is the one an in-memory run gives, bit for bit, and saves and reloads the same after the folder is
+    deleted (as the CLI deletes it)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    kw = {**_decoder_kwargs(3), "hidden_size": 256, "intermediate_size": 512}  # factors of many pages
+    LlamaForCausalLM(LlamaConfig(**kw)).save_pretrained(tmp_path / "dense")
+    ids = torch.randint(3, 96, (8, 32), generator=torch.Generator().manual_seed(1))
+    calib = ids if "calibration" in cfg else None
+    ref = hf_compress.compress(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), dict(cfg),
+                               calibration=calib, progress=False)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "disk",
+                  "model.norm": "cpu", "lm_head": "cpu"}
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
+                                               offload_folder=str(tmp_path / "offload"))
+    ckpt = tmp_path / "ckpt"
+    hf_compress.compress(off, dict(cfg), calibration=calib, progress=False, checkpoint_dir=ckpt)
+    layers = {n: m for n, m in off.named_modules() if type(m).__name__ == "LowRankLinear"}
+    assert {n.split(".")[2] for n in layers} == {"0", "1", "2"}  # compressed layers in every block
+    for name, m in layers.items():
+        unit = str(ckpt / f"unit-{int(name.split('.')[2]):05d}.safetensors")
+        assert _mapped_file(m.U) == unit and _mapped_file(m.V) == unit, name  # not in the heap
+        assert resident_pages(m.U)[0] + resident_pages(m.V)[0] == 0, f"{name}: its pages are resident"
+    for name, m in layers.items():  # (the rest of an offloaded block, its norms, is on `meta` in the state dict)
+        a, b = ref.get_submodule(name).state_dict(), m.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    x = ids[:2, :10]
+    want = ref(input_ids=x).logits
+    assert torch.equal(off(input_ids=x).logits, want)
+    import shutil
+
+    shutil.rmtree(ckpt)
+    hf_compress.save_pretrained(off, tmp_path / "out")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(again(input_ids=x).logits, want)

@@ -49,6 +49,11 @@ class LowRankLinear(nn.Module):
     def rank(self) -> int:
         return self.U.shape[1]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the layer's outputs (its factors'), read without computing `weight`."""
+        return self.U.dtype
+
     def reset_parameters(self):
         if self.U.is_meta:
             return

@@ -312,6 +312,10 @@ class QuantLowRankLinear(nn.Module):
         return self.down.out_features
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.down.compute_dtype
+
+    @property
     def bits(self) -> int:
         return self.down.bits
 
