@@ -284,8 +284,7 @@ def compress_modules(model: nn.Module, config: CompressionConfig, *, calibration
                 if plan[name] is not None:
                     _replace(model, name, targets[name], method, config, plan[name])
             if ckpt:
-                ckpt.save_unit(u, model, [n for n in units[u] if plan[n] is not None])
-                ckpt.release_unit(u, model, [n for n in units[u] if _is_offloaded(targets[n])])
+                _checkpoint_unit(ckpt, u, model, [n for n in units[u] if plan[n] is not None], targets)
                 ckpt.commit(u + 1, {"plan": plan})
         report = {"ranks": plan, "seconds": time.time() - t0}
     else:
@@ -339,6 +338,13 @@ def _units(model, targets: dict[str, nn.Module]) -> list[list[str]]:
 
 def _block_index(name: str, prefix: str) -> int:
     return int(name[len(prefix) + 1 :].split(".")[0])
+
+
+def _checkpoint_unit(ckpt, unit: int, model, names: list[str], targets: dict[str, nn.Module]) -> None:
+    """Write unit ``unit``'s modules ``names``; those replacing an offloaded layer are then read from that file
+    (memory-mapped) instead of staying in RAM."""
+    ckpt.save_unit(unit, model, names)
+    ckpt.release_unit(unit, model, [n for n in names if _is_offloaded(targets[n])])
 
 
 def _restore(ckpt, model, n_units: int) -> int:
@@ -462,8 +468,7 @@ def _compress_calibrated(model, config, method, alloc, targets, shapes, calibrat
             comp = runner.run(i, block, comp)
         runner.inputs[i] = []  # this block's captured calls are no longer needed
         if ckpt:
-            ckpt.save_unit(i, model, list(todo))
-            ckpt.release_unit(i, model, [n for n in todo if _is_offloaded(targets[n])])  # off RAM, read from disk
+            _checkpoint_unit(ckpt, i, model, list(todo), targets)
             if ckpt.due() or i == len(blocks) - 1:
                 streams = {f"comp.{b}": h for b, h in enumerate(comp)}
                 streams.update({f"ref.{b}": h for b, h in enumerate(ref or [])})

@@ -69,6 +69,11 @@ def _home(module: nn.Module) -> torch.device:
     return torch.device(device if device is not None else "cpu")
 
 
+def _own(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of module ``name`` in a unit file's ``tensors``, keyed as in its state dict."""
+    return {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+
+
 class Checkpoint:
     """Checkpoints of one compression run in ``folder``. ``every``: seconds between commits of the streams (the
     compressed modules of each unit are written as soon as it is done; they are cheap)."""
@@ -108,6 +113,9 @@ class Checkpoint:
         path = self.folder / STREAMS
         return load_file(path) if self.done and path.is_file() else {}
 
+    def _unit_file(self, unit: int) -> Path:
+        return self.folder / f"unit-{unit:05d}.safetensors"
+
     def due(self) -> bool:
         return time.time() - self.last_commit >= self.every
 
@@ -126,24 +134,23 @@ class Checkpoint:
                 records[name] = {"record": {"type": "dense"}}
                 tensors[f"{name}.weight"] = dense_weight(module).detach().contiguous()
         meta = {"modules": json.dumps(records)}
-        _atomic(self.folder / f"unit-{unit:05d}.safetensors",
+        _atomic(self._unit_file(unit),
                 lambda p: save_file({k: v.cpu() for k, v in tensors.items()}, str(p), metadata=meta))
 
-    def release_unit(self, unit: int, model: nn.Module, names) -> int:
+    def release_unit(self, unit: int, model: nn.Module, names) -> None:
         """Point the compressed modules ``names`` of ``unit``, just written by `save_unit`, at their tensors in the
         unit file, memory-mapped (safetensors maps a file it loads): their bytes leave the process's heap and come
         back from the file, through the page cache, only when something reads them (a later forward, the final
         save). What an offloaded run does so that the finished blocks do not pile up in RAM until the model is
         saved (≈ 20 GB for a 7B model in fp32 factors). The values are the same bits; modules not on the CPU
-        (on an accelerator) are left as they are. Returns the bytes moved out of the heap."""
-        names = [n for n in names if isinstance(model.get_submodule(n), tuple(MODULE_TYPES.values()))]
-        if not names:
-            return 0
-        tensors = load_file(self.folder / f"unit-{unit:05d}.safetensors")
-        moved = 0
-        for name in names:
-            module = model.get_submodule(name)
-            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        (on an accelerator) and dense layers are left as they are."""
+        modules = {n: model.get_submodule(n) for n in names}
+        modules = {n: m for n, m in modules.items() if isinstance(m, tuple(MODULE_TYPES.values()))}
+        if not modules:
+            return
+        tensors = load_file(self._unit_file(unit))
+        for name, module in modules.items():
+            own = _own(tensors, name)
             mine = module.state_dict()
             if own.keys() != mine.keys() or any(t.device.type != "cpu" for t in mine.values()):
                 continue
@@ -152,8 +159,6 @@ class Checkpoint:
                 release_pages(t)
             for m in module.modules():  # a derived copy (the CPU kernels' repacked weight) read the old tensors
                 getattr(m, "_kernel_cache", {}).clear()
-            moved += sum(t.numel() * t.element_size() for t in mine.values())
-        return moved
 
     def commit(self, done: int, extra: dict, streams: dict[str, torch.Tensor] | None = None) -> None:
         """Declare units ``0..done-1`` final; ``streams``: the tensors the run continues from."""
@@ -167,7 +172,7 @@ class Checkpoint:
 
     # ------------------------------------------------------------------------------------------------ reading
     def restore_unit(self, unit: int, model: nn.Module) -> None:
-        path = self.folder / f"unit-{unit:05d}.safetensors"
+        path = self._unit_file(unit)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing although {STATE} says unit {unit} is done; delete "
                                   f"{self.folder} to start over.")
@@ -178,7 +183,7 @@ class Checkpoint:
             records = json.loads(f.metadata()["modules"])
         for name, entry in records.items():
             record, old = entry["record"], model.get_submodule(name)
-            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            own = _own(tensors, name)
             if record["type"] == "dense":
                 with torch.no_grad():
                     dense_weight(old).copy_(own["weight"])

@@ -380,9 +380,9 @@ def _madvise():
     return fn
 
 
-def _in_file_mapping(start: int, end: int) -> bool:
-    """Whether the bytes [start, end) lie in one mapping of this process that maps a file (not anonymous memory,
-    the heap, or a deleted file)."""
+def mapped_file(start: int, end: int) -> str | None:
+    """The file whose mapping in this process holds the bytes [start, end) whole; None for anonymous memory, the
+    heap, a deleted file, bytes across mappings, or systems without ``/proc/self/maps``."""
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
@@ -390,10 +390,10 @@ def _in_file_mapping(start: int, end: int) -> bool:
                 lo, hi = (int(a, 16) for a in fields[0].split("-"))
                 if lo <= start < hi:
                     path = fields[5].strip() if len(fields) == 6 else ""
-                    return end <= hi and path.startswith("/") and not path.endswith("(deleted)")
+                    return path if end <= hi and path.startswith("/") and not path.endswith("(deleted)") else None
     except OSError:
         pass
-    return False
+    return None
 
 
 def _unwritten(first: int, last: int) -> bool:
@@ -420,7 +420,7 @@ def _release_range(t: torch.Tensor) -> tuple[int, int] | None:
     end = start + t.numel() * t.element_size()
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
-    if last <= first or not _in_file_mapping(start, end) or not _unwritten(first, last):
+    if last <= first or mapped_file(start, end) is None or not _unwritten(first, last):
         return None
     return first, last
 

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import hf_compress
 from conftest import _decoder_kwargs, resident_pages
 from hf_compress.errors import ConfigError
+from hf_compress.kernels import cpu
 
 TEXT = str(resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt"))
 
@@ -145,17 +146,6 @@ def test_cli_disk_offload_gives_the_in_memory_checkpoint(dense4, tmp_path):
     assert bad.returncode == 2 and "need --device-map" in bad.stderr and not (tmp_path / "bad").exists()
 
 
-def _mapped_file(t: torch.Tensor) -> str | None:
-    """The file of the mapping that holds ``t``'s bytes (/proc/self/maps); None for anonymous memory."""
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    for line in open("/proc/self/maps"):
-        fields = line.split(maxsplit=5)
-        lo, hi = (int(a, 16) for a in fields[0].split("-"))
-        if lo <= start < hi:
-            return fields[5].strip() if len(fields) == 6 and end <= hi else None
-    return None
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="reads Linux's /proc/self/maps and pagemap")
 @pytest.mark.parametrize("cfg", [{"method": "svd", "ratio": 0.4},
                                  {"method": "asvd", "ratio": 0.4, "calibration": {"nsamples": 8, "seqlen": 32}}],
@@ -184,7 +174,8 @@ def test_offloaded_blocks_leave_ram_once_checkpointed(tmp_path, cfg):
     assert {n.split(".")[2] for n in layers} == {"0", "1", "2"}  # compressed layers in every block
     for name, m in layers.items():
         unit = str(ckpt / f"unit-{int(name.split('.')[2]):05d}.safetensors")
-        assert _mapped_file(m.U) == unit and _mapped_file(m.V) == unit, name  # not in the heap
+        for t in (m.U, m.V):  # not in the heap
+            assert cpu.mapped_file(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) == unit, name
         assert resident_pages(m.U)[0] + resident_pages(m.V)[0] == 0, f"{name}: its pages are resident"
     for name, m in layers.items():  # (the rest of an offloaded block, its norms, is on `meta` in the state dict)
         a, b = ref.get_submodule(name).state_dict(), m.state_dict()
