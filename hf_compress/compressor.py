@@ -33,7 +33,7 @@ from .calibration import BlockwiseRunner, LayerStats, calibration_windows, devic
 from .config import CompressionConfig
 from .errors import CheckpointError, ConfigError, NonFiniteWeightError
 from .progress import Progress
-from .resume import Checkpoint, fingerprint
+from .resume import Checkpoint, fingerprint, scratch_folder
 from .methods import get_method
 from .kernels import pack
 from .methods.eora import eora_factors
@@ -60,7 +60,10 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     result equals an uninterrupted run bit for bit. Delete the folder once the model is saved. The compressed
     layers of blocks that accelerate offloaded (``device_map`` with ``"disk"``/``"cpu"`` offload) are read from
     their files there, memory-mapped, once their block is written, so that finished blocks do not accumulate in RAM
-    (on Linux a mapped file may be deleted: the mapping keeps its bytes).
+    (on Linux a mapped file may be deleted: the mapping keeps its bytes). Without ``checkpoint_dir`` an offloaded
+    model gets the same release through a scratch folder in accelerate's offload folder (else the temp dir),
+    deleted when the call returns (`hf_compress.resume.scratch_folder`); its files' disk space is freed with the
+    model.
     """
     from .quantizer import attach
 
@@ -70,8 +73,14 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     from .kv.hook import calibrate_kv, kv_only
 
     if not kv_only(config):
-        compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress,
-                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+        if checkpoint_dir is None:  # an offloaded model still gets its finished blocks out of RAM
+            folder = scratch_folder(model)
+            checkpoint_every = math.inf  # no stream commits: nothing will resume from it
+        else:
+            folder = contextlib.nullcontext(checkpoint_dir)
+        with folder as checkpoint_dir:
+            compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress,
+                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     calibrate_kv(model, config, calibration=calibration, tokenizer=tokenizer)  # KV method (hf_compress/kv)
     if calibration is not None and not config.calibration.get("source"):
         config.calibration["source"] = _describe_source(calibration)

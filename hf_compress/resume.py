@@ -16,11 +16,14 @@ run from unit ``done`` on: the result is the same bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +75,41 @@ def _home(module: nn.Module) -> torch.device:
 def _own(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """The tensors of module ``name`` in a unit file's ``tensors``, keyed as in its state dict."""
     return {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+
+
+def offload_folder(model: nn.Module) -> str | None:
+    """accelerate's disk-offload folder of ``model`` (``from_pretrained(..., offload_folder=...)``), read from an
+    offloaded module's hook: ``AlignDevicesHook.weights_map`` (a ``PrefixedDataset``) → ``.dataset`` (an
+    ``OffloadedWeightsLoader``) → ``.save_folder``. None where no hook has one (CPU offload, no offload)."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+            folder = getattr(getattr(getattr(h, "weights_map", None), "dataset", None), "save_folder", None)
+            if folder is not None and os.path.isdir(folder):
+                return str(folder)
+    return None
+
+
+@contextlib.contextmanager
+def scratch_folder(model: nn.Module):
+    """A folder to checkpoint finished blocks in, for a `compress` call given no ``checkpoint_dir`` on a model that
+    accelerate offloaded in part: with it, the compressed layers of offloaded blocks are read from their unit
+    files (`Checkpoint.release_unit`) instead of piling up in RAM until the save, as with a checkpoint folder. Made
+    in the disk-offload folder where there is one (the place set aside for the model's bytes; a temp dir may be
+    RAM-backed), else in the temp dir; deleted on exit, the layers keeping their mappings of the deleted files.
+    Yields None (nothing to do) for a model with no layer offloaded to run on the CPU (layers that run on an
+    accelerator are not released), and off Linux, where no pages are released and a mapped file cannot always be
+    deleted."""
+    offloaded = any(any(p.device.type == "meta" for p in m.parameters(recurse=False)) and _home(m).type == "cpu"
+                    for m in model.modules())
+    if not offloaded or not sys.platform.startswith("linux"):
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix=".hf-compress-blocks-", dir=offload_folder(model))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Checkpoint:

@@ -380,9 +380,10 @@ def _madvise():
     return fn
 
 
-def mapped_file(start: int, end: int) -> str | None:
+def mapped_file(start: int, end: int, deleted: bool = False) -> str | None:
     """The file whose mapping in this process holds the bytes [start, end) whole; None for anonymous memory, the
-    heap, a deleted file, bytes across mappings, or systems without ``/proc/self/maps``."""
+    heap, bytes across mappings, systems without ``/proc/self/maps``, and a deleted file unless ``deleted`` (then
+    its path as the kernel shows it, ending in `` (deleted)``)."""
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
@@ -390,7 +391,8 @@ def mapped_file(start: int, end: int) -> str | None:
                 lo, hi = (int(a, 16) for a in fields[0].split("-"))
                 if lo <= start < hi:
                     path = fields[5].strip() if len(fields) == 6 else ""
-                    return path if end <= hi and path.startswith("/") and not path.endswith("(deleted)") else None
+                    gone = path.endswith(" (deleted)")
+                    return path if end <= hi and path.startswith("/") and (deleted or not gone) else None
     except OSError:
         pass
     return None

@@ -173,6 +173,23 @@ def test_accelerate_utils():
     assert "module" in _params(align_module_device), "accelerate.utils.align_module_device(module, ...) changed"
 
 
+def test_accelerate_offload_folder_is_found(tmp_path):
+    """`resume.offload_folder` reads the disk-offload folder off an offloaded module's hook (where `compress`
+    without a checkpoint folder puts its scratch folder)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.resume import offload_folder
+
+    make_tiny("llama").save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map={
+        "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "disk", "model.norm": "cpu",
+        "lm_head": "cpu"}, offload_folder=str(tmp_path / "offload"))
+    assert offload_folder(model) == str(tmp_path / "offload"), (
+        "accelerate's AlignDevicesHook.weights_map.dataset.save_folder (PrefixedDataset -> OffloadedWeightsLoader) "
+        "no longer gives the offload folder: hf_compress/resume.py:offload_folder")
+    assert offload_folder(make_tiny("llama")) is None
+
+
 def test_config_json_keeps_no_attention_override(tmp_path):
     """Switching to the eviction attention must not leak into a saved config.json."""
     from hf_compress.kv.eviction import PREFIX, EvictionKVCache

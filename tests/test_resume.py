@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_compress
 from conftest import _decoder_kwargs, resident_pages
+from hf_compress import resume
 from hf_compress.errors import ConfigError
 from hf_compress.kernels import cpu
 
@@ -147,14 +148,17 @@ def test_cli_disk_offload_gives_the_in_memory_checkpoint(dense4, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="reads Linux's /proc/self/maps and pagemap")
-@pytest.mark.parametrize("cfg", [{"method": "svd", "ratio": 0.4},
-                                 {"method": "asvd", "ratio": 0.4, "calibration": {"nsamples": 8, "seqlen": 32}}],
-                         ids=["data-free", "calibrated"])
-def test_offloaded_blocks_leave_ram_once_checkpointed(tmp_path, cfg):
+@pytest.mark.parametrize("cfg,folder", [({"method": "svd", "ratio": 0.4}, "given"),
+                                        ({"method": "asvd", "ratio": 0.4, "calibration": {"nsamples": 8, "seqlen": 32}},
+                                         "given"),
+                                        ({"method": "svd", "ratio": 0.4}, "none")],
+                         ids=["data-free", "calibrated", "no-checkpoint-dir"])
+def test_offloaded_blocks_leave_ram_once_checkpointed(tmp_path, cfg, folder):
     """With every block on disk (accelerate offload), a finished block's compressed layers are read from their
     unit file in the checkpoint folder, memory-mapped and not resident, instead of staying in RAM until the save;
     the model is the one an in-memory run gives, bit for bit, and saves and reloads the same after the folder is
-    deleted (as the CLI deletes it)."""
+    deleted (as the CLI deletes it). Without a checkpoint folder the same happens through a scratch folder made
+    in accelerate's offload folder (found through its hook: `resume.offload_folder`) and deleted at the end."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -169,13 +173,23 @@ def test_offloaded_blocks_leave_ram_once_checkpointed(tmp_path, cfg):
     off = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
                                                offload_folder=str(tmp_path / "offload"))
     ckpt = tmp_path / "ckpt"
-    hf_compress.compress(off, dict(cfg), calibration=calib, progress=False, checkpoint_dir=ckpt)
+    if folder == "given":
+        hf_compress.compress(off, dict(cfg), calibration=calib, progress=False, checkpoint_dir=ckpt)
+    else:
+        assert resume.offload_folder(off) == str(tmp_path / "offload")
+        hf_compress.compress(off, dict(cfg), calibration=calib, progress=False)
+        assert os.listdir(tmp_path / "offload") == []  # the scratch folder is gone
     layers = {n: m for n, m in off.named_modules() if type(m).__name__ == "LowRankLinear"}
     assert {n.split(".")[2] for n in layers} == {"0", "1", "2"}  # compressed layers in every block
     for name, m in layers.items():
-        unit = str(ckpt / f"unit-{int(name.split('.')[2]):05d}.safetensors")
+        unit = f"unit-{int(name.split('.')[2]):05d}.safetensors"
         for t in (m.U, m.V):  # not in the heap
-            assert cpu.mapped_file(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) == unit, name
+            path = cpu.mapped_file(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), deleted=True)
+            if folder == "given":
+                assert path == str(ckpt / unit), name
+            else:
+                assert re.fullmatch(re.escape(str(tmp_path / "offload")) + r"/\.hf-compress-blocks-\w+/"
+                                    + re.escape(unit) + r" \(deleted\)", path or ""), (name, path)
         assert resident_pages(m.U)[0] + resident_pages(m.V)[0] == 0, f"{name}: its pages are resident"
     for name, m in layers.items():  # (the rest of an offloaded block, its norms, is on `meta` in the state dict)
         a, b = ref.get_submodule(name).state_dict(), m.state_dict()
@@ -185,7 +199,7 @@ def test_offloaded_blocks_leave_ram_once_checkpointed(tmp_path, cfg):
     assert torch.equal(off(input_ids=x).logits, want)
     import shutil
 
-    shutil.rmtree(ckpt)
+    shutil.rmtree(ckpt, ignore_errors=True)
     hf_compress.save_pretrained(off, tmp_path / "out")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(again(input_ids=x).logits, want)
