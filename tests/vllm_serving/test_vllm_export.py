@@ -19,8 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serving import (NEW_TOKENS, PROMPTS, greedy, run_engine, smollm2, token_logprobs,  # noqa: F401  (fixtures)
-                     vllm_runs)
+from serving import (NEW_TOKENS, PROMPTS, greedy, require_vllm_w4a16, run_engine, smollm2,  # noqa: F401  (fixtures)
+                     token_logprobs, vllm_runs)
 
 LOGPROB_TOL = 0.1
 TIE = 0.1
@@ -139,6 +139,7 @@ def test_a_compressed_lm_head_exports_and_stock_vllm_serves_it(tmp_path):
     """SmolLM2 with its tied ``lm_head`` compressed too (RTN 4-bit g64; `compress` unties it): the export packs the
     head as a 211th layer and keeps the embedding dense beside it; stock vLLM loads that and its greedy tokens and
     their log-probabilities agree with ours as for the base export (divergences only at near-ties)."""
+    require_vllm_w4a16()
     import torch
 
     import hf_compress
