@@ -7,12 +7,25 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hf_compress.progress import peak_rss_mb, reset_peak_rss  # noqa: F401  (the benchmarks' peak-RSS reading)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: the protocol's compressed layers (../shared/PEERS.md): every q/k/v/o/gate/up/down projection
+def median_ms(fn, n: int = 200, warmup: int = 10) -> float:
+    """The median wall time of ``n`` calls of ``fn`` in ms, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[n // 2]
+
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -19,22 +19,13 @@ Random weights: the time does not depend on the values. One process, one table.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from common import median_ms
+
 BLOCK = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # (out, in)
-
-
-def median_ms(fn, passes: int) -> float:
-    fn()
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +98,7 @@ def main() -> None:
     print("| what | ms per pass | MB read | rel. error vs fp32 |\n|---|---|---|---|")
     with torch.inference_mode():
         for name, fn, size, err in rows:
-            print(f"| {name} | {median_ms(fn, args.passes):.2f} | {size / 1e6:.1f} | {err} |", flush=True)
+            print(f"| {name} | {median_ms(fn, args.passes, warmup=1):.2f} | {size / 1e6:.1f} | {err} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,21 +5,11 @@ CPU, next to the 210 projections it sits beside: median of 200 single-row GEMVs 
 """
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-
-def median_ms(fn, n: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[n // 2]
+from common import median_ms
 
 
 def main() -> None:
