@@ -35,7 +35,9 @@ Plain functions over the packed buffers, usable without a transformers model (e.
 ``quant_linear(x, pack, bias, u, v)`` per call. A call of many rows (a prefill: ``DEQUANTIZE_ROWS``) dequantizes
 the weight once (`dequantize_planes`, into a reused bf16 buffer the size of that one layer) and runs a bf16 GEMM, which outgrows the
 int4 kernel's per-row cost. Memory at run time: the int4 copy (4 bits per weight; 8 for 8-bit
-layers) and bf16 scales/zeros, beside the checkpoint's own buffers.
+layers) and bf16 scales/zeros, beside the checkpoint's own buffers; where those codes are pages of a memory-mapped
+checkpoint (how transformers loads safetensors files), they are handed back to the file after the repack and after
+each prefill's read (`release_pages`), so at run time the int4 copy takes their place instead of adding to them.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Int4Pack(NamedTuple):
     copies: int  # 1, or 2 for 8-bit layers ([hi | lo] halves)
     out_features: int  # N of the layer
     sources: tuple = ()  # per output block, (qweight, scales, zeros, bits, group_size): references for `dequantize_planes`
+    mapped: tuple = ()  # per source, its codes' page range in a file mapping (`release_pages`), or None
 
     @property
     def nbytes(self) -> int:
@@ -259,8 +262,21 @@ def repack_concat(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
     sc, zp = (t[0] if len(t) == 1 else torch.cat(t) for t in (scs, zps))
     sz = F.pad(torch.stack([sc, zp], -1), (0, 0, 0, 0, 0, -n % N_MULTIPLE))  # [N', K' / gk, 2]
     gk, in_features, padded, copies = keys.pop()
-    return Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded, copies, n,
-                    tuple(layer[:5] for layer in layers))
+    pack = Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded, copies, n,
+                    tuple(layer[:5] for layer in layers), tuple(_release_range(layer[0]) for layer in layers))
+    for i in range(len(layers)):
+        _release_codes(pack, i)
+    return pack
+
+
+def _release_codes(pack: Int4Pack, i: int) -> None:
+    """Hand source ``i``'s codes back to its checkpoint file (`release_pages`) after a read: what a call runs is the
+    int4 copy, and a prefill reads the codes again (`dequantize_planes`) one layer at a time, so they need not stay
+    resident. A no-op for codes in anonymous memory (the span is looked up once, at the repack); the pages are
+    checked unwritten each time."""
+    span = pack.mapped[i] if i < len(pack.mapped) else None
+    if span is not None and _unwritten(*span):
+        _release(span)
 
 
 #: rows repacked at a time (`repack_concat`): a multiple of the probe's 64-row chunks (`_row_blocks_independent`);
@@ -329,9 +345,11 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     if pack.sources and xb.shape[0] >= DEQUANTIZE_ROWS[pack.copies]:  # a long prefill: dequantize once
         xb = xb[:, :pack.in_features]
         parts = []
-        for qweight, scales, zeros, bits, group_size in pack.sources:
+        for i, (qweight, scales, zeros, bits, group_size) in enumerate(pack.sources):
             xs = F.pad(xb, (0, scales.shape[1] * group_size - pack.in_features))
-            parts.append(F.linear(plane_order(xs, bits), dequantize_planes(qweight, scales, zeros, bits, group_size)))
+            w = dequantize_planes(qweight, scales, zeros, bits, group_size)
+            _release_codes(pack, i)
+            parts.append(F.linear(plane_order(xs, bits), w))
         y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     else:
         if pack.copies == 2:

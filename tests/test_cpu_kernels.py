@@ -344,6 +344,56 @@ def test_release_pages_hands_back_clean_file_pages_only(tmp_path):
     assert cpu.release_pages(anon) == 0 and torch.equal(anon, want)
 
 
+@linux_only
+@pytest.mark.parametrize("cfg", [{"method": "rtn", "bits": 4, "group_size": 64},
+                                 {"method": "hqq", "bits": 3, "group_size": 64}], ids=["4bit", "3bit"])
+def test_loaded_codes_leave_ram_after_the_repack_and_each_prefill(tmp_path, monkeypatch, cfg):
+    """A quantized checkpoint loaded with from_pretrained (fp32): once a layer is repacked for the int4 kernel its
+    codes' pages leave the resident set (what runs is the int4 copy), and again after a prefill (>=
+    `DEQUANTIZE_ROWS` rows) has read them to dequantize; the outputs are the reference backend's within the CPU
+    path's tolerance, and the codes still hold the checkpoint's values. A model quantized in this process holds its
+    codes in anonymous memory, which is left alone. Relies on transformers memory-mapping safetensors checkpoints:
+    if it stops, no codes are a file mapping's and this fails saying so."""
+    import hf_compress
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from hf_compress.modules import QuantLinear
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    hf_compress.compress(model, cfg, progress=False)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    _logits(model, ids)
+    assert all(m._kernel_cache["pack"].mapped == (None,) for m in model.modules() if isinstance(m, QuantLinear))
+    hf_compress.save_pretrained(model, tmp_path, model_card=False)
+    del model
+    saved = load_file(tmp_path / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14
+
+    def check(when):
+        for name, m in layers.items():
+            assert m._kernel_cache["pack"].mapped[0] is not None, (
+                f"{name}: its codes are not in a file mapping (does transformers still memory-map safetensors "
+                "checkpoints?)")
+            resident, pages = resident_pages(m.qweight)
+            assert pages >= 8 and resident == 0, f"{when}, {name}: {resident} of its codes' {pages} pages resident"
+
+    decode = _logits(model, ids)
+    check("after the repack")
+    prompt = torch.randint(3, 128, (1, cpu.DEQUANTIZE_ROWS[1] + 16), generator=torch.Generator().manual_seed(2))
+    prefill = _logits(model, prompt)
+    check("after a prefill")
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
+    dispatch.refresh_backend()
+    assert _rel(decode, _logits(model, ids)) < 3e-2 and _rel(prefill, _logits(model, prompt)) < 3e-2
+    for name, m in layers.items():
+        assert torch.equal(m.qweight, saved[f"{name}.qweight"]), name
+
+
 def _lowrank_llama():
     """A 2-block Llama with svd factors of several pages each (hidden 256: U up to 704 x 94 fp32)."""
     import hf_compress
