@@ -85,7 +85,9 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
     save_pretrained(model, out, tokenizer=tokenizer)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
-        diff = (reloaded(**probe).logits - model(**probe).logits).abs().max().item()
+        ref_logits = model(**probe).logits
+        diff = (reloaded(**probe).logits - ref_logits).abs().max().item()
+        rel_diff = diff / max(ref_logits.abs().max().item(), 1e-30)  # to the logits' scale: fp32 rounding
 
     print("[6/6] greedy continuation and decode speed of the reloaded model")
     with torch.no_grad():
@@ -102,10 +104,11 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
     print(f"{'decode tokens/s (CPU)':<28}{speed['dense']:>14.1f}{speed['compressed']:>14.1f}   "
           f"({speed['compressed'] / speed['dense']:.2f}x; {torch.get_num_threads()} threads, batch 1, greedy)")
     print(f"compressed layers: {n_comp}/{len(rows)}; checkpoint on disk: {files:,} bytes; "
-          f"reloaded vs in-memory logits max |diff| = {diff:.2e}")
+          f"reloaded vs in-memory logits max |diff| = {diff:.2e} "
+          f"({rel_diff:.1e} of max |logit|)")
     print(f"prompt: {prompt!r} -> {continuation!r}")
     print(f"model card: {out / 'README.md'} (publish with: hf-compress push {out} <user>/<repo>)")
     print(f"total {time.time() - t_start:.0f}s")
     return {"dense_ppl": dense_ppl.perplexity, "compressed_ppl": comp_ppl.perplexity, "dense_bytes": dense_bytes,
             "dense_tokens_per_s": speed["dense"], "compressed_tokens_per_s": speed["compressed"],
-            "compressed_bytes": comp_bytes, "reload_max_diff": diff, "output": str(out), "continuation": continuation}
+            "compressed_bytes": comp_bytes, "reload_max_diff": diff, "reload_rel_diff": rel_diff, "output": str(out), "continuation": continuation}
