@@ -111,4 +111,5 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
     print(f"total {time.time() - t_start:.0f}s")
     return {"dense_ppl": dense_ppl.perplexity, "compressed_ppl": comp_ppl.perplexity, "dense_bytes": dense_bytes,
             "dense_tokens_per_s": speed["dense"], "compressed_tokens_per_s": speed["compressed"],
-            "compressed_bytes": comp_bytes, "reload_max_diff": diff, "reload_rel_diff": rel_diff, "output": str(out), "continuation": continuation}
+            "compressed_bytes": comp_bytes, "reload_max_diff": diff, "reload_rel_diff": rel_diff, "output": str(out),
+            "continuation": continuation}

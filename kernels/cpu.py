@@ -264,8 +264,9 @@ def repack_concat(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
     gk, in_features, padded, copies = keys.pop()
     pack = Int4Pack(weight, sz.transpose(0, 1).to(torch.bfloat16).contiguous(), gk, in_features, padded, copies, n,
                     tuple(layer[:5] for layer in layers), tuple(_release_range(layer[0]) for layer in layers))
-    for i in range(len(layers)):
-        _release_codes(pack, i)
+    for span in pack.mapped:  # `_release_range` has just checked these pages unwritten
+        if span is not None:
+            _release(span)
     return pack
 
 
@@ -274,7 +275,7 @@ def _release_codes(pack: Int4Pack, i: int) -> None:
     int4 copy, and a prefill reads the codes again (`dequantize_planes`) one layer at a time, so they need not stay
     resident. A no-op for codes in anonymous memory (the span is looked up once, at the repack); the pages are
     checked unwritten each time."""
-    span = pack.mapped[i] if i < len(pack.mapped) else None
+    span = pack.mapped[i]
     if span is not None and _unwritten(*span):
         _release(span)
 
