@@ -20,6 +20,12 @@ also with the tied ``lm_head`` compressed: ``+ lm_head``, which unties it from t
 (calibrated on 16 x 512 tokens of gutenberg-pg1342.txt), ``svd`` 0.4, and the KV caches. Ours run with
 ``HF_COMPRESS_KERNELS=auto`` (the CPU int4 kernels: `hf_compress.kernels.cpu`); add ``--kernels torch`` to time
 the reference instead.
+
+One more row is a bound, not a model: ``bound: projections free (fp32)`` is the dense fp32 model with its 210
+projections replaced by a module that returns zeros of the right shape (one fill, no product: uninitialised memory
+could hold denormals or NaNs, which run slower through the rest). Its tokens/s is what any kernel for those layers
+could at most reach on this machine with the rest of the model as it is (attention, norms, rotary, the fp32 tied
+``lm_head``, ``generate``'s own work); its ``x dense fp32`` is the ceiling of the fp32-model rows' ratio.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ ROWS = {
     "dense fp32": {"build": "dense", "dtype": "float32"},
     "dense bf16": {"build": "dense", "dtype": "bfloat16"},
     "torchao int4 g64 (bf16 model)": {"build": "dense", "dtype": "bfloat16", "peer": 64},
+    "bound: projections free (fp32)": {"build": "dense", "dtype": "float32", "free": True},
     "rtn 4-bit g128": {"build": {"method": "rtn", "bits": 4, "group_size": 128}},
     "rtn 4-bit g64": {"build": {"method": "rtn", "bits": 4, "group_size": 64}},
     "rtn 4-bit g128 (bf16 model)": {"build": {"method": "rtn", "bits": 4, "group_size": 128}, "dtype": "bfloat16"},
@@ -93,6 +100,28 @@ def _prompt_ids(tok, n: int):
     return tok(text, return_tensors="pt").input_ids[:, :n]
 
 
+def _free_projections(model) -> None:
+    """The bound row: every projection in ``TARGETS`` becomes a module returning zeros [..., out]."""
+    import torch
+
+    class Free(torch.nn.Module):
+        def __init__(self, out_features: int):
+            super().__init__()
+            self.out_features = out_features
+
+        def forward(self, x):
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in TARGETS and isinstance(child, torch.nn.Linear):
+                setattr(parent, name, Free(child.out_features))
+                swapped += 1
+    if not swapped:
+        raise RuntimeError(f"no projection named {TARGETS} to replace")
+
+
 def run_row(label: str, spec: dict, ckpt: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,6 +140,8 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
 
         quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=spec["peer"]),
                   filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name.split(".")[-1] in TARGETS)
+    if spec.get("free"):
+        _free_projections(model)
     ids = _prompt_ids(tok, spec.get("context", PROMPT))
     make_cache = None
     if spec.get("kv"):
