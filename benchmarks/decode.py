@@ -100,6 +100,13 @@ def _prompt_ids(tok, n: int):
     return tok(text, return_tensors="pt").input_ids[:, :n]
 
 
+def _is_projection(module, name: str) -> bool:
+    """The layers the peer and the bound row act on: the ``nn.Linear`` projections named in ``TARGETS``."""
+    import torch
+
+    return isinstance(module, torch.nn.Linear) and name.split(".")[-1] in TARGETS
+
+
 def _free_projections(model) -> None:
     """The bound row: every projection in ``TARGETS`` becomes a module returning zeros [..., out]."""
     import torch
@@ -112,14 +119,11 @@ def _free_projections(model) -> None:
         def forward(self, x):
             return x.new_zeros(*x.shape[:-1], self.out_features)
 
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name in TARGETS and isinstance(child, torch.nn.Linear):
-                setattr(parent, name, Free(child.out_features))
-                swapped += 1
-    if not swapped:
+    names = [name for name, m in model.named_modules() if _is_projection(m, name)]
+    if not names:
         raise RuntimeError(f"no projection named {TARGETS} to replace")
+    for name in names:
+        model.set_submodule(name, Free(model.get_submodule(name).out_features))
 
 
 def run_row(label: str, spec: dict, ckpt: Path) -> dict:
@@ -139,7 +143,7 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
         from torchao.quantization import quantize_
 
         quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=spec["peer"]),
-                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name.split(".")[-1] in TARGETS)
+                  filter_fn=_is_projection)
     if spec.get("free"):
         _free_projections(model)
     ids = _prompt_ids(tok, spec.get("context", PROMPT))
