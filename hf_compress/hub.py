@@ -4,7 +4,7 @@
 * **Evaluation records** (``hf_compress_eval.json`` beside the checkpoint) carry a fingerprint of the weights they
   were measured on. The card shows a number only when its fingerprint matches the weights being published, so a
   model fine-tuned or re-compressed after an evaluation never inherits that evaluation's numbers.
-* **The card** is rendered from ``model_cards/hf_compress_card.md`` (installed as ``hf_compress.model_cards``)
+* **The card** is rendered from ``hf_compress/model_cards/hf_compress_card.md`` (installed as ``hf_compress.model_cards``)
   with `huggingface_hub.ModelCard` / `ModelCardData`; its tables come from the model itself
   (`hf_compress.summary.layer_table`), never from the config's intentions.
 * **push**: `push_to_hub` saves (or takes a checkpoint folder), regenerates the card, and uploads the folder in one

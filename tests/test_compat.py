@@ -149,7 +149,7 @@ def test_gguf_loading_flags():
 
 
 def test_peft_dispatch_internals():
-    """integrations/peft.py registers our layers through LoraConfig._register_custom_module from a patched
+    """hf_compress/integrations/peft.py registers our layers through LoraConfig._register_custom_module from a patched
     __post_init__, subclasses lora.Linear and calls check_adapters_to_merge."""
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear
@@ -158,10 +158,10 @@ def test_peft_dispatch_internals():
     from hf_compress.modules import LowRankLinear, QuantLinear, QuantLowRankLinear
 
     assert hasattr(LoraConfig, "_register_custom_module"), (
-        "peft LoraConfig._register_custom_module is gone: integrations/peft.py dispatches our layers with it")
+        "peft LoraConfig._register_custom_module is gone: hf_compress/integrations/peft.py dispatches our layers with it")
     mapping = getattr(LoraConfig(target_modules=["q_proj"]), "_custom_modules", None) or {}
     assert {LowRankLinear, QuantLinear, QuantLowRankLinear} <= set(mapping), (
-        "LoraConfig._custom_modules no longer holds what _register_custom_module registered (integrations/peft.py)")
+        "LoraConfig._custom_modules no longer holds what _register_custom_module registered (hf_compress/integrations/peft.py)")
     assert _params(Linear.__init__)[1:3] == ["base_layer", "adapter_name"], "peft lora.Linear.__init__ changed"
     for name in ("merge", "unmerge", "get_delta_weight"):
         assert hasattr(Linear, name), f"peft lora.Linear.{name} is gone (LoraCompressedLinear overrides it)"

@@ -53,14 +53,14 @@ def test_private_ops_exist_and_keep_their_layout():
     s, z = (sz[..., i].float().T.repeat_interleave(g, 1) for i in (0, 1))
     want = x.float() @ ((codes.float() - 8) * s + z).T
     assert _rel(y, want) < 1e-2, ("aten._weight_int4pack_mm_for_cpu(_convert_weight_to_int4pack_for_cpu(codes)) no "
-                                  "longer computes x · ((codes - 8) · scale + zero)ᵀ: kernels/cpu.py needs updating")
+                                  "longer computes x · ((codes - 8) · scale + zero)ᵀ: hf_compress/kernels/cpu.py needs updating")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n,k,g", [(24, 40, 32), (17, 300, 64), (48, 512, 256), (40, 200, 96), (24, 576, 128)],
                          ids=["partial-group", "odd-N", "g256", "g96-as-3x32", "partial-g128-as-g64"])
 def test_int4_layout_is_exact(bits, n, k, g):
-    """The re-expression on int4 codes (module docstring of kernels/cpu.py) is the reference weight exactly (fp32)."""
+    """The re-expression on int4 codes (module docstring of hf_compress/kernels/cpu.py) is the reference weight exactly (fp32)."""
     qw, s, z = _layer(n, k, bits, g)
     cols, sc, zp, gk = cpu.int4_layout(qw, s, z, bits, g, k)
     assert int(cols.min()) >= 0 and int(cols.max()) <= 15 and g % gk == 0

@@ -1,4 +1,4 @@
-"""KV quantization kernels (kernels/kv.py): the torch reference's layout and error bound, dispatch, and the Triton
+"""KV quantization kernels (hf_compress/kernels/kv.py): the torch reference's layout and error bound, dispatch, and the Triton
 kernels against the reference under TRITON_INTERPRET=1 (CPU) in a fresh interpreter, on awkward shapes."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_dispatch_env(monkeypatch):
         monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
         assert K.backend(x) == "torch"  # still the mode read last
         refresh_backend()
-        assert K.backend(x) == "cpu"  # CPU tensor: the CPU dequantize fast path (kernels/kv_cpu.py)
+        assert K.backend(x) == "cpu"  # CPU tensor: the CPU dequantize fast path (hf_compress/kernels/kv_cpu.py)
         monkeypatch.setenv("HF_COMPRESS_KERNELS", "bogus")
         with pytest.raises(ValueError, match="HF_COMPRESS_KERNELS"):
             refresh_backend()
