@@ -14,6 +14,7 @@ ids and scores each window from ``Llama(..., logits_all=True)``. llama.cpp rows 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -23,8 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, TARGETS  # noqa: E402
+# this file is named gguf.py: drop its folder from the path so that `import gguf` finds the package, and load the
+# benchmarks' common module by its path instead
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+_spec = importlib.util.spec_from_file_location("benchmarks_common", _HERE / "common.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+DATA, TARGETS = _common.DATA, _common.TARGETS
 
 
 def ours(model, tokenizer, prompt, windows, new_tokens):

@@ -5,8 +5,9 @@ a GGUF block covers 32 consecutive input columns of one row with one fp16 scale 
 minimum ``m``). When 32 divides both the group size g and in_features, every block lies inside one of our groups,
 so each block takes its group's (s, z) and our codes are copied unchanged:
 
-* Q4_1 (w = d·q + m): any `QuantLinear` of 2, 3 or 4 bits: d = s, m = fp16(−z·s) — the only rounding is that of
-  m, |Δw| ≤ 2⁻¹¹·|z·s| (half an fp16 ulp; ≤ 2⁻²⁵ in fp16's subnormal range). Integer or float zero points alike.
+* Q4_1 (w = d·q + m): any `QuantLinear` of 2, 3 or 4 bits: d = s, m = fp16(−z·s) — the only rounding is
+  that of m, |Δw| ≤ 2⁻¹¹·|z·s| (half an fp16 ulp; ≤ 2⁻²⁵ in fp16's subnormal range). Integer or float zero
+  points alike.
 * Q4_0 (w = d·(q − 8)): 2/3/4-bit with z = 8 everywhere: d = s, exact for fp16 scales.
 * Q8_0 (w = d·q′, q′ int8): 8-bit with integer zero points and every q − z in [−128, 127] (a symmetric grid,
   z = 128): q′ = q − z, d = s, exact for fp16 scales.

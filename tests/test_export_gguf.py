@@ -2,8 +2,8 @@
 dequantizers and transformers' GGUF loader (which un-permutes llama.cpp's q/k rows).
 
 Tolerances, from the maths (hf_compress/export_gguf.py):
-* Q4_1 stores d = s (fp16, exact) and m = fp16(−z·s): per weight |Δw| ≤ 2⁻¹¹·|z·s| (half an fp16 ulp), or 2⁻²⁵ in
-  fp16's subnormal range; both sides evaluate in fp32 (one rounding each: 2⁻²³·|w| slack).
+* Q4_1 stores d = s (fp16, exact) and m = fp16(−z·s): per weight |Δw| ≤ 2⁻¹¹·|z·s| (half an fp16 ulp), or
+  2⁻²⁵ in fp16's subnormal range; both sides evaluate in fp32 (one rounding each: 2⁻²³·|w| slack).
 * Q4_0 / Q8_0 with fp16 scales: d = s and the codes are ours: equal up to that fp32 slack.
 * A model whose exact layers hold d·q + fp16(−z·s) (computed here in torch) gives transformers' logits to 1e-5.
 * Dense F32 (multiplied out): logits within 1e-5; dense F16: |Δw| ≤ 2⁻¹¹·max|w|.
