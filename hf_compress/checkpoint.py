@@ -81,6 +81,27 @@ def atomic_directory(target: str | os.PathLike):
         raise
 
 
+@contextmanager
+def atomic_file(target: str | os.PathLike):
+    """Yield a temporary file path beside ``target``; on success it replaces ``target`` in one rename. If the body
+    raises, ``target`` is left as it was and the temporary file is removed."""
+    target = Path(target).resolve()
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory; give a file name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
+    os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 SHIM_MODULE = "hf_compress_autoload"
 SHIM_SOURCE = '''"""Loads an hf-compress checkpoint with trust_remote_code=True. Needs: pip install hf-compress"""
 from hf_compress.auto import CompressedConfig, CompressedModel, CompressedModelForCausalLM  # noqa: F401

@@ -271,7 +271,7 @@ def cmd_export(args) -> int:
     from .export import export
 
     print(export(args.model, args.output, format=args.format, dense_lowrank=args.dense_lowrank,
-                 dtype=args.dtype).summary())
+                 dtype=args.dtype, requantize=args.requantize, gguf_tokenizer=args.gguf_tokenizer).summary())
     return 0
 
 
@@ -359,14 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a compressed checkpoint in a format stock engines load (docs/export.md)")
     p.add_argument("model", help="compressed checkpoint directory")
-    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output directory, or the .gguf file for --format gguf (written atomically)")
     p.add_argument("--format", default="compressed-tensors", choices=FORMATS,
                    help="compressed-tensors: pack-quantized layers (+ a PEFT LoRA adapter for EoRA factors), "
-                        "what vLLM / SGLang / transformers load; dense: every layer multiplied out")
+                        "what vLLM / SGLang / transformers load; dense: every layer multiplied out; gguf: one "
+                        "llama.cpp file (Llama architecture; exact Q4_1/Q4_0/Q8_0 where our grid is theirs)")
     p.add_argument("--dense-lowrank", action="store_true",
                    help="compressed-tensors: multiply low-rank layers out to dense weights instead of refusing them")
     p.add_argument("--dtype", help="cast embeddings, norms, dense layers and adapter factors to this dtype, e.g. "
                                    "bfloat16 (quantization scales keep their stored dtype; default: as stored)")
+    p.add_argument("--requantize", choices=["Q8_0", "Q4_0", "Q4_1"],
+                   help="gguf: re-quantize layers without an exact GGUF type with gguf's quantizer (default: dense)")
+    p.add_argument("--gguf-tokenizer", metavar="FILE.gguf",
+                   help="gguf: copy the tokenizer.* keys of this GGUF file (default: the GGUF the model came from, "
+                        "else built from the checkpoint's tokenizer)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="per-layer table of a (compressed) model")

