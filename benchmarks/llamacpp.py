@@ -1,7 +1,7 @@
 """SmolLM2-135M RTN 4-bit g32: our CPU path against the same model exported to GGUF and run by llama.cpp.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gguf.py                  # ~10 min on 2 cores
-    .venv/bin/python benchmarks/gguf.py --max-tokens 2048 --new-tokens 16  # a quick look
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/llamacpp.py                  # ~10 min on 2 cores
+    .venv/bin/python benchmarks/llamacpp.py --max-tokens 2048 --new-tokens 16  # a quick look
 
 Exports with `hf_compress.export.export(..., format="gguf")` (every projection exact Q4_1), then measures, on both:
 prefill seconds of a ``--prompt-tokens`` prompt (the first tokens of WikiText-2 test), greedy decode tokens/s of
@@ -14,7 +14,6 @@ ids and scores each window from ``Llama(..., logits_all=True)``. llama.cpp rows 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -24,14 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# this file is named gguf.py: drop its folder from the path so that `import gguf` finds the package, and load the
-# benchmarks' common module by its path instead
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-_spec = importlib.util.spec_from_file_location("benchmarks_common", _HERE / "common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-DATA, TARGETS = _common.DATA, _common.TARGETS
+from common import DATA, TARGETS
 
 
 def ours(model, tokenizer, prompt, windows, new_tokens):
