@@ -233,6 +233,9 @@ def cmd_info(args) -> int:
     if getattr(q, "kv", None):
         print(f"KV cache (used by generate() by default): {json.dumps(q.kv)}")
     print(format_table(model))
+    from .kernels import cpu
+
+    print(cpu.describe())
     return 0
 
 

@@ -565,3 +565,35 @@ def test_kv_backend_choice(monkeypatch):
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "cpu")
     dispatch.refresh_backend()
     assert kv.backend(codes, 4) == "cpu"
+
+
+def test_without_native_bf16_the_prefill_path_runs_fp32_and_is_probed_once_per_shape_class():
+    """On a CPU without native bf16 (torch's AVX2 kernels, forced with ATEN_CPU_CAPABILITY=avx2) no bf16 GEMM runs:
+    the prefill path dequantizes into fp32, so its output equals the fp32 reference to fp32 summation order (the bf16
+    path is ~3e-3 off); the row count where it starts is probed once per shape class and cached."""
+    from conftest import run_python
+
+    code = '''
+import torch
+from hf_compress.kernels import cpu, reference
+assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+assert not cpu.native_bf16() and cpu.gemm_dtype() == torch.float32
+g = torch.Generator().manual_seed(0)
+codes = torch.randint(0, 16, (96, 192), dtype=torch.int32, generator=g)
+scales, zeros = torch.rand(96, 3, generator=g) / 8 + 0.01, torch.randint(0, 16, (96, 3), generator=g).float()
+qweight = reference.pack(codes, 4)
+pack = cpu.repack(qweight, scales, zeros, 4, 64, 192)
+w = reference.dequantize(qweight, scales, zeros, 4, 64, 192)
+rows = cpu.prefill_rows(pack)
+assert rows in cpu.PROBE_ROWS or rows > 1 << 60, rows
+assert cpu.prefill_rows(pack) == rows and cpu._probe_rows.cache_info().misses == 1
+x = torch.randn(256, 192, generator=g)
+ref = x @ w.T
+for y in (cpu._dequantized_linear(x, pack), cpu.quant_linear(x, pack) if rows <= 256 else None):
+    if y is not None:
+        err = ((y - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, err
+print("ok", rows)
+'''
+    run = run_python(code, env={"ATEN_CPU_CAPABILITY": "avx2"})
+    assert run.stdout.strip().startswith("ok"), run.stdout + run.stderr

@@ -48,12 +48,14 @@ import functools
 import mmap
 import sys
 import threading
+import time
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .reference import SUPPORTED_BITS, codes_per_unit, unpack
+from .reference import pack as pack_codes
 
 #: the private aten ops this path relies on (a test fails naming them if they disappear or change layout)
 OPS = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
@@ -182,8 +184,9 @@ def plane_order(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def dequantize_planes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                      group_size: int) -> torch.Tensor:
-    """The layer's dense weight in bf16, [N, groups * group_size], with its columns in plane order (`plane_order`:
+                      group_size: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The layer's dense weight in ``dtype`` (bf16, or fp32 on CPUs without native bf16: `gemm_dtype`),
+    [N, groups * group_size], with its columns in plane order (`plane_order`:
     apply it to the input): code ``i`` of every byte-aligned unit of a row is read with one shift and mask over the
     row's bytes, so every step is a contiguous elementwise pass, and no permutation of the weight is ever made.
     Columns past ``in_features`` belong to the padded last group (give them zero inputs). Computed in fp32, in
@@ -223,7 +226,9 @@ def dequantize_planes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
         s, zs = per_unit[0].copy_(s.expand(shape)), per_unit[1].copy_(zs.expand(shape))
     w = _buffer("fp32", n * k, torch.float32).view(n, c, groups, run).copy_(codes.view(n, c, groups, run))
     w.mul_(s).sub_(zs)
-    return _buffer("bf16", n * k, torch.bfloat16).view(n, k).copy_(w.view(n, k))
+    if dtype == torch.float32:
+        return w.view(n, k)
+    return _buffer("bf16", n * k, dtype).view(n, k).copy_(w.view(n, k))
 
 
 def concat_key(bits: int, group_size: int, in_features: int) -> tuple[int, int, int, int] | None:
@@ -334,25 +339,107 @@ def release_freed_memory() -> None:
         trim(0)
 
 
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Whether bf16 GEMMs run natively here (AVX512-BF16 or AMX) for torch as it runs now: a capability forced
+    below AVX512 (``ATEN_CPU_CAPABILITY=avx2``) counts as without. Without native bf16 a bf16 GEMM is several times
+    slower than fp32 (2048 x 2048 at 256 rows, 1 thread, an AVX2 EPYC: bf16 200 ms, fp32 25 ms)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def gemm_dtype() -> torch.dtype:
+    """The dtype of the prefill path's dequantized weight and GEMM: bf16 where native, fp32 elsewhere."""
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def _dequantized_linear(x2: torch.Tensor, pack: Int4Pack) -> torch.Tensor:
+    """x2 [M, K] · Wᵀ with each source's weight dequantized once (`dequantize_planes`) in `gemm_dtype`."""
+    dtype = gemm_dtype()
+    xd = x2.to(dtype)
+    parts = []
+    for i, (qweight, scales, zeros, bits, group_size) in enumerate(pack.sources):
+        xs = F.pad(xd, (0, scales.shape[1] * group_size - pack.in_features))
+        w = dequantize_planes(qweight, scales, zeros, bits, group_size, dtype)
+        _release_codes(pack, i)
+        parts.append(F.linear(plane_order(xs, bits), w))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def prefill_rows(pack: Int4Pack) -> int:
+    """Rows from which a call takes the prefill path (`_dequantized_linear`) instead of the int4 kernel. With native
+    bf16: `DEQUANTIZE_ROWS` (measured by `benchmarks/prefill.py`). Without: probed once per process and shape class
+    (`_probe_rows`), since there the int4 kernel's per-row cost and the fp32 GEMM's differ from CPU to CPU."""
+    if native_bf16():
+        return DEQUANTIZE_ROWS[pack.copies]
+    return _probe_rows(pack.out_features, pack.in_features, pack.padded, pack.group, pack.copies,
+                       tuple((s[3], s[4], s[0].shape[0]) for s in pack.sources), torch.get_num_threads())
+
+
+#: the row counts `_probe_rows` tries, in order; the first where the prefill path is at least as fast is kept
+PROBE_ROWS = (4, 8, 16, 32, 64, 128, 256)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_rows(n: int, k: int, padded: int, group: int, copies: int, sources: tuple, threads: int) -> int:
+    """Time both paths on a random layer of this shape class (same N, K, widths and groups) at `PROBE_ROWS` rows
+    (best of 3 each) and return the first row count where the prefill path wins; past the last, never. Runs once per
+    shape class and thread count per process (a few ms to a few hundred ms per class)."""
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for bits, group_size, rows in sources:
+        groups = -(-k // group_size)
+        codes = torch.randint(0, 2**bits, (rows, k), dtype=torch.int32, generator=gen)
+        layers.append((pack_codes(codes, bits), torch.rand(rows, groups, generator=gen) / 16 + 1e-3,
+                       torch.full((rows, groups), 2.0 ** (bits - 1)), bits, group_size, k))
+    probe = repack_concat(layers)
+
+    def best(fn, x):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def int4(x):
+        xb = F.pad(x.bfloat16(), (0, probe.padded - k))
+        _int4_mm()(torch.cat([xb, xb], 1) if copies == 2 else xb, probe.weight, probe.group, probe.scales_zeros)
+
+    for m in PROBE_ROWS:
+        x = torch.randn(m, k, generator=gen)
+        if best(lambda x: _dequantized_linear(x, probe), x) <= best(int4, x):
+            return m
+    return 1 << 62
+
+
+def describe() -> str:
+    """One line on what the CPU paths run on this machine (``hf-compress info``, the demo)."""
+    if not available():
+        return f"CPU kernels: none in this torch ({torch.__version__}); the reference runs"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if native_bf16():
+        prefill = (f"dequantized once into a bf16 GEMM from {DEQUANTIZE_ROWS[1]} rows "
+                   f"({DEQUANTIZE_ROWS[2]} at 8 bits)")
+    else:
+        prefill = "dequantized once into an fp32 GEMM from a row count probed per layer shape (no native bf16)"
+    return (f"CPU kernels on {cap} (native bf16: {'yes' if native_bf16() else 'no'}): quantized layers run torch's "
+            f"int4 kernel at decode, {prefill}; low-rank layers two GEMMs in the model's dtype")
+
+
 def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = None, u: torch.Tensor | None = None,
                  v: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · Wᵀ + (x · Vᵀ) · Uᵀ + b for a layer `repack`-ed into ``pack``; returned in ``x.dtype``."""
     if x.shape[-1] != pack.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer {pack.in_features}")
     x2 = x.reshape(-1, pack.in_features)
-    xb = x2.bfloat16()  # (a no-op for bf16; the named conversions parse their arguments ~1 us faster than .to)
-    if pack.padded != pack.in_features:
-        xb = F.pad(xb, (0, pack.padded - pack.in_features))
-    if pack.sources and xb.shape[0] >= DEQUANTIZE_ROWS[pack.copies]:  # a long prefill: dequantize once
-        xb = xb[:, :pack.in_features]
-        parts = []
-        for i, (qweight, scales, zeros, bits, group_size) in enumerate(pack.sources):
-            xs = F.pad(xb, (0, scales.shape[1] * group_size - pack.in_features))
-            w = dequantize_planes(qweight, scales, zeros, bits, group_size)
-            _release_codes(pack, i)
-            parts.append(F.linear(plane_order(xs, bits), w))
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    if pack.sources and x2.shape[0] >= prefill_rows(pack):  # a long prefill: dequantize once
+        y = _dequantized_linear(x2, pack)
     else:
+        xb = x2.bfloat16()  # (a no-op for bf16; the named conversions parse their arguments ~1 us faster than .to)
+        if pack.padded != pack.in_features:
+            xb = F.pad(xb, (0, pack.padded - pack.in_features))
         if pack.copies == 2:
             xb = torch.cat([xb, xb], 1)
         y = _int4_mm()(xb.contiguous(), pack.weight, pack.group, pack.scales_zeros)

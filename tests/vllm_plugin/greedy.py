@@ -2,7 +2,7 @@
 
 SPEC_JSON: {"paths": [...], "prompts": [[ids]], "n": new tokens, "llm_kwargs": {...}, "out": result file}; the result
 file gets {path: [[tokens] per prompt], "logprobs:" + path: [[vLLM's log-probability of each chosen token] per
-prompt]}. A separate process, so vLLM's engine processes end with it.
+prompt], "capability": torch's CPU capability, "avx512": what torch.cpu reports of AVX512}. A separate process, so vLLM's engine processes end with it.
 """
 
 import gc
@@ -25,5 +25,9 @@ if __name__ == "__main__":
                                        for o in outputs]
         del llm
         gc.collect()
+    import torch
+
+    results["capability"] = torch.backends.cpu.get_cpu_capability()
+    results["avx512"] = torch.cpu._is_avx512_supported()
     with open(spec["out"], "w") as f:
         json.dump(results, f)
