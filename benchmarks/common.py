@@ -47,7 +47,35 @@ def run_rows(script: str, jobs: list[tuple[str, list[str]]]) -> list[dict]:
     return results
 
 
+#: the instruction-set extensions that decide which CPU paths run (docs/cpu-runtime.md#by-instruction-set)
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+             "amx_int8")
+
+
+def machine_line() -> str:
+    """The CPU, its ISA flags of note and what torch runs on it: printed with every table (speed is per CPU)."""
+    import torch
+
+    model, flags = "?", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "?":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    have = [f for f in ISA_FLAGS if f in flags]
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return (f"CPU: {model}, {os.cpu_count()} cores; ISA: {' '.join(have) or '?'}; torch {torch.__version__} runs "
+            f"{torch.backends.cpu.get_cpu_capability()}" + (f" (forced: ATEN_CPU_CAPABILITY={forced})" if forced else ""))
+
+
 def print_table(results: list[dict], cols: list[str]) -> None:
+    print(machine_line())
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)

@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/decode.py                          # every row (~25 min on 2 cores)
     .venv/bin/python benchmarks/decode.py --rows "dense fp32" "rtn 4-bit g128"
     .venv/bin/python benchmarks/decode.py --rounds 3                # each row 3 times, round-robin, best kept
+    .venv/bin/python benchmarks/decode.py --emulate-avx2 --rows "dense fp32" "rtn 4-bit g32" \
+        "llama.cpp: rtn 4-bit g32 as GGUF Q4_1"                     # torch / oneDNN / MKL held to AVX2
 
 Protocol: 2 threads (``--threads``), ``generate`` batch 1, greedy, a 256-token prompt (the start of WikiText-2 raw
 test), 64 new tokens, best of two (`hf_compress.evaluation.decode_speed`): ``decode tok/s`` = 63 / (t(64 new tokens)
@@ -13,7 +15,8 @@ imports + load + generate) is the row's own; ``RSS over imports`` is that peak l
 imports (what loading and running the model added); ``ckpt MB`` is the checkpoint directory's safetensors. The KV rows
 use the dense fp32 model with a 2048-token prompt and compare with ``DynamicCache`` at the same context.
 
-Rows: dense fp32 and bf16; the peer, torchao's int4 weight-only CPU path (``PrototypeInt4WeightOnlyConfig``,
+Rows: dense fp32 and bf16; llama.cpp (llama-cpp-python, built from source) on our rtn 4-bit g32 checkpoint exported
+to GGUF (exact Q4_1), beside the same checkpoint on our CPU path; the peer, torchao's int4 weight-only CPU path (``PrototypeInt4WeightOnlyConfig``,
 ``_weight_int4pack_mm_for_cpu``; bf16 model: it needs bf16 activations) on the same 210 projections at g64
 (torchao needs in_features % group == 0; SmolLM2's 576-wide inputs rule out g128); ours at 2/3/4/8 bits (4-bit
 also with the tied ``lm_head`` compressed: ``+ lm_head``, which unties it from the embedding), 3-bit + EoRA r32
@@ -49,6 +52,9 @@ ROWS = {
     "bound: projections free (fp32)": {"build": "dense", "dtype": "float32", "free": True},
     "rtn 4-bit g128": {"build": {"method": "rtn", "bits": 4, "group_size": 128}},
     "rtn 4-bit g64": {"build": {"method": "rtn", "bits": 4, "group_size": 64}},
+    "rtn 4-bit g32": {"build": {"method": "rtn", "bits": 4, "group_size": 32}},
+    "llama.cpp: rtn 4-bit g32 as GGUF Q4_1": {"build": {"method": "rtn", "bits": 4, "group_size": 32},
+                                              "engine": "llama.cpp"},
     "rtn 4-bit g128 (bf16 model)": {"build": {"method": "rtn", "bits": 4, "group_size": 128}, "dtype": "bfloat16"},
     "rtn 4-bit g128 + lm_head": {"build": {"method": "rtn", "bits": 4, "group_size": 128, "lm_head": True}},
     "rtn 4-bit g128 + lm_head (bf16 model)": {"build": {"method": "rtn", "bits": 4, "group_size": 128, "lm_head": True},
@@ -126,7 +132,47 @@ def _free_projections(model) -> None:
         model.set_submodule(name, Free(model.get_submodule(name).out_features))
 
 
+def run_llamacpp_row(label: str, ckpt: Path) -> dict:
+    """The peer CPU engine on the same weights: the checkpoint exported to GGUF (every projection exact Q4_1,
+    `hf_compress.export_gguf`) and run by llama.cpp (llama-cpp-python), fed our tokenizer's ids; the same protocol
+    (prefill = the prompt's evaluation plus one step, decode = 63 greedy steps after it, best of 2)."""
+    import time
+
+    import llama_cpp
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    threads = int(os.environ.get("DECODE_THREADS", "2"))
+    gguf = ckpt.with_suffix(".gguf")
+    if not gguf.exists():
+        import hf_compress  # noqa: F401
+        from hf_compress.export import export
+
+        export(ckpt, gguf, format="gguf")
+    imports_mb = peak_rss_mb()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = [int(t) for t in _prompt_ids(tok, PROMPT)[0]]
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=PROMPT + NEW + 8, n_threads=threads, n_threads_batch=threads,
+                          n_batch=PROMPT, logits_all=False, verbose=False)
+    best_prefill, best_tps = float("inf"), 0.0
+    for _ in range(2):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        t1 = time.perf_counter()
+        for _ in range(NEW - 1):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        best_prefill = min(best_prefill, t1 - t0)
+        best_tps = max(best_tps, (NEW - 1) / (time.perf_counter() - t1))
+    return {"row": label, "decode tok/s": round(best_tps, 2), "prefill ms": round(1000 * best_prefill),
+            "context": len(ids), "peak RSS MB": round(peak_rss_mb()),
+            "RSS over imports MB": round(peak_rss_mb() - imports_mb), "ckpt MB": round(gguf.stat().st_size / 1e6, 1)}
+
+
 def run_row(label: str, spec: dict, ckpt: Path) -> dict:
+    if spec.get("engine") == "llama.cpp":
+        return run_llamacpp_row(label, ckpt)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,6 +234,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every row this many times, round-robin, and keep each row's best decode (its prefill: "
                          "the least, its RSS: the most): a machine whose speed drifts over minutes then favours no row")
+    ap.add_argument("--emulate-avx2", action="store_true",
+                    help="run torch, oneDNN and MKL at AVX2 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, "
+                         "MKL_ENABLE_INSTRUCTIONS=AVX2): a CPU without AVX512 or native bf16, on one that has them "
+                         "(llama.cpp rows keep the ISA llama-cpp-python was built for)")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -201,6 +251,8 @@ def main() -> None:
         return
     import subprocess
 
+    if args.emulate_avx2:
+        os.environ.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
     os.environ["HF_COMPRESS_KERNELS"] = args.kernels
     os.environ["DECODE_THREADS"] = str(args.threads)
     for label in args.rows:
@@ -216,6 +268,12 @@ def main() -> None:
         for base in ("dense fp32", "dense bf16"):
             if base in by and "decode tok/s" in r and r.get("context") == by[base]["context"]:
                 r[f"x {base}"] = round(r["decode tok/s"] / by[base]["decode tok/s"], 2)
+        cpp = by.get("llama.cpp: rtn 4-bit g32 as GGUF Q4_1")
+        if cpp and "decode tok/s" in r and r.get("context") == cpp["context"]:
+            r["x llama.cpp"] = round(r["decode tok/s"] / cpp["decode tok/s"], 2)
+            r["prefill x llama.cpp"] = round(r["prefill ms"] / cpp["prefill ms"], 2)
+        if "dense fp32" in by and "prefill ms" in r and r.get("context") == by["dense fp32"]["context"]:
+            r["prefill x dense fp32"] = round(r["prefill ms"] / by["dense fp32"]["prefill ms"], 2)
         peer = by.get("torchao int4 g64 (bf16 model)")
         if peer and "decode tok/s" in r and r.get("context") == peer["context"]:
             r["x torchao"] = round(r["decode tok/s"] / peer["decode tok/s"], 2)
@@ -225,9 +283,9 @@ def main() -> None:
     rounds = f" in each of {args.rounds} rounds (the best round per row)" if args.rounds > 1 else ""
     print(f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2{rounds}, "
           f"HF_COMPRESS_KERNELS={args.kernels}")
-    print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x torchao",
+    print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x torchao", "x llama.cpp",
                           "x DynamicCache (time/token)",
-                          "prefill ms", "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"])
+                          "prefill ms", "prefill x dense fp32", "prefill x llama.cpp", "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"])
 
 
 if __name__ == "__main__":
