@@ -1,13 +1,12 @@
-"""Reading and checking checkpoint files without loading them, and writing checkpoints atomically."""
+"""Reading and checking checkpoint files without loading them, and the ``hf_compress_autoload.py`` shim a checkpoint
+carries. (Checkpoint folders are written atomically by `hf_compress.atomic`; the resumable state of an interrupted
+compression is `hf_compress.resume`.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -50,56 +49,6 @@ def read_headers(files: list[str]) -> dict[str, dict]:
         else:
             raise CheckpointError(f"{f}: hf-compress checkpoints are safetensors only (refusing pickle files).")
     return merged
-
-
-@contextmanager
-def atomic_directory(target: str | os.PathLike):
-    """Yield a temporary directory beside ``target``; on success it replaces ``target`` in one rename.
-
-    If the body raises (or the process dies), ``target`` is left as it was and the temporary folder is removed
-    (or, after a kill, left under a ``.tmp-`` name that is never mistaken for the checkpoint)."""
-    target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a checkpoint folder gets the usual permissions
-    try:
-        yield tmp
-        for f in tmp.iterdir():  # some writers create 0600 files; a checkpoint gets the usual permissions
-            if f.is_file():
-                os.chmod(f, 0o666 & ~mask)
-        if target.exists():
-            old = target.with_name(f".old-{target.name}-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def atomic_file(target: str | os.PathLike):
-    """Yield a temporary file path beside ``target``; on success it replaces ``target`` in one rename. If the body
-    raises, ``target`` is left as it was and the temporary file is removed."""
-    target = Path(target).resolve()
-    if target.is_dir():
-        raise IsADirectoryError(f"{target} is a directory; give a file name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 SHIM_MODULE = "hf_compress_autoload"

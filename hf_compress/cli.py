@@ -71,12 +71,10 @@ def _config_from_args(args):
 
 def cmd_compress(args) -> int:
     from . import compress, save_pretrained
-    from .loading import load_model, read_text
-    from .summary import layer_table
-
     from .hub import add_evaluation, provenance_of
-
+    from .loading import load_model, read_text
     from .progress import format_seconds, peak_rss_mb, reset_peak_rss, rss_mb
+    from .summary import size_breakdown
 
     config = _config_from_args(args)
     partial = _partial_dir(args.output)
@@ -101,9 +99,9 @@ def cmd_compress(args) -> int:
     t0 = time.time()
     compress(model, config, calibration=args.calib, tokenizer=tokenizer, checkpoint_dir=partial,
              checkpoint_every=args.checkpoint_every)
-    rows = [r for r in layer_table(model) if r.kind != "dense"]
-    now, dense = sum(r.bytes for r in rows), sum(r.dense_bytes for r in rows)
-    print(f"compressed {len(rows)} layers with {config.method} in {format_seconds(time.time() - t0)} "
+    sizes = size_breakdown(model)
+    now, dense = sizes["compressed_now"], sizes["compressed_dense"]
+    print(f"compressed {sizes['compressed_layers']} layers with {config.method} in {format_seconds(time.time() - t0)} "
           f"({time.time() - t0:.1f}s), peak RSS {peak_rss_mb():.0f} MiB; their bytes {dense:,} -> {now:,} "
           f"({now / max(dense, 1):.3f}x)")
     if eval_text:

@@ -36,7 +36,7 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
     from .methods import get_method
     from .hub import add_evaluation
     from .loading import load_model, read_text, smollm2_gguf_path
-    from .summary import layer_table, model_bytes
+    from .summary import model_bytes, size_breakdown
 
     t_start = time.time()
     gguf = smollm2_gguf_path()
@@ -67,8 +67,8 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
     print(f"[3/6] compressing: method={method} {what} targets={targets or 'all block linears'}"
           + (f", calibrated on {nsamples}x512 tokens of {calib.name}" if calibrated else ""))
     compress(model, config, calibration=str(calib), tokenizer=tokenizer)
-    rows = layer_table(model)
-    comp_bytes = model_bytes(model)
+    sizes = size_breakdown(model)
+    comp_bytes = sizes["total_now"]
 
     print("[4/6] compressed perplexity")
     comp_ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens)
@@ -96,14 +96,13 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
     continuation = tokenizer.decode(ids[0, probe["input_ids"].shape[1]:], skip_special_tokens=True)
 
     files = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    n_comp = sum(r.kind != "dense" for r in rows)
     print()
     print(f"{'':<28}{'dense':>14}{'compressed':>14}")
     print(f"{'model bytes (in memory)':<28}{dense_bytes:>14,}{comp_bytes:>14,}   ({comp_bytes / dense_bytes:.3f}x)")
     print(f"{'perplexity':<28}{dense_ppl.perplexity:>14.2f}{comp_ppl.perplexity:>14.4g}")
     print(f"{'decode tokens/s (CPU)':<28}{speed['dense']:>14.1f}{speed['compressed']:>14.1f}   "
           f"({speed['compressed'] / speed['dense']:.2f}x; {torch.get_num_threads()} threads, batch 1, greedy)")
-    print(f"compressed layers: {n_comp}/{len(rows)}; checkpoint on disk: {files:,} bytes; "
+    print(f"compressed layers: {sizes['compressed_layers']}/{sizes['layers']}; checkpoint on disk: {files:,} bytes; "
           f"reloaded vs in-memory logits max |diff| = {diff:.2e} "
           f"({rel_diff:.1e} of max |logit|)")
     print(f"prompt: {prompt!r} -> {continuation!r}")

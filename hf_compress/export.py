@@ -15,7 +15,7 @@ them (docs/export.md).
 * ``gguf``: one ``.gguf`` file for llama.cpp (Llama architecture): layers whose grid is a GGUF grid keep their codes
   (Q4_1 / Q4_0 / Q8_0), the rest multiplied out dense or re-quantized (`export_gguf`).
 
-All are written atomically (`checkpoint.atomic_directory`, `atomic_file`): a refused or failed export leaves nothing
+All are written atomically (`atomic.atomic_directory`, `atomic_file`): a refused or failed export leaves nothing
 on disk.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_directory, atomic_file
+from .atomic import atomic_directory, atomic_file
 from .errors import ExportError
 from .kernels import unpack
 from .modules import LowRankLinear, QuantLinear, QuantLowRankLinear, compressed_modules

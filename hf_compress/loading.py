@@ -49,10 +49,9 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str = torch.floa
             raise FileNotFoundError(f"GGUF file {spec} not found")
         model = model_class.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        from .hub import gguf_provenance
-
-        model._hf_compress_provenance = gguf_provenance(path)  # base model / license for the model card
-        model._hf_compress_gguf_source = str(path.resolve())  # export --format gguf copies its tokenizer
+        # where it came from: export --format gguf copies its tokenizer, the model card reads its base model and
+        # license (`hf_compress.hub.provenance_of`)
+        model._hf_compress_gguf_source = str(path.resolve())
         return _as_plain_model(model), tokenizer
     if not os.path.isdir(spec) and (spec.startswith((".", "/", "~")) or os.path.exists(spec)):
         raise FileNotFoundError(f"{spec} is neither a checkpoint directory nor a .gguf file")

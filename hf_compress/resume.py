@@ -8,7 +8,7 @@ Layout of the folder::
     streams.safetensors     tensors the next unit starts from (the calibration hidden states of the sequential
                             engine; fisher rows), as of ``done``
 
-Every file is written under a temporary name and renamed into place (``os.replace``), and ``state.json`` is
+Every file is written under a temporary name and renamed into place (`hf_compress.atomic`), and ``state.json`` is
 written last, so a run killed at any instant leaves either the previous commit or the new one, never a mix.
 Resuming restores units ``0..done-1`` and the streams, then runs exactly the code an uninterrupted run would have
 run from unit ``done`` on: the result is the same bit for bit.
@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_file
 from .errors import CheckpointError, ConfigError
 from .kernels.cpu import release_pages
 from .modules import MODULE_TYPES
@@ -53,12 +54,6 @@ def fingerprint(config, targets: dict[str, nn.Module], windows: torch.Tensor | N
     if windows is not None:
         fp["windows"] = hashlib.sha256(windows.cpu().long().numpy().tobytes()).hexdigest()
     return json.loads(json.dumps(fp))  # the form it has once read back from state.json
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _home(module: nn.Module) -> torch.device:
@@ -172,8 +167,8 @@ class Checkpoint:
                 records[name] = {"record": {"type": "dense"}}
                 tensors[f"{name}.weight"] = dense_weight(module).detach().contiguous()
         meta = {"modules": json.dumps(records)}
-        _atomic(self._unit_file(unit),
-                lambda p: save_file({k: v.cpu() for k, v in tensors.items()}, str(p), metadata=meta))
+        with atomic_file(self._unit_file(unit)) as tmp:
+            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
     def release_unit(self, unit: int, model: nn.Module, names) -> None:
         """Point the compressed modules ``names`` of ``unit``, just written by `save_unit`, at their tensors in the
@@ -202,10 +197,11 @@ class Checkpoint:
         """Declare units ``0..done-1`` final; ``streams``: the tensors the run continues from."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if streams:
-            _atomic(self.folder / STREAMS,
-                    lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in streams.items()}, str(p)))
+            with atomic_file(self.folder / STREAMS) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in streams.items()}, str(tmp))
         self.state = {"fingerprint": self.fp, "done": done, "extra": extra}
-        _atomic(self.folder / STATE, lambda p: p.write_text(json.dumps(self.state), encoding="utf-8"))
+        with atomic_file(self.folder / STATE) as tmp:
+            tmp.write_text(json.dumps(self.state), encoding="utf-8")
         self.last_commit = time.time()
 
     # ------------------------------------------------------------------------------------------------ reading

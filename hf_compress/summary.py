@@ -1,4 +1,7 @@
-"""Per-layer size accounting: what `hf-compress info` prints."""
+"""Size accounting, in one place: bytes per layer (`layer_table`), of the whole model (`model_bytes`) and their
+breakdown (`size_breakdown`: compressed layers now and dense, dense linear layers, the rest). What `hf-compress info`
+prints (`format_table`), what `hf-compress compress` reports and what the model card's tables and plot show
+(`hf_compress.hub`)."""
 
 from __future__ import annotations
 
@@ -65,6 +68,46 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
+def layer_type(name: str) -> str:
+    """The type of a layer, as the card groups them: the leaf of its name (``q_proj``)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def size_breakdown(model: nn.Module, rows: list[LayerInfo] | None = None) -> dict:
+    """Bytes now and dense-equivalent: compressed layers, dense linear layers, everything else (embeddings, ...).
+
+    ``compressed_now`` / ``compressed_dense``: the compressed layers' bytes and their dense layers' bytes;
+    ``other_linear``: linear layers left dense; ``other``: the rest (embeddings, norms, a head tied to the
+    embeddings); ``total_now`` / ``total_dense``: the whole model (tied tensors once) now and with every compressed
+    layer dense again; ``linear_now`` / ``linear_dense``: all linear layers (`layer_table`'s rows); ``layers`` and
+    ``compressed_layers``: how many; ``bits_per_weight``: of the compressed layers, weighted by their weights (None
+    when none is); ``params``: parameters now. ``rows``: `layer_table(model)` when already computed."""
+    rows = layer_table(model) if rows is None else rows
+    comp = [r for r in rows if r.kind != "dense"]
+    comp_now = sum(r.bytes for r in comp)
+    comp_dense = sum(r.dense_bytes for r in comp)
+    # a dense layer's tensors shared with another module (a head tied to the embeddings) count as "other"
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            holders[t.data_ptr()] = holders.get(t.data_ptr(), 0) + 1
+    linear_dense = 0
+    for r in rows:
+        if r.kind == "dense":
+            m = model.get_submodule(r.name)
+            linear_dense += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())
+                                if holders.get(t.data_ptr(), 0) <= 1)
+    total = model_bytes(model)
+    other = total - comp_now - linear_dense
+    weights = sum(r.shape[0] * r.shape[1] for r in comp)
+    bits = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in comp) / weights if comp else None
+    return {"compressed_now": comp_now, "compressed_dense": comp_dense, "other_linear": linear_dense,
+            "other": max(other, 0), "total_now": total, "total_dense": total - comp_now + comp_dense,
+            "params": sum(p.numel() for p in model.parameters()),
+            "linear_now": sum(r.bytes for r in rows), "linear_dense": sum(r.dense_bytes for r in rows),
+            "layers": len(rows), "compressed_layers": len(comp), "bits_per_weight": bits}
+
+
 def format_table(model: nn.Module) -> str:
     rows = layer_table(model)
     width = max([len(r.name) for r in rows] + [5])
@@ -73,17 +116,13 @@ def format_table(model: nn.Module) -> str:
     for r in rows:
         lines.append(f"{r.name:<{width}}  {r.kind:<13} {f'{r.shape[0]}x{r.shape[1]}':>17} {r.detail:>15} "
                      f"{r.bits_per_weight:>7.3f} {r.bytes:>12,} {r.dense_bytes:>12,}")
-    now, dense = sum(r.bytes for r in rows), sum(r.dense_bytes for r in rows)
-    n_comp = sum(r.kind != "dense" for r in rows)
-    total = model_bytes(model)
+    s = size_breakdown(model, rows)
+    now, dense, total, total_dense = s["linear_now"], s["linear_dense"], s["total_now"], s["total_dense"]
     lines.append("")
-    comp = [r for r in rows if r.kind != "dense"]
-    weights = sum(r.shape[0] * r.shape[1] for r in comp)
-    lines.append(f"linear layers: {len(rows)} ({n_comp} compressed); bytes {now:,} now vs {dense:,} dense "
-                 f"({now / max(dense, 1):.3f}x)")
-    if comp:
-        bits = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in comp) / weights
-        lines.append(f"compressed layers: {bits:.3f} bits per weight (all stored tensors but biases)")
-    lines.append(f"whole model: {total:,} bytes now vs {total - now + dense:,} dense "
-                 f"({total / max(total - now + dense, 1):.3f}x); parameters {sum(p.numel() for p in model.parameters()):,}")
+    lines.append(f"linear layers: {s['layers']} ({s['compressed_layers']} compressed); bytes {now:,} now vs {dense:,} "
+                 f"dense ({now / max(dense, 1):.3f}x)")
+    if s["compressed_layers"]:
+        lines.append(f"compressed layers: {s['bits_per_weight']:.3f} bits per weight (all stored tensors but biases)")
+    lines.append(f"whole model: {total:,} bytes now vs {total_dense:,} dense "
+                 f"({total / max(total_dense, 1):.3f}x); parameters {s['params']:,}")
     return "\n".join(lines)

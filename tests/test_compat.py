@@ -122,7 +122,7 @@ def test_quantizer_hooks(tmp_path, monkeypatch):
 
 def test_auto_class_internals():
     """auto.py maps the wrapped config to the native model class through the Auto classes' _model_mapping and
-    CONFIG_MAPPING; hub.py reads MODEL_FOR_CAUSAL_LM_MAPPING_NAMES."""
+    CONFIG_MAPPING; hub/card.py reads MODEL_FOR_CAUSAL_LM_MAPPING_NAMES."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
