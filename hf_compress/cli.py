@@ -281,7 +281,7 @@ def cmd_demo(args) -> int:
 
     run_demo(ratio=args.ratio, method=args.method, text_path=args.text, max_tokens=args.max_tokens,
              output=args.output, targets=args.targets, nsamples=args.nsamples, bits=args.bits,
-             group_size=args.group_size)
+             group_size=args.group_size, command=_command_line())
     return 0
 
 

@@ -25,10 +25,13 @@ def find_demo_text(name: str = "wikitext-2-raw-test.txt") -> Path:
 
 def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | None = None, max_tokens: int = 4096,
              output: str | None = None, targets: list[str] | None = None, prompt: str = "The capital of France is",
-             nsamples: int = 16, bits: int | None = None, group_size: int = 64, speed_tokens: int = 32) -> dict:
+             nsamples: int = 16, bits: int | None = None, group_size: int = 64, speed_tokens: int = 32,
+             command: str | None = None) -> dict:
     """Compress SmolLM2-135M (default: HQQ 4-bit, group 64: data-free, and on CPU it runs on the int4 kernels),
     save, reload, and print size, perplexity and decode tokens/s before and after. A low-rank method (``svd``,
-    ``svd_llm``...) compresses by ``ratio`` (default 0.2) instead; ``bits`` with it quantizes its factors."""
+    ``svd_llm``...) compresses by ``ratio`` (default 0.2) instead; ``bits`` with it quantizes its factors.
+    ``command``: what the evaluation records name as the command that produced the numbers (the CLI passes its own
+    command line; default: this call)."""
     from transformers import AutoModelForCausalLM
 
     from . import CompressionConfig, compress, save_pretrained
@@ -72,9 +75,8 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
 
     print("[4/6] compressed perplexity")
     comp_ppl = perplexity(model, tokenizer, text, max_tokens=max_tokens)
-    from .cli import _ARGV, _command_line
-
-    command = _command_line() if _ARGV[:1] == ["demo"] else f"hf_compress.demo.run_demo(method={method!r}, ratio={ratio}, bits={bits})"
+    # recorded beside the numbers: the CLI passes the command line it ran
+    command = command or f"hf_compress.demo.run_demo(method={method!r}, ratio={ratio}, bits={bits})"
     add_evaluation(model, dense_ppl, dataset=text_file.name, base=True, command=command)
     add_evaluation(model, comp_ppl, dataset=text_file.name, command=command)  # shown in the model card
 
@@ -90,6 +92,9 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
         rel_diff = diff / max(ref_logits.abs().max().item(), 1e-30)  # to the logits' scale: fp32 rounding
 
     print("[6/6] greedy continuation and decode speed of the reloaded model")
+    from .kernels import cpu
+
+    print(f"      {cpu.describe()}")
     with torch.no_grad():
         ids = reloaded.generate(**probe, max_new_tokens=20, do_sample=False)
     speed["compressed"] = decode_speed(reloaded, probe.input_ids, speed_tokens, pad_token_id=tokenizer.eos_token_id)[0]

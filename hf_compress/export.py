@@ -257,8 +257,8 @@ def _export_gguf(model, output, dtype, tokenizer, requantize, gguf_tokenizer) ->
         raise ExportError(f"{output} is a directory; give a .gguf file name")
     result = ExportResult(path=str(output), format="gguf")
     with atomic_file(output) as tmp:
-        result.tensors, result.notes = write_gguf(model, tmp, dtype=dtype, requantize=requantize,
-                                                  tokenizer=tokenizer, gguf_tokenizer=gguf_tokenizer)
+        result.tensors, result.notes = write_gguf(model, tmp, dtype=dtype, requantize=requantize, tokenizer=tokenizer,
+                                                  gguf_tokenizer=gguf_tokenizer, tied=_tied_names(model))
     if getattr(model.config.quantization_config, "kv", None):
         result.notes.append("the checkpoint's KV-cache spec is not exported (engines manage their own KV cache)")
     return result

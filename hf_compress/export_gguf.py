@@ -232,13 +232,15 @@ def _linear_tensor(m: nn.Module, requantize: str | None, dense: str) -> tuple[np
 
 
 def write_gguf(model, path: str | os.PathLike, *, dtype: torch.dtype | None = None, requantize: str | None = None,
-               tokenizer=None, gguf_tokenizer: str | os.PathLike | None = None) -> tuple[list[GGUFTensor], list[str]]:
+               tokenizer=None, gguf_tokenizer: str | os.PathLike | None = None,
+               tied: list[str] = ()) -> tuple[list[GGUFTensor], list[str]]:
     """Write ``model`` to the GGUF file ``path`` (not atomic: `export.export` wraps it); (report rows, notes).
 
     ``dtype``: float32 (default) or float16 for dense tensors (embeddings, layers without an exact type); norms
     stay F32 (as llama.cpp's converter writes them). ``requantize``: a GGML type in `REQUANT_TYPES` for layers
     without an exact type, instead of dense. Tokenizer: the tokenizer.* keys of ``gguf_tokenizer`` (or of the GGUF
-    file the model was loaded from, `loading.load_model`), else built from the HF ``tokenizer``."""
+    file the model was loaded from, `loading.load_model`), else built from the HF ``tokenizer``. ``tied``: the
+    state-dict names of an output embedding tied to the input one (`export._tied_names`), written once."""
     import gguf
 
     meta = _config_checks(model)
@@ -262,11 +264,9 @@ def write_gguf(model, path: str | os.PathLike, *, dtype: torch.dtype | None = No
         raise ExportError("GGUF needs a tokenizer: pass tokenizer= (a checkpoint path loads its own) or "
                           "gguf_tokenizer= (--gguf-tokenizer FILE.gguf)")
 
-    from .export import _tied_names
-
     layers = compressed_modules(model)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, meta["block_count"])
-    skip = set(_tied_names(model))
+    skip = set(tied)  # a tied output embedding's state-dict names: written once, as token_embd
     items: list[tuple[str, object]] = [(k, t) for k, t in model.state_dict().items()
                                        if k not in skip and not any(k.startswith(n + ".") for n in layers)]
     items += [(f"{n}.weight", m) for n, m in layers.items()]

@@ -23,7 +23,8 @@ from ..compat import cache_kwargs
 from ..calibration import device_of
 from ..errors import ConfigError
 from .base import compressible_layers, head_geometry
-from .quant import QuantMethod, check_head_dim, layer_widths
+from .registry import kv_method
+from .widths import check_head_dim, layer_widths
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def layer_sensitivity(model, spec, windows: torch.Tensor, batch_size: int = 8) -
         return {}
 
     def cache_for(layer_bits):
-        return QuantMethod.make_cache(model, {**spec, "avg_bits": None, "layer_bits": layer_bits})
+        # the plain quantized cache at these widths, whatever the spec's method (as for GEAR, which shares them)
+        return kv_method({"method": "quant"}).make_cache(model, {**spec, "avg_bits": None, "layer_bits": layer_bits})
 
     device = device_of(model)
     kl = {key: 0.0 for key, _ in candidates}

@@ -41,6 +41,7 @@ import torch
 from ..errors import ConfigError
 from ..kernels.kv import KV_BITS, SCALE_DTYPES, codes_per_unit, kv_dequantize, kv_quantize, token_group
 from .base import CompressedKVCache, KVCacheLayer
+from .widths import check_head_dim, check_layer_bits, layer_widths
 from .registry import KV_METHODS, KVMethod, check_int
 
 
@@ -289,37 +290,6 @@ class QuantizedKVCache(CompressedKVCache):
 
         super().__init__(config, make_layer)
         check_head_dim(self.head_dim, spec)  # a head_dim that cannot be packed fails now, not mid-generate
-
-
-def layer_widths(spec, i: int) -> tuple[int, int]:
-    """(key bits, value bits) of decoder layer ``i``."""
-    lb = spec.get("layer_bits")
-    if lb is not None and lb["k"][i] is not None:
-        return lb["k"][i], lb["v"][i]
-    return spec["bits"], spec["value_bits"]
-
-
-def check_layer_bits(spec, num_layers: int) -> None:
-    lb = spec.get("layer_bits")
-    if lb is not None and len(lb["k"]) != num_layers:
-        raise ConfigError(f"KV {spec['method']} layer_bits has {len(lb['k'])} entries per half, but the model has "
-                          f"{num_layers} decoder layers")
-
-
-def check_head_dim(head_dim: int, spec) -> None:
-    """Keys pack their codes along head_dim, values in per-token groups: every width used must fit."""
-    lb = spec.get("layer_bits") or {"k": [], "v": []}
-    key_bits = {spec["bits"], *(b for b in lb["k"] if b is not None)}
-    value_bits = {spec["value_bits"] or spec["bits"], *(b for b in lb["v"] if b is not None)}
-    try:
-        for bits in sorted(key_bits):
-            if head_dim % codes_per_unit(bits):
-                raise ValueError(f"head_dim {head_dim} cannot hold whole {bits}-bit packing units "
-                                 f"(needs a multiple of {codes_per_unit(bits)})")
-        for bits in sorted(value_bits):
-            token_group(head_dim, spec["group_size"], bits)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def validate_quant(spec):
