@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .kernels.cpu import release_pages
+from .kernels.cpu.paging import release_pages
 from .modules import MODULE_TYPES
 from .targets import dense_weight, set_module, shape_of
 
