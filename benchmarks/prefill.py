@@ -1,4 +1,5 @@
-"""Where the CPU prefill path switches from the int4 kernel to dequantize-once (``kernels.cpu.weights.DEQUANTIZE_ROWS``).
+"""Where the CPU prefill path switches from the int4 kernel to dequantize-once
+(``kernels.cpu.weights.DEQUANTIZE_ROWS``).
 
     .venv/bin/python benchmarks/decode.py --rows "rtn 4-bit g128"     # builds the checkpoints first (reused)
     .venv/bin/python benchmarks/prefill.py --threads 1 --tokens 32 64 128 256 512
