@@ -21,7 +21,7 @@ to GGUF (exact Q4_1), beside the same checkpoint on our CPU path; the peer, torc
 (torchao needs in_features % group == 0; SmolLM2's 576-wide inputs rule out g128); ours at 2/3/4/8 bits (4-bit
 also with the tied ``lm_head`` compressed: ``+ lm_head``, which unties it from the embedding), 3-bit + EoRA r32
 (calibrated on 16 x 512 tokens of gutenberg-pg1342.txt), ``svd`` 0.4, and the KV caches. Ours run with
-``HF_COMPRESS_KERNELS=auto`` (the CPU int4 kernels: `hf_compress.kernels.cpu`); add ``--kernels torch`` to time
+``HF_COMPRESS_KERNELS=auto`` (the CPU int4 kernels: `hf_compress.kernels.cpu.weights`); add ``--kernels torch`` to time
 the reference instead.
 
 One more row is a bound, not a model: ``bound: projections free (fp32)`` is the dense fp32 model with its 210

@@ -7,9 +7,9 @@ SmolLM2-135M's 30 blocks x 7 projections (q/o 576x576, k/v 576->192, gate/up 576
 distinct set of weights per layer, so that a pass streams them as a decode step does (not one layer hot in cache,
 as `layer_cpu.py` times). Per pass, the median of ``--passes`` passes, in ms:
 
-* ``int4 3-bit g64``: the bare int4 CPU op over every layer's pack (`kernels.cpu.repack` of random 3-bit codes);
+* ``int4 3-bit g64``: the bare int4 CPU op over every layer's pack (`kernels.cpu.weights.repack` of random 3-bit codes);
 * the EoRA term ``y + (x Vᵀ) Uᵀ`` alone, rank ``--rank``, with the factors held as: fp32 (what the CPU path runs,
-  `kernels.cpu.quant_linear`), fp32 with U by columns, bf16 (activations cast to bf16), int8 with one scale per
+  `kernels.cpu.weights.quant_linear`), fp32 with U by columns, bf16 (activations cast to bf16), int8 with one scale per
   row (``torch.ops.aten._weight_int8pack_mm``, bf16 activations; the relative error of its output against fp32 is
   printed with it).
 
@@ -42,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hf_compress.kernels import cpu, pack
+    from hf_compress.kernels import pack
+    from hf_compress.kernels.cpu import weights as cpu
 
     gen = torch.Generator().manual_seed(0)
     shapes = BLOCK * args.blocks

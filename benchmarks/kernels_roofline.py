@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hf_compress.kernels import reference
+from hf_compress.kernels.reference import weights as reference
 
 #: memory bandwidth (GB/s) by device-name fragment: vendor specs
 SPEC_BW = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350,
@@ -139,7 +139,8 @@ def impls(torch_fn, kind, t, device, args):
         return out  # (under TRITON_INTERPRET=1 the triton column runs on CPU: a smoke test of this script)
     if not args.no_compile and device.type == "cuda":
         out["torch.compile"] = torch.compile(torch_fn, dynamic=False)
-    from hf_compress.kernels import triton_lowrank, triton_quant
+    from hf_compress.kernels.triton import lowrank as triton_lowrank
+    from hf_compress.kernels.triton import weights as triton_quant
 
     if kind == "lowrank":
         out["triton"] = lambda x: triton_lowrank.lowrank_linear(x, t["u"], t["v"], None)

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/kv_key_probe.py      # about 1 minute
 
 One 2048-token window of WikiText-2 raw test; per layer, the keys are quantized per channel (KIVI layout, groups of
-32 tokens, `hf_compress.kernels.kv`) either after RoPE (what the cache sees) or before it (then rotated), and the error
+32 tokens, `hf_compress.kernels.reference.kv`) either after RoPE (what the cache sees) or before it (then rotated), and the error
 of the attention scores q·kᵀ/√d of the last 128 queries against every key is summed over layers (mean square).
 """
 
@@ -20,7 +20,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def main():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from hf_compress.kernels.kv import kv_dequantize, kv_quantize
+    from hf_compress.kernels import kv_dequantize, kv_quantize
     from hf_compress.loading import load_model, read_text, smollm2_gguf_path
 
     model, tok = load_model(smollm2_gguf_path())

@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hf_compress.kernels import cpu
+    from hf_compress.kernels.cpu import weights as cpu
     from hf_compress.modules.lowrank import LowRankLinear
     from hf_compress.modules.quant import QuantLinear
 

@@ -1,4 +1,5 @@
-"""Where the CPU prefill path switches from the int4 kernel to dequantize-once (``kernels.cpu.DEQUANTIZE_ROWS``).
+"""Where the CPU prefill path switches from the int4 kernel to dequantize-once
+(``kernels.cpu.weights.DEQUANTIZE_ROWS``).
 
     .venv/bin/python benchmarks/decode.py --rows "rtn 4-bit g128"     # builds the checkpoints first (reused)
     .venv/bin/python benchmarks/prefill.py --threads 1 --tokens 32 64 128 256 512
@@ -32,7 +33,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import hf_compress  # noqa: F401  (registers the checkpoint format)
-    from hf_compress.kernels import cpu
+    from hf_compress.kernels.cpu import weights as cpu
 
     torch.set_num_threads(args.threads)
     work, dtype = Path(args.workdir), getattr(torch, args.dtype)

@@ -231,9 +231,9 @@ def cmd_info(args) -> int:
     if getattr(q, "kv", None):
         print(f"KV cache (used by generate() by default): {json.dumps(q.kv)}")
     print(format_table(model))
-    from .kernels import cpu
+    from .kernels.cpu import weights as cpu_kernels
 
-    print(cpu.describe())
+    print(cpu_kernels.describe())
     return 0
 
 

@@ -38,7 +38,7 @@ from .methods import get_method
 from .kernels import pack
 from .methods.eora import eora_factors
 from .modules import LowRankLinear, QuantLinear, QuantLowRankLinear
-from .modules.quant import SCALE_DTYPES
+from .modules.quant import WEIGHT_SCALE_DTYPES
 from .targets import dense_weight, find_targets, set_module, shape_of, source_of
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _pack(q, in_features: int, sdt, bias=None, u=None, v=None, **kw) -> QuantLin
 
 
 def _quantized(name, w, bias, method, config, rank, stats, **kw) -> QuantLinear:
-    sdt = SCALE_DTYPES[config.scale_dtype]
+    sdt = WEIGHT_SCALE_DTYPES[config.scale_dtype]
     q = method.quantize(w, config.bits, config.group_size, stats, sdt)
     if not rank:
         return _pack(q, w.shape[1], sdt, bias, **kw)
@@ -180,7 +180,7 @@ def factor_quantizer(config: CompressionConfig, have_stats: bool):
 def _quantized_factors(u, v, bias, config, stats, **kw) -> QuantLowRankLinear:
     """Quantize V (input: the layer's x) then U (input: V̂x); a calibrated quantizer sees the Gram of each input,
     G for V and V̂·G·V̂ᵀ for U, so U also absorbs the rounding error of V."""
-    sdt = SCALE_DTYPES[config.scale_dtype]
+    sdt = WEIGHT_SCALE_DTYPES[config.scale_dtype]
     have_stats = stats is not None and stats.gram is not None
     quantizer = factor_quantizer(config, have_stats)
     qv = quantizer.quantize(v, config.bits, config.group_size, stats if have_stats else None, sdt)

@@ -92,7 +92,7 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
         rel_diff = diff / max(ref_logits.abs().max().item(), 1e-30)  # to the logits' scale: fp32 rounding
 
     print("[6/6] greedy continuation and decode speed of the reloaded model")
-    from .kernels import cpu
+    from .kernels.cpu import weights as cpu
 
     print(f"      {cpu.describe()}")
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Export an hf-compress Llama-architecture model to one GGUF file that llama.cpp runs (docs/export.md, "GGUF").
 
-Exact mappings. Our packed layout is ``W[o, k] = (q[o, k] − z[o, k // g]) · s[o, k // g]`` (`kernels.reference`);
-a GGUF block covers 32 consecutive input columns of one row with one fp16 scale ``d`` (and for Q4_1 one fp16
+Exact mappings. Our packed layout is ``W[o, k] = (q[o, k] − z[o, k // g]) · s[o, k // g]``
+(`kernels.reference.weights`); a GGUF block covers 32 consecutive input columns of one row with one fp16 scale ``d`` (and for Q4_1 one fp16
 minimum ``m``). When 32 divides both the group size g and in_features, every block lies inside one of our groups,
 so each block takes its group's (s, z) and our codes are copied unchanged:
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .atomic import atomic_file
 from .errors import CheckpointError, ConfigError
-from .kernels.cpu import release_pages
+from .kernels.cpu.paging import release_pages
 from .modules import MODULE_TYPES
 from .targets import dense_weight, set_module, shape_of
 

@@ -1,4 +1,4 @@
-"""The CPU backend (`hf_compress.kernels.cpu`: every QuantLinear width on PyTorch's int4 CPU kernel) against the torch
+"""The CPU backend (`hf_compress.kernels.cpu.weights`: every QuantLinear width on PyTorch's int4 CPU kernel) against the torch
 reference: the exact re-expression of our layout, the numerics of the kernel path (bf16 activations: relative 3e-2,
 the GPU kernels' tolerance), dispatch and its fallbacks, and modules / models on the CPU path."""
 
@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from hf_compress import kernels
-from hf_compress.kernels import cpu, dispatch, reference
+from hf_compress.kernels import dispatch
+from hf_compress.kernels.cpu import paging
+from hf_compress.kernels.cpu import weights as cpu
+from hf_compress.kernels.reference import weights as reference
 from conftest import resident_pages
 
 TOL = 3e-2  # relative to the reference's max |y|: bf16 activations, as tests/test_kernels.py's GPU tolerance
@@ -53,14 +56,14 @@ def test_private_ops_exist_and_keep_their_layout():
     s, z = (sz[..., i].float().T.repeat_interleave(g, 1) for i in (0, 1))
     want = x.float() @ ((codes.float() - 8) * s + z).T
     assert _rel(y, want) < 1e-2, ("aten._weight_int4pack_mm_for_cpu(_convert_weight_to_int4pack_for_cpu(codes)) no "
-                                  "longer computes x · ((codes - 8) · scale + zero)ᵀ: hf_compress/kernels/cpu.py needs updating")
+                                  "longer computes x · ((codes - 8) · scale + zero)ᵀ: hf_compress/kernels/cpu/weights.py needs updating")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n,k,g", [(24, 40, 32), (17, 300, 64), (48, 512, 256), (40, 200, 96), (24, 576, 128)],
                          ids=["partial-group", "odd-N", "g256", "g96-as-3x32", "partial-g128-as-g64"])
 def test_int4_layout_is_exact(bits, n, k, g):
-    """The re-expression on int4 codes (module docstring of hf_compress/kernels/cpu.py) is the reference weight exactly (fp32)."""
+    """The re-expression on int4 codes (module docstring of hf_compress/kernels/cpu/weights.py) is the reference weight exactly (fp32)."""
     qw, s, z = _layer(n, k, bits, g)
     cols, sc, zp, gk = cpu.int4_layout(qw, s, z, bits, g, k)
     assert int(cols.min()) >= 0 and int(cols.max()) <= 15 and g % gk == 0
@@ -325,7 +328,7 @@ def _mapped_rss(path) -> int:
 
 @linux_only
 def test_release_pages_hands_back_clean_file_pages_only(tmp_path):
-    """`cpu.release_pages`: the pages of a tensor in a private file mapping (as transformers maps safetensors) leave
+    """`paging.release_pages`: the pages of a tensor in a private file mapping (as transformers maps safetensors) leave
     the resident set and read back unchanged; a mapping with a written page (through ``.data``, which no version
     counter sees) and anonymous memory are left as they are."""
     n = 1 << 20  # 4 MB
@@ -334,14 +337,14 @@ def test_release_pages_hands_back_clean_file_pages_only(tmp_path):
     want.numpy().tofile(path)
     t = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
     assert torch.equal(t, want) and _mapped_rss(path) >= 0.9 * 4 * n
-    released = cpu.release_pages(t)
+    released = paging.release_pages(t)
     assert released >= 4 * n - 2 * 4096 and _mapped_rss(path) <= 8192
     assert torch.equal(t, want)  # faulted back in from the file
 
     t.data[5] = -1.0
-    assert cpu.release_pages(t) == 0 and t[5] == -1.0 and torch.equal(t[6:], want[6:])
+    assert paging.release_pages(t) == 0 and t[5] == -1.0 and torch.equal(t[6:], want[6:])
     anon = want.clone()
-    assert cpu.release_pages(anon) == 0 and torch.equal(anon, want)
+    assert paging.release_pages(anon) == 0 and torch.equal(anon, want)
 
 
 @linux_only
@@ -525,9 +528,10 @@ def test_lowrank_cpu_path_never_copies_u_it_cannot_hand_back():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis,group", [("channel", 8), ("token", 8), ("token", 24)])
 def test_kv_cpu_dequantize_equals_the_reference(bits, axis, group):
-    """`kernels.kv_cpu` (bit-spread unpack, dequantize into a caller's buffer) gives the reference's codes exactly and
+    """`kernels.cpu.kv` (bit-spread unpack, dequantize into a caller's buffer) gives the reference's codes exactly and
     its values (up to one fused rounding), on odd leading shapes, into a strided view, and in fp32 / bf16."""
-    from hf_compress.kernels import kv, kv_cpu
+    from hf_compress.kernels.cpu import kv as kv_cpu
+    from hf_compress.kernels.reference import kv
 
     if axis == "token" and group % kv.codes_per_unit(bits):
         pytest.skip("per-token groups hold whole packing units")
@@ -541,30 +545,31 @@ def test_kv_cpu_dequantize_equals_the_reference(bits, axis, group):
     torch.testing.assert_close(kv_cpu.dequantize(codes, scale, mn, bits, group, axis), ref, rtol=1e-6, atol=1e-6)
     for dtype, rtol in ((torch.float32, 1e-6), (torch.bfloat16, 2**-8)):
         buf = torch.full((3, 5, 21, c), float("nan"), dtype=dtype)
-        out = kv.kv_dequantize(codes, scale, mn, bits, group, axis, out=buf[..., 2:18, :])
+        out = dispatch.kv_dequantize(codes, scale, mn, bits, group, axis, out=buf[..., 2:18, :])
         assert out.data_ptr() == buf[..., 2:18, :].data_ptr()
         torch.testing.assert_close(buf[..., 2:18, :].float(), ref.to(dtype).float(), rtol=rtol, atol=1e-6)
         assert buf[..., :2, :].isnan().all() and buf[..., 18:, :].isnan().all()  # nothing written outside
-    assert kv.backend(codes, bits) == "cpu"
+    assert dispatch.kv_backend(codes, bits) == "cpu"
 
 
 def test_kv_backend_choice(monkeypatch):
     """``torch`` forces the reference for KV reads too; ``auto``/``cpu`` pick the CPU path for CPU tensors, and a
     row that is not whole 8-code units goes to the reference with the same values."""
-    from hf_compress.kernels import kv, kv_cpu
+    from hf_compress.kernels.cpu import kv as kv_cpu
+    from hf_compress.kernels.reference import kv
 
     x = torch.randn(2, 4, 12)  # 12 channels: 2-bit rows of 3 bytes, not whole 2-byte units
     codes, scale, mn = kv.quantize_reference(x, 2, 4, "channel")
     assert not kv_cpu.supports(2, codes.shape[-1]) and not kv_cpu.supports(4, 6) and kv_cpu.supports(4, 8)
     assert kv_cpu.supports(8, 5)
     ref = kv.dequantize_reference(codes, scale, mn, 2, 4, "channel")
-    assert torch.equal(kv.kv_dequantize(codes, scale, mn, 2, 4, "channel"), ref)
+    assert torch.equal(dispatch.kv_dequantize(codes, scale, mn, 2, 4, "channel"), ref)
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
     dispatch.refresh_backend()
-    assert kv.backend(codes, 4) == "torch"
+    assert dispatch.kv_backend(codes, 4) == "torch"
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "cpu")
     dispatch.refresh_backend()
-    assert kv.backend(codes, 4) == "cpu"
+    assert dispatch.kv_backend(codes, 4) == "cpu"
 
 
 def test_without_native_bf16_the_prefill_path_runs_fp32_and_is_probed_once_per_shape_class():
@@ -575,7 +580,8 @@ def test_without_native_bf16_the_prefill_path_runs_fp32_and_is_probed_once_per_s
 
     code = '''
 import torch
-from hf_compress.kernels import cpu, reference
+from hf_compress.kernels.cpu import weights as cpu
+from hf_compress.kernels.reference import weights as reference
 assert torch.backends.cpu.get_cpu_capability() == "AVX2"
 assert not cpu.native_bf16() and cpu.gemm_dtype() == torch.float32
 g = torch.Generator().manual_seed(0)

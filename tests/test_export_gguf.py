@@ -34,7 +34,7 @@ LOGITS_TOL = 1e-5
 
 @pytest.fixture(autouse=True)
 def _reference_kernels(monkeypatch):
-    """Ours = the specification (`kernels.reference`, fp32), not the CPU kernels' bf16 activations."""
+    """Ours = the specification (`kernels.reference.weights`, fp32), not the CPU kernels' bf16 activations."""
     from hf_compress.kernels import dispatch
 
     monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")

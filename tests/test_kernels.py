@@ -11,7 +11,8 @@ import torch
 
 from conftest import REPO, run_python
 from hf_compress import kernels
-from hf_compress.kernels import dispatch, reference
+from hf_compress.kernels import dispatch
+from hf_compress.kernels.reference import weights as reference
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +159,7 @@ def test_kernels_compile_for_gpu_targets_without_a_gpu():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from hf_compress.kernels import triton_lowrank as L, triton_quant as Q
+        from hf_compress.kernels.triton import lowrank as L, weights as Q
 
         def build(fn, ptrs, consts, cfg, arch):
             consts = {**consts, **cfg.kwargs}

@@ -24,9 +24,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch  # noqa: E402
 
-from hf_compress.kernels import reference  # noqa: E402
-from hf_compress.kernels import triton_lowrank as tlr  # noqa: E402
-from hf_compress.kernels import triton_quant as tq  # noqa: E402
+from hf_compress.kernels.reference import weights as reference  # noqa: E402
+from hf_compress.kernels.triton import lowrank as tlr  # noqa: E402
+from hf_compress.kernels.triton import weights as tq  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 

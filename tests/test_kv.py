@@ -90,7 +90,7 @@ def test_quant_bits_order_error_and_bytes():
 def test_value_bits_quantize_values_apart_from_keys():
     """value_bits: keys at ``bits`` (per channel), values at ``value_bits`` (per token); each half equals the
     reference quantizer at its own width, and k4/v2 sits between quant4 and quant2 in bytes."""
-    from hf_compress.kernels.kv import kv_dequantize, kv_quantize
+    from hf_compress.kernels import kv_dequantize, kv_quantize
 
     model = make_tiny("llama")
     ids = _ids(length=64)
@@ -165,7 +165,7 @@ def test_values_coded_ahead_read_as_if_flushed_one_by_one(monkeypatch):
     tokens, not one per token), yet every read returns what flushing one token at a time defines: every token older
     than the window dequantized from its own per-token codes, the window exact; the stored bytes count only the
     quantized tokens' codes, and the codes made ahead show in `runtime_nbytes`."""
-    from hf_compress.kernels.kv import kv_dequantize, kv_quantize
+    from hf_compress.kernels import kv_dequantize, kv_quantize
     from hf_compress.kv import quant
 
     model = make_tiny("llama")

@@ -1,5 +1,6 @@
-"""KV quantization kernels (hf_compress/kernels/kv.py): the torch reference's layout and error bound, dispatch, and the Triton
-kernels against the reference under TRITON_INTERPRET=1 (CPU) in a fresh interpreter, on awkward shapes."""
+"""KV quantization kernels (hf_compress/kernels/reference/kv.py, dispatched in hf_compress/kernels/dispatch.py): the
+torch reference's layout and error bound, dispatch, and the Triton kernels against the reference under
+TRITON_INTERPRET=1 (CPU) in a fresh interpreter, on awkward shapes."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from conftest import run_python
 
-from hf_compress.kernels import kv as K
+from hf_compress.kernels import dispatch
 from hf_compress.kernels.dispatch import refresh_backend
+from hf_compress.kernels.reference import kv as K
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -58,11 +60,11 @@ def test_dispatch_env(monkeypatch):
     x = torch.zeros(1)
     try:
         monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
-        assert refresh_backend() == "torch" and K.backend(x) == "torch"
+        assert refresh_backend() == "torch" and dispatch.kv_backend(x) == "torch"
         monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
-        assert K.backend(x) == "torch"  # still the mode read last
+        assert dispatch.kv_backend(x) == "torch"  # still the mode read last
         refresh_backend()
-        assert K.backend(x) == "cpu"  # CPU tensor: the CPU dequantize fast path (hf_compress/kernels/kv_cpu.py)
+        assert dispatch.kv_backend(x) == "cpu"  # CPU tensor: the CPU dequantize fast path (hf_compress/kernels/cpu/kv.py)
         monkeypatch.setenv("HF_COMPRESS_KERNELS", "bogus")
         with pytest.raises(ValueError, match="HF_COMPRESS_KERNELS"):
             refresh_backend()
@@ -74,28 +76,26 @@ def test_dispatch_env(monkeypatch):
 def test_dispatch_refuses_what_it_cannot_run(monkeypatch):
     """A forced mode that cannot run for the tensor raises, naming the problem, as the weight kernels'
     `backend_for` does — it used to run the reference quietly (cpu with a CUDA tensor) or fail inside Triton."""
-    from hf_compress.kernels import dispatch
-
     meta = torch.zeros(1, device="meta")  # a non-CPU tensor without a GPU
     try:
         monkeypatch.setenv("HF_COMPRESS_KERNELS", "cpu")
         refresh_backend()
-        assert K.backend(torch.zeros(1)) == "cpu"
+        assert dispatch.kv_backend(torch.zeros(1)) == "cpu"
         with pytest.raises(RuntimeError, match="HF_COMPRESS_KERNELS=cpu with a meta tensor"):
-            K.backend(meta)
+            dispatch.kv_backend(meta)
         with pytest.raises(RuntimeError, match="HF_COMPRESS_KERNELS=cpu with a meta tensor"):
             dispatch.backend_for(meta)  # the same rule for the weight kernels
         monkeypatch.setenv("HF_COMPRESS_KERNELS", "triton")
         refresh_backend()
         if dispatch.triton_available() and not dispatch._triton().common.INTERPRET:
             with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-                K.backend(torch.zeros(1))
+                dispatch.kv_backend(torch.zeros(1))
         elif not dispatch.triton_available():
             with pytest.raises(RuntimeError, match="not importable"):
-                K.backend(torch.zeros(1))
+                dispatch.kv_backend(torch.zeros(1))
         monkeypatch.setenv("HF_COMPRESS_KERNELS", "auto")
         refresh_backend()
-        assert K.backend(meta) == "torch" and K.backend(torch.zeros(1)) == "cpu"
+        assert dispatch.kv_backend(meta) == "torch" and dispatch.kv_backend(torch.zeros(1)) == "cpu"
     finally:
         monkeypatch.undo()
         refresh_backend()
@@ -104,9 +104,7 @@ def test_dispatch_refuses_what_it_cannot_run(monkeypatch):
 def test_refresh_backend_clears_the_kv_triton_import():
     """One Triton import for weights and KV cache, so `refresh_backend` clears both (the KV kernels kept their own
     cached import, which it did not clear: a failed import stayed failed for the KV cache)."""
-    from hf_compress.kernels import dispatch
-
-    assert K._triton is dispatch._triton
+    assert dispatch.kv_backend.__module__ == dispatch._triton.__module__  # the KV dispatch is the weights' dispatch
     dispatch._triton()
     assert dispatch._triton.cache_info().currsize == 1
     refresh_backend()
@@ -117,8 +115,9 @@ def test_triton_matches_reference_interpreted():
     pytest.importorskip("triton")
     proc = run_python("""
         import os, torch
-        from hf_compress.kernels import kv as K
-        assert K.backend(torch.zeros(1)) == "triton"
+        from hf_compress.kernels import dispatch
+        from hf_compress.kernels.reference import kv as K
+        assert dispatch.kv_backend(torch.zeros(1)) == "triton"
         g = torch.Generator().manual_seed(0)
         cases = [("token", (2, 3, 5, 64), 32), ("token", (1, 1, 33, 80), 16), ("token", (3, 2, 1, 8), 8),
                  ("channel", (2, 3, 64, 64), 32), ("channel", (3, 1, 16, 72), 16), ("channel", (1, 1, 48, 200), 16),
@@ -130,17 +129,17 @@ def test_triton_matches_reference_interpreted():
                     group = K.token_group(shape[-1], group, bits)
                 x = torch.randn(shape, generator=g) * 3 + 0.5
                 x[..., 0, 0] = 40.0  # an outlier
-                got = K.kv_quantize(x, bits, group, axis)
+                got = dispatch.kv_quantize(x, bits, group, axis)
                 ref = K.quantize_reference(x, bits, group, axis)
                 for a, b in zip(got, ref):
                     assert a.dtype == b.dtype and a.shape == b.shape, (axis, shape, bits)
                     assert torch.equal(a, b), (axis, shape, bits)
-                y = K.kv_dequantize(*got, bits, group, axis, torch.float16)
+                y = dispatch.kv_dequantize(*got, bits, group, axis, torch.float16)
                 y_ref = K.dequantize_reference(*ref, bits, group, axis, torch.float16)
                 assert y.dtype == torch.float16 and torch.equal(y, y_ref), (axis, shape, bits)
                 n += 1
         x = torch.randn(2, 2, 16, 64, dtype=torch.bfloat16, generator=g)
-        got = K.kv_quantize(x, 4, 16, "channel", torch.bfloat16)
+        got = dispatch.kv_quantize(x, 4, 16, "channel", torch.bfloat16)
         assert all(torch.equal(a, b) for a, b in zip(got, K.quantize_reference(x, 4, 16, "channel", torch.bfloat16)))
         print("ok", n)
     """, env={"TRITON_INTERPRET": "1", "HF_COMPRESS_KERNELS": "triton"})

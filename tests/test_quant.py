@@ -55,7 +55,7 @@ def test_pack_unpack_roundtrip_and_density(bits, n):
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
 def test_pack_equals_the_word_arithmetic_definition(bits, n, dtype):
     # the byte-level fast path against the int64 word arithmetic that spells the layout out: every word equal
-    from hf_compress.kernels.reference import _pack_words
+    from hf_compress.kernels.reference.weights import _pack_words
 
     codes = torch.randint(0, 2**bits, (6, n), generator=torch.Generator().manual_seed(bits * 1000 + n)).to(dtype)
     codes[0] = 2**bits - 1  # all bits set, including the straddling ones of 3-bit

@@ -115,7 +115,7 @@ def test_demo_runs_offline(tmp_path):
 
     result = run_demo(method="svd", max_tokens=1024, output=str(tmp_path / "demo"))
     # Same weights, another fp32 summation order: a reloaded fp32 low-rank layer reads U by columns
-    # (`kernels.cpu.lowrank_columns`, its U pages memory-mapped) where the in-memory one reads it by rows, and plain
+    # (`kernels.cpu.weights.lowrank_columns`, its U pages memory-mapped) where the in-memory one reads it by rows, and plain
     # SVD 0.2 leaves a collapsed model that amplifies rounding through its 30 blocks (measured on an AVX512 Xeon:
     # 1.7e-3 of a max |logit| of 41, 4.2e-5 relative; exactly 0 under HF_COMPRESS_KERNELS=torch). A tensor lost or
     # swapped in the round trip moves the logits by their own order.

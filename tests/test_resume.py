@@ -20,7 +20,7 @@ import hf_compress
 from conftest import _decoder_kwargs, resident_pages
 from hf_compress import resume
 from hf_compress.errors import ConfigError
-from hf_compress.kernels import cpu
+from hf_compress.kernels.cpu import paging
 
 TEXT = str(resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt"))
 
@@ -184,7 +184,7 @@ def test_offloaded_blocks_leave_ram_once_checkpointed(tmp_path, cfg, folder):
     for name, m in layers.items():
         unit = f"unit-{int(name.split('.')[2]):05d}.safetensors"
         for t in (m.U, m.V):  # not in the heap
-            path = cpu.mapped_file(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), deleted=True)
+            path = paging.mapped_file(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), deleted=True)
             if folder == "given":
                 assert path == str(ckpt / unit), name
             else:

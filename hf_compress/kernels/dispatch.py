@@ -1,14 +1,21 @@
-"""Choose between the Triton kernels, the CPU int4 kernels and the torch references.
+"""Choose between the Triton kernels, the CPU kernels and the torch references: one dispatch for the weights'
+kernels (`quant_linear`, `lowrank_linear`) and the KV cache's (`kv_quantize`, `kv_dequantize`).
 
 ``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when Triton is importable, the CPU kernels
-(`cpu`) for CPU tensors when this torch has them, the reference otherwise), ``torch`` (always the reference: the
-specification), ``triton`` (always Triton; an error where it cannot run: Triton missing, or CPU tensors without
-``TRITON_INTERPRET=1`` set before triton was imported) or ``cpu`` (always the CPU kernels; an error for other
-devices or a torch without them).
+(`kernels.cpu.weights`) for CPU tensors when this torch has them, the reference otherwise), ``torch`` (always the
+reference: the specification), ``triton`` (always Triton; an error where it cannot run: Triton missing, or CPU
+tensors without ``TRITON_INTERPRET=1`` set before triton was imported) or ``cpu`` (always the CPU kernels; an error
+for other devices or a torch without them).
 
-The CPU backend runs `QuantLinear` (`kernels.cpu`; a layer whose group size the kernel cannot take, or a call
-without a ``cache`` to keep the repacked weight in, runs the reference); low-rank layers are the reference's two
-dense GEMMs, with an fp32 U read from a copy held by columns (`cpu.lowrank_columns`, kept in the ``cache``).
+The CPU backend runs `QuantLinear` (`kernels.cpu.weights`; a layer whose group size the kernel cannot take, or a
+call without a ``cache`` to keep the repacked weight in, runs the reference); low-rank layers are the reference's two
+dense GEMMs, with an fp32 U read from a copy held by columns (`cpu.lowrank_columns`, kept in the ``cache``:
+`kernels.cache.reuse`).
+
+The KV cache (layout: `kernels.reference.kv`) follows the same variable with the same semantics (`kv_backend`):
+``auto`` takes Triton for CUDA tensors (2/4/8 bits; 3-bit codes run the reference) and the CPU dequantize fast path
+`kernels.cpu.kv` for CPU tensors, ``cpu`` that fast path, ``torch`` the reference, ``triton`` Triton wherever it can
+run.
 
 The variable is read once per process (the first forward) and cached, as is the Triton import;
 `refresh_backend()` re-reads both (tests, or after changing the variable at run time).
@@ -27,7 +34,12 @@ from types import SimpleNamespace
 
 import torch
 
-from . import cpu, reference
+from .cache import reuse
+from .cpu import kv as cpu_kv
+from .cpu import weights as cpu
+from .cpu.paging import release_freed_memory
+from .reference import weights as reference
+from .reference.kv import _check, dequantize_reference, quantize_reference
 
 ENV_VAR = "HF_COMPRESS_KERNELS"
 CHOICES = ("auto", "torch", "triton", "cpu")
@@ -50,12 +62,12 @@ def _triton():
     triton is missing or broken (the reference serves then)."""
     global _import_error
     try:
-        from . import kv_triton, triton_common, triton_lowrank, triton_quant
+        from .triton import common, kv, lowrank, weights
     except Exception as e:  # noqa: BLE001 - ImportError, or a triton that fails to initialise
         _import_error = f"{type(e).__name__}: {e}"
         return None
     _import_error = None
-    return SimpleNamespace(common=triton_common, lowrank=triton_lowrank, quant=triton_quant, kv=kv_triton)
+    return SimpleNamespace(common=common, lowrank=lowrank, quant=weights, kv=kv)
 
 
 def triton_available() -> bool:
@@ -131,32 +143,12 @@ def _run(kernel, ref, *tensors):
     return kernel(*tensors)
 
 
-def reuse(cache: dict, name: str, src: tuple, build, key=None):
-    """``cache[name]``, built with ``build()`` on first use and kept in ``cache`` (a plain dict the caller owns, never
-    part of a state dict) until a tensor of ``src`` is replaced, changed in place (identity and version counter) or
-    given other data (its data pointer: ``Module.to()`` swaps a parameter's data keeping its identity and version
-    counter), or ``key`` changes. Asked at every forward, so the check is a loop of identity and integer
-    comparisons (no tuple built per call: at one row a layer's whole kernel call is ~20 us). Inference tensors
-    (made under ``torch.inference_mode``) have no version counter: only their replacement or new data is seen."""
-    seen = cache.get("seen")
-    if seen is not None and cache["key"] == key and len(seen) == len(src):
-        for t, (held, version, ptr) in zip(src, seen):
-            if t is not held or t.data_ptr() != ptr or (version is not None and t._version != version):
-                break
-        else:
-            return cache[name]
-    cache.clear()  # drop the old value before building the new one
-    value = build()
-    cache.update({name: value, "key": key,
-                  "seen": tuple((t, None if t.is_inference() else t._version, t.data_ptr()) for t in src)})
-    return value
-
-
 def cpu_pack(cache: dict, qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> cpu.Int4Pack:
-    """The layer's `cpu.repack`, kept in ``cache`` (`reuse`); the repack's temporaries are handed back to the OS."""
+    """The layer's `cpu.repack`, kept in ``cache`` (`kernels.cache.reuse`); the repack's temporaries are handed back to
+    the OS (`kernels.cpu.paging.release_freed_memory`)."""
     def build():
         pack = cpu.repack(qweight, scales, zeros, bits, group_size, in_features)
-        cpu.release_freed_memory()
+        release_freed_memory()
         return pack
 
     return reuse(cache, "pack", (qweight, scales, zeros), build)
@@ -178,8 +170,9 @@ def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torc
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                  group_size: int, in_features: int, bias: torch.Tensor | None = None,
                  u: torch.Tensor | None = None, v: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
-    """y = x · dequant(Q)ᵀ + (x · Vᵀ) · Uᵀ + b (layout: `hf_compress.kernels.reference`). ``cache``: where the CPU
-    backend keeps the repacked weight between calls (`cpu_pack`); without one the CPU backend runs the reference."""
+    """y = x · dequant(Q)ᵀ + (x · Vᵀ) · Uᵀ + b (layout: `hf_compress.kernels.reference.weights`). ``cache``: where
+    the CPU backend keeps the repacked weight between calls (`cpu_pack`); without one the CPU backend runs the
+    reference."""
     backend = backend_for(x)
     if (backend == "cpu" and cache is not None and cpu.supports(bits, group_size)
             and not _needs_grad(x, bias, u, v)):  # no backward of its own: training runs the reference
@@ -196,3 +189,50 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
         return _run(kernel, ref, x, bias, u, v)
     return reference.quant_linear(x, qweight, scales, zeros, bits, group_size, in_features, bias, u, v)
+
+
+# ----------------------------------------------------------------------------------------------- KV cache
+TRITON_BITS = (2, 4, 8)  # widths the Triton kernels cover; 3-bit codes always run the torch reference
+
+
+def kv_backend(x: torch.Tensor, bits: int | None = None) -> str:
+    """"triton", "cpu" or "torch" for tensor ``x`` (and, when given, a width: one the Triton kernels do not cover runs
+    on CPU tensors' fast path or the reference). ``cpu`` (`kernels.cpu.kv`) is a dequantize fast path only:
+    quantizing runs the reference on CPU. A mode that cannot run for ``x`` raises as
+    `backend_for` does (``cpu`` with a CUDA tensor, ``triton`` without Triton or with a
+    CPU tensor outside the interpreter) instead of quietly running the reference."""
+    choice = kernel_mode()
+    if choice == "torch":
+        return "torch"
+    on_cpu = x.device.type == "cpu"
+    if choice == "cpu":
+        if not on_cpu:
+            raise RuntimeError(f"{ENV_VAR}=cpu with a {x.device.type} tensor: the CPU KV fast path runs on CPU "
+                               "tensors; use auto or torch here")
+        return "cpu"
+    if choice == "triton":
+        checked_triton(x)
+        return "triton" if bits is None or bits in TRITON_BITS else "torch"
+    if x.is_cuda and _triton() is not None and (bits is None or bits in TRITON_BITS):
+        return "triton"
+    return "cpu" if on_cpu else "torch"
+
+
+def kv_quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=torch.float16):
+    """x [..., T, C] -> (codes uint8 [..., T, C*bits/8], scale, mn) — layout: `kernels.reference.kv`."""
+    if kv_backend(x, bits) == "triton":
+        _check(bits, group, axis, x.shape)
+        return _triton().kv.quantize(x, bits, group, axis, scale_dtype)
+    return quantize_reference(x, bits, group, axis, scale_dtype)
+
+
+def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, group: int, axis: str,
+                  dtype=torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tokens ``codes`` stand for, [..., T, C] in ``dtype`` — or written into ``out`` (a tensor or view of that
+    shape, e.g. the front of a cache read's result) and returned."""
+    which = kv_backend(codes, bits)
+    if which == "cpu" and cpu_kv.supports(bits, codes.shape[-1]):
+        return cpu_kv.dequantize(codes, scale, mn, bits, group, axis, out=out, dtype=dtype)
+    run = _triton().kv.dequantize if which == "triton" else dequantize_reference
+    x = run(codes, scale, mn, bits, group, axis, dtype if out is None else out.dtype)
+    return x if out is None else out.copy_(x)

@@ -7,7 +7,7 @@ Per layer the cache holds
 * ``rk``/``rv`` [B, H, n, D]: the most recent tokens of each half, in the model's dtype (or ``window_dtype``, e.g.
   float16 for an fp32 model: returned upcast): keys ``residual <= n < residual + flush``; values the same, or with
   ``value_flush`` their own ``residual <= n < residual + value_flush``;
-* packed codes of every older token (``hf_compress/kernels/kv.py`` layout): keys grouped over ``group_size`` tokens per channel,
+* packed codes of every older token (``hf_compress/kernels/reference/kv.py`` layout): keys grouped over ``group_size`` tokens per channel,
   values over ``group_size`` channels per token (the largest power of two <= group_size dividing head_dim); keys
   take ``bits``, values ``value_bits`` (default: ``bits``; keys are the more sensitive half, so e.g. 4/3), or per
   layer ``layer_bits`` {"k": [...], "v": [...]} (set by hand, or from one ``avg_bits`` budget by measured
@@ -39,7 +39,7 @@ import math
 import torch
 
 from ..errors import ConfigError
-from ..kernels.kv import KV_BITS, SCALE_DTYPES, codes_per_unit, kv_dequantize, kv_quantize, token_group
+from ..kernels import KV_BITS, SCALE_DTYPES, codes_per_unit, kv_dequantize, kv_quantize, token_group
 from .base import CompressedKVCache, KVCacheLayer
 from .widths import check_head_dim, check_layer_bits, layer_widths
 from .registry import KV_METHODS, KVMethod, check_int

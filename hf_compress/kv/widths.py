@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..kernels.kv import codes_per_unit, token_group
+from ..kernels import codes_per_unit, token_group
 
 
 def layer_widths(spec, i: int) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Group-wise asymmetric quantization math shared by the quantizers (rtn, hqq, gptq) and the quantized factors.
 
-Conventions (the storage layout is `hf_compress.kernels.reference`): a weight [out, in] is viewed as
+Conventions (the storage layout is `hf_compress.kernels.reference.weights`): a weight [out, in] is viewed as
 [out, n_groups, g] along its input dimension (the last group may be partial: padded here for the arithmetic, never
 stored); w ≈ (q − z)·s with integer
 codes q in [0, 2^bits − 1] and per-group scale s and (float) zero z. Scales and zeros are rounded to their

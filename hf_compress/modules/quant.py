@@ -1,7 +1,7 @@
 """`QuantLinear` (y = dequant(Q)·x + U(Vx) + b) and `QuantLowRankLinear` (a low-rank layer with quantized factors).
 
 Storage only; the quantizers that fill them live in `hf_compress.methods` and the kernels that run them in
-`hf_compress.kernels` (packed layout: `hf_compress.kernels.reference`). Neither is an `nn.Linear` subclass, so
+`hf_compress.kernels` (packed layout: `hf_compress.kernels.reference.weights`). Neither is an `nn.Linear` subclass, so
 PEFT's default LoRA dispatch cannot mistake them for dense layers.
 
 ``qweight`` / ``scales`` / ``zeros`` are buffers (persistent, saved in safetensors, never trained); the
@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import SUPPORTED_BITS, dequantize, packed_words, quant_linear
-from ..kernels.dispatch import reuse
+from ..kernels import SCALE_DTYPES, SUPPORTED_BITS, dequantize, packed_words, quant_linear, reuse
 from .lowrank import SOURCES, dense_module
 
 #: the buffers of quantized compensation factors, in (qweight, scales, zeros) order for Uᵀ then V
 FACTOR_BUFFERS = ("U_qweight", "U_scales", "U_zeros", "V_qweight", "V_scales", "V_zeros")
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+#: the scales / zeros dtypes a QuantLinear stores (of `kernels.SCALE_DTYPES`; float32 is the KV cache's only)
+WEIGHT_SCALE_DTYPES = {name: SCALE_DTYPES[name] for name in ("float16", "bfloat16")}
 
 
 def n_groups(in_features: int, group_size: int) -> int:
@@ -43,9 +43,9 @@ def _scale_dtype(name) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     try:
-        return SCALE_DTYPES[name]
+        return WEIGHT_SCALE_DTYPES[name]
     except KeyError:
-        raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {name!r}") from None
+        raise ValueError(f"scale_dtype must be one of {sorted(WEIGHT_SCALE_DTYPES)}, got {name!r}") from None
 
 
 class QuantLinear(nn.Module):
@@ -110,7 +110,8 @@ class QuantLinear(nn.Module):
 
     def set_quantized_factors(self, u_codes, v_codes, bits: int, group_size: int) -> None:
         """Store the compensation path as packed codes: ``u_codes`` = (qweight, scales, zeros) of Uᵀ [r, out] grouped
-        along ``out``, ``v_codes`` the same for V [r, in] along ``in`` (rank-major, layout of `kernels.reference`)."""
+        along ``out``, ``v_codes`` the same for V [r, in] along ``in`` (rank-major, layout of
+        `kernels.reference.weights`)."""
         check_quant_args(bits, group_size, self.in_features)
         rank = u_codes[0].shape[0]
         shapes = self._factor_shapes(rank, bits, group_size)

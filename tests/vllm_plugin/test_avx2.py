@@ -17,7 +17,7 @@ import pytest
 from vllm_helpers import HERE, NEW_TOKENS, PROMPTS, assert_agrees, compressed, vllm_run
 
 AVX2 = {"HF_COMPRESS_EMULATE_AVX2": "1", "ATEN_CPU_CAPABILITY": "avx2"}
-#: a prompt long enough for the prefill path (>= 128 rows: `kernels.cpu.DEQUANTIZE_ROWS`) beside the short ones
+#: a prompt long enough for the prefill path (>= 128 rows: `kernels.cpu.weights.DEQUANTIZE_ROWS`) beside the short ones
 LONG = [3 + (7 * i) % 250 for i in range(160)]
 LOGPROB_TOL = 0.25  # nats, as tests/vllm_plugin/test_smollm2.py
 FP32_TOL = 0.05  # nats: the bf16 rounding of one row's activations at decode is all that differs in fp32

@@ -8,7 +8,8 @@
 * `HfCompressLinearMethod` holds one part module per logical weight of the layer (`layout`), computes with our
   modules' own forward (the kernel dispatch of `hf_compress.kernels`: Triton on CUDA, the CPU paths on CPU) and
   concatenates the parts' outputs for merged layers (``qkv_proj``, ``gate_up_proj``), whose parts may differ in type
-  and rank.
+  and rank; parts that can run as one call do so through the layer's plan, made at load
+  (`hf_compress.kernels.plans`: the int4 CPU kernel, or stacked low-rank GEMMs on vLLM's own GEMM, `_gemm`).
 
 vLLM owns its paged KV cache: a checkpoint's hf-compress KV spec is ignored there, with one log line.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ from vllm.transformers_utils.config import HFConfigParser, register_config_parse
 from ...auto import MODEL_TYPE
 from ...config import QUANT_METHOD, CompressionConfig
 from ...errors import CheckpointError, UnsupportedModuleError
-from ...kernels import cpu, dispatch
+from ...kernels import plans
 from ...modules import LowRankLinear, QuantLinear
 from .layout import load_tensor, part_module, part_ranges, set_shape, tensors
 
@@ -178,42 +179,22 @@ class HfCompressLinearMethod(LinearMethodBase):
             for (_, record), start, end in zip(self.parts, offsets, offsets[1:]):
                 if record is not None and not record.get("bias", True):
                     layer.bias.data[start:end] = 0
-        layer.hfc_int4 = cpu_int4_plan(list(layer.hfc_parts))
-        layer.hfc_lowrank = lowrank_plan(list(layer.hfc_parts)) if layer.hfc_int4 is None else None
+        parts = list(layer.hfc_parts)
+        quant = bool(parts) and all(type(p) is QuantLinear for p in parts)
+        lowrank = bool(parts) and all(type(p) is LowRankLinear for p in parts)
+        layer.hfc_int4 = plans.int4_plan(parts) if quant else None
+        layer.hfc_lowrank = plans.lowrank_plan(parts, _gemm) if layer.hfc_int4 is None and lowrank else None
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         plan = layer.hfc_int4
         if plan is not None and x.device.type == "cpu":
-            return cpu.quant_linear(x, plan.pack, bias, plan.u, plan.v)
+            return plan(x, bias)
         plan = layer.hfc_lowrank
         if plan is not None:
-            t = plan.gemm_v(x)
-            if len(plan.gemm_u) == 1:
-                y = plan.gemm_u[0](t)
-            else:
-                y = torch.cat([gemm(t[..., a:b].contiguous()) for gemm, (a, b) in zip(plan.gemm_u, plan.spans)], -1)
-            return y if bias is None else y + bias
+            return plan(x, bias)
         parts = layer.hfc_parts
         y = parts[0](x) if len(parts) == 1 else torch.cat([part(x) for part in parts], dim=-1)
         return y if bias is None else y + bias
-
-
-class Int4Plan(NamedTuple):
-    """A layer's parts on the CPU int4 kernel in one call: their codes side by side in one `cpu.Int4Pack`, their
-    EoRA factors (if any) as one low-rank term, V [R, in] stacked along the rank and U [N, R] block-diagonal."""
-
-    pack: cpu.Int4Pack
-    u: torch.Tensor | None
-    v: torch.Tensor | None
-
-
-class LowRankPlan(NamedTuple):
-    """Low-rank parts: V [R, in] stacked along the rank (one GEMM for all parts), each part's U [out_i, r_i] applied
-    to its ``spans`` slice of V·x; each GEMM a callable x -> x·Wᵀ (`_gemm`)."""
-
-    gemm_v: Any
-    gemm_u: list[Any]
-    spans: list[tuple[int, int]]
 
 
 def _gemm(weight: torch.Tensor):
@@ -229,55 +210,6 @@ def _gemm(weight: torch.Tensor):
         linear = holder.cpu_linear
         return lambda x: linear(x, weight, None)
     return functools.partial(torch.nn.functional.linear, weight=weight)
-
-
-def _backend(t: torch.Tensor) -> str | None:
-    """`dispatch.backend_for`, or None where the forced backend cannot run here (the parts' forward then says so)."""
-    try:
-        return dispatch.backend_for(t)
-    except RuntimeError:
-        return None
-
-
-def cpu_int4_plan(parts: list[nn.Module]) -> Int4Plan | None:
-    """The int4 plan when every part is a `QuantLinear` the CPU kernel takes (same kernel layout), its tensors on
-    the CPU and the CPU backend selected (`hf_compress.kernels.dispatch`); None otherwise (the parts' own forward
-    runs). Repacked once, here at load; packed EoRA factors are dequantized once, to the values the module's forward
-    computes with."""
-    if not parts or not all(type(p) is QuantLinear for p in parts):
-        return None
-    if parts[0].qweight.device.type != "cpu" or _backend(parts[0].qweight) != "cpu":
-        return None
-    keys = {cpu.concat_key(p.bits, p.group_size, p.in_features) for p in parts}
-    if len(keys) != 1 or None in keys:
-        return None
-    pack = cpu.repack_concat([(p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.in_features) for p in parts])
-    cpu.release_freed_memory()
-    dtype = parts[0].compute_dtype
-    factors = [p.factors(dtype) for p in parts]
-    if all(u is None for u, _ in factors):
-        return Int4Plan(pack, None, None)
-    rank = sum(p.rank for p in parts)
-    u_all = torch.zeros(pack.out_features, rank, dtype=dtype)
-    v_all = torch.zeros(rank, parts[0].in_features, dtype=dtype)
-    row = col = 0
-    for p, (u, v) in zip(parts, factors):
-        if u is not None:
-            u_all[row:row + p.out_features, col:col + p.rank] = u.detach()
-            v_all[col:col + p.rank] = v.detach()
-            col += p.rank
-        row += p.out_features
-    return Int4Plan(pack, u_all, v_all)
-
-
-def lowrank_plan(parts: list[nn.Module]) -> LowRankPlan | None:
-    """The low-rank plan when every part is a `LowRankLinear` on a device where the parts' forward is two GEMMs (not
-    Triton); None otherwise."""
-    if not parts or not all(type(p) is LowRankLinear for p in parts) or _backend(parts[0].U) in ("triton", None):
-        return None
-    v = parts[0].V.detach() if len(parts) == 1 else torch.cat([p.V.detach() for p in parts]).contiguous()
-    ends = torch.tensor([p.rank for p in parts]).cumsum(0).tolist()
-    return LowRankPlan(_gemm(v), [_gemm(p.U.detach().contiguous()) for p in parts], list(zip([0] + ends[:-1], ends)))
 
 
 @functools.cache

@@ -9,7 +9,7 @@ fp32 input runs ~50x slower), so the input is cast to bf16 and the output back. 
 ``_convert_weight_to_int4pack_for_cpu`` and its layout depends on the CPU's instruction set: it is built at run time
 from the checkpoint's codes (`repack`), never stored.
 
-Our layout (`kernels.reference`) is ``W[o, k] = (q - z) * s`` per group of ``group_size`` columns. Re-expressed
+Our layout (`kernels.reference.weights`) is ``W[o, k] = (q - z) * s`` per group of ``group_size`` columns. Re-expressed
 exactly on the int4 kernel, with ``z' = zero``:
 
 * 2/3/4 bits: ``c = q + 8 - h`` with ``h = 2**(bits - 1)`` (the code range centred on 8), ``scale = s``,
@@ -37,16 +37,12 @@ the weight once (`dequantize_planes`, into a reused bf16 buffer the size of that
 int4 kernel's per-row cost. Memory at run time: the int4 copy (4 bits per weight; 8 for 8-bit
 layers) and bf16 scales/zeros, beside the checkpoint's own buffers; where those codes are pages of a memory-mapped
 checkpoint (how transformers loads safetensors files), they are handed back to the file after the repack and after
-each prefill's read (`release_pages`), so at run time the int4 copy takes their place instead of adding to them.
+each prefill's read (`paging.release_pages`), so at run time the int4 copy takes their place instead of adding to them.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
-import mmap
-import sys
 import threading
 import time
 from typing import NamedTuple
@@ -54,8 +50,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .reference import SUPPORTED_BITS, codes_per_unit, unpack
-from .reference import pack as pack_codes
+from ..reference.weights import SUPPORTED_BITS, codes_per_unit, unpack
+from ..reference.weights import pack as pack_codes
+from .paging import _release, _release_range, _unwritten
 
 #: the private aten ops this path relies on (a test fails naming them if they disappear or change layout)
 OPS = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
@@ -107,7 +104,7 @@ class Int4Pack(NamedTuple):
     copies: int  # 1, or 2 for 8-bit layers ([hi | lo] halves)
     out_features: int  # N of the layer
     sources: tuple = ()  # per output block, (qweight, scales, zeros, bits, group_size): references for `dequantize_planes`
-    mapped: tuple = ()  # per source, its codes' page range in a file mapping (`release_pages`), or None
+    mapped: tuple = ()  # per source, its codes' page range in a file mapping (`paging.release_pages`), or None
 
     @property
     def nbytes(self) -> int:
@@ -276,8 +273,8 @@ def repack_concat(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, i
 
 
 def _release_codes(pack: Int4Pack, i: int) -> None:
-    """Hand source ``i``'s codes back to its checkpoint file (`release_pages`) after a read: what a call runs is the
-    int4 copy, and a prefill reads the codes again (`dequantize_planes`) one layer at a time, so they need not stay
+    """Hand source ``i``'s codes back to its checkpoint file (`paging.release_pages`) after a read: what a call runs is
+    the int4 copy, and a prefill reads the codes again (`dequantize_planes`) one layer at a time, so they need not stay
     resident. A no-op for codes in anonymous memory (the span is looked up once, at the repack); the pages are
     checked unwritten each time."""
     span = pack.mapped[i]
@@ -319,24 +316,6 @@ def _row_blocks_independent() -> bool:
     whole = convert(codes, 1)
     parts = torch.cat([convert(codes[:64].contiguous(), 1), convert(codes[64:].contiguous(), 1)])
     return whole.shape == parts.shape and torch.equal(whole, parts)
-
-
-@functools.lru_cache(maxsize=None)
-def _libc(name: str):
-    """The C library's function ``name`` (ctypes), or None where there is none (not glibc / not Linux)."""
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the repack's freed temporaries back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Without it
-    glibc keeps them in the heap (its mmap threshold grows with each large free), and a model repacked layer by
-    layer keeps ~1.3x its dense fp32 projection bytes resident (measured on a 52M-weight Llama: +277 MB, vs +60 MB)."""
-    trim = _libc("malloc_trim")
-    if trim is not None:
-        trim(0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -464,7 +443,7 @@ def lowrank_columns(u: torch.Tensor) -> torch.Tensor:
 
     U itself is left as it is (the checkpoint's layout, what state dicts, merges and the other backends read). The
     copy is made only when U's pages come from a memory-mapped checkpoint (how transformers loads safetensors
-    files) and so can be taken out of the process's RSS after the copy (`release_pages`): the copy then replaces
+    files) and so can be taken out of the process's RSS after the copy (`paging.release_pages`): the copy then replaces
     them rather than adding U's bytes. A U in anonymous memory (a model compressed in this process, or converted
     to another dtype at load) is read as it is: a second copy would add its bytes for good."""
     span = _release_range(u)
@@ -473,78 +452,3 @@ def lowrank_columns(u: torch.Tensor) -> torch.Tensor:
     cols = u.detach().t().contiguous().t()
     _release(span)
     return cols
-
-
-_MADV_DONTNEED = 4  # Linux
-
-
-@functools.lru_cache(maxsize=1)
-def _madvise():
-    fn = _libc("madvise") if sys.platform.startswith("linux") else None
-    if fn is not None:
-        fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
-    return fn
-
-
-def mapped_file(start: int, end: int, deleted: bool = False) -> str | None:
-    """The file whose mapping in this process holds the bytes [start, end) whole; None for anonymous memory, the
-    heap, bytes across mappings, systems without ``/proc/self/maps``, and a deleted file unless ``deleted`` (then
-    its path as the kernel shows it, ending in `` (deleted)``)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                lo, hi = (int(a, 16) for a in fields[0].split("-"))
-                if lo <= start < hi:
-                    path = fields[5].strip() if len(fields) == 6 else ""
-                    gone = path.endswith(" (deleted)")
-                    return path if end <= hi and path.startswith("/") and (deleted or not gone) else None
-    except OSError:
-        pass
-    return None
-
-
-def _unwritten(first: int, last: int) -> bool:
-    """Whether no page of [first, last) that this process has resident is a private (copy-on-write) copy: each is
-    still the file's own page (``/proc/self/pagemap``: bit 63 present, bit 61 file page or shared)."""
-    page = mmap.PAGESIZE
-    try:
-        with open("/proc/self/pagemap", "rb") as pagemap:
-            pagemap.seek(first // page * 8)
-            data = pagemap.read((last - first) // page * 8)
-    except OSError:
-        return False
-    if len(data) != (last - first) // page * 8:
-        return False
-    entries = torch.frombuffer(bytearray(data), dtype=torch.int64)
-    return not bool(((entries < 0) & ((entries >> 61) & 1 == 0)).any())
-
-
-def _release_range(t: torch.Tensor) -> tuple[int, int] | None:
-    """The page-aligned address range `release_pages` would release for ``t``; None where it would do nothing."""
-    if _madvise() is None or t.device.type != "cpu" or not t.is_contiguous():
-        return None
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page
-    if last <= first or mapped_file(start, end) is None or not _unwritten(first, last):
-        return None
-    return first, last
-
-
-def release_pages(t: torch.Tensor) -> int:
-    """Take the whole pages of ``t``'s bytes out of this process's resident set, where they are pages of a file
-    mapping (a safetensors checkpoint that transformers memory-mapped) that nothing wrote; returns the bytes
-    released (0: nothing done). Linux ``madvise(MADV_DONTNEED)``: a later read of ``t`` faults the pages back in
-    from the file, unchanged. Left alone: anonymous memory (whose pages it would zero), a range where any page was
-    written (in a private mapping a written page is a copy-on-write copy, which would revert to the file's
-    bytes: checked page by page in ``/proc/self/pagemap``, so a write through ``.data`` is seen too), and systems
-    other than Linux."""
-    span = _release_range(t)
-    return 0 if span is None else _release(span)
-
-
-def _release(span: tuple[int, int]) -> int:
-    first, last = span
-    return last - first if _madvise()(first, last - first, _MADV_DONTNEED) == 0 else 0

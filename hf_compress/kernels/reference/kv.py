@@ -1,4 +1,5 @@
-"""KV-cache quantization: packed 2/4/8-bit codes, per-channel (keys) or per-token (values) groups.
+"""KV-cache quantization, the torch reference (the specification): packed 2/4/8-bit codes, per-channel (keys) or
+per-token (values) groups.
 
 Layout (shared by the torch reference and the Triton kernels, and by `hf_compress.kv.quant`)
 -----------------------------------------------------------------------------------------
@@ -19,23 +20,19 @@ Codes are packed along C into uint8: ``8 // bits`` codes per byte, code ``c`` in
 chunk at bits ``3c .. 3c + 2`` of the chunk's 24-bit little-endian word), so C must be a multiple of 8; the Triton
 kernels cover 2/4/8 bits and 3-bit runs the torch reference on every device.
 
-Dispatch: ``HF_COMPRESS_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when importable, the CPU dequantize
-fast path `kernels.kv_cpu` for CPU tensors), ``cpu`` (that fast path), ``torch`` (always the reference) or ``triton``
-(Triton wherever it can run; on CPU that needs ``TRITON_INTERPRET=1`` set before triton is imported) — the same
-variable, read once per process (`hf_compress.kernels.dispatch.kernel_mode`; `refresh_backend` re-reads it), and the
-same semantics as ``hf_compress.kernels.dispatch.backend_for``.
+Which implementation runs (this reference, `kernels.cpu.kv`, `kernels.triton.kv`) is chosen in
+`hf_compress.kernels.dispatch` (`kv_quantize`, `kv_dequantize`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import kv_cpu
-from .dispatch import ENV_VAR, _triton, checked_triton, kernel_mode
-from .reference import codes_per_unit
+from .weights import codes_per_unit
 
 KV_BITS = (2, 3, 4, 8)
-TRITON_BITS = (2, 4, 8)  # widths the Triton kernels cover; 3-bit codes always run the torch reference
+#: storage dtypes by name: a KV cache's scales / minima and window take all three, a `QuantLinear`'s scales and zeros
+#: float16 and bfloat16 (`hf_compress.modules.quant`)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -148,47 +145,3 @@ def dequantize_reference(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Ten
         qg = q.reshape(*lead, t, c // group, group)
         x = qg * scale.float().unsqueeze(-1) + mn.float().unsqueeze(-1)
     return x.reshape(*lead, t, c).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------- dispatch
-def backend(x: torch.Tensor, bits: int | None = None) -> str:
-    """"triton", "cpu" or "torch" for tensor ``x`` (and, when given, a width: one the Triton kernels do not cover runs
-    on CPU tensors' fast path or the reference). ``cpu`` (`kernels.kv_cpu`) is a dequantize fast path only:
-    quantizing runs the reference on CPU. A mode that cannot run for ``x`` raises as
-    `hf_compress.kernels.dispatch.backend_for` does (``cpu`` with a CUDA tensor, ``triton`` without Triton or with a
-    CPU tensor outside the interpreter) instead of quietly running the reference."""
-    choice = kernel_mode()
-    if choice == "torch":
-        return "torch"
-    on_cpu = x.device.type == "cpu"
-    if choice == "cpu":
-        if not on_cpu:
-            raise RuntimeError(f"{ENV_VAR}=cpu with a {x.device.type} tensor: the CPU KV fast path runs on CPU "
-                               "tensors; use auto or torch here")
-        return "cpu"
-    if choice == "triton":
-        checked_triton(x)
-        return "triton" if bits is None or bits in TRITON_BITS else "torch"
-    if x.is_cuda and _triton() is not None and (bits is None or bits in TRITON_BITS):
-        return "triton"
-    return "cpu" if on_cpu else "torch"
-
-
-def kv_quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=torch.float16):
-    """x [..., T, C] -> (codes uint8 [..., T, C*bits/8], scale, mn) — layout in the module docstring."""
-    if backend(x, bits) == "triton":
-        _check(bits, group, axis, x.shape)
-        return _triton().kv.quantize(x, bits, group, axis, scale_dtype)
-    return quantize_reference(x, bits, group, axis, scale_dtype)
-
-
-def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, group: int, axis: str,
-                  dtype=torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The tokens ``codes`` stand for, [..., T, C] in ``dtype`` — or written into ``out`` (a tensor or view of that
-    shape, e.g. the front of a cache read's result) and returned."""
-    which = backend(codes, bits)
-    if which == "cpu" and kv_cpu.supports(bits, codes.shape[-1]):
-        return kv_cpu.dequantize(codes, scale, mn, bits, group, axis, out=out, dtype=dtype)
-    run = _triton().kv.dequantize if which == "triton" else dequantize_reference
-    x = run(codes, scale, mn, bits, group, axis, dtype if out is None else out.dtype)
-    return x if out is None else out.copy_(x)

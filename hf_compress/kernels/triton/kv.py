@@ -1,11 +1,14 @@
-"""Triton kernels for `hf_compress.kernels.kv` (layout and rounding rules: see kv.py; the torch reference is the
-specification). Imported lazily by kv.py; on CPU they run under ``TRITON_INTERPRET=1``."""
+"""Triton kernels for the KV cache's codes (layout and rounding rules: `hf_compress.kernels.reference.kv`, the torch
+reference, is the specification). Imported lazily by `kernels.dispatch`; on CPU they run under
+``TRITON_INTERPRET=1``."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ..reference.kv import dequantize_reference, quantize_reference
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -138,8 +141,6 @@ def _block_c(c: int, per: int) -> int:
 
 
 def quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=torch.float16):
-    from .kv import quantize_reference
-
     if not _pow2(group):  # the kernels tile groups with tl.arange: powers of two only
         return quantize_reference(x, bits, group, axis, scale_dtype)
     *lead, t, c = x.shape
@@ -168,8 +169,6 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str, scale_dtype=torc
 
 
 def dequantize(codes, scale, mn, bits, group, axis, dtype=torch.float32):
-    from .kv import dequantize_reference
-
     if not _pow2(group):
         return dequantize_reference(codes, scale, mn, bits, group, axis, dtype)
     *lead, t, w = codes.shape

@@ -1,4 +1,4 @@
-"""Triton kernels for the low-rank product y = (x·Vᵀ)·Uᵀ + b (spec: `reference.lowrank_linear`).
+"""Triton kernels for the low-rank product y = (x·Vᵀ)·Uᵀ + b (spec: `reference.weights.lowrank_linear`).
 
 Two regimes, picked by the number of rows M of the flattened input:
 
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, as_2d, autotuned, cfg, device_ctx, dot_precision, grouped_tile, launch, m_bucket,
-                            upcast_dots)
+from .common import (INTERPRET, as_2d, autotuned, cfg, device_ctx, dot_precision, grouped_tile, launch, m_bucket,
+                     upcast_dots)
 
 DECODE_MAX_M = 16
 

@@ -1,7 +1,7 @@
 """Triton dequant-matmul for the packed ``QuantLinear`` layout, with the optional fused low-rank term.
 
-Spec: `reference.quant_linear` (layout in `reference`'s docstring): y = x·dequant(Q)ᵀ + (x·Vᵀ)·Uᵀ + b with
-W[o, k] = (q[o, k] - zeros[o, k // g]) · scales[o, k // g] in fp32, codes a little-endian bit stream per row.
+Spec: `reference.weights.quant_linear` (layout in `reference.weights`'s docstring): y = x·dequant(Q)ᵀ + (x·Vᵀ)·Uᵀ + b
+with W[o, k] = (q[o, k] - zeros[o, k // g]) · scales[o, k // g] in fp32, codes a little-endian bit stream per row.
 
 One kernel, ``_quant_mm_kernel``; each program owns a [BLOCK_M, BLOCK_N] output tile and walks K in
 BLOCK_K steps, dequantizing a [BLOCK_N, BLOCK_K] weight tile in registers (never in global memory):
@@ -20,14 +20,14 @@ multiply-reduce, narrow BLOCK_N so that N / BLOCK_N programs fill the GPU), **sm
 ``tl.dot`` tile), **GEMM** (prefill: 32..128-row tensor-core tiles, grouped tile order for L2 reuse). The
 dequantized tile is rounded to x's dtype before ``tl.dot``, exactly as the reference dequantizes to x's dtype.
 
-Fused Q + LR, two regimes like `triton_lowrank`:
+Fused Q + LR, two regimes like `triton.lowrank`:
 
 * **decode** (M <= 16): one launch, ``_quant_lr_decode_kernel``. Its first N / BLOCK_N programs are
   dequant-matmul tiles; the others are split-rank programs (rank slice j: stream V_j once, keep t_j = x·V_jᵀ in
   registers, add t_j·U_jᵀ over their output chunks). Every packed word, V and U are read once, t never
   touches global memory, and the contributions meet in an fp32 accumulator (atomics); the last contribution
   to arrive at a chunk casts it into y (no second launch, no cast kernel).
-* **prefill**: t = x·Vᵀ [M, R] is computed first by the dense kernel of `triton_lowrank` (R ≪ K: a few per
+* **prefill**: t = x·Vᵀ [M, R] is computed first by the dense kernel of `triton.lowrank` (R ≪ K: a few per
   cent of the FLOPs); the quant GEMM then adds t·U_tileᵀ into the same fp32 accumulator after its K loop and
   adds the bias, so the low-rank output path costs no extra pass over y. Recomputing x·V_jᵀ inside every
   output tile instead would multiply that product's FLOPs by N / BLOCK_N.
@@ -39,10 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import SUPPORTED_BITS, packed_words
-from .triton_common import (as_2d, autotuned, cfg, device_ctx, dot_precision, grouped_tile, launch, m_bucket,
-                            upcast_dots)
-from .triton_lowrank import DECODE_MAX_M, add_chunk, decode_workspace, mm_nt, rank_slice_out, rank_slice_t
+from ..reference.weights import SUPPORTED_BITS, packed_words
+from .common import (as_2d, autotuned, cfg, device_ctx, dot_precision, grouped_tile, launch, m_bucket,
+                     upcast_dots)
+from .lowrank import DECODE_MAX_M, add_chunk, decode_workspace, mm_nt, rank_slice_out, rank_slice_t
 
 
 @triton.jit
@@ -197,7 +197,7 @@ def _quant_lr_decode_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, v_ptr, u_ptr, bias_ptr,
     """y = x·dequant(Q)ᵀ + (x·Vᵀ)·Uᵀ + b for M <= 16 rows in one launch. Programs 0 .. n_tiles-1 each own an
     output chunk of BLOCK_N columns of the dequant-matmul (+ bias); the next R/BLOCK_R × SPLIT_N programs each own
     a rank slice j: they stream V_j once (t_j = x·V_jᵀ stays in registers) and add t_j·U_jᵀ into the chunks
-    s, s + SPLIT_N, ... — the split-rank scheme of `triton_lowrank`. Each chunk thus gets 1 + R/BLOCK_R
+    s, s + SPLIT_N, ... — the split-rank scheme of `triton.lowrank`. Each chunk thus gets 1 + R/BLOCK_R
     contributions, summed with fp32 atomics; the last one to arrive casts the chunk into y."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)

@@ -32,7 +32,7 @@ def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torc
 
 def codes_per_unit(bits: int) -> int:
     """Codes in the smallest whole-byte unit of a little-endian bit stream of ``bits``-bit codes: 8 per 3 bytes at 3
-    bits, else ``8 // bits`` per byte (the weight words of this module and the KV codes of `kernels.kv` alike)."""
+    bits, else ``8 // bits`` per byte (the weight words of this module and the KV codes of `reference.kv` alike)."""
     return 8 if bits == 3 else 8 // bits
 
 

@@ -1,8 +1,9 @@
-"""CPU fast path for reading a quantized KV cache: dequantize packed 2/3/4/8-bit codes (layout: `kernels.kv`).
+"""CPU fast path for reading a quantized KV cache: dequantize packed 2/3/4/8-bit codes (layout:
+`kernels.reference.kv`).
 
-The reference (`kv.dequantize_reference`) unpacks with a broadcast shift over the innermost, 2-to-8-wide axis of
-codes per byte — a pattern torch's CPU loops do not vectorise (~0.15 µs per thousand codes, most of a decode step's
-cache read at 2048 tokens). Here every step runs over whole contiguous rows:
+The reference (`reference.kv.dequantize_reference`) unpacks with a broadcast shift over the innermost, 2-to-8-wide
+axis of codes per byte — a pattern torch's CPU loops do not vectorise (~0.15 µs per thousand codes, most of a
+decode step's cache read at 2048 tokens). Here every step runs over whole contiguous rows:
 
 * unpack: each 8-code packing unit (2 bytes at 2 bits, 4 at 4 bits, 3 at 3 bits) is widened into one int64 and its
   codes spread to one byte each with shift/or/mask steps (the classic bit "spread"), then viewed as uint8 — codes in
@@ -35,7 +36,7 @@ def supports(bits: int, packed_width: int) -> bool:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """packed uint8 [..., W] -> codes uint8 [..., W * 8 / bits] (the same as `kv.unpack_codes`)."""
+    """packed uint8 [..., W] -> codes uint8 [..., W * 8 / bits] (the same as `reference.kv.unpack_codes`)."""
     if bits == 8:
         return packed
     unit, steps = _SPREAD[bits]
@@ -56,8 +57,8 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, group: int, axis: str,
                out: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
-    """``x = q * scale + mn`` for the layout of `kernels.kv`, written into ``out`` when given (a [..., T, C] tensor
-    or view; fp32 math, then ``out``'s dtype) and returned."""
+    """``x = q * scale + mn`` for the layout of `kernels.reference.kv`, written into ``out`` when given (a
+    [..., T, C] tensor or view; fp32 math, then ``out``'s dtype) and returned."""
     q = unpack_codes(codes, bits)
     *lead, t, c = q.shape
     if axis == "channel":
