@@ -162,10 +162,10 @@ def run_row(args) -> dict:
             cfg["ratio"] = float(setting[0])
         import logging
 
-        phases = []  # the calibrated engine's "time by phase" line (hf_compress.compressor, INFO)
+        phases = []  # the calibrated engine's "time by phase" line (hf_compress.pipelines.sequential, INFO)
         handler = logging.Handler(logging.INFO)
         handler.emit = lambda rec: phases.append(rec.getMessage()) if rec.getMessage().startswith("time by") else None
-        log = logging.getLogger("hf_compress.compressor")
+        log = logging.getLogger("hf_compress.pipelines.sequential")
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         hf_compress.compress(model, cfg, calibration=str(DATA / args.calib), tokenizer=tok, progress=False)

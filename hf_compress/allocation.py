@@ -1,7 +1,11 @@
-"""Rank per layer from a budget.
+"""Budgets per layer: low-rank ranks, quantization EoRA ranks, and the EoRA bit budget.
 
-* ``uniform``: every layer keeps the same fraction of its parameters;
-* ``energy``: one global budget, ranks where the measured spectra say they buy the most (`allocate_energy`).
+* ``uniform``: every layer keeps the same fraction of its parameters (`plan`: ranks, or EoRA ranks of a
+  quantization method, from the config alone);
+* ``energy``: one global budget, ranks where the measured spectra say they buy the most (`allocate_energy`);
+* ``loss``: ``energy`` weighted by each layer's output sensitivity (`hf_compress.gradients.output_sensitivity`);
+* ``eora_bits``: EoRA factors of a generous rank (`eora_rank_cap`), truncated after compression to one global
+  budget of extra bits per weight (`allocate_eora`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import math
 import torch
 
 from .errors import ConfigError
+from .modules import QuantLinear
 
 
 def uniform_rank(out_features: int, in_features: int, ratio: float) -> int:
@@ -40,6 +45,60 @@ def plan_ranks(shapes: dict[str, tuple[int, int]], ratio: float | None, rank: in
 
 
 ALLOCATORS = ("uniform", "energy", "loss")
+
+
+def allocator_for(config, method) -> str:
+    """The allocator a run uses: the config's, else the method's default; ``uniform`` for a fixed rank and for
+    quantization methods."""
+    if config.rank is not None or method.family == "quant":
+        return "uniform"
+    return config.alloc or method.default_alloc
+
+
+def plan(config, method, shapes: dict[str, tuple[int, int]], factor_bits: dict[str, int] | None = None
+         ) -> dict[str, int | None]:
+    """The ``uniform`` plan: name -> rank (for a quantization method its EoRA rank, 0 for none), or None where
+    the layer stays dense."""
+    if method.family == "quant":
+        if config.eora_bits:  # factors of a generous rank now; `allocate_eora` truncates them to the budget
+            return {n: eora_rank_cap(o, i, config.eora_bits, config.eora_factor_bits or (factor_bits or {}).get(n, 16))
+                    for n, (o, i) in shapes.items()}
+        return {n: min(config.eora_rank or 0, o, i) for n, (o, i) in shapes.items()}
+    return plan_ranks(shapes, config.ratio, config.rank, config.dense_fallback)
+
+
+def eora_rank_cap(out_f: int, in_f: int, bits: float, factor_bits: int) -> int:
+    """The largest EoRA rank a budgeted layer may get: 4x its equal-share rank (at least 8), at most min(out, in)."""
+    equal = bits * out_f * in_f / ((out_f + in_f) * factor_bits)
+    return min(out_f, in_f, max(8, math.ceil(4 * equal)))
+
+
+def allocate_eora(model, names, bits: float) -> dict[str, int]:
+    """Truncate the EoRA factors of the layers ``names`` to one global budget of ``bits`` extra bits per weight.
+
+    Rank i of a layer removes σᵢ² of its (input-weighted) error energy; the factors come from ``truncated_factors``
+    (U = Uₛ·√Σ with orthonormal Uₛ), so σᵢ = ‖U[:, i]‖². Taking ranks in decreasing σᵢ² per stored bit is the
+    greedy knapsack; within a layer it takes a prefix, which is the truncated SVD at that rank."""
+    layers = {n: model.get_submodule(n) for n in names}
+    layers = {n: m for n, m in layers.items() if isinstance(m, QuantLinear)}
+    budget = bits * sum(m.out_features * m.in_features for m in layers.values())
+    items = []
+    for n, m in layers.items():
+        if not m.rank:
+            continue
+        cost = m.rank_bits
+        gains = m.factors(torch.float64)[0].detach().square().sum(0).square()  # σᵢ² (of the stored factors)
+        items += [(g / cost, cost, n) for g in gains.tolist()]
+    items.sort(key=lambda t: -t[0])
+    ranks = {n: 0 for n in layers}
+    spent = 0.0
+    for _, cost, n in items:
+        if spent + cost <= budget:
+            ranks[n] += 1
+            spent += cost
+    for n, m in layers.items():
+        m.truncate_rank(ranks[n])
+    return ranks
 
 
 def max_ratio(shapes: dict[str, tuple[int, int]]) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -160,21 +160,6 @@ def add_gram(gram: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> No
 # ----------------------------------------------------------------------------------------------- engine
 class _Stop(Exception):
     pass
-
-
-def find_blocks(model: nn.Module, names: Iterable[str]) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of repeated blocks that holds the given module names."""
-    names = list(names)
-    best = None
-    for lname, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            inside = [n for n in names if n.startswith(lname + ".")]
-            if inside and (best is None or len(inside) > best[2]):
-                best = (lname, module, len(inside))
-    if best is None or best[2] != len(names):
-        outside = [n for n in names if best is None or not n.startswith(best[0] + ".")]
-        raise ConfigError(f"Calibrated methods compress layers inside the model's repeated blocks; {outside[:3]} are not.")
-    return best[0], best[1]
 
 
 @dataclass

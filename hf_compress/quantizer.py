@@ -42,7 +42,7 @@ class HfCompressQuantizer(HfQuantizer):
     quantization_config: CompressionConfig
 
     def validate_environment(self, *args, **kwargs):
-        from .compressor import uses_calibration
+        from .pipelines import uses_calibration
 
         if not self.pre_quantized and uses_calibration(self.quantization_config, calibration_given=False):
             raise ConfigError(
@@ -93,7 +93,7 @@ class HfCompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from .auto import use_compressed_config_class
-        from .compressor import compress_modules
+        from .pipelines import compress_modules
         from .kv.hook import after_weight_loading as kv_after_weight_loading, kv_only
 
         if not self.pre_quantized and not kv_only(self.quantization_config):

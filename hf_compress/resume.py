@@ -223,7 +223,7 @@ class Checkpoint:
                     dense_weight(old).copy_(own["weight"])
                 continue
             out_f, in_f = entry["shape"]
-            # the compute dtype is the dense weight's, as when it was compressed (`compressor._replace`)
+            # the compute dtype is the dense weight's, as when it was compressed (`factory.replace`)
             new = MODULE_TYPES[record["type"]].from_record(record, in_f, out_f, device="meta",
                                                            dtype=dense_weight(old).dtype)
             new.load_state_dict(own, assign=True)

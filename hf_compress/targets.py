@@ -1,15 +1,26 @@
-"""Which modules a config targets, and how to read a dense [out, in] weight out of each supported type."""
+"""Which modules a config targets, and how to read a dense [out, in] weight out of each supported type.
+
+`targets_of` returns `Target` objects: a name, the module, and a ``kind`` that says how the weight is read and
+what replaces it (`hf_compress.factory.BUILDERS`): "linear" (nn.Linear) or "conv1d" (GPT-2's Conv1D). A new kind
+of weight (the 3-D parameters of fused mixture-of-experts modules) is a new kind here and a new builder there.
+Also here: the repeated blocks that group targets (`units`, `block_index`) and untying a tied ``lm_head``.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
+from dataclasses import dataclass
 
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import ConfigError, UnsupportedModuleError
+from .errors import ConfigError, NonFiniteWeightError, UnsupportedModuleError
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED = (nn.Linear, Conv1D)
 _BLOCK = re.compile(r"(^|\.)\d+\.")
@@ -84,3 +95,114 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def kind_of(module: nn.Module) -> str:
+    """The target kind of a supported module ("linear", "conv1d")."""
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    raise UnsupportedModuleError(f"Cannot read a dense weight from {type(module).__name__}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One compressible weight of the model: ``name`` (the module's), the ``module``, and its ``kind``."""
+
+    name: str
+    module: nn.Module
+    kind: str
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module) -> "Target":
+        return cls(name, module, kind_of(module))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        return shape_of(self.module)
+
+    def weight(self, check: bool = True) -> torch.Tensor:
+        return checked_weight(self.name, self.module, check)
+
+
+def targets_of(model: nn.Module, targets: list[str] | None, skip: list[str]) -> dict[str, Target]:
+    """`find_targets` as `Target` objects, in model order."""
+    return {n: Target.of(n, m) for n, m in find_targets(model, targets, skip).items()}
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate offloaded the module's own weights (they sit on the meta device)."""
+    return any(p.device.type == "meta" for p in module.parameters(recurse=False))
+
+
+def checked_weight(name: str, module: nn.Module, check: bool = True) -> torch.Tensor:
+    """The dense [out, in] weight, read through accelerate's offload hooks when the module is offloaded.
+    ``check``: refuse NaN/Inf (`compress_modules` checks every target before it changes any, so the
+    replacement itself reads the weight unchecked)."""
+    offloaded = is_offloaded(module)
+    with align_module_device(module):
+        weight = dense_weight(module).detach()
+        if weight.device.type == "meta":
+            raise ConfigError(f"Weight of {name} is on the meta device and no offload hook can load it.")
+        if check and weight.numel() and not torch.isfinite(torch.stack(weight.aminmax())).all():  # NaN propagates
+            raise NonFiniteWeightError(f"Weight of {name} contains NaN or Inf; refusing to compress it.")
+        return weight.clone() if offloaded else weight  # an offloaded weight goes back to disk on exit
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+def find_blocks(model: nn.Module, names) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated blocks that holds the given module names."""
+    names = list(names)
+    best = None
+    for lname, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            inside = [n for n in names if n.startswith(lname + ".")]
+            if inside and (best is None or len(inside) > best[2]):
+                best = (lname, module, len(inside))
+    if best is None or best[2] != len(names):
+        outside = [n for n in names if best is None or not n.startswith(best[0] + ".")]
+        raise ConfigError(f"Calibrated methods compress layers inside the model's repeated blocks; {outside[:3]} are not.")
+    return best[0], best[1]
+
+
+def block_index(name: str, prefix: str) -> int:
+    """Index, in the block list at ``prefix``, of the block that holds module ``name``."""
+    return int(name[len(prefix) + 1 :].split(".")[0])
+
+
+def units(model: nn.Module, names) -> list[list[str]]:
+    """The target ``names`` grouped by the repeated block that holds them (one unit per layer where they are not
+    all inside the blocks): the granularity of progress and checkpoints."""
+    try:
+        prefix, blocks = find_blocks(model, names)
+    except ConfigError:
+        return [[n] for n in names]
+    grouped: list[list[str]] = [[] for _ in blocks]
+    for name in names:
+        grouped[block_index(name, prefix)].append(name)
+    return grouped
+
+
+# ----------------------------------------------------------------------------------------------- tied head
+def tied_output_embedding(model: nn.Module, modules) -> nn.Module | None:
+    """The output embedding (``lm_head``) when it is among ``modules`` and shares its weight with the input
+    embedding; None otherwise."""
+    get_out, get_in = (getattr(model, n, None) for n in ("get_output_embeddings", "get_input_embeddings"))
+    head, emb = (get_out() if get_out else None), (get_in() if get_in else None)
+    if head is None or emb is None or not any(m is head for m in modules):
+        return None
+    return head if getattr(head, "weight", None) is getattr(emb, "weight", False) else None
+
+
+def untie(model: nn.Module) -> None:
+    """A compressed head is no longer the input embedding (which stays dense, for the lookup): say so in the config,
+    or transformers ties the embedding's weight back onto the compressed module at load (``tie_word_embeddings``)
+    and fails. Costs the head's compressed bytes beside the embedding's."""
+    config = getattr(model, "config", None)
+    for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):  # often one object
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+    logger.info("the compressed lm_head was tied to the input embeddings: untied (tie_word_embeddings=False); the "
+                "embedding stays dense")

@@ -216,7 +216,7 @@ def test_calibrated_method_without_data_and_on_load(tmp_path):
 def test_too_few_tokens_warns_with_number(caplog):
     model = make_tiny("llama")
     ids = torch.randint(3, 96, (2, 16), generator=_gen(7))
-    with caplog.at_level(logging.WARNING, logger="hf_compress.compressor"):
+    with caplog.at_level(logging.WARNING, logger="hf_compress.pipelines.sequential"):
         hf_compress.compress(model, {"method": "asvd", "ratio": 0.3, "calibration": {"nsamples": 2, "seqlen": 16}},
                              calibration=ids, progress=False)
     assert "Only 32 calibration tokens" in caplog.text
@@ -306,7 +306,8 @@ def test_capture_stops_at_the_last_block_with_every_call_recorded(arch):
     # The capture forward records each block's call and stops as the last block is called: the LM head never
     # runs, only block 0 is computed (the others pass their input through and their layers never run), and a
     # block run from the records reproduces the full model's hidden states exactly.
-    from hf_compress.calibration import BlockwiseRunner, find_blocks
+    from hf_compress.calibration import BlockwiseRunner
+    from hf_compress.targets import find_blocks
     from hf_compress.targets import find_targets
 
     model = make_tiny(arch, layers=3)
@@ -415,8 +416,9 @@ def test_svd_llm_spectra_share_one_whitening_per_gram_bit_for_bit():
 def test_svd_llm_spectra_from_output_grams_equal_the_whitened_ones(arch):
     # layers with fewer outputs than inputs take their spectrum from Σ y yᵀ (bias removed) instead of the
     # whitened W·S of the input Gram: the same singular values up to rounding
-    from hf_compress.calibration import BlockwiseRunner, find_blocks
-    from hf_compress.compressor import _collect
+    from hf_compress.calibration import BlockwiseRunner
+    from hf_compress.targets import find_blocks
+    from hf_compress.statistics import collect as _collect
     from hf_compress.targets import dense_weight, find_targets, shape_of
 
     model = make_tiny(arch)

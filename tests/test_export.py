@@ -18,7 +18,7 @@ from conftest import VOCAB, make_tiny, output_of, run_python
 import hf_compress
 from hf_compress import CompressionConfig, ExportError
 from hf_compress.cli import main
-from hf_compress.compressor import compress_modules
+from hf_compress.pipelines import compress_modules
 from hf_compress.export import ADAPTER_DIR, export, pack_int32
 from hf_compress.modules import compressed_modules
 

@@ -45,3 +45,23 @@ def test_hf_compress_and_transformers_import_from_the_clone_root():
     assert run.returncode == 0, run.stderr[-2000:]
     # the source path is the import path: hf_compress.kernels is the folder hf_compress/kernels of this clone
     assert os.path.realpath(run.stdout.strip()) == os.path.realpath(os.path.join(REPO, "hf_compress", "kernels"))
+
+
+def test_the_code_map_names_every_module():
+    """docs/checkpoint-format.md's Layout block names every module of the package (a file by its name, or a folder
+    whose files it lists), so a newcomer's map of the code is complete."""
+    import re
+
+    text = open(os.path.join(REPO, "docs", "checkpoint-format.md"), encoding="utf-8").read()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"[\w/]+\.py|\b\w+\b", block))
+    package = os.path.join(REPO, "hf_compress")
+    missing = []
+    for folder, _, files in os.walk(package):
+        for f in files:
+            if not f.endswith(".py") or f == "__init__.py":
+                continue
+            stem = f[:-3]
+            if f not in named and stem not in named:
+                missing.append(os.path.relpath(os.path.join(folder, f), REPO))
+    assert not missing, f"docs/checkpoint-format.md's Layout does not name: {sorted(missing)}"

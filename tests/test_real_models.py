@@ -88,7 +88,7 @@ def test_minilm_bert_full_rank_and_roundtrip(tmp_path):
     with torch.no_grad():
         dense = model(**batch).last_hidden_state
 
-    from hf_compress.compressor import compress_modules
+    from hf_compress.pipelines import compress_modules
     from hf_compress.targets import find_targets, shape_of
 
     full = AutoModel.from_pretrained(path).eval()

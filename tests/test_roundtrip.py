@@ -74,7 +74,7 @@ def test_checkpoint_layout(saved, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_rank_equals_dense(arch, ids):
-    from hf_compress.compressor import compress_modules
+    from hf_compress.pipelines import compress_modules
     from hf_compress.targets import find_targets, shape_of
 
     dense = make_tiny(arch)

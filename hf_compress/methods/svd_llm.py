@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import METHODS
-from .base import LowRankMethod
+from .base import Correction, Factors, LowRankMethod
 from .linalg import spectrum, truncated_factors, whitening, whitening_factor
 
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -35,7 +35,7 @@ class SVDLLM(LowRankMethod):
         if compensation not in ("auto", "off") and not (isinstance(compensation, (int, float)) and 0 <= compensation <= 1):
             raise ConfigError(f"svd_llm compensation must be 'auto', 'off' or a number in [0, 1], got {compensation!r}")
         self.compensation = compensation
-        self.correct_dense = bool(correct_dense) and compensation != "off"
+        self.corrects_dense = bool(correct_dense) and compensation != "off"
         if compensation == "off":
             self.needs = frozenset({"gram"})
             self.needs_heldout = False
@@ -45,7 +45,7 @@ class SVDLLM(LowRankMethod):
 
     def spectra(self, stats, weight_of):
         """Singular values of W·S per layer, S (alone: the spectrum never reads S⁻¹) computed once per Gram:
-        layers fed the same input (q/k/v, gate/up) share one Gram tensor (`_collect`). The same S bit for bit as
+        layers fed the same input (q/k/v, gate/up) share one Gram tensor (`hf_compress.statistics`). The same S bit for bit as
         `whitening`'s, so the same spectra as one `whitening` per layer."""
         factors: dict[int, torch.Tensor] = {}
         out = {}
@@ -88,12 +88,12 @@ class SVDLLM(LowRankMethod):
         """(W·G_dc, Σ_t ‖W x_d‖²) of the held-out tokens: the parts of `_heldout_error` that W' does not change."""
         return w @ val.cross, ((w @ val.ref_gram) * w).sum()
 
-    def correct(self, weight, stats, heldout=None):
+    def dense_correction(self, weight, stats, heldout=None):
         """A layer kept dense, refitted to the dense model's output given its drifted inputs:
         W ← (1−β)·W + β·W·G_dc·G_cc⁻¹ (no parameter cost), β measured on held-out windows like the factors'.
-        Returns the new weight, or None when β = 0 wins."""
-        if not self.correct_dense or stats.cross is None or heldout is None or heldout.count == 0:
-            return None
+        The new weight is None when β = 0 wins (or nothing can be measured: no choice then)."""
+        if not self.corrects_dense or stats.cross is None or heldout is None or heldout.count == 0:
+            return Correction(None)
         w = weight.double()
         _, s_inv = whitening(stats.gram)
         w_star = w @ stats.cross @ s_inv.T @ s_inv
@@ -101,12 +101,12 @@ class SVDLLM(LowRankMethod):
         eye = torch.eye(w.shape[1], dtype=w.dtype)
         errors = [self._heldout_error(w, w + b * (w_star - w), eye, heldout, fixed) for b in BETAS]
         beta = BETAS[errors.index(min(errors))]
-        self.last_beta = beta
+        self.last_beta = beta  # for inspection only (tests); the pipelines read the returned choice
         if beta == 0:
-            return None
+            return Correction(None, beta)
         both = stats.merged(heldout)
         _, s_inv = whitening(both.gram)
-        return (w + beta * (w @ both.cross @ s_inv.T @ s_inv - w)).to(weight.dtype)
+        return Correction((w + beta * (w @ both.cross @ s_inv.T @ s_inv - w)).to(weight.dtype), beta)
 
     def factorize(self, weight, rank, stats=None, heldout=None):
         w = weight.double()
@@ -122,6 +122,6 @@ class SVDLLM(LowRankMethod):
             fixed = self._heldout_fixed(w, heldout)
             errors = [self._heldout_error(w, u, v, heldout, fixed) for u, v in fits]
             beta = BETAS[errors.index(min(errors))]
-        self.last_beta = beta
+        self.last_beta = beta  # for inspection only (tests); the pipelines read the returned choice
         ((u, v),) = self._fits(w, stats.merged(heldout), rank, (beta,))
-        return u.float(), v.float()
+        return Factors(u.float(), v.float(), beta)

@@ -56,7 +56,7 @@ def build_smollm2(progress: bool = False):
     """(model, tokenizer): SmolLM2 with RTN 4-bit g64 everywhere and EoRA rank 16 on blocks 24-29 (fp32)."""
     import hf_compress
     from hf_compress import CompressionConfig
-    from hf_compress.compressor import compress_modules
+    from hf_compress.pipelines import compress_modules
     from hf_compress.loading import load_model, smollm2_gguf_path
 
     model, tokenizer = load_model(smollm2_gguf_path())

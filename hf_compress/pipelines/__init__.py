@@ -1,0 +1,62 @@
+"""Pipelines: how the data moves while the targets of a model are replaced.
+
+* `datafree`: each target from its weight alone;
+* `sequential`: block by block on calibration data (statistics, gradient passes, per-group fits).
+
+`compress_modules` finds the targets, checks them, picks the pipeline (`uses_calibration`), runs it, then spends
+the EoRA budget and unties a compressed tied ``lm_head``. What a method computes is in `hf_compress.methods`, how
+a compressed module is built in `hf_compress.factory`, the budgets in `hf_compress.allocation`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..allocation import allocate_eora, allocator_for
+from ..errors import ConfigError
+from ..methods import get_method
+from ..targets import targets_of, tied_output_embedding, untie
+from . import datafree, sequential
+from .common import Job
+
+
+def uses_calibration(config, calibration_given: bool) -> bool:
+    """Whether compression runs the calibrated (block-wise) pipeline."""
+    method = get_method(config.method)
+    if method.needs:
+        return True
+    if config.quantizer is not None and get_method(config.quantizer).needs:
+        return True
+    # optional statistics: EoRA in the inputs' eigenspace, GPTQ for low-rank factors
+    return calibration_given and bool((config.eora_rank or config.eora_bits) if method.family == "quant"
+                                      else config.bits)
+
+
+def compress_modules(model: nn.Module, config, *, calibration=None, tokenizer=None, progress: bool = True,
+                     checkpoint_dir=None, checkpoint_every: float = 60.0) -> dict:
+    """Replace the targeted modules of ``model`` by compressed ones (no bookkeeping on the model).
+
+    Returns a small report: {"ranks": {name: rank|None}, "betas": {...}, "seconds": ...}."""
+    method = get_method(config.method)(**config.method_kwargs)
+    alloc = allocator_for(config, method)
+    targets = targets_of(model, config.targets, config.skip)
+    for target in targets.values():  # NaN/Inf anywhere refuses the run before any layer changes
+        target.weight()
+    job = Job(model, config, method, alloc, targets, progress, checkpoint_dir, checkpoint_every)
+    tied_head = tied_output_embedding(model, job.modules.values())
+    if not uses_calibration(config, calibration is not None):
+        report = datafree.run(job)
+    else:
+        if calibration is None:
+            what = config.method if method.needs else f"{config.method} with quantizer {config.quantizer}"
+            raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
+                              "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
+        report = sequential.run(job, calibration, tokenizer)
+    if config.eora_bits:
+        report["eora_ranks"] = allocate_eora(model, list(targets), config.eora_bits)
+    if tied_head is not None and model.get_output_embeddings() is not tied_head:
+        untie(model)
+    return report
+
+
+__all__ = ["compress_modules", "uses_calibration"]

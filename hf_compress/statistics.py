@@ -1,0 +1,140 @@
+"""Statistics of the target layers' inputs (Grams / GPTQ Hessians, cross terms, per-channel means) or outputs,
+gathered by forward hooks while a block runs on one stream of calibration hidden states.
+
+`StatsCollector` holds the state of one such pass explicitly (the batch being run, the inputs already seen in
+it, which layers share another's input); `collect` runs a block under it. Layers fed the very same input tensor
+(q/k/v; gate/up) share one set of statistics: one Gram per shared input, computed once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import torch
+from accelerate.utils import align_module_device
+from torch import nn
+
+from .calibration import BlockwiseRunner, LayerStats
+
+
+class StatsCollector:
+    """Hooks that accumulate `LayerStats` of ``layers`` (name -> module) over the batches of one pass.
+
+    Batches ``0..n_train_batches-1`` go to the training statistics, the later ones to the held-out statistics.
+    ``ref_inputs`` ({name: [reference-stream input per batch]}): also the cross terms against the dense model's
+    inputs (and, on held-out batches, their Gram). ``need_gram=False``: per-channel statistics only (see
+    `LayerStats.add`). ``output_gram``: names of layers whose statistics are instead the Gram of their outputs
+    (`LayerStats.add_output`)."""
+
+    def __init__(self, layers: dict[str, nn.Module], n_train_batches: int, *, ref_inputs=None, need_gram=True,
+                 output_gram=()):
+        self.layers = layers
+        self.n_train_batches = n_train_batches
+        self.ref_inputs = ref_inputs
+        self.need_cross = bool(ref_inputs)
+        self.need_gram = need_gram
+        self.output_gram = output_gram
+        self.train = {n: LayerStats() for n in layers}
+        self.val = {n: LayerStats() for n in layers}
+        self.batch = 0
+        # this batch's inputs by (id of input, id of reference input) -> (first layer fed it, the input): keeping
+        # the tensor alive means its id cannot be reused by another tensor within the batch
+        self.seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self.alias: dict[str, str] = {}  # layer -> the layer whose statistics it shares
+        self.handles: list = []
+
+    def new_batch(self, b: int) -> None:
+        self.batch = b
+        self.seen.clear()
+
+    def _target(self, n: str) -> LayerStats:
+        return self.train[n] if self.batch < self.n_train_batches else self.val[n]
+
+    def on_input(self, n: str, module: nn.Module, args) -> None:
+        b = self.batch
+        x = args[0]
+        x_ref = self.ref_inputs[n][b] if self.need_cross else None
+        key = (id(x), id(x_ref))
+        if key in self.seen and self.seen[key][0] != n:
+            first = self.seen[key][0]
+            if self.alias.setdefault(n, first) != first:
+                raise RuntimeError(f"input sharing of {n} changed between calibration batches")
+            return
+        if n in self.alias:
+            raise RuntimeError(f"input sharing of {n} changed between calibration batches")
+        self.seen[key] = (n, x)
+        target = self._target(n)
+        target.add(x, x_ref, need_cross=self.need_cross, need_ref_gram=self.need_cross and target is self.val[n],
+                   need_gram=self.need_gram)
+
+    def on_output(self, n: str, module: nn.Module, args, out) -> None:
+        y = out[0] if isinstance(out, tuple) else out
+        if getattr(module, "bias", None) is not None:
+            with align_module_device(module):  # an offloaded layer's bias is back on disk after its forward
+                y = y - module.bias.detach()
+        self._target(n).add_output(y.detach())
+
+    def attach(self) -> None:
+        self.handles = [m.register_forward_hook(partial(self.on_output, n)) if n in self.output_gram
+                        else m.register_forward_pre_hook(partial(self.on_input, n)) for n, m in self.layers.items()]
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.seen.clear()
+
+    def finish(self, fisher: dict[str, torch.Tensor], heldout: bool = False):
+        """The statistics, checked finite: {name: LayerStats} or, with ``heldout``, {name: (train LayerStats,
+        held-out LayerStats | None)}. ``fisher``: per-row Fisher weights of the layers that have them."""
+        train, val = self.train, self.val
+        for n, first in self.alias.items():
+            train[n], val[n] = dataclasses.replace(train[first]), dataclasses.replace(val[first])
+        for n in self.layers:
+            train[n].fisher_rows = fisher.get(n)
+            train[n].check_finite(n)
+            if val[n].count:
+                val[n].check_finite(n)
+        if heldout:
+            return {n: (train[n], val[n] if val[n].count else None) for n in self.layers}
+        return train
+
+
+def collect(runner: BlockwiseRunner, i: int, block: nn.Module, layers: dict[str, nn.Module], hidden,
+            n_train_batches: int, fisher, *, ref_inputs=None, heldout=False, stop_after=False, need_gram=True,
+            outputs: list | None = None, output_gram=()):
+    """Statistics of each layer's inputs over the batches of ``hidden`` run through ``block`` (`StatsCollector`
+    for the options; ``stop_after``: stop each forward after the last of ``layers``; ``outputs``, without
+    ``stop_after``: a list that receives the block's outputs, which the hooks leave untouched, so that the next
+    block needs no second forward).
+
+    Returns {name: LayerStats} or, with ``heldout``, {name: (train LayerStats, held-out LayerStats | None)}."""
+    collector = StatsCollector(layers, n_train_batches, ref_inputs=ref_inputs, need_gram=need_gram,
+                               output_gram=output_gram)
+    collector.attach()
+    last = list(layers.values())[-1] if stop_after else None
+    try:
+        result = runner.run(i, block, hidden, per_batch=collector.new_batch, stop_after=last)
+        if outputs is not None and result is not None:
+            outputs.extend(result)
+    finally:
+        collector.detach()
+    return collector.finish(fisher, heldout)
+
+
+def reference_inputs(runner: BlockwiseRunner, i: int, dense_block: nn.Module, layers, local_names: dict[str, str],
+                     ref_hidden):
+    """Run the dense copy of block i on the reference stream; keep each target layer's inputs per batch.
+    ``local_names``: each layer's name inside the block. Returns ({name: [input per batch]}, the block's outputs)."""
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = []
+    for n in layers:
+        sub = dense_block.get_submodule(local_names[n])
+        handles.append(sub.register_forward_pre_hook(lambda mod, args, n=n: captured[n].append(args[0].detach())))
+    try:
+        out = runner.run(i, dense_block, ref_hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, out
