@@ -4,8 +4,7 @@
 ``import hf_compress`` registers the checkpoint format with transformers' Auto classes and quantizer registry.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .errors import (CheckpointError, ConfigError, ExportError, HfCompressError, NonFiniteWeightError,  # noqa: E402
                      UnsupportedModuleError)
 from .config import CompressionConfig  # noqa: E402

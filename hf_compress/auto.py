@@ -34,7 +34,7 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from . import __version__
+from .version import __version__
 from .checkpoint import SHIM_MODULE, write_shim
 from .config import QUANT_METHOD, CompressionConfig
 from .errors import CheckpointError

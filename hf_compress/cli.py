@@ -70,7 +70,8 @@ def _config_from_args(args):
 
 
 def cmd_compress(args) -> int:
-    from . import compress, save_pretrained
+    from .compressor import compress
+    from .hub import save_pretrained
     from .hub import add_evaluation, provenance_of
     from .loading import load_model, read_text
     from .progress import format_seconds, peak_rss_mb, reset_peak_rss, rss_mb
@@ -238,7 +239,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from . import save_pretrained
+    from .hub import save_pretrained
     from .finetune import recover
     from .loading import load_model, read_text
 

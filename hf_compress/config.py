@@ -15,7 +15,7 @@ from typing import Any
 from transformers.quantizers import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import __version__
+from .version import __version__
 from .errors import ConfigError
 
 QUANT_METHOD = "hf_compress"

@@ -34,7 +34,9 @@ def run_demo(ratio: float | None = None, method: str = "hqq", text_path: str | N
     command line; default: this call)."""
     from transformers import AutoModelForCausalLM
 
-    from . import CompressionConfig, compress, save_pretrained
+    from .compressor import compress
+    from .config import CompressionConfig
+    from .hub import save_pretrained
     from .evaluation import decode_speed, perplexity
     from .methods import get_method
     from .hub import add_evaluation

@@ -13,7 +13,7 @@ import os
 
 from transformers.quantizers import HfQuantizer, register_quantizer
 
-from . import __version__
+from .version import __version__
 from .checkpoint import read_headers
 from .config import QUANT_METHOD, CompressionConfig
 from .errors import CheckpointError, ConfigError, UnsupportedModuleError

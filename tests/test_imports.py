@@ -103,6 +103,14 @@ def test_graph_sees_function_level_imports():
     assert all(m.startswith("hf_compress") for ts in graph.values() for m in ts)
 
 
+def test_only_package_inits_import_the_package_root():
+    """``from . import X`` out of ``hf_compress/__init__`` from a module below it hides a cycle (the root imports
+    every module to re-export it): modules import what they need from the module that defines it."""
+    graph = import_graph()
+    offenders = sorted(m for m, ts in graph.items() if "hf_compress" in ts and m != "hf_compress")
+    assert not offenders, f"these modules import from the package root hf_compress: {offenders}"
+
+
 def test_no_import_cycles_between_hf_compress_modules():
     found = cycles(import_graph())
     assert not found, "import cycles (function-level imports count): " + "; ".join(" <-> ".join(c) for c in found)

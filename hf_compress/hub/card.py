@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..atomic import atomic_file
 from ..errors import ConfigError
 from ..modules import compressed_modules

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CheckpointError
 from .card import write_model_card
 from .records import EVAL_FILE

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..atomic import atomic_file
 from ..errors import CheckpointError, ConfigError
 
