@@ -183,18 +183,40 @@ class HfCompressLinearMethod(LinearMethodBase):
         quant = bool(parts) and all(type(p) is QuantLinear for p in parts)
         lowrank = bool(parts) and all(type(p) is LowRankLinear for p in parts)
         layer.hfc_int4 = plans.int4_plan(parts) if quant else None
+        if layer.hfc_int4 is not None:  # called through an opaque op: see `_int4_op`
+            layer.hfc_int4_id = len(_INT4_PLANS)
+            _INT4_PLANS.append(layer.hfc_int4)
         layer.hfc_lowrank = plans.lowrank_plan(parts, _gemm) if layer.hfc_int4 is None and lowrank else None
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         plan = layer.hfc_int4
         if plan is not None and x.device.type == "cpu":
-            return plan(x, bias)
+            y = torch.ops.hf_compress.int4_plan(x, layer.hfc_int4_id)
+            return y if bias is None else y + bias.to(x.dtype)
         plan = layer.hfc_lowrank
         if plan is not None:
             return plan(x, bias)
         parts = layer.hfc_parts
         y = parts[0](x) if len(parts) == 1 else torch.cat([part(x) for part in parts], dim=-1)
         return y if bias is None else y + bias
+
+
+#: this process's int4 plans, by the id `process_weights_after_loading` gave their layer
+_INT4_PLANS: list[plans.Int4Plan] = []
+
+
+@torch.library.custom_op("hf_compress::int4_plan", mutates_args=())
+def _int4_op(x: torch.Tensor, plan: int) -> torch.Tensor:
+    """A layer's int4 plan as one opaque op, so that vLLM's compiled mode (torch.compile, its default) calls it as it
+    is instead of tracing into it: the CPU path picks a kernel from the row count and writes into reused scratch
+    buffers (`kernels.cpu.weights`), neither of which dynamo can trace (it refused the prefill path's ``out=``
+    views)."""
+    return _INT4_PLANS[plan](x, None)
+
+
+@_int4_op.register_fake
+def _(x: torch.Tensor, plan: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _INT4_PLANS[plan].pack.out_features)
 
 
 def _gemm(weight: torch.Tensor):
