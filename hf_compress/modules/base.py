@@ -3,7 +3,8 @@
 
 `CompressedModule` declares the interface that loading (`hf_compress.quantizer`), saving, size accounting, export and
 the PEFT integration rely on; `LowRankLinear`, `QuantLinear` and `QuantLowRankLinear` implement it. Its methods raise
-`NotImplementedError` (no ABC metaclass on an `nn.Module`): a new module type that forgets one fails loudly at first use.
+`NotImplementedError` (no ABC metaclass on an `nn.Module`): a new module type that forgets one fails loudly at first
+use.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ class LowRankPath:
 
     `set_factors` is the one place that replaces them, and so owns the invariants: contiguous parameters, on the path's
     device in its dtype (the current factors', or the layer's when it has none), frozen unless asked otherwise, and
-    the layer's runtime copies derived from them dropped (`_factors_changed`; the kernels' caches, `kernels.cache.reuse`,
-    also notice a replaced tensor by itself). `append_rank` and `truncate_rank` change the rank through it.
+    the layer's runtime copies derived from them dropped (`_factors_changed`; the kernels' caches,
+    `kernels.cache.reuse`, also notice a replaced tensor by themselves). `append_rank` and `truncate_rank` change the
+    rank through it.
     """
 
     #: the smallest rank the path may have: 0 when the layer works without one (the path can be removed)
@@ -139,6 +141,7 @@ class LowRankPath:
         if rank == 0:
             self.set_factors(None, None)
         elif rank < self.rank:
-            u_grad, v_grad = (self.U.requires_grad, self.V.requires_grad) if requires_grad is None else (requires_grad,) * 2
+            keep = requires_grad is None
+            u_grad, v_grad = (self.U.requires_grad, self.V.requires_grad) if keep else (requires_grad, requires_grad)
             self.set_factors(self.U.detach()[:, :rank], self.V.detach()[:rank], requires_grad=u_grad)
             self.V.requires_grad_(v_grad)
