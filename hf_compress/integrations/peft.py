@@ -18,7 +18,9 @@ saving) with the merge rewritten so that it never densifies:
 * `QuantLowRankLinear` (quantized factors): no exact merge exists without a full-precision path, so merging raises
   and says what to do (keep the adapter unmerged, or dequantize first).
 
-Unmerge removes exactly the appended rank. `squeeze` re-truncates a merged layer back to a target rank
+The factors change only through the modules' own `LowRankPath` methods (``append_rank`` / ``truncate_rank`` /
+``set_factors``), which keep them contiguous, frozen and in the path's dtype and drop derived runtime copies. Unmerge
+removes exactly the appended rank. `squeeze` re-truncates a merged layer back to a target rank
 (LoRA-Squeeze style: SVD of the product of the factors, computed through QR of each factor).
 """
 
@@ -32,7 +34,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from hf_compress.modules import LowRankLinear, QuantLinear, QuantLowRankLinear, compressed_modules
+from hf_compress.modules import (LowRankLinear, LowRankPath, QuantLinear, QuantLowRankLinear,
+                                 compressed_modules)
 
 COMPRESSED_TYPES = (LowRankLinear, QuantLinear, QuantLowRankLinear)
 
@@ -82,41 +85,24 @@ class LoraCompressedLinear(LoraLinear):
             remove_rank(base, start, end)
 
 
-def _factors(base):
-    return (base.U, base.V) if base.U is not None else (None, None)
-
-
 def append_rank(base: nn.Module, b: torch.Tensor, a: torch.Tensor) -> int:
-    """Append rank-r factors (b [out, r], a [r, in]) to the low-rank path of ``base``; return where they start."""
+    """Append rank-r factors (b [out, r], a [r, in]) to the low-rank path of ``base``; return where they start
+    (`LowRankPath.append_rank`)."""
     if isinstance(base, QuantLowRankLinear):
         raise ValueError(
             "Cannot merge a LoRA adapter exactly into a QuantLowRankLinear (its factors are quantized): keep the "
             "adapter unmerged (PeftModel / model.load_adapter), or dequantize the model before merging.")
-    if not isinstance(base, (LowRankLinear, QuantLinear)):
+    if not isinstance(base, LowRankPath):
         raise TypeError(f"not an hf-compress layer: {type(base).__name__}")
-    if isinstance(base, QuantLinear):
-        base.dequantize_factors()
-    u, v = _factors(base)
-    dtype = u.dtype if u is not None else base.compute_dtype
-    device = u.device if u is not None else base.qweight.device
-    b, a = b.to(device=device, dtype=dtype), a.to(device=device, dtype=dtype)
-    start = 0 if u is None else u.shape[1]
-    new_u = b if u is None else torch.cat([u.detach(), b], dim=1)
-    new_v = a if v is None else torch.cat([v.detach(), a], dim=0)
-    base.U = nn.Parameter(new_u.contiguous(), requires_grad=False)
-    base.V = nn.Parameter(new_v.contiguous(), requires_grad=False)
-    return start
+    return base.append_rank(b, a)
 
 
 def remove_rank(base: nn.Module, start: int, end: int) -> None:
-    u, v = base.U, base.V
+    """Remove the rank ``start``..``end`` that `append_rank` appended last (`LowRankPath.truncate_rank`; frozen)."""
+    u = base.U
     if u is None or u.shape[1] != end:
         raise RuntimeError(f"cannot unmerge: the layer's rank is {0 if u is None else u.shape[1]}, expected {end}")
-    if start == 0 and isinstance(base, QuantLinear):
-        base.U = base.V = None
-    else:
-        base.U = nn.Parameter(u.detach()[:, :start].contiguous(), requires_grad=False)
-        base.V = nn.Parameter(v.detach()[:start].contiguous(), requires_grad=False)
+    base.truncate_rank(start, requires_grad=False)
 
 
 def squeeze(module: nn.Module, rank: int) -> None:
@@ -134,14 +120,13 @@ def squeeze(module: nn.Module, rank: int) -> None:
     uu, s, vh = torch.linalg.svd(ru @ rv.T)
     root = s[:rank].sqrt()
     dtype = module.U.dtype
-    module.U = nn.Parameter((qu @ uu[:, :rank] * root).to(dtype).contiguous(), requires_grad=False)
-    module.V = nn.Parameter((root[:, None] * vh[:rank] @ qv.T).to(dtype).contiguous(), requires_grad=False)
+    module.set_factors((qu @ uu[:, :rank] * root).to(dtype), (root[:, None] * vh[:rank] @ qv.T).to(dtype))
 
 
 def squeeze_model(model: nn.Module, rank: int) -> None:
     """`squeeze` every low-rank path of ``model`` down to at most ``rank``."""
     for module in compressed_modules(model).values():
-        if isinstance(module, (LowRankLinear, QuantLinear)):
+        if isinstance(module, LowRankPath):
             squeeze(module, rank)
 
 

@@ -246,7 +246,7 @@ def validate_lowrank(spec):
 
 
 @KV_METHODS.register("lowrank")
-class LowRankMethod(KVMethod):
+class LowRankKVMethod(KVMethod):
     defaults = {"keep": 0.5, "window": 32, "alloc": "energy", "rank": None}
     recorded = ("ranks",)  # filled by calibration
     stores_tensors = True

@@ -337,7 +337,7 @@ def validate_quant(spec):
 
 
 @KV_METHODS.register("quant")
-class QuantMethod(KVMethod):
+class QuantKVMethod(KVMethod):
     defaults = {"bits": 4, "group_size": 32, "residual": 128, "flush": None, "rank": 0, "outliers": 0.0,
                 "scale_dtype": "float16", "value_bits": None, "window_dtype": None, "value_flush": None,
                 "layer_bits": None, "avg_bits": None, "dense_copy": False}
@@ -389,6 +389,6 @@ class GearKVCache(QuantizedKVCache):
 
 
 @KV_METHODS.register("gear")
-class GearMethod(QuantMethod):
-    defaults = {**QuantMethod.defaults, "bits": 2, "flush": 128, "rank": 2, "outliers": 0.01}
+class GearKVMethod(QuantKVMethod):
+    defaults = {**QuantKVMethod.defaults, "bits": 2, "flush": 128, "rank": 2, "outliers": 0.01}
     cache_class = GearKVCache

@@ -1,8 +1,7 @@
 """`LowRankLinear`: y = (x·Vᵀ)·Uᵀ + b.
 
-Deliberately *not* an `nn.Linear` subclass: PEFT's default LoRA dispatcher takes any `nn.Linear` subclass and
-would silently treat the module as dense. It replaces `nn.Linear` and GPT-2's `Conv1D` (whose weight is
-stored transposed); `source` remembers which, so `to_dense()` can give the original module type back.
+Deliberately *not* an `nn.Linear` subclass (see `CompressedModule`). It replaces `nn.Linear` and GPT-2's `Conv1D`
+(whose weight is stored transposed); `source` remembers which, so `to_dense()` can give the original module type back.
 """
 
 from __future__ import annotations
@@ -13,12 +12,17 @@ import torch
 from torch import nn
 
 from ..kernels import lowrank_linear
+from .base import CompressedModule, LowRankPath
 
 SOURCES = ("linear", "conv1d")
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(CompressedModule, LowRankPath):
+    """y = (x·Vᵀ)·Uᵀ + b with U [out, r], V [r, in] (r >= 1). The factors change only through `LowRankPath`
+    (`set_factors`, `append_rank`, `truncate_rank`)."""
+
     type_name = "lowrank"
+    min_rank = 1  # the path is the whole layer
 
     def __init__(
         self,
@@ -71,11 +75,13 @@ class LowRankLinear(nn.Module):
         dtype = dtype or u.dtype
         device = device or u.device
         module = cls(v.shape[1], u.shape[0], u.shape[1], bias=bias is not None, source=source, device="meta")
-        module.U = nn.Parameter(u.detach().to(device=device, dtype=dtype).contiguous())
-        module.V = nn.Parameter(v.detach().to(device=device, dtype=dtype).contiguous())
+        module.set_factors(u, v, requires_grad=True, dtype=dtype, device=device)
         if bias is not None:
             module.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone())
         return module
+
+    def _factors_changed(self) -> None:
+        self._kernel_cache.clear()  # the CPU backend's column copy of U (rebuilt at the next forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lowrank_linear(x, self.U, self.V, self.bias, cache=self._kernel_cache)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels import SCALE_DTYPES, SUPPORTED_BITS, dequantize, packed_words, quant_linear, reuse
+from .base import CompressedModule, LowRankPath
 from .lowrank import SOURCES, dense_module
 
 #: the buffers of quantized compensation factors, in (qweight, scales, zeros) order for Uᵀ then V
@@ -48,10 +49,12 @@ def _scale_dtype(name) -> torch.dtype:
         raise ValueError(f"scale_dtype must be one of {sorted(WEIGHT_SCALE_DTYPES)}, got {name!r}") from None
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(CompressedModule, LowRankPath):
     """Group-wise asymmetric low-bit linear layer, optionally with a low-rank error-compensation path.
 
-    ``group_size`` need not divide ``in_features``: the last group is then partial (nothing is padded)."""
+    ``group_size`` need not divide ``in_features``: the last group is then partial (nothing is padded). Float
+    compensation factors change only through `LowRankPath` (`set_factors`, `append_rank`, `truncate_rank`), quantized
+    ones through `set_quantized_factors`, `dequantize_factors` and `truncate_rank`."""
 
     type_name = "quant"
 
@@ -140,10 +143,7 @@ class QuantLinear(nn.Module):
         the forward computes with (used before appending a LoRA adapter to the path)."""
         if not self.factor_bits:
             return
-        u, v = self.factors()
-        self._drop_factor_buffers()
-        self.U = nn.Parameter(u.contiguous(), requires_grad=False)
-        self.V = nn.Parameter(v.contiguous(), requires_grad=False)
+        self.set_factors(*self.factors())  # (set_factors drops the quantized ones)
 
     def _drop_factor_buffers(self) -> None:
         for name in FACTOR_BUFFERS:
@@ -181,29 +181,37 @@ class QuantLinear(nn.Module):
         m.scales = scales.to(device).contiguous()
         m.zeros = zeros.to(device=device, dtype=scales.dtype).contiguous()
         if rank:
-            m.U = nn.Parameter(u.detach().to(device=device, dtype=dtype).contiguous())
-            m.V = nn.Parameter(v.detach().to(device=device, dtype=dtype).contiguous())
+            m.set_factors(u, v, requires_grad=True, dtype=dtype, device=device)
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone())
         return m
 
-    def truncate_rank(self, rank: int) -> None:
+    def _factor_placement(self) -> tuple[torch.dtype, torch.device]:
+        if self.U is not None:
+            return self.U.dtype, self.U.device
+        return self.compute_dtype, self.qweight.device
+
+    def _factors_changed(self) -> None:
+        if self.factor_bits:  # float factors replace quantized ones
+            self._drop_factor_buffers()
+        self.__dict__.pop("_factor_cache", None)  # quantized factors dequantized for the forward (`_runtime_factors`)
+
+    def _float_factors(self) -> None:
+        self.dequantize_factors()
+
+    def truncate_rank(self, rank: int, requires_grad: bool | None = None) -> None:
         """Keep the first ``rank`` components of the low-rank path (0 removes it). The factors are SVD-ordered when
         EoRA made them, so this is the truncated SVD at that rank; quantized factors are rank-major rows quantized
         row by row, so their truncation equals quantizing the truncated factors."""
         if not 0 <= rank <= self.rank:
             raise ValueError(f"rank must be in [0, {self.rank}], got {rank}")
-        if self.factor_bits:
-            if rank == 0:
-                self._drop_factor_buffers()
-            else:
-                for name in FACTOR_BUFFERS:
-                    self.register_buffer(name, getattr(self, name)[:rank].contiguous())
-        elif rank == 0:
-            self.U = self.V = None
-        elif rank < self.rank:
-            self.U = nn.Parameter(self.U.detach()[:, :rank].contiguous(), requires_grad=self.U.requires_grad)
-            self.V = nn.Parameter(self.V.detach()[:rank].contiguous(), requires_grad=self.V.requires_grad)
+        if not self.factor_bits:
+            return LowRankPath.truncate_rank(self, rank, requires_grad)
+        if rank == 0:
+            self._drop_factor_buffers()
+        else:
+            for name in FACTOR_BUFFERS:
+                self.register_buffer(name, getattr(self, name)[:rank].contiguous())
 
     def _runtime_factors(self, dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`factors` for a forward: quantized factors are dequantized once per dtype and kept (a plain attribute,
@@ -275,7 +283,7 @@ class QuantLinear(nn.Module):
                    if self.factor_bits else ""))
 
 
-class QuantLowRankLinear(nn.Module):
+class QuantLowRankLinear(CompressedModule):
     """A low-rank layer whose factors are quantized: y = up(down(x)) + b, ``down`` = V [r, in] and
     ``up`` = U [out, r] as bias-free `QuantLinear`s (``up`` is grouped along the rank)."""
 
