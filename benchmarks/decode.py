@@ -153,7 +153,7 @@ def run_llamacpp_row(label: str, ckpt: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = [int(t) for t in _prompt_ids(tok, PROMPT)[0]]
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=PROMPT + NEW + 8, n_threads=threads, n_threads_batch=threads,
-                          n_batch=PROMPT, logits_all=False, verbose=False)
+                          n_batch=PROMPT + NEW + 8, logits_all=False, verbose=False)  # scores: one row per batch slot
     best_prefill, best_tps = float("inf"), 0.0
     for _ in range(2):
         llm.reset()
