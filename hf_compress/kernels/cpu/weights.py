@@ -153,6 +153,11 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
 #: 3.6 us a row. `benchmarks/prefill.py` measures the whole model both ways: the two cross at 110-140 rows for
 #: 2/3/4 bits and below 32 rows for 8 bits
 DEQUANTIZE_ROWS = {1: 128, 2: 32}
+#: the row counts `_probe_rows` tries (CPUs without native bf16), in order; the first where the prefill path is at
+#: least as fast is kept
+PROBE_ROWS = (4, 8, 16, 32, 64, 128, 256)
+#: fewer rows than every threshold (`DEQUANTIZE_ROWS`, `PROBE_ROWS`): the int4 kernel without looking one up
+MIN_PREFILL_ROWS = min(*DEQUANTIZE_ROWS.values(), *PROBE_ROWS)
 
 _scratch = threading.local()
 
@@ -333,6 +338,17 @@ def gemm_dtype() -> torch.dtype:
     return torch.bfloat16 if native_bf16() else torch.float32
 
 
+def _int4_linear(x2: torch.Tensor, pack: Int4Pack) -> torch.Tensor:
+    """x2 [M, K] · Wᵀ on torch's int4 kernel (bf16 activations; the output in bf16, [M, N])."""
+    xb = x2.bfloat16()  # (a no-op for bf16; the named conversions parse their arguments ~1 us faster than .to)
+    if pack.padded != pack.in_features:
+        xb = F.pad(xb, (0, pack.padded - pack.in_features))
+    if pack.copies == 2:
+        xb = torch.cat([xb, xb], 1)
+    y = _int4_mm()(xb.contiguous(), pack.weight, pack.group, pack.scales_zeros)
+    return y if y.shape[1] == pack.out_features else y[:, :pack.out_features]
+
+
 def _dequantized_linear(x2: torch.Tensor, pack: Int4Pack) -> torch.Tensor:
     """x2 [M, K] · Wᵀ with each source's weight dequantized once (`dequantize_planes`) in `gemm_dtype`."""
     dtype = gemm_dtype()
@@ -352,17 +368,16 @@ def prefill_rows(pack: Int4Pack) -> int:
     (`_probe_rows`), since there the int4 kernel's per-row cost and the fp32 GEMM's differ from CPU to CPU."""
     if native_bf16():
         return DEQUANTIZE_ROWS[pack.copies]
-    return _probe_rows(pack.out_features, pack.in_features, pack.padded, pack.group, pack.copies,
-                       tuple((s[3], s[4], s[0].shape[0]) for s in pack.sources), torch.get_num_threads())
+    return _probe_rows(pack.in_features, tuple((s[3], s[4], s[0].shape[0]) for s in pack.sources),
+                       torch.get_num_threads())
 
 
-#: the row counts `_probe_rows` tries, in order; the first where the prefill path is at least as fast is kept
-PROBE_ROWS = (4, 8, 16, 32, 64, 128, 256)
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_rows(n: int, k: int, padded: int, group: int, copies: int, sources: tuple, threads: int) -> int:
-    """Time both paths on a random layer of this shape class (same N, K, widths and groups) at `PROBE_ROWS` rows
+def _probe_rows(k: int, sources: tuple, threads: int) -> int:
+    """Time both paths on a random layer of this shape class (K and, per source, its width, group and rows: what the
+    pack's layout follows from) at `PROBE_ROWS` rows
     (best of 3 each) and return the first row count where the prefill path wins; past the last, never. Runs once per
     shape class and thread count per process (a few ms to a few hundred ms per class)."""
     gen = torch.Generator().manual_seed(0)
@@ -382,13 +397,9 @@ def _probe_rows(n: int, k: int, padded: int, group: int, copies: int, sources: t
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    def int4(x):
-        xb = F.pad(x.bfloat16(), (0, probe.padded - k))
-        _int4_mm()(torch.cat([xb, xb], 1) if copies == 2 else xb, probe.weight, probe.group, probe.scales_zeros)
-
     for m in PROBE_ROWS:
         x = torch.randn(m, k, generator=gen)
-        if best(lambda x: _dequantized_linear(x, probe), x) <= best(int4, x):
+        if best(lambda x: _dequantized_linear(x, probe), x) <= best(lambda x: _int4_linear(x, probe), x):
             return m
     return 1 << 62
 
@@ -413,17 +424,11 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
     if x.shape[-1] != pack.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer {pack.in_features}")
     x2 = x.reshape(-1, pack.in_features)
-    if pack.sources and x2.shape[0] >= prefill_rows(pack):  # a long prefill: dequantize once
+    # a long prefill dequantizes once; decode-sized calls (fewer rows than any threshold) skip the threshold lookup
+    if pack.sources and x2.shape[0] >= MIN_PREFILL_ROWS and x2.shape[0] >= prefill_rows(pack):
         y = _dequantized_linear(x2, pack)
     else:
-        xb = x2.bfloat16()  # (a no-op for bf16; the named conversions parse their arguments ~1 us faster than .to)
-        if pack.padded != pack.in_features:
-            xb = F.pad(xb, (0, pack.padded - pack.in_features))
-        if pack.copies == 2:
-            xb = torch.cat([xb, xb], 1)
-        y = _int4_mm()(xb.contiguous(), pack.weight, pack.group, pack.scales_zeros)
-        if y.shape[1] != pack.out_features:
-            y = y[:, :pack.out_features]
+        y = _int4_linear(x2, pack)
     y = y.float() if x.dtype is torch.float32 else y.to(x.dtype)
     if u is not None:  # in the input's dtype: at one row an fp32 GEMV is faster on CPU than a bf16 one
         y = torch.addmm(y, F.linear(x2, v.to(x.dtype)), u.to(x.dtype).t())
