@@ -17,7 +17,9 @@ vLLM owns its paged KV cache: a checkpoint's hf-compress KV spec is ignored ther
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -184,8 +186,8 @@ class HfCompressLinearMethod(LinearMethodBase):
         lowrank = bool(parts) and all(type(p) is LowRankLinear for p in parts)
         layer.hfc_int4 = plans.int4_plan(parts) if quant else None
         if layer.hfc_int4 is not None:  # called through an opaque op: see `_int4_op`
-            layer.hfc_int4_id = len(_INT4_PLANS)
-            _INT4_PLANS.append(layer.hfc_int4)
+            layer.hfc_int4_id = next(_IDS)
+            _INT4_LAYERS[layer.hfc_int4_id] = layer
         layer.hfc_lowrank = plans.lowrank_plan(parts, _gemm) if layer.hfc_int4 is None and lowrank else None
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,8 +203,10 @@ class HfCompressLinearMethod(LinearMethodBase):
         return y if bias is None else y + bias
 
 
-#: this process's int4 plans, by the id `process_weights_after_loading` gave their layer
-_INT4_PLANS: list[plans.Int4Plan] = []
+#: this process's layers on an int4 plan, by the id `process_weights_after_loading` gave them; weak, so that an
+#: engine's layers (and their packed weights) go when the engine does
+_INT4_LAYERS: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+_IDS = itertools.count()
 
 
 @torch.library.custom_op("hf_compress::int4_plan", mutates_args=())
@@ -211,12 +215,12 @@ def _int4_op(x: torch.Tensor, plan: int) -> torch.Tensor:
     is instead of tracing into it: the CPU path picks a kernel from the row count and writes into reused scratch
     buffers (`kernels.cpu.weights`), neither of which dynamo can trace (it refused the prefill path's ``out=``
     views)."""
-    return _INT4_PLANS[plan](x, None)
+    return _INT4_LAYERS[plan].hfc_int4(x, None)
 
 
 @_int4_op.register_fake
 def _(x: torch.Tensor, plan: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], _INT4_PLANS[plan].pack.out_features)
+    return x.new_empty(*x.shape[:-1], _INT4_LAYERS[plan].hfc_int4.pack.out_features)
 
 
 def _gemm(weight: torch.Tensor):
