@@ -34,6 +34,11 @@ def attach(model, config: CompressionConfig) -> None:
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     quantizer.postprocess_model(model)
+    # transformers' save_pretrained reverts the model's load-time conversion mapping (checkpoint names and fused
+    # expert layouts of the original format); an hf-compress checkpoint is written in the model's own names, which
+    # its load reads back unconverted (`update_weight_conversions`). `_weight_conversions` is transformers'
+    # record of that mapping (tests/test_moe.py names it).
+    model._weight_conversions = []
 
 
 @register_quantizer(QUANT_METHOD)
@@ -50,6 +55,13 @@ class HfCompressQuantizer(HfQuantizer):
                 "run inside from_pretrained; load the dense model and call hf_compress.compress(model, config, ...)."
             )
 
+    def update_weight_conversions(self, weight_conversions, model):
+        """A pre-quantized hf-compress checkpoint holds the model's own parameter names (see `attach`): no renaming or
+        expert merging of the original format applies to it. Compress-on-load reads the original format."""
+        if self.pre_quantized:
+            return []
+        return super().update_weight_conversions(weight_conversions, model)
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from .kv.hook import before_weight_loading as kv_before_weight_loading
 
@@ -63,6 +75,7 @@ class HfCompressQuantizer(HfQuantizer):
         records = self.quantization_config.modules
         headers = read_headers(checkpoint_files or [])
         prefix = getattr(model, "base_model_prefix", "")
+        _split_recorded_experts(model, records, prefix)
         for recorded, record in records.items():
             name = _resolve_module_name(model, recorded, prefix)
             if name is None:
@@ -126,6 +139,22 @@ class HfCompressQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def _split_recorded_experts(model, records: dict, prefix: str) -> None:
+    """Give every fused experts module that holds a recorded (compressed) expert its per-expert form, empty on the
+    meta device, so that the records resolve to its layers (`hf_compress.modules.experts`)."""
+    from .modules.experts import CompressedExperts, is_fused_experts
+
+    fused = {n: m for n, m in model.named_modules() if is_fused_experts(m)}
+    if not fused:
+        return
+    wanted = set()
+    for recorded in records:
+        for candidate in (recorded, recorded.removeprefix(prefix + "."), f"{prefix}.{recorded}") if prefix else (recorded,):
+            wanted.update(n for n in fused if candidate.startswith(n + "."))
+    for name in wanted:
+        model.set_submodule(name, CompressedExperts.empty_like(fused[name]))
 
 
 def _resolve_module_name(model, name: str, prefix: str) -> str | None:

@@ -35,13 +35,58 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def routers(model: nn.Module) -> set[str]:
+    """Names of the linear layers that route tokens in a mixture-of-experts block (``gate`` [E, H],
+    ``shared_expert_gate`` [1, H]): the linear siblings of an experts module. They stay dense by default (a router's
+    rounding error changes which experts run)."""
+    from .modules.experts import CompressedExperts, is_fused_experts
+
+    found = set()
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        if any(isinstance(c, CompressedExperts) or is_fused_experts(c) for c in children.values()):
+            prefix = f"{name}." if name else ""
+            found.update(prefix + k for k, c in children.items() if isinstance(c, SUPPORTED))
+    return found
+
+
+def _expanded(name: str, module: nn.Module) -> dict[str, nn.Module] | None:
+    """A container a target pattern may name as a whole — a `CompressedExperts` or one of its `ExpertLinears` —
+    as its supported layers; None for any other module."""
+    from .modules.experts import CompressedExperts, ExpertLinears
+
+    if not isinstance(module, (CompressedExperts, ExpertLinears)):
+        return None
+    return {f"{name}.{n}": m for n, m in module.named_modules() if n and isinstance(m, SUPPORTED)}
+
+
+def _unsupported(pattern: str, name: str, module: nn.Module) -> UnsupportedModuleError:
+    """The error for a target pattern that names a module hf-compress cannot compress, with advice that holds."""
+    inside = [n for n, m in module.named_modules() if n and isinstance(m, SUPPORTED)]
+    if inside:
+        advice = (f"target the linear layers inside it instead, e.g. {name}.{inside[0]!r} or the glob "
+                  f"'{name}.*'")
+    else:
+        advice = "it holds no linear layer or experts weights, so it stays dense: remove the pattern"
+    return UnsupportedModuleError(
+        f"Target pattern {pattern!r} matches {name!r}, a {type(module).__name__}; hf-compress compresses nn.Linear, "
+        f"GPT-2 Conv1D and the experts of mixture-of-experts blocks ({advice})."
+    )
+
+
 def find_targets(model: nn.Module, targets: list[str] | None, skip: list[str]) -> dict[str, nn.Module]:
-    """Modules to compress, in model order. Raises when a pattern matches nothing or an unsupported module."""
+    """Modules to compress, in model order. Raises when a pattern matches nothing or an unsupported module.
+
+    By default: every nn.Linear / Conv1D inside the repeated blocks (experts included, once split into per-expert
+    layers by `hf_compress.modules.experts.split_experts`), except mixture-of-experts routers (`routers`) and the
+    output embedding."""
     found: dict[str, nn.Module] = {}
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if targets is None:
+        routing = routers(model)
         for name, module in model.named_modules():
-            if isinstance(module, SUPPORTED) and _BLOCK.search(name) and module is not output_embeddings:
+            if (isinstance(module, SUPPORTED) and _BLOCK.search(name) and module is not output_embeddings
+                    and name not in routing):
                 found[name] = module
         if not found:
             raise ConfigError(
@@ -55,12 +100,13 @@ def find_targets(model: nn.Module, targets: list[str] | None, skip: list[str]) -
                 continue
             for p in pats:
                 hit[p] = True
-            if not isinstance(module, SUPPORTED):
-                raise UnsupportedModuleError(
-                    f"Target pattern {pats[0]!r} matches {name!r}, a {type(module).__name__}; only nn.Linear and "
-                    f"GPT-2 Conv1D can be compressed (target the linear layers inside it instead)."
-                )
-            found[name] = module
+            if isinstance(module, SUPPORTED):
+                found[name] = module
+                continue
+            expanded = _expanded(name, module)
+            if expanded is None:
+                raise _unsupported(pats[0], name, module)
+            found.update(expanded)
         missing = [p for p, h in hit.items() if not h]
         if missing:
             raise ConfigError(f"Target pattern(s) {missing} match no module of {type(model).__name__}.")

@@ -15,6 +15,7 @@ from torch import nn
 from ..allocation import allocate_eora, allocator_for
 from ..errors import ConfigError
 from ..methods import get_method
+from ..modules.experts import split_experts, unsplit_untouched
 from ..targets import targets_of, tied_output_embedding, untie
 from . import datafree, sequential
 from .common import Job
@@ -39,6 +40,16 @@ def compress_modules(model: nn.Module, config, *, calibration=None, tokenizer=No
     Returns a small report: {"ranks": {name: rank|None}, "betas": {...}, "seconds": ...}."""
     method = get_method(config.method)(**config.method_kwargs)
     alloc = allocator_for(config, method)
+    split_experts(model)  # fused experts -> one dense layer per expert (`hf_compress.modules.experts`)
+    try:
+        report = _run(model, config, method, alloc, calibration, tokenizer, progress, checkpoint_dir,
+                      checkpoint_every)
+    finally:  # experts nothing was done to (skipped, refused, or an error) get their fused module back
+        unsplit_untouched(model)
+    return report
+
+
+def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpoint_dir, checkpoint_every) -> dict:
     targets = targets_of(model, config.targets, config.skip)
     for target in targets.values():  # NaN/Inf anywhere refuses the run before any layer changes
         target.weight()
