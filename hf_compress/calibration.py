@@ -292,7 +292,36 @@ def input_groups(block: nn.Module, names: dict[str, nn.Module], runner: Blockwis
         for h in handles:
             h.remove()
     groups = [seen[k] for k in order]
-    missing = set(names) - {n for g in groups for n in g}
+    missing = [n for n in names if n not in {m for g in groups for m in g}]
     if missing:
-        groups.append(sorted(missing))
-    return groups
+        groups.append(missing)
+    return _experts_together(block, groups)
+
+
+def _experts_together(block: nn.Module, groups: list[list[str]]) -> list[list[str]]:
+    """One group per expert weight of a split experts module (all experts' ``gate_up_proj``, then all their
+    ``down_proj``), at the place of its first member: the experts are independent of one another, and each gets the
+    tokens routed to it (a group per expert would cost a partial forward of the block per expert). Experts the probe
+    routed nothing to join their weight's group."""
+    from .modules.experts import ExpertLinears
+
+    def family(name: str) -> str | None:
+        parent = name.rpartition(".")[0]
+        return parent if parent and isinstance(block.get_submodule(parent), ExpertLinears) else None
+
+    merged: list[list[str]] = []
+    at: dict[str, list[str]] = {}
+    for group in groups:
+        fams = {family(n) for n in group}
+        if len(fams) == 1 and None not in fams:
+            fam = fams.pop()
+            if fam in at:
+                at[fam].extend(n for n in group if n not in at[fam])
+                continue
+            at[fam] = list(group)
+            merged.append(at[fam])
+        else:
+            merged.append(list(group))
+    for group in at.values():  # expert order, the order the experts run in (the last one ends a partial forward)
+        group.sort(key=lambda n: int(n.rpartition(".")[2]))
+    return merged

@@ -19,7 +19,9 @@ from .version import __version__
 from .errors import ConfigError
 
 QUANT_METHOD = "hf_compress"
-CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 8, "source": None}
+CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 8, "experts": "routed", "source": None}
+#: whose statistics a mixture-of-experts expert is fitted on: the tokens routed to it, or every token
+EXPERT_CALIBRATION = ("routed", "all")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -35,15 +37,18 @@ class CompressionConfig(QuantizationConfigMixin):
             is a glob over the full name; ``"re:<regex>"`` is a full-match regular expression. ``None`` means
             every ``nn.Linear`` / GPT-2 ``Conv1D`` inside the model's repeated blocks (never ``lm_head``; name it
             to compress it too: a head tied to the input embeddings is then untied, the embedding stays dense).
-        skip: patterns (same rules) of modules to leave untouched.
+        skip: patterns (same rules) of modules to leave untouched, with every layer inside them.
         dense_fallback: keep a layer dense when its low-rank form would not have fewer parameters. Turn off only to
             test factorisations at full rank.
         method_kwargs: extra, method-specific options (JSON-serialisable), e.g. ``{"alpha": 0.5}`` for asvd or
             ``{"compensation": "auto" | "off" | β}`` for svd_llm.
         alloc: rank allocation, ``"uniform"`` or ``"energy"`` (one global budget spent where the measured spectra
             say it buys the most). ``None``: the method's best default.
-        calibration: for calibrated methods, ``{"nsamples": 32, "seqlen": 512, "seed": 0, "source": <name>}``;
-            the text itself is passed to `compress` (``calibration=``). ``source`` is informational.
+        calibration: for calibrated methods, ``{"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 8,
+            "experts": "routed", "source": <name>}``; the text itself is passed to `compress` (``calibration=``).
+            ``experts`` (mixture-of-experts models): ``"routed"`` fits each expert on the tokens the router sends to
+            it, ``"all"`` on every token (the block's output still uses the routed ones); an expert that received
+            no token is fitted on white inputs, as its method does without data. ``source`` is informational.
         bits: weight quantization bits (2, 3, 4 or 8). With a quantization method (``rtn``, ``hqq``, ``gptq``) every
             targeted layer becomes a `QuantLinear`; with a low-rank method the *factors* are quantized
             (`QuantLowRankLinear`), by ``quantizer``.
@@ -151,6 +156,9 @@ class CompressionConfig(QuantizationConfigMixin):
         for key in ("nsamples", "seqlen"):
             if not isinstance(self.calibration[key], int) or self.calibration[key] < (2 if key == "seqlen" else 1):
                 raise ConfigError(f"calibration {key} must be a positive integer, got {self.calibration[key]!r}")
+        if self.calibration["experts"] not in EXPERT_CALIBRATION:
+            raise ConfigError(f"calibration experts must be one of {EXPERT_CALIBRATION}, got "
+                              f"{self.calibration['experts']!r}")
         if self.ratio is not None and self.rank is not None:
             raise ConfigError("Give either ratio or rank, not both.")
         if method.family == "quant":

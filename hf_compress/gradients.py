@@ -65,6 +65,8 @@ def fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict
                 model(input_ids=sample, labels=sample, use_cache=False).loss.backward()
                 for n, m in targets.items():
                     g = m.weight.grad
+                    if g is None:  # an expert the router sent none of this window's tokens to
+                        continue
                     g = g.T if g.shape != params[n].shape else g
                     rows[n] += g.double().pow(2).sum(1).cpu()
     finally:

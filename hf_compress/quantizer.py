@@ -128,8 +128,11 @@ class HfCompressQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         from .hub import unbind
 
+        from .modules.experts import unsplit_untouched
+
         for name, module in compressed_modules(model).items():
             set_module(model, name, module.to_dense())
+        unsplit_untouched(model)  # experts back in the model's fused module
         unbind(model)
         return model
 

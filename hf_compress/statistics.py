@@ -9,6 +9,7 @@ it, which layers share another's input); `collect` runs a block under it. Layers
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import partial
 
 import torch
@@ -16,6 +17,10 @@ from accelerate.utils import align_module_device
 from torch import nn
 
 from .calibration import BlockwiseRunner, LayerStats
+from .modules.experts import calibrating_all_experts
+from .targets import shape_of
+
+logger = logging.getLogger(__name__)
 
 
 class StatsCollector:
@@ -54,7 +59,8 @@ class StatsCollector:
     def on_input(self, n: str, module: nn.Module, args) -> None:
         b = self.batch
         x = args[0]
-        x_ref = self.ref_inputs[n][b] if self.need_cross else None
+        # layers without reference inputs (experts: the two streams route different tokens) get no cross terms
+        x_ref = self.ref_inputs[n][b] if self.need_cross and n in self.ref_inputs else None
         key = (id(x), id(x_ref))
         if key in self.seen and self.seen[key][0] != n:
             first = self.seen[key][0]
@@ -65,8 +71,8 @@ class StatsCollector:
             raise RuntimeError(f"input sharing of {n} changed between calibration batches")
         self.seen[key] = (n, x)
         target = self._target(n)
-        target.add(x, x_ref, need_cross=self.need_cross, need_ref_gram=self.need_cross and target is self.val[n],
-                   need_gram=self.need_gram)
+        cross = x_ref is not None
+        target.add(x, x_ref, need_cross=cross, need_ref_gram=cross and target is self.val[n], need_gram=self.need_gram)
 
     def on_output(self, n: str, module: nn.Module, args, out) -> None:
         y = out[0] if isinstance(out, tuple) else out
@@ -91,8 +97,16 @@ class StatsCollector:
         train, val = self.train, self.val
         for n, first in self.alias.items():
             train[n], val[n] = dataclasses.replace(train[first]), dataclasses.replace(val[first])
+        unseen = [n for n in self.layers if train[n].count == 0]
+        for n in unseen:  # an expert the router sent no calibration token to
+            train[n] = white_stats(*shape_of(self.layers[n]), need_gram=self.need_gram)
+        if unseen:
+            logger.warning("%d layer(s) received no calibration token (%s%s): fitted on white inputs (Gram = I), i.e. "
+                           "as the method does without data", len(unseen), ", ".join(unseen[:3]),
+                           ", ..." if len(unseen) > 3 else "")
         for n in self.layers:
-            train[n].fisher_rows = fisher.get(n)
+            if n not in unseen:
+                train[n].fisher_rows = fisher.get(n)
             train[n].check_finite(n)
             if val[n].count:
                 val[n].check_finite(n)
@@ -101,13 +115,25 @@ class StatsCollector:
         return train
 
 
+def white_stats(out_features: int, in_features: int, need_gram: bool = True) -> LayerStats:
+    """The statistics of one white input (Gram I, per-channel mean 1, Fisher rows 1): what a layer that saw no
+    calibration token is fitted on, so that each method does what it does without data (GPTQ: round to nearest;
+    SVD-LLM, ASVD, FWSVD: plain SVD)."""
+    kw = {"dtype": torch.float64}
+    return LayerStats(gram=torch.eye(in_features, **kw) if need_gram else None, abssum=torch.ones(in_features, **kw),
+                      count=1, fisher_rows=torch.ones(out_features, **kw))
+
+
 def collect(runner: BlockwiseRunner, i: int, block: nn.Module, layers: dict[str, nn.Module], hidden,
             n_train_batches: int, fisher, *, ref_inputs=None, heldout=False, stop_after=False, need_gram=True,
-            outputs: list | None = None, output_gram=()):
+            outputs: list | None = None, output_gram=(), all_experts: bool = False):
     """Statistics of each layer's inputs over the batches of ``hidden`` run through ``block`` (`StatsCollector`
     for the options; ``stop_after``: stop each forward after the last of ``layers``; ``outputs``, without
     ``stop_after``: a list that receives the block's outputs, which the hooks leave untouched, so that the next
     block needs no second forward).
+
+    ``all_experts``: the block's experts each run on every token (`calibrating_all_experts`), so that each expert's
+    statistics cover all tokens; otherwise an expert's are of the tokens routed to it.
 
     Returns {name: LayerStats} or, with ``heldout``, {name: (train LayerStats, held-out LayerStats | None)}."""
     collector = StatsCollector(layers, n_train_batches, ref_inputs=ref_inputs, need_gram=need_gram,
@@ -115,7 +141,8 @@ def collect(runner: BlockwiseRunner, i: int, block: nn.Module, layers: dict[str,
     collector.attach()
     last = list(layers.values())[-1] if stop_after else None
     try:
-        result = runner.run(i, block, hidden, per_batch=collector.new_batch, stop_after=last)
+        with calibrating_all_experts(block, all_experts):
+            result = runner.run(i, block, hidden, per_batch=collector.new_batch, stop_after=last)
         if outputs is not None and result is not None:
             outputs.extend(result)
     finally:

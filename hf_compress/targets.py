@@ -64,7 +64,7 @@ def _unsupported(pattern: str, name: str, module: nn.Module) -> UnsupportedModul
     """The error for a target pattern that names a module hf-compress cannot compress, with advice that holds."""
     inside = [n for n, m in module.named_modules() if n and isinstance(m, SUPPORTED)]
     if inside:
-        advice = (f"target the linear layers inside it instead, e.g. {name}.{inside[0]!r} or the glob "
+        advice = (f"target the linear layers inside it instead, e.g. '{name}.{inside[0]}' or the glob "
                   f"'{name}.*'")
     else:
         advice = "it holds no linear layer or experts weights, so it stays dense: remove the pattern"
@@ -110,11 +110,16 @@ def find_targets(model: nn.Module, targets: list[str] | None, skip: list[str]) -
         missing = [p for p, h in hit.items() if not h]
         if missing:
             raise ConfigError(f"Target pattern(s) {missing} match no module of {type(model).__name__}.")
-    for name in [n for n in found if any(matches(n, p) for p in skip)]:
-        del found[name]
+    for name in [n for n in found if any(matches(a, p) for a in _self_and_ancestors(n) for p in skip)]:
+        del found[name]  # a skipped module's layers are skipped with it (``experts``, ``self_attn``)
     if not found:
         raise ConfigError("Every targeted module is skipped: nothing to compress.")
     return found
+
+
+def _self_and_ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

@@ -130,9 +130,15 @@ def squeeze_model(model: nn.Module, rank: int) -> None:
             squeeze(module, rank)
 
 
-def target_module_names(model: nn.Module) -> list[str]:
-    """Leaf names (``q_proj``, ...) of the compressed layers: a ready ``LoraConfig(target_modules=...)``."""
-    return sorted({name.rsplit(".", 1)[-1] for name in compressed_modules(model)})
+def target_module_names(model: nn.Module, experts: bool = False) -> list[str]:
+    """The full names of the compressed layers: a ready ``LoraConfig(target_modules=...)`` that matches exactly
+    those (PEFT matches a name or a ``.``-suffix, so a leaf name such as ``dense`` would also catch layers that were
+    never compressed). The layers of mixture-of-experts experts are left out unless ``experts``: an adapter per
+    expert multiplies the trainable parameters by the number of experts; attention and shared layers are the
+    usual LoRA targets of a MoE model."""
+    from ..modules.experts import is_expert_layer
+
+    return [n for n in compressed_modules(model) if experts or not is_expert_layer(model, n)]
 
 
 def prepare_for_training(model: nn.Module, use_gradient_checkpointing: bool = True,

@@ -50,6 +50,12 @@ class ExpertLinears(nn.ModuleList):
     """The E per-expert layers [out, in] that stand for one 3-D weight of a fused experts module."""
 
 
+def is_expert_layer(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` of ``model`` is one expert's layer (a member of an `ExpertLinears`)."""
+    parent = name.rpartition(".")[0]
+    return bool(parent) and isinstance(model.get_submodule(parent), ExpertLinears)
+
+
 def compressed_experts_forward(self: "CompressedExperts", hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                                top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts' output for the router's choice: each expert hit runs on its tokens through its own layers

@@ -29,6 +29,7 @@ from ..calibration import BlockwiseRunner, calibration_windows, input_groups
 from ..errors import CheckpointError
 from ..factory import correct, replace
 from ..gradients import fisher_rows, output_sensitivity
+from ..modules.experts import is_expert_layer
 from ..progress import Progress
 from ..statistics import collect, reference_inputs
 from ..targets import block_index, find_blocks
@@ -107,6 +108,7 @@ class Sequential:
         self.data = Windows.of(job, calibration, tokenizer)
         self.need_gram = needs_gram(job.config, job.method)
         self.need_cross = "cross" in job.method.needs
+        self.all_experts = job.config.calibration.get("experts") == "all"
         self.stack = Stack.of(job.model, job.modules)
         self.ckpt = job.checkpoint(self.data.windows)
         self.saved = self.ckpt.streams() if self.ckpt else {}
@@ -168,7 +170,7 @@ class Sequential:
             with clock("spectra: statistics and forward"):  # the block's outputs come from the same forward
                 out: list[torch.Tensor] = []
                 stats = collect(runner, i, stack.blocks[i], layers, hidden, n_train, self.fisher,
-                                need_gram=self.need_gram, outputs=out,
+                                need_gram=self.need_gram, outputs=out, all_experts=self.all_experts,
                                 output_gram={n for n in layers if method.spectrum_from_outputs(*job.shapes[n])})
             with clock("spectra: spectrum"):
                 spectra.update(method.spectra(stats, lambda n: job.targets[n].weight().float()))
@@ -211,16 +213,18 @@ class Sequential:
         job, clock, stack, runner, model = self.job, self.clock, self.stack, self.runner, self.job.model
         ref_inputs, ref_out = ({}, None)
         if self.need_cross:
+            # experts get no cross terms: the dense and the compressed stream route different tokens to them
+            own = {n: m for n, m in todo.items() if not is_expert_layer(model, n)}
             with clock("reference forward"):
-                ref_inputs, ref_out = reference_inputs(runner, i, copy.deepcopy(block), todo,
-                                                       {n: stack.local(i, n) for n in todo}, ref)
+                ref_inputs, ref_out = reference_inputs(runner, i, copy.deepcopy(block), own,
+                                                       {n: stack.local(i, n) for n in own}, ref)
         local = {stack.local(i, n): m for n, m in todo.items()}
         for group in input_groups(block, local, runner, i, comp[0]):
             names = [stack.full(i, n) for n in group]
             with clock("statistics (partial forwards)"):
                 stats = collect(runner, i, block, {n: model.get_submodule(n) for n in names}, comp,
                                 self.data.n_train_batches, self.fisher, ref_inputs=ref_inputs, heldout=True,
-                                stop_after=True, need_gram=self.need_gram)
+                                stop_after=True, need_gram=self.need_gram, all_experts=self.all_experts)
             for n in names:
                 train_stats, val_stats = stats[n]
                 with clock("fit (method)"):

@@ -1,0 +1,319 @@
+"""Mixture-of-experts models: experts are split into per-expert layers, compressed by every weight method, saved in the
+model's own names and loaded back into the native class; calibrated methods see the routed tokens."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import hf_compress
+from hf_compress.errors import UnsupportedModuleError
+from hf_compress.modules import LowRankLinear, QuantLinear, QuantLowRankLinear, compressed_modules
+from hf_compress.modules.experts import CompressedExperts, ExpertLinears, is_fused_experts, split_experts
+from hf_compress.targets import find_targets, routers
+
+from conftest import REPO, VOCAB
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+#: tiny random configs of the MoE architectures the issue names (8 experts, top-2)
+MOE = {
+    "qwen3_moe": dict(intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                      head_dim=12),
+    "qwen2_moe": dict(intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                      shared_expert_intermediate_size=64),
+    "mixtral": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "olmoe": dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2),
+    "gpt_oss": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=12, sliding_window=16),
+    "deepseek_v3": dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16,
+                        q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, num_key_value_heads=4),
+    "granitemoe": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_next": dict(intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                       head_dim=12, shared_expert_intermediate_size=32, linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                       layer_types=["linear_attention", "full_attention"]),
+}
+
+
+def tiny_moe(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(arch, **{**_COMMON, **MOE[arch]})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def experts_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedExperts) or is_fused_experts(m)}
+
+
+def expert_parameter_count(model) -> int:
+    return sum(p.numel() for m in experts_modules(model).values() for p in m.parameters())
+
+
+def calibration_ids(n=8, seqlen=32):
+    return torch.randint(3, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(2))
+
+
+def _moe_builder():
+    spec = importlib.util.spec_from_file_location("moe_model", os.path.join(REPO, "benchmarks", "moe_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.moe_from_dense
+
+
+# ----------------------------------------------------------------------------------------------- the module
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_split_experts_compute_what_the_fused_module_computes(arch, ids):
+    model = tiny_moe(arch)
+    fused = experts_modules(model)
+    assert fused and all(is_fused_experts(m) for m in fused.values())
+    before = {n: {k: p.clone() for k, p in m.named_parameters()} for n, m in fused.items()}
+    ref = logits(model, ids)
+    names = split_experts(model)
+    assert sorted(names) == sorted(fused)
+    assert all(isinstance(model.get_submodule(n), CompressedExperts) for n in names)
+    torch.testing.assert_close(logits(model, ids), ref, rtol=1e-5, atol=1e-5)
+    for n in names:  # and back, bit for bit, in the native class
+        native = model.get_submodule(n).to_native()
+        assert type(native) is type(fused[n])
+        for k, p in native.named_parameters():
+            assert torch.equal(p, before[n][k]), (n, k)
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_experts_compressed_by_default_routers_dense_and_reload_exact(arch, ids, tmp_path):
+    model = tiny_moe(arch)
+    n_expert_params = expert_parameter_count(model)
+    router_weights = {n: p.clone() for n, p in model.named_parameters() if "gate.weight" in n or "router" in n}
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16}, progress=False)
+    compressed = compressed_modules(model)
+    experts = {n: m for n, m in experts_modules(model).items()}
+    assert experts and all(isinstance(m, CompressedExperts) for m in experts.values())
+    covered = 0
+    for name, module in experts.items():
+        for weight in module.weight_names:
+            layers = getattr(module, weight)
+            assert len(layers) == module.num_experts
+            assert all(isinstance(layer, QuantLinear) for layer in layers)
+            covered += sum(layer.in_features * layer.out_features + (layer.bias.numel() if layer.bias is not None
+                                                                    else 0) for layer in layers)
+    assert covered == n_expert_params  # every expert weight (and bias) is in a compressed layer
+    for n, p in model.named_parameters():  # routers untouched
+        if n in router_weights:
+            assert torch.equal(p, router_weights[n]), n
+    assert not any("router" in n or n.endswith(".gate") or n.endswith("shared_expert_gate") for n in compressed)
+    out = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    with safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    some_expert = next(n for n in compressed if ".experts." in n)
+    assert f"{some_expert}.qweight" in keys  # the model's own names, not the original format's
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    assert all(isinstance(loaded.get_submodule(n), CompressedExperts) for n in experts)
+    torch.testing.assert_close(logits(loaded, ids), out, rtol=0, atol=0)
+
+
+def test_the_weight_conversions_transformers_reverts_on_save_are_ours_to_drop(tmp_path):
+    """transformers records a model's load-time conversion mapping in ``model._weight_conversions`` and reverts it in
+    ``save_pretrained`` (which would rename our per-expert tensors into the original format's fused layout);
+    `hf_compress.quantizer.attach` empties it. This fails when transformers renames that internal."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = tiny_moe("mixtral")  # its mapping renames .mlp. to .block_sparse_moe. and merges w1/w3
+    hf_compress.compress(model, {"method": "rtn", "bits": 8, "group_size": 16}, progress=False)
+    assert model._weight_conversions == []
+    sd = {k: v for k, v in model.state_dict().items() if "layers.0.mlp.experts.gate_up_proj.0" in k}
+    assert set(revert_weight_conversion(model, dict(sd))) == set(sd)
+    del model._weight_conversions  # without it transformers falls back to the architecture's mapping
+    assert set(revert_weight_conversion(model, dict(sd))) != set(sd)
+
+
+def test_unsplit_when_experts_are_skipped_and_on_error(ids):
+    model = tiny_moe("qwen3_moe")
+    fused_types = {n: type(m) for n, m in experts_modules(model).items()}
+    ref = logits(model, ids)
+    hf_compress.compress(model, {"method": "rtn", "bits": 8, "skip": ["experts"]}, progress=False)
+    assert {n: type(m) for n, m in experts_modules(model).items()} == fused_types  # fused module back
+    assert not any(".experts." in n for n in compressed_modules(model))
+    model = tiny_moe("qwen3_moe")
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[3, 0, 0] = float("nan")
+    with pytest.raises(hf_compress.errors.NonFiniteWeightError, match=r"experts\.down_proj\.3"):
+        hf_compress.compress(model, {"method": "rtn", "bits": 4}, progress=False)
+    assert {n: type(m) for n, m in experts_modules(model).items()} == fused_types  # nothing left split
+    assert not compressed_modules(model)
+
+
+def test_explicit_targets_name_experts_and_unsupported_modules_get_true_advice():
+    model = tiny_moe("qwen3_moe")
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "targets": ["experts"]}, progress=False)
+    names = list(compressed_modules(model))
+    assert len(names) == 2 * 2 * 8 and all(".experts." in n for n in names)
+    model = tiny_moe("qwen3_moe")
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "targets": ["experts.down_proj"]}, progress=False)
+    assert all(".experts.down_proj." in n for n in compressed_modules(model)) and len(compressed_modules(model)) == 16
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(UnsupportedModuleError, match=r"self_attn.*'model\.layers\.0\.self_attn\.q_proj'"):
+        hf_compress.compress(model, {"method": "rtn", "bits": 4, "targets": ["layers.0.self_attn"]}, progress=False)
+    with pytest.raises(UnsupportedModuleError, match="holds no linear layer or experts weights"):
+        hf_compress.compress(model, {"method": "rtn", "bits": 4, "targets": ["input_layernorm"]}, progress=False)
+
+
+def test_routers_are_the_linear_siblings_of_experts():
+    model = tiny_moe("qwen2_moe")  # gate: a router module; shared_expert_gate: nn.Linear [1, H]
+    split_experts(model)
+    assert routers(model) == {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)}
+    default = find_targets(model, None, [])
+    assert not set(default) & routers(model)
+    assert {f"model.layers.{i}.mlp.shared_expert.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")} <= set(default)
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "hqq", "bits": 3, "group_size": 16},
+    {"method": "rtn", "bits": 4, "group_size": 16, "eora_rank": 4},
+    {"method": "svd", "ratio": 0.3},
+    {"method": "svd", "ratio": 0.3, "bits": 4, "group_size": 16},
+])
+def test_every_data_free_kind_of_layer_on_experts(config, ids, tmp_path):
+    model = tiny_moe("gpt_oss")  # transposed experts with biases and its own clamped gate
+    ref = logits(model, ids)
+    hf_compress.compress(model, config, progress=False)
+    kinds = {type(m) for n, m in compressed_modules(model).items() if ".experts." in n}
+    assert kinds and kinds <= {QuantLinear, LowRankLinear, QuantLowRankLinear}
+    out = logits(model, ids)
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.5 * ref.abs().max()
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), out, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- calibration
+@pytest.mark.parametrize("method,baseline", [("gptq", "rtn"), ("svd_llm", "svd"), ("asvd", "svd"), ("fwsvd", "svd")])
+def test_calibrated_methods_on_experts(method, baseline):
+    """Every calibrated method compresses every expert; GPTQ and SVD-LLM, which minimise the layer-output error
+    on the calibration tokens, end closer to the dense model on them than their data-free counterparts."""
+    cal = calibration_ids()
+    dense = tiny_moe("qwen3_moe")
+    ref = logits(dense, cal)
+    errors = {}
+    for name in (method, baseline):
+        model = copy.deepcopy(dense)
+        config = {"method": name, "calibration": {"nsamples": 8, "seqlen": 32}}
+        config.update({"bits": 3, "group_size": 16} if method == "gptq" else {"ratio": 0.2, "alloc": "uniform"})
+        hf_compress.compress(model, config, calibration=cal if name == method else None, progress=False)
+        assert sum(".experts." in n for n in compressed_modules(model)) == 2 * 2 * 8
+        out = logits(model, cal)
+        assert torch.isfinite(out).all()
+        errors[name] = float((out - ref).pow(2).mean())
+    if method in ("gptq", "svd_llm"):
+        assert errors[method] < errors[baseline], errors
+
+
+def _routed_inputs(model, ids):
+    """{expert layer name: number of tokens it receives} on ``ids`` (dense model, split experts)."""
+    counts = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: counts.__setitem__(n, counts.get(n, 0) + args[0].shape[0]))
+               for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".experts.gate_up_proj." in n]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return counts
+
+
+def _never_route_to(router: nn.Module, expert: int) -> None:
+    """Send the router's choices of ``expert`` to the next expert instead (a token may then use that one twice)."""
+    def hook(module, args, out):
+        logits_, weights, index = out
+        return logits_, weights, torch.where(index == expert, (expert + 1) % logits_.shape[-1], index)
+    router.register_forward_hook(hook)
+
+
+def test_gptq_expert_hessians_are_of_routed_tokens_or_all_tokens(monkeypatch):
+    """The statistics each expert's layer is fitted on: routed tokens only by default, every token with
+    experts="all", and one white input (Gram I: round to nearest) for an expert no token reaches."""
+    from hf_compress.pipelines import sequential
+
+    seen = {}
+    original = sequential.replace
+
+    def spy(model, target, method, config, rank, stats=None, heldout=None):
+        seen[target.name] = (stats.count, bool(torch.equal(stats.gram, torch.eye(stats.gram.shape[0],
+                                                                                  dtype=stats.gram.dtype))))
+        return original(model, target, method, config, rank, stats, heldout)
+
+    monkeypatch.setattr(sequential, "replace", spy)
+    cal = calibration_ids(4, 16)
+    prefix = "model.layers.0.mlp.experts.gate_up_proj"
+    for rule in ("routed", "all"):
+        seen.clear()
+        model = tiny_moe("qwen3_moe")
+        _never_route_to(model.model.layers[0].mlp.gate, 5)
+        config = {"method": "gptq", "bits": 4, "group_size": 16, "targets": ["layers.0.mlp.experts.gate_up_proj"],
+                  "calibration": {"nsamples": 4, "seqlen": 16, "batch_size": 4, "experts": rule}}
+        hf_compress.compress(model, config, calibration=cal, progress=False)
+        counts = [seen[f"{prefix}.{e}"][0] for e in range(8)]
+        whites = [seen[f"{prefix}.{e}"][1] for e in range(8)]
+        if rule == "all":
+            assert counts == [cal.numel()] * 8 and not any(whites)
+        else:
+            assert counts[5] == 1 and whites[5]  # the white fallback
+            assert sum(counts) - 1 == cal.numel() * 2  # top-2: each token reaches two experts (or one twice)
+            assert not any(w for e, w in enumerate(whites) if e != 5)
+
+
+def test_fallback_is_logged(caplog):
+    model = tiny_moe("qwen3_moe")
+    _never_route_to(model.model.layers[0].mlp.gate, 5)
+    config = {"method": "gptq", "bits": 4, "group_size": 16, "calibration": {"nsamples": 4, "seqlen": 16}}
+    with caplog.at_level(logging.WARNING):
+        hf_compress.compress(model, config, calibration=calibration_ids(4, 16), progress=False)
+    assert any("received no calibration token" in r.message and "experts.gate_up_proj.5" in r.message
+               for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------------------------- exactness
+def _dense_llama(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        bos_token_id=1, eos_token_id=2)).eval()
+
+
+def test_moe_built_from_a_dense_model_computes_and_compresses_like_it(ids):
+    """benchmarks/moe_model.py's exact construction (4 experts, top-4, zero router, down x 4): the dense model's
+    function; RTN's logits equal dense RTN's (groups of 16 align with the 32-neuron experts; x4 is exact in fp16);
+    GPTQ's first-block gate/up experts are dense GPTQ's rows (same Hessian, rows independent)."""
+    dense = _dense_llama()
+    moe = _moe_builder()(dense, 4)
+    assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.num_experts_per_tok == 4
+    ref = logits(dense, ids)
+    torch.testing.assert_close(logits(moe, ids), ref, rtol=1e-5, atol=1e-5)
+    d, m = copy.deepcopy(dense), copy.deepcopy(moe)
+    rtn = {"method": "rtn", "bits": 4, "group_size": 16}
+    hf_compress.compress(d, rtn, progress=False)
+    hf_compress.compress(m, rtn, progress=False)
+    a, b = logits(d, ids), logits(m, ids)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    d, m = copy.deepcopy(dense), copy.deepcopy(moe)
+    gptq = {"method": "gptq", "bits": 4, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 32}}
+    hf_compress.compress(d, gptq, calibration=calibration_ids(), progress=False)
+    hf_compress.compress(m, gptq, calibration=calibration_ids(), progress=False)
+    mlp, experts = d.model.layers[0].mlp, m.model.layers[0].mlp.experts
+    for e in range(4):
+        rows = slice(32 * e, 32 * (e + 1))
+        want = torch.cat([mlp.gate_proj.weight[rows], mlp.up_proj.weight[rows]])
+        torch.testing.assert_close(experts.gate_up_proj[e].weight, want, rtol=0, atol=0)
