@@ -26,8 +26,11 @@ the reference instead.
 
 MoE rows (``MoE top-2: ...``): SmolLM2 as a top-2 mixture of 8 experts (`moe_model.moe_from_dense`, built once
 into ``--workdir``), dense fp32 / bf16 and with its q/k/v/o and experts compressed (the router dense; ``+ lm_head``:
-the tied head too). Their ``x dense fp32`` / ``x dense bf16`` / ``prefill x dense fp32`` are against the dense MoE's
-rows, not dense SmolLM2's. Where their time goes: ``benchmarks/moe.py split``.
+the tied head too; ``bound: ...``: the dense fp32 MoE with q/k/v/o and the experts modules returning zeros, as the
+``bound`` row below). The dense MoE runs transformers' ``eager`` experts (a loop over the routed experts, as ours);
+``, grouped_mm`` rows run transformers' default for the model, ``grouped_mm`` (``torch.nn.functional.grouped_mm``).
+Their ``x dense fp32`` / ``x dense bf16`` / ``prefill x dense fp32`` are against the dense MoE's ``eager`` rows, not
+dense SmolLM2's. Where their time goes: ``benchmarks/moe.py split``.
 
 One more row is a bound, not a model: ``bound: projections free (fp32)`` is the dense fp32 model with its 210
 projections replaced by a module that returns zeros of the right shape (one fill, no product: uninitialised memory
@@ -71,14 +74,18 @@ ROWS = {
     "rtn 8-bit g128": {"build": {"method": "rtn", "bits": 8, "group_size": 128}},
     "hqq 3-bit g64 + EoRA r32": {"build": {"method": "hqq", "bits": 3, "group_size": 64, "eora_rank": 32}},
     "svd 0.4": {"build": {"method": "svd", "ratio": 0.4}},
-    MOE + " dense fp32": {"build": {"model": MOE_MODEL}, "dtype": "float32"},
-    MOE + " dense bf16": {"build": {"model": MOE_MODEL}, "dtype": "bfloat16"},
+    MOE + " dense fp32": {"build": {"model": MOE_MODEL}, "dtype": "float32", "experts": "eager"},
+    MOE + " dense bf16": {"build": {"model": MOE_MODEL}, "dtype": "bfloat16", "experts": "eager"},
+    MOE + " dense fp32, grouped_mm": {"build": {"model": MOE_MODEL}, "dtype": "float32"},
+    MOE + " dense bf16, grouped_mm": {"build": {"model": MOE_MODEL}, "dtype": "bfloat16"},
     MOE + " rtn 4-bit g64": {"build": {"model": MOE_MODEL, "method": "rtn", "bits": 4, "group_size": 64}},
     MOE + " rtn 4-bit g64 (bf16 model)": {"build": {"model": MOE_MODEL, "method": "rtn", "bits": 4, "group_size": 64},
                                          "dtype": "bfloat16"},
     MOE + " rtn 3-bit g64": {"build": {"model": MOE_MODEL, "method": "rtn", "bits": 3, "group_size": 64}},
     MOE + " rtn 4-bit g64 + lm_head": {"build": {"model": MOE_MODEL, "method": "rtn", "bits": 4, "group_size": 64,
                                                  "lm_head": True}},
+    MOE + " bound: projections and experts free (fp32)": {"build": {"model": MOE_MODEL}, "dtype": "float32",
+                                                           "experts": "eager", "free": True},
     "KV: DynamicCache, 2048 ctx": {"build": "dense", "context": KV_CONTEXT},
     "KV: quant4, 2048 ctx": {"build": "dense", "context": KV_CONTEXT, "kv": "quant4"},
     "KV: quant4 dense_copy, 2048 ctx": {"build": "dense", "context": KV_CONTEXT,
@@ -161,22 +168,27 @@ def _is_projection(module, name: str) -> bool:
 
 
 def _free_projections(model) -> None:
-    """The bound row: every projection in ``TARGETS`` becomes a module returning zeros [..., out]."""
+    """The bound rows: every projection in ``TARGETS`` becomes a module returning zeros [..., out], and so does every
+    fused experts module of a MoE (zeros [tokens, hidden]; the router still runs)."""
     import torch
 
+    from hf_compress.modules.experts import is_fused_experts
+
     class Free(torch.nn.Module):
-        def __init__(self, out_features: int):
+        def __init__(self, out_features: int | None):
             super().__init__()
             self.out_features = out_features
 
-        def forward(self, x):
-            return x.new_zeros(*x.shape[:-1], self.out_features)
+        def forward(self, x, *routing):
+            return x.new_zeros(*x.shape[:-1], self.out_features or x.shape[-1])
 
     names = [name for name, m in model.named_modules() if _is_projection(m, name)]
     if not names:
         raise RuntimeError(f"no projection named {TARGETS} to replace")
     for name in names:
         model.set_submodule(name, Free(model.get_submodule(name).out_features))
+    for name in [name for name, m in model.named_modules() if is_fused_experts(m)]:
+        model.set_submodule(name, Free(None))
 
 
 def run_llamacpp_row(label: str, ckpt: Path) -> dict:
@@ -229,7 +241,8 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
     torch.set_num_threads(int(os.environ.get("DECODE_THREADS", "2")))
     imports_mb = peak_rss_mb()  # torch, transformers (which imports torchao when installed), hf_compress
     dtype = getattr(torch, spec.get("dtype", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    kw = {"experts_implementation": spec["experts"]} if spec.get("experts") else {}
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, **kw).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
     if spec.get("peer"):
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig

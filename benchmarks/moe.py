@@ -308,7 +308,9 @@ def run_split(args) -> list[dict]:
     for label in args.rows:
         spec = decode.ROWS[label]
         path = Path(args.decode_workdir) / decode._slug(spec["build"])
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.get("dtype", "float32"))).eval()
+        kw = {"experts_implementation": spec["experts"]} if spec.get("experts") else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.get("dtype", "float32")),
+                                                     **kw).eval()
         tok = AutoTokenizer.from_pretrained(path)
         ids = decode._prompt_ids(tok, decode.PROMPT)
         spent, started, state = {}, {}, {"decoding": False, "steps": 0}
@@ -365,9 +367,74 @@ def run_split(args) -> list[dict]:
     return rows
 
 
+#: the top-2 MoE SmolLM2's layers a decode step calls, [out, in], and how many of each per token
+CALL_SHAPES = {"q_proj / o_proj": ((576, 576), 60), "k_proj / v_proj": ((192, 576), 60),
+               "expert gate_up_proj": ((384, 576), 60), "expert down_proj": ((576, 192), 60)}
+RING_MB = 256  # fp32 weights of the layers a shape's calls cycle through: past the CPU's caches, as in a model
+
+
+def run_calls(args) -> list[dict]:
+    """One decode-sized call (1 row, fp32 activations) of each layer shape of the top-2 MoE, in us: ``F.linear`` on
+    fp32 and bf16 weights; a 4-bit g64 `QuantLinear` (the module, as the model calls it); the CPU kernel function
+    alone (`kernels.cpu.weights.quant_linear` on the layer's pack: no module, no dispatch); and the bare int4 op on a
+    bf16 row (no casts, no checks). Each timing cycles through distinct layers holding ``RING_MB`` MB of fp32
+    weights, so that weights come from memory as in a model's decode step (best of 5 passes, per call)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hf_compress.kernels.cpu import weights as cpu
+    from hf_compress.kernels.reference.weights import pack as pack_codes
+    from hf_compress.methods.rtn import RTN
+    from hf_compress.modules import QuantLinear
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+
+    def per_call(fn, items) -> float:
+        for item in items[:8]:
+            fn(item)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for item in items:
+                fn(item)
+            best = min(best, (time.perf_counter() - t0) / len(items))
+        return 1e6 * best
+
+    for name, ((out_f, in_f), per_token) in CALL_SHAPES.items():
+        n = max(8, RING_MB * 10**6 // (4 * out_f * in_f))
+        ws = [torch.randn(out_f, in_f, generator=gen) / in_f ** 0.5 for _ in range(n)]
+        x = torch.randn(1, in_f, generator=gen)
+        xb = x.bfloat16()
+        us = {}
+        with torch.no_grad():
+            us["F.linear fp32"] = per_call(lambda w: F.linear(x, w), ws)
+            wbs = [w.bfloat16() for w in ws]
+            us["F.linear bf16"] = per_call(lambda w: F.linear(xb, w), wbs)
+            del wbs
+            layers = []
+            for w in ws:
+                q = RTN().quantize(w, 4, 64, scale_dtype=torch.float16)
+                layers.append(QuantLinear.from_codes(pack_codes(q.codes, 4), q.scales.half(), q.zeros.half(), 4, 64,
+                                                     in_f).eval())
+                layers[-1](x)  # builds the layer's int4 pack
+            del ws
+            packs = [next(v for v in m._kernel_cache.values() if isinstance(v, cpu.Int4Pack)) for m in layers]
+            op = cpu._int4_mm()
+            us["QuantLinear 4-bit (module)"] = per_call(lambda m: m(x), layers)
+            us["cpu.quant_linear (function)"] = per_call(lambda p: cpu.quant_linear(x, p), packs)
+            us["int4 op alone (bf16 row)"] = per_call(lambda p: op(xb, p.weight, p.group, p.scales_zeros), packs)
+        rows.append({"layer [out, in]": f"{name} [{out_f}, {in_f}]", "calls / token": per_token, **us,
+                     "ring": n})
+        print(json.dumps(rows[-1]), flush=True)
+        del layers, packs
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=["exact", "quality", "routing", "split"])
+    ap.add_argument("table", choices=["exact", "quality", "routing", "split", "calls"])
     ap.add_argument("--eval-tokens", type=int, default=32768, help="WikiText-2 tokens scored (0: no ppl in exact)")
     ap.add_argument("--settings", nargs="+", choices=list(EXACT_SETTINGS), default=list(EXACT_SETTINGS),
                     help="exact: the settings (rows) to run")
@@ -379,7 +446,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
-    rows = {"exact": run_exact, "quality": run_quality, "routing": run_routing, "split": run_split}[args.table](args)
+    rows = {"exact": run_exact, "quality": run_quality, "routing": run_routing, "split": run_split,
+            "calls": run_calls}[args.table](args)
     threads = os.environ.get("OMP_NUM_THREADS", "?")
     if args.table == "exact":
         print(f"\nSmolLM2-135M dense vs MoE top-8 (exact construction), ppl on {args.eval_tokens} WikiText-2 tokens, "
@@ -390,6 +458,11 @@ def main() -> None:
         print(f"\nSmolLM2-135M and its top-2 MoE, ppl on {args.eval_tokens} WikiText-2 tokens; {threads} threads, "
               f"{time.time() - t0:.0f} s")
         cols = ["model", "setting", "ppl", "ppl / own fp32", "rtn ratio / this ratio", "compress s"]
+    elif args.table == "calls":
+        print(f"\nOne decode-sized call (1 row) of each layer shape of the top-2 MoE SmolLM2, us per call, cycling "
+              f"through {RING_MB} MB of fp32 weights (`ring` layers); {threads} threads")
+        cols = ["layer [out, in]", "calls / token", "F.linear fp32", "F.linear bf16", "QuantLinear 4-bit (module)",
+                "cpu.quant_linear (function)", "int4 op alone (bf16 row)", "ring"]
     elif args.table == "split":
         print(f"\nTop-2 MoE SmolLM2, decode steps after a {256}-token prompt, ms per token (best of 2 runs of 64 new "
               f"tokens); {threads} threads, HF_COMPRESS_KERNELS={os.environ.get('HF_COMPRESS_KERNELS', 'auto')}")
