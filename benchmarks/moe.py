@@ -58,21 +58,34 @@ def moe_model_module():
     return moe_model
 
 
-def top2_moe(workdir: Path):
-    """The top-2 MoE (built once into ``workdir/moe8-top2``, as ``moe_model.py --top-k 2`` builds it) and its
-    tokenizer."""
+def sparse_moe(workdir: Path, top_k: int = 2):
+    """The top-``top_k`` MoE, as ``moe_model.py --top-k K`` builds it, and its tokenizer: built once into
+    ``workdir/moe8-topK``. The clusters and the router do not depend on K (only ``down_proj``'s scale, K, does), so a
+    K other than 2 is made from the top-2 model: its config's K and ``down_proj`` x K / 2 (the 9-minute clustering
+    runs once)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = workdir / "moe8-top2"
+    path = workdir / f"moe8-top{top_k}"
     if not (path / "config.json").exists():
-        from hf_compress.calibration import calibration_windows
+        if top_k == 2:
+            from hf_compress.calibration import calibration_windows
 
-        dense, tok = load_dense()
-        cal = calibration_windows(str(DATA / "gutenberg-pg1342.txt"), tok, 32, 512, 0)  # compress's windows
-        moe = moe_model_module().moe_from_dense(dense, EXPERTS, 2, cal)
+            dense, tok = load_dense()
+            cal = calibration_windows(str(DATA / "gutenberg-pg1342.txt"), tok, 32, 512, 0)  # compress's windows
+            moe = moe_model_module().moe_from_dense(dense, EXPERTS, 2, cal)
+            del dense
+        else:
+            import torch
+
+            moe, tok = sparse_moe(workdir, 2)
+            moe.config.num_experts_per_tok = top_k
+            with torch.no_grad():
+                for layer in moe.model.layers:
+                    layer.mlp.top_k = layer.mlp.gate.top_k = top_k
+                    layer.mlp.experts.down_proj.mul_(top_k / 2)
         moe.save_pretrained(path)
         tok.save_pretrained(path)
-        del dense, moe
+        del moe
     return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval(), AutoTokenizer.from_pretrained(path)
 
 
@@ -240,8 +253,11 @@ def run_quality(args) -> list[dict]:
     rows, base = [], {}
     work = Path(args.workdir)
     for model_name, label, config in QUALITY_ROWS:
+        if args.moe_only and model_name.startswith("dense"):
+            continue
+        model_name = model_name.replace("top-2", f"top-{args.top_k}")
         torch.manual_seed(0)
-        model, tok = load_dense() if model_name.startswith("dense") else top2_moe(work)
+        model, tok = load_dense() if model_name.startswith("dense") else sparse_moe(work, args.top_k)
         row = {"model": model_name, "setting": label}
         if config is not None:
             row["compress s"] = round(compress(model, tok, config, dense=model_name.startswith("dense")))
@@ -264,7 +280,7 @@ def run_routing(args) -> list[dict]:
 
     from hf_compress.calibration import calibration_windows
 
-    model, tok = top2_moe(Path(args.workdir))
+    model, tok = sparse_moe(Path(args.workdir), args.top_k)
     cal = calibration_windows(str(DATA / "gutenberg-pg1342.txt"), tok, CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"])
     counts = {i: torch.zeros(EXPERTS, dtype=torch.long) for i in range(len(model.model.layers))}
 
@@ -438,7 +454,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=32768, help="WikiText-2 tokens scored (0: no ppl in exact)")
     ap.add_argument("--settings", nargs="+", choices=list(EXACT_SETTINGS), default=list(EXACT_SETTINGS),
                     help="exact: the settings (rows) to run")
-    ap.add_argument("--workdir", default="/tmp/hf-compress-moe", help="where the top-2 MoE is built (reused)")
+    ap.add_argument("--workdir", default="/tmp/hf-compress-moe", help="where the sparse MoE is built (reused)")
+    ap.add_argument("--top-k", type=int, default=2, help="quality, routing: the sparse MoE's experts per token")
+    ap.add_argument("--moe-only", action="store_true", help="quality: the MoE rows only (no dense SmolLM2 rows)")
     ap.add_argument("--decode-workdir", default="/tmp/hf-compress-decode",
                     help="split: benchmarks/decode.py's --workdir (run decode.py with the rows first)")
     ap.add_argument("--rows", nargs="+", default=["MoE top-2: dense fp32", "MoE top-2: rtn 4-bit g64"],
@@ -455,7 +473,7 @@ def main() -> None:
         cols = ["setting", "compress s (dense / MoE)", "logits", "ppl dense", "ppl MoE", "weights",
                 "identical, block 0", "identical, blocks 1-29", "blocks 1-29 min-max", "ΔW / ‖W‖", "ΔW / quant err"]
     elif args.table == "quality":
-        print(f"\nSmolLM2-135M and its top-2 MoE, ppl on {args.eval_tokens} WikiText-2 tokens; {threads} threads, "
+        print(f"\nSmolLM2-135M and its top-{args.top_k} MoE, ppl on {args.eval_tokens} WikiText-2 tokens; {threads} threads, "
               f"{time.time() - t0:.0f} s")
         cols = ["model", "setting", "ppl", "ppl / own fp32", "rtn ratio / this ratio", "compress s"]
     elif args.table == "calls":
@@ -469,8 +487,9 @@ def main() -> None:
         cols = ["row", "ms / token", "generate outside forward", "forward", "attention", "routers", "experts",
                 "lm_head", "rest of forward"]
     else:
-        print(f"\nTop-2 MoE SmolLM2: routed (token, slot) pairs per expert on {CALIB['nsamples']} x {CALIB['seqlen']} "
-              f"calibration tokens (mean {CALIB['nsamples'] * CALIB['seqlen'] * 2 // EXPERTS} per expert and layer)")
+        print(f"\nTop-{args.top_k} MoE SmolLM2: routed (token, slot) pairs per expert on {CALIB['nsamples']} x "
+              f"{CALIB['seqlen']} calibration tokens (mean {CALIB['nsamples'] * CALIB['seqlen'] * args.top_k // EXPERTS} "
+              f"per expert and layer)")
         cols = ["layer", "min", "median", "max", "max / mean", "experts with 0"]
     print_table(rows, cols)
 
