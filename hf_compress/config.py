@@ -19,7 +19,9 @@ from .version import __version__
 from .errors import ConfigError
 
 QUANT_METHOD = "hf_compress"
-CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 8, "experts": "routed", "source": None}
+CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 8, "source": None}
+#: calibration options stored only when given, with their default
+CALIBRATION_OPTIONAL = {"experts": "routed"}
 #: whose statistics a mixture-of-experts expert is fitted on: the tokens routed to it, or every token
 EXPERT_CALIBRATION = ("routed", "all")
 
@@ -150,13 +152,14 @@ class CompressionConfig(QuantizationConfigMixin):
             raise ConfigError(f"alloc must be one of {ALLOCATORS}, got {self.alloc!r}")
         if self.alloc == "energy" and self.rank is not None:
             raise ConfigError("alloc='energy' distributes a ratio; give ratio, not rank")
-        unknown = set(self.calibration) - set(CALIBRATION_DEFAULTS)
+        unknown = set(self.calibration) - set(CALIBRATION_DEFAULTS) - set(CALIBRATION_OPTIONAL)
         if unknown:
-            raise ConfigError(f"Unknown calibration option(s) {sorted(unknown)}; known: {sorted(CALIBRATION_DEFAULTS)}")
+            raise ConfigError(f"Unknown calibration option(s) {sorted(unknown)}; known: "
+                              f"{sorted(CALIBRATION_DEFAULTS) + sorted(CALIBRATION_OPTIONAL)}")
         for key in ("nsamples", "seqlen"):
             if not isinstance(self.calibration[key], int) or self.calibration[key] < (2 if key == "seqlen" else 1):
                 raise ConfigError(f"calibration {key} must be a positive integer, got {self.calibration[key]!r}")
-        if self.calibration["experts"] not in EXPERT_CALIBRATION:
+        if self.calibration.get("experts", "routed") not in EXPERT_CALIBRATION:
             raise ConfigError(f"calibration experts must be one of {EXPERT_CALIBRATION}, got "
                               f"{self.calibration['experts']!r}")
         if self.ratio is not None and self.rank is not None:

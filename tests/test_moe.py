@@ -317,3 +317,57 @@ def test_moe_built_from_a_dense_model_computes_and_compresses_like_it(ids):
         rows = slice(32 * e, 32 * (e + 1))
         want = torch.cat([mlp.gate_proj.weight[rows], mlp.up_proj.weight[rows]])
         torch.testing.assert_close(experts.gate_up_proj[e].weight, want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- offload, resume
+def test_disk_offloaded_moe_compresses_like_in_memory(tmp_path):
+    """Offloaded experts are split into offloaded per-expert layers (each reads its slice through its own hook),
+    so nothing of a block is read before its turn; the result equals the in-memory run's."""
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "dense")
+    cal = calibration_ids()
+    config = {"method": "gptq", "bits": 4, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 32}}
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    hf_compress.compress(ref, config, calibration=cal, progress=False)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                  "lm_head": "cpu"}
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
+                                               offload_folder=str(tmp_path / "offload"))
+    assert off.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    hf_compress.compress(off, config, calibration=cal, progress=False)
+    x = cal[:2, :10]
+    torch.testing.assert_close(logits(off, x), logits(ref, x), rtol=0, atol=0)
+    skipped = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
+                                                   offload_folder=str(tmp_path / "offload2"))
+    native = skipped.model.layers[0].mlp.experts
+    hf_compress.compress(skipped, {**config, "skip": ["experts"]}, calibration=cal, progress=False)
+    assert skipped.model.layers[0].mlp.experts is native  # untouched offloaded experts: the very module back
+
+
+def test_interrupted_moe_run_resumes_bit_identical(tmp_path, caplog):
+    cal = calibration_ids()
+    config = {"method": "gptq", "bits": 3, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 32}}
+    full = tiny_moe("qwen3_moe")
+    hf_compress.compress(full, config, calibration=cal, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    model = tiny_moe("qwen3_moe")
+    state = tmp_path / "partial" / "state.json"
+
+    def stop(module, args):
+        if state.is_file():  # block 0 committed: die inside block 1
+            raise Stop
+
+    handle = model.model.layers[1].register_forward_pre_hook(stop)
+    with pytest.raises(Stop):
+        hf_compress.compress(model, config, calibration=cal, progress=False, checkpoint_dir=tmp_path / "partial",
+                             checkpoint_every=0)
+    handle.remove()
+    resumed = tiny_moe("qwen3_moe")
+    with caplog.at_level(logging.WARNING):
+        hf_compress.compress(resumed, config, calibration=cal, progress=False, checkpoint_dir=tmp_path / "partial",
+                             checkpoint_every=0)
+    assert any("1/2 blocks already compressed" in r.message for r in caplog.records)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
