@@ -68,6 +68,11 @@ class CompressionConfig(QuantizationConfigMixin):
             factors are then frozen (a LoRA adapter on top still trains and merges).
         quantizer: quantization method for the factors of a low-rank method with ``bits`` (default: ``gptq`` when
             the low-rank method is calibrated, ``hqq`` otherwise).
+        expert_bits: mixture-of-experts models, quantization methods: the bit widths an expert's layers may get
+            (e.g. ``[2, 3, 4]``) instead of ``bits`` for all; ``bits`` is then the budget, the average bits per
+            expert weight. Each expert's width comes from one global allocation over the experts of every block by
+            routing statistics on the calibration data (`hf_compress.allocation.allocate_expert_bits`: experts the
+            router uses more get more bits). Needs calibration data; other layers keep ``bits``.
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
         modules: filled in by hf-compress: the compressed modules of a model, ``{name: {"type": ..., ...}}``.
             It is refreshed from the live modules each time the model is saved.
@@ -99,6 +104,7 @@ class CompressionConfig(QuantizationConfigMixin):
         eora_factor_group_size: int = 128,
         quantizer: str | None = None,
         scale_dtype: str = "float16",
+        expert_bits: list[int] | None = None,
         modules: dict[str, dict[str, Any]] | None = None,
         kv: dict[str, Any] | str | None = None,
         hf_compress_version: str | None = None,
@@ -131,6 +137,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.eora_factor_group_size = eora_factor_group_size
         self.quantizer = quantizer
         self.scale_dtype = scale_dtype
+        self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
         self.modules = dict(modules or {})
         self.kv = kv
         self.hf_compress_version = hf_compress_version or __version__
@@ -229,6 +236,14 @@ class CompressionConfig(QuantizationConfigMixin):
                                   "low-rank method and bits")
             if get_method(self.quantizer).family != "quant":
                 raise ConfigError(f"quantizer must be a quantization method (rtn, hqq, gptq), got {self.quantizer!r}")
+        if self.expert_bits is not None:
+            if method.family != "quant":
+                raise ConfigError("expert_bits allocates quantization bit widths: use it with rtn, hqq or gptq")
+            if any(isinstance(b, bool) or b not in SUPPORTED_BITS for b in self.expert_bits):
+                raise ConfigError(f"expert_bits must be bit widths among {SUPPORTED_BITS}, got {self.expert_bits!r}")
+            if not self.expert_bits[0] <= self.bits <= self.expert_bits[-1]:
+                raise ConfigError(f"bits ({self.bits}) is the experts' average budget: it must lie within "
+                                  f"expert_bits {self.expert_bits}")
         if self.scale_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"scale_dtype must be 'float16' or 'bfloat16', got {self.scale_dtype!r}")
 
@@ -259,6 +274,7 @@ class CompressionConfig(QuantizationConfigMixin):
             "eora_factor_group_size": self.eora_factor_group_size,
             "quantizer": self.quantizer,
             "scale_dtype": self.scale_dtype,
+            **({"expert_bits": list(self.expert_bits)} if self.expert_bits else {}),  # stored when used
             "modules": copy.deepcopy(self.modules),
             "kv": copy.deepcopy(self.kv),
             "hf_compress_version": self.hf_compress_version,

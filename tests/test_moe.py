@@ -371,3 +371,51 @@ def test_interrupted_moe_run_resumes_bit_identical(tmp_path, caplog):
     assert any("1/2 blocks already compressed" in r.message for r in caplog.records)
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------- bits per expert
+def test_allocate_expert_bits_spends_the_budget_on_used_experts():
+    from hf_compress.allocation import allocate_expert_bits
+
+    sizes = {f"e{i}": 100 for i in range(4)}
+    even = allocate_expert_bits({n: 0.25 for n in sizes}, sizes, [2, 3, 4], 3)
+    assert even == {n: 3 for n in sizes}  # equal use: the uniform width
+    skewed = allocate_expert_bits({"e0": 0.6, "e1": 0.3, "e2": 0.1, "e3": 0.0}, sizes, [2, 3, 4], 3)
+    assert sum(skewed[n] * sizes[n] for n in sizes) <= 3 * sum(sizes.values())
+    assert skewed["e0"] >= skewed["e1"] >= skewed["e2"] >= skewed["e3"] == 2
+    # 4^-b error model: e2's 2->3 (0.1 x 3/64 per bit) buys more than e1's 3->4 (0.3 x 3/256)
+    assert skewed == {"e0": 4, "e1": 3, "e2": 3, "e3": 2}
+    assert allocate_expert_bits({"a": 1.0, "b": 0.0}, {"a": 10, "b": 30}, [2, 4], 2.5) == {"a": 4, "b": 2}
+
+
+def test_expert_bits_from_routing_statistics(tmp_path):
+    from hf_compress.statistics import expert_usage
+
+    cal = calibration_ids()
+    model = tiny_moe("qwen3_moe")
+    probe = copy.deepcopy(model)
+    split_experts(probe)
+    names = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear) and ".experts." in n]
+    usage = expert_usage(probe, names, [cal])  # the windows the pipeline measures routing on (no held-out for gptq)
+    config = {"method": "gptq", "bits": 3, "expert_bits": [2, 3, 4], "group_size": 16,
+              "calibration": {"nsamples": 8, "seqlen": 32}}
+    hf_compress.compress(model, config, calibration=cal, progress=False)
+    layers = {n: m for n, m in compressed_modules(model).items() if ".experts." in n}
+    bits = {n: m.bits for n, m in layers.items()}
+    assert len(set(bits.values())) > 1  # skewed routing on random weights: mixed widths
+    size = {n: m.in_features * m.out_features for n, m in layers.items()}
+    assert sum(bits[n] * size[n] for n in bits) <= 3 * sum(size.values())
+    for n in bits:  # a more used expert never has fewer bits than a less used one of the same shape and block
+        for k in bits:
+            if k.rpartition(".")[0] == n.rpartition(".")[0] and usage[n] > usage[k]:
+                assert bits[n] >= bits[k], (n, k)
+    assert all(m.bits == 3 for n, m in compressed_modules(model).items() if ".experts." not in n)
+    ids = cal[:2, :10]
+    out = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.quantization_config.expert_bits == [2, 3, 4]
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), out, rtol=0, atol=0)
+    with pytest.raises(hf_compress.errors.ConfigError, match="needs calibration data"):
+        hf_compress.compress(tiny_moe("qwen3_moe"), {"method": "rtn", "bits": 3, "expert_bits": [2, 4]}, progress=False)
+    with pytest.raises(hf_compress.errors.ConfigError, match="must lie within"):
+        hf_compress.CompressionConfig(method="rtn", bits=4, expert_bits=[2, 3])

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..allocation import allocate_energy, plan as uniform_plan
+from ..allocation import allocate_energy, allocate_expert_bits, plan as uniform_plan
 from ..calibration import BlockwiseRunner, calibration_windows, input_groups
 from ..errors import CheckpointError
 from ..factory import correct, replace
 from ..gradients import fisher_rows, output_sensitivity
 from ..modules.experts import is_expert_layer
 from ..progress import Progress
-from ..statistics import collect, reference_inputs
+from ..statistics import collect, expert_usage, reference_inputs
 from ..targets import block_index, find_blocks
 from .common import Job, Phases, checkpoint_unit, restore
 
@@ -130,6 +130,7 @@ class Sequential:
         with clock("capture"):
             self.runner.capture()
         plan = self._plan()
+        job.bits = self._expert_bits()
         betas = self._compress(plan)
         model.train(was_training)
         logger.info("time by phase: %s", clock)
@@ -158,6 +159,26 @@ class Sequential:
                 sens = output_sensitivity(job.model, job.modules, self.data.train_batches, job.progress)
             return allocate_energy(spectra, job.shapes, job.config.ratio, weights=sens, relative=False)
         return allocate_energy(spectra, job.shapes, job.config.ratio)
+
+    def _expert_bits(self) -> dict[str, int]:
+        """With ``expert_bits``: each expert layer's bit width, from the router's use of the experts on the training
+        windows (dense model) under the budget ``bits`` (`allocate_expert_bits`)."""
+        job = self.job
+        if not job.config.expert_bits:
+            return {}
+        if self.saved:
+            return self.ckpt.extra["bits"]
+        with self.clock("routing statistics"):
+            usage = expert_usage(job.model, job.targets, self.data.train_batches)
+        if not usage:
+            logger.warning("expert_bits: no expert among the targets; every layer gets bits=%d", job.config.bits)
+            return {}
+        bits = allocate_expert_bits(usage, {n: o * i for n, (o, i) in job.shapes.items() if n in usage},
+                                    job.config.expert_bits, job.config.bits)
+        widths = sorted(set(bits.values()))
+        logger.info("expert_bits: %s", ", ".join(f"{sum(b == w for b in bits.values())} expert layers at {w} bits"
+                                               for w in widths))
+        return bits
 
     def _spectra(self) -> dict[str, torch.Tensor]:
         """Each target's spectrum in its method's metric, from statistics on the dense stream."""
@@ -229,8 +250,8 @@ class Sequential:
                 train_stats, val_stats = stats[n]
                 with clock("fit (method)"):
                     if plan[n] is not None:
-                        choice = replace(model, job.targets[n], job.method, job.config, plan[n], train_stats,
-                                         val_stats)
+                        choice = replace(model, job.targets[n], job.method, job.config_for(n), plan[n],
+                                         train_stats, val_stats)
                     else:
                         choice = correct(model.get_submodule(n), job.method, train_stats, val_stats)
                 if choice is not None:
@@ -245,7 +266,7 @@ class Sequential:
             streams = {f"comp.{b}": h for b, h in enumerate(comp)}
             streams.update({f"ref.{b}": h for b, h in enumerate(ref or [])})
             streams.update({f"fisher.{n}": f for n, f in self.fisher.items()})
-            ckpt.commit(i + 1, {"plan": plan, "betas": betas}, streams)
+            ckpt.commit(i + 1, {"plan": plan, "betas": betas, "bits": self.job.bits}, streams)
 
 
 def run(job: Job, calibration, tokenizer) -> dict:
