@@ -419,3 +419,17 @@ def test_expert_bits_from_routing_statistics(tmp_path):
         hf_compress.compress(tiny_moe("qwen3_moe"), {"method": "rtn", "bits": 3, "expert_bits": [2, 4]}, progress=False)
     with pytest.raises(hf_compress.errors.ConfigError, match="must lie within"):
         hf_compress.CompressionConfig(method="rtn", bits=4, expert_bits=[2, 3])
+
+
+def test_a_checkpoint_missing_one_experts_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_moe("mixtral")
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16}, progress=False)
+    model.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.experts.down_proj.5.scales"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(hf_compress.errors.CheckpointError, match=r"experts\.down_proj\.5\.scales"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
