@@ -8,8 +8,9 @@
 
 Protocol: 2 threads (``--threads``), ``generate`` batch 1, greedy, a 256-token prompt (the start of WikiText-2 raw
 test), 64 new tokens, best of two (`hf_compress.evaluation.decode_speed`): ``decode tok/s`` = 63 / (t(64 new tokens)
-- t(1 new token)); ``prefill ms`` = t(1 new token) (the prompt's forward plus one step). Every checkpoint is built first (``hf_compress.compress`` +
-``save_pretrained``, the same as ``hf-compress compress``; kept in ``--workdir``) and then each row loads its
+- t(1 new token)); ``prefill ms`` = t(1 new token) (the prompt's forward plus one step). Every checkpoint is built
+first (``common.build_checkpoint``: ``hf_compress.compress`` + ``save_pretrained``, the same as ``hf-compress
+compress``; kept in ``--workdir`` and reused) and then each row loads its
 checkpoint with ``AutoModelForCausalLM.from_pretrained`` in its own process, so ``peak RSS`` (VmHWM of that process:
 imports + load + generate) is the row's own; ``RSS over imports`` is that peak less the process's peak after its
 imports (what loading and running the model added); ``ckpt MB`` is the checkpoint directory's safetensors. The KV rows
@@ -36,13 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-from common import DATA, TARGETS, peak_rss_mb, print_table, run_rows
+from common import DATA, TARGETS, checkpoint_slug, ensure_checkpoints, peak_rss_mb, print_table, run_rows
 
 PROMPT, NEW, KV_CONTEXT = 256, 64, 2048
-CALIB = {"nsamples": 16, "seqlen": 512, "seed": 0}
 
 #: label -> how the row is built ("dense" / "torchao" / an hf-compress config) and run (dtype, KV spec, context)
 ROWS = {
@@ -73,32 +72,6 @@ ROWS = {
                                           "kv": {"method": "quant", "bits": 4, "value_bits": 3, "residual": 16,
                                                  "group_size": 128, "value_flush": 1, "dense_copy": True}},
 }
-
-
-def _slug(build) -> str:
-    if build == "dense":
-        return "dense"
-    return "-".join(f"{k}{v}" for k, v in build.items())
-
-
-def build_checkpoint(build, out: Path) -> None:
-    import torch
-
-    import hf_compress
-    from hf_compress.loading import load_model, smollm2_gguf_path
-
-    torch.manual_seed(0)
-    model, tok = load_model(smollm2_gguf_path())
-    if build == "dense":
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        return
-    cfg = {**{k: v for k, v in build.items() if k != "lm_head"}, "calibration": CALIB,
-           "targets": TARGETS + (["lm_head"] if build.get("lm_head") else [])}  # lm_head: the tied head too
-    calibrated = build.get("eora_rank") or build["method"] in ("gptq", "svd_llm", "asvd")
-    hf_compress.compress(model, cfg, calibration=str(DATA / "gutenberg-pg1342.txt") if calibrated else None,
-                         tokenizer=tok, progress=False)
-    hf_compress.save_pretrained(model, out, tokenizer=tok, model_card=False)
 
 
 def _prompt_ids(tok, n: int):
@@ -239,28 +212,17 @@ def main() -> None:
                          "MKL_ENABLE_INSTRUCTIONS=AVX2): a CPU without AVX512 or native bf16, on one that has them "
                          "(llama.cpp rows keep the ISA llama-cpp-python was built for)")
     ap.add_argument("--row", help=argparse.SUPPRESS)
-    ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
-    if args.build:  # child: build one checkpoint
-        build_checkpoint(json.loads(args.build), work / _slug(json.loads(args.build)))
-        return
     if args.row:  # child: time one row
         spec = ROWS[args.row]
-        print("ROW " + json.dumps(run_row(args.row, spec, work / _slug(spec["build"]))), flush=True)
+        print("ROW " + json.dumps(run_row(args.row, spec, work / checkpoint_slug(spec["build"]))), flush=True)
         return
-    import subprocess
-
     if args.emulate_avx2:
         os.environ.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
     os.environ["HF_COMPRESS_KERNELS"] = args.kernels
     os.environ["DECODE_THREADS"] = str(args.threads)
-    for label in args.rows:
-        build = ROWS[label]["build"]
-        if not (work / _slug(build) / "config.json").exists():
-            print(f"building {_slug(build)} ...", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, __file__, "--workdir", str(work), "--build", json.dumps(build)],
-                           check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    ensure_checkpoints([ROWS[label]["build"] for label in args.rows], work)
     jobs = [(label, [label, "--workdir", str(work)]) for label in args.rows]
     results = _best_of_rounds([run_rows(__file__, jobs) for _ in range(args.rounds)])
     by = {r["row"]: r for r in results if "row" in r}
@@ -281,11 +243,11 @@ def main() -> None:
             r["x DynamicCache (time/token)"] = round(by["KV: DynamicCache, 2048 ctx"]["decode tok/s"]
                                                      / r["decode tok/s"], 2)
     rounds = f" in each of {args.rounds} rounds (the best round per row)" if args.rounds > 1 else ""
-    print(f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2{rounds}, "
-          f"HF_COMPRESS_KERNELS={args.kernels}")
     print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x torchao", "x llama.cpp",
-                          "x DynamicCache (time/token)",
-                          "prefill ms", "prefill x dense fp32", "prefill x llama.cpp", "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"])
+                          "x DynamicCache (time/token)", "prefill ms", "prefill x dense fp32", "prefill x llama.cpp",
+                          "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"],
+                title=f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2{rounds}, "
+                      f"HF_COMPRESS_KERNELS={args.kernels}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ In memory, a compressed model's config is an instance of a small subclass of its
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from transformers import (
     AutoConfig,
@@ -35,11 +37,20 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .version import __version__
-from .checkpoint import SHIM_MODULE, write_shim
 from .config import QUANT_METHOD, CompressionConfig
 from .errors import CheckpointError
 
 MODEL_TYPE = "hf_compress"
+
+#: the file a checkpoint carries so that ``trust_remote_code=True`` loads it (named in its ``auto_map``)
+SHIM_MODULE = "hf_compress_autoload"
+SHIM_SOURCE = '''"""Loads an hf-compress checkpoint with trust_remote_code=True. Needs: pip install hf-compress"""
+from hf_compress.auto import CompressedConfig, CompressedModel, CompressedModelForCausalLM  # noqa: F401
+'''
+
+
+def write_shim(directory: str | os.PathLike) -> None:
+    Path(directory, SHIM_MODULE + ".py").write_text(SHIM_SOURCE, encoding="utf-8")
 
 
 def is_compressed_config(config) -> bool:

@@ -14,7 +14,7 @@ import os
 from transformers.quantizers import HfQuantizer, register_quantizer
 
 from .version import __version__
-from .checkpoint import read_headers
+from .safetensors_files import read_headers
 from .config import QUANT_METHOD, CompressionConfig
 from .errors import CheckpointError, ConfigError, UnsupportedModuleError
 from .modules import MODULE_TYPES, compressed_modules

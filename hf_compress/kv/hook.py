@@ -113,7 +113,7 @@ def before_weight_loading(model, config, checkpoint_files=None, pre_quantized=Tr
                           "from_pretrained; load the model and call hf_compress.compress(model, config, calibration=...)")
     if not method.stores_tensors:
         return
-    from ..checkpoint import read_headers
+    from ..safetensors_files import read_headers
     from .lowrank import ATTR, attach_projections
 
     try:

@@ -4,7 +4,7 @@ Needs ``TRITON_INTERPRET=1`` before triton is imported, so this module only runs
 `test_kernels.py::test_triton_kernels_under_interpreter` runs it in a subprocess (what CI does); by hand:
 
     TRITON_INTERPRET=1 HF_COMPRESS_KERNELS=triton OMP_NUM_THREADS=1 \
-        .venv/bin/python -m pytest tests/test_kernels_interpret.py
+        .venv/bin/python -m pytest tests/kernels/test_kernels_interpret.py
 
 Shapes are small (the interpreter runs each program in numpy) but cross every block boundary: sizes that are
 not multiples of the blocks, batch 1, odd ranks, ranks over several rank blocks, in_features not a multiple
