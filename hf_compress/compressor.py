@@ -13,6 +13,7 @@ import os
 
 from torch import nn
 
+from .auto import own_config
 from .config import CompressionConfig
 from .errors import ConfigError
 from .pipelines import compress_modules
@@ -44,6 +45,7 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     config = CompressionConfig.coerce(config)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise ConfigError("This model is already compressed/quantized; load the dense model to compress it again.")
+    own_config(model)  # the caller's config object (``from_config(c)``) stays as it was
     from .kv.hook import calibrate_kv, kv_only  # the KV cache methods load only when a config is compressed
 
     if not kv_only(config):
