@@ -40,6 +40,11 @@ class CompressionConfig(QuantizationConfigMixin):
             every ``nn.Linear`` / GPT-2 ``Conv1D`` inside the model's repeated blocks (never ``lm_head``; name it
             to compress it too: a head tied to the input embeddings is then untied, the embedding stays dense).
         skip: patterns (same rules) of modules to leave untouched, with every layer inside them.
+        vision: multimodal models (Gemma 3, LLaVA, Qwen2.5-VL, ...): with the default ``targets``, also compress the
+            linear layers outside the language model — the vision tower's blocks and the projector. Default False:
+            the language model's blocks only (the log names what was left dense). Data-free methods only: a
+            calibrated method compresses one list of blocks, the language model's. Written to config.json only
+            when set.
         dense_fallback: keep a layer dense when its low-rank form would not have fewer parameters. Turn off only to
             test factorisations at full rank.
         method_kwargs: extra, method-specific options (JSON-serialisable), e.g. ``{"alpha": 0.5}`` for asvd or
@@ -92,6 +97,7 @@ class CompressionConfig(QuantizationConfigMixin):
         rank: int | None = None,
         targets: list[str] | str | None = None,
         skip: list[str] | str | None = None,
+        vision: bool = False,
         dense_fallback: bool = True,
         method_kwargs: dict[str, Any] | None = None,
         alloc: str | None = None,
@@ -125,6 +131,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.rank = rank
         self.targets = [targets] if isinstance(targets, str) else (list(targets) if targets is not None else None)
         self.skip = [skip] if isinstance(skip, str) else list(skip or [])
+        self.vision = vision
         self.dense_fallback = bool(dense_fallback)
         self.method_kwargs = dict(method_kwargs or {})
         self.alloc = alloc
@@ -188,6 +195,8 @@ class CompressionConfig(QuantizationConfigMixin):
                 raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
             if self.rank <= 0:
                 raise ConfigError(f"rank must be a positive integer, got {self.rank}")
+        if not isinstance(self.vision, bool):
+            raise ConfigError(f"vision must be True or False, got {self.vision!r}")
         for field in ("targets", "skip"):
             patterns = getattr(self, field) or []
             if not all(isinstance(p, str) and p for p in patterns):
@@ -255,7 +264,8 @@ class CompressionConfig(QuantizationConfigMixin):
 
     # QuantizationConfigMixin.to_dict is a deepcopy of __dict__; keep it explicit and stable.
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {"vision": True} if self.vision else {}  # absent when off: older hf-compress reads the checkpoint
+        return {**extra,
             "quant_method": self.quant_method,
             "method": self.method,
             "ratio": self.ratio,

@@ -1,0 +1,166 @@
+"""Vision-language models (issue 37): the language model's blocks compressed by default, the vision tower and
+projector only with ``vision=True`` (or targets), the log naming what was left dense; calibrated methods on
+text-only calibration; save → load through the model's own class and `AutoModelForImageTextToText`, native class,
+logits equal; KV caches on the language model; LoRA on the compressed layers only."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, DynamicCache
+
+import hf_compress
+from hf_compress.errors import CheckpointError, ConfigError
+from hf_compress.integrations.peft import LoraCompressedLinear, target_module_names
+from hf_compress.kv import make_cache
+from hf_compress.modules import compressed_modules
+from hf_compress.targets import language_model, other_modalities
+
+from conftest import VOCAB
+
+_TEXT = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+               patch_size=7)
+#: tiny random configs of three vision-language families: model_type -> (config kwargs, the language model's name,
+#: the parts outside it)
+VLMS = {
+    "gemma3": (dict(text_config={**_TEXT, "model_type": "gemma3_text", "head_dim": 12, "sliding_window": 16,
+                                 "layer_types": ["sliding_attention", "full_attention"]},
+                    vision_config={**_VISION, "model_type": "siglip_vision_model"}, mm_tokens_per_image=4,
+                    image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2),
+               "model.language_model", ["model.vision_tower"]),
+    "llava": (dict(text_config={**_TEXT, "model_type": "llama"},
+                   vision_config={**_VISION, "model_type": "clip_vision_model", "projection_dim": 32},
+                   image_token_index=VOCAB - 1, projector_hidden_act="gelu", vision_feature_layer=-1),
+              "model.language_model", ["model.vision_tower", "model.multi_modal_projector"]),
+    "qwen2_5_vl": (dict(text_config={**_TEXT, "model_type": "qwen2_5_vl_text",
+                                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 2]}},
+                        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                           out_hidden_size=48, patch_size=14, spatial_merge_size=2,
+                                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+                        image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+                        vision_end_token_id=VOCAB - 4),
+                   "model.language_model", ["model.visual"]),
+}
+RTN = {"method": "rtn", "bits": 4, "group_size": 16}
+
+
+def tiny_vlm(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(arch, **VLMS[arch][0])
+    return AutoModelForImageTextToText.from_config(config).eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def calibration_ids(n=8, seqlen=32):
+    return torch.randint(3, VOCAB - 8, (n, seqlen), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("arch", sorted(VLMS))
+def test_language_model_and_the_parts_outside_it(arch):
+    model = tiny_vlm(arch)
+    _, language, parts = VLMS[arch]
+    assert language_model(model) == language
+    outside = other_modalities(model)
+    assert sorted(outside) == sorted(parts) and all(outside.values())
+
+
+@pytest.mark.parametrize("arch", sorted(VLMS))
+def test_language_model_by_default_vision_by_choice_and_the_log_says_so(arch, caplog):
+    _, language, parts = VLMS[arch]
+    model = tiny_vlm(arch)
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        hf_compress.compress(model, RTN, progress=False)
+    names = list(compressed_modules(model))
+    assert len(names) == 14 and all(n.startswith(language + ".layers.") for n in names)
+    message = next(r.getMessage() for r in caplog.records if "multimodal" in r.getMessage())
+    assert "left dense" in message and all(p in message for p in parts) and "vision=True" in message
+
+    model = tiny_vlm(arch)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        hf_compress.compress(model, {**RTN, "vision": True}, progress=False)
+    names = list(compressed_modules(model))
+    outside = [n for n in names if not n.startswith(language + ".")]
+    assert outside and {p for p in parts if any(n.startswith(p + ".") for n in outside)} == set(parts)
+    assert model.config.quantization_config.to_dict()["vision"] is True
+    message = next(r.getMessage() for r in caplog.records if "multimodal" in r.getMessage())
+    assert "also compressed" in message and "left dense" not in message
+
+
+def test_explicit_targets_reach_the_vision_tower():
+    model = tiny_vlm("llava")
+    hf_compress.compress(model, {**RTN, "targets": ["re:model\\.multi_modal_projector\\.linear_\\d"]}, progress=False)
+    assert sorted(compressed_modules(model)) == ["model.multi_modal_projector.linear_1",
+                                                 "model.multi_modal_projector.linear_2"]
+
+
+@pytest.mark.parametrize("arch", sorted(VLMS))
+@pytest.mark.parametrize("method", ["svd_llm", "fwsvd", "gptq"])
+def test_calibrated_methods_on_text_compress_the_language_model(arch, method, ids):
+    model = tiny_vlm(arch)
+    cfg = {"method": method, "calibration": {"nsamples": 8, "seqlen": 32}}
+    cfg.update({"bits": 4, "group_size": 16} if method == "gptq" else {"ratio": 0.3})
+    hf_compress.compress(model, cfg, calibration=calibration_ids(), progress=False)
+    names = list(compressed_modules(model))
+    assert names and all(n.startswith(VLMS[arch][1] + ".layers.") for n in names)
+    assert torch.isfinite(logits(model, ids)).all()
+
+
+def test_a_calibrated_method_refuses_the_vision_tower_clearly():
+    model = tiny_vlm("llava")
+    with pytest.raises(ConfigError, match="lie outside it and have no calibration inputs"):
+        hf_compress.compress(model, {"method": "gptq", "bits": 4, "group_size": 16, "vision": True,
+                                     "calibration": {"nsamples": 8, "seqlen": 32}},
+                             calibration=calibration_ids(), progress=False)
+
+
+@pytest.mark.parametrize("arch", sorted(VLMS))
+def test_save_and_load_through_its_class_and_image_text_to_text(arch, ids, tmp_path):
+    model = tiny_vlm(arch)
+    hf_compress.compress(model, {**RTN, "vision": True}, progress=False)
+    ref = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    for cls in (type(model), AutoModelForImageTextToText):
+        loaded = cls.from_pretrained(tmp_path).eval()
+        assert type(loaded) is type(model)
+        assert sorted(compressed_modules(loaded)) == sorted(compressed_modules(model))
+        assert torch.equal(logits(loaded, ids), ref), cls.__name__
+
+
+def test_an_auto_class_without_the_family_names_the_one_to_use(tmp_path):
+    model = tiny_vlm("llava")
+    hf_compress.compress(model, RTN, progress=False)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="AutoModelForImageTextToText"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("arch", sorted(VLMS))
+def test_kv_cache_on_the_language_model(arch):
+    model = tiny_vlm(arch)
+    hf_compress.compress(model, RTN, progress=False)
+    ids = torch.randint(3, VOCAB - 8, (1, 10), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=DynamicCache(config=model.config))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=make_cache(model, "quant8"))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("arch", sorted(VLMS))
+def test_lora_lands_on_the_compressed_layers_only(arch):
+    model = tiny_vlm(arch)
+    hf_compress.compress(model, RTN, progress=False)
+    names = target_module_names(model)
+    assert sorted(names) == sorted(compressed_modules(model))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=names))
+    wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "lora_" not in n.rsplit(".", 1)[-1]]
+    assert len(wrapped) == len(names)
+    assert all(isinstance(m, LoraCompressedLinear) for n, m in peft_model.named_modules() if n in wrapped)
