@@ -70,7 +70,8 @@ def _compressed_section(model, config, groups) -> str:
     try:
         from ..targets import find_targets
 
-        kept = len(find_targets(model, config.targets, config.skip, getattr(config, "vision", False)))  # targeted layers that are still dense
+        # targeted layers that are still dense
+        kept = len(find_targets(model, config.targets, config.skip, getattr(config, "vision", False)))
     except Exception:
         kept = 0
     if kept:
