@@ -234,6 +234,9 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers] + result.dense
         config.quantization_config = ct_config(groups, ignore)
         result.notes.append(_vllm_cpu_note(layers, result.packed))
+        note = scale_rounding_note(layers, result.packed, dtype or _model_dtype(model))
+        if note:
+            result.notes.append(note)
     if getattr(model.config.quantization_config, "kv", None):
         result.notes.append("the checkpoint's KV-cache spec is not exported (engines manage their own KV cache)")
     with atomic_directory(output) as tmp:
@@ -299,6 +302,27 @@ def _write_adapter(directory: Path, factors: dict, model, layers: dict, result: 
     result.notes.append("the base alone is the model without its EoRA correction; load the adapter for the exact "
                         "model" + (f" ({len(quantized)} layers' quantized factors were dequantized into it)"
                                    if quantized else ""))
+
+
+def _model_dtype(model) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def scale_rounding_note(layers: dict, packed: dict, dtype: torch.dtype | None) -> str | None:
+    """Where the export does not load exactly: a bfloat16 model with float16 scales. compressed-tensors creates each
+    layer's ``weight_scale`` in the model's dtype, so transformers (and vLLM) round every stored float16 scale to
+    bfloat16 (8 significant bits instead of 11: relative error up to 2^-8) before dequantizing; each weight then
+    differs from ours by up to 2^-8 of (q - z)·s, plus one bfloat16 rounding of each (tests/test_export.py measures
+    it). float16 and float32 models load bfloat16 or float16 scales exactly. None when nothing is rounded."""
+    if dtype != torch.bfloat16:
+        return None
+    rounded = [n for n in packed if layers[n].scales.dtype == torch.float16]
+    if not rounded:
+        return None
+    return (f"{len(rounded)} packed layers store float16 scales in a bfloat16 model: compressed-tensors readers "
+            "(transformers, vLLM) cast the scales to bfloat16 at load, so the loaded weights differ from "
+            "hf-compress' by up to 2^-8 of each weight (the scale's rounding) besides bfloat16's own rounding; "
+            "compress with scale_dtype='bfloat16' for an export that loads exactly")
 
 
 def _vllm_cpu_note(layers: dict, packed: dict) -> str:
