@@ -27,7 +27,11 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     """Compress ``model`` in place according to ``config`` and return it.
 
     ``calibration`` (calibrated methods): a text file path, a list of strings, a ``datasets.Dataset`` (``text``
-    column) or a tensor of token ids; ``tokenizer`` tokenizes text sources. The model keeps its class
+    column) or a tensor of token ids; ``tokenizer`` tokenizes text sources. Vision-language models also take
+    image+text samples, a list of ``{"text": "<image> ...", "images": [PIL images]}`` with ``tokenizer`` the model's
+    processor (``AutoProcessor``), or of ready model-input dicts (``input_ids``, ``pixel_values``, ...): each sample
+    is one window, the first ``calibration["nsamples"]`` are used (`hf_compress.calibration.multimodal_inputs`); the
+    language model's blocks are then fitted on what the vision tower and projector feed them. The model keeps its class
     (``LlamaForCausalLM`` stays ``LlamaForCausalLM``); targeted layers become compressed modules, and the model is
     marked so that ``save_pretrained`` writes an hf-compress checkpoint.
 
@@ -72,6 +76,8 @@ def _describe_source(calibration) -> str:
     if isinstance(calibration, (str, os.PathLike)):
         return os.path.basename(str(calibration))
     if isinstance(calibration, (list, tuple)):
+        if calibration and all(isinstance(s, dict) for s in calibration):
+            return f"{len(calibration)} image+text samples"
         return f"{len(calibration)} texts"
     info = getattr(calibration, "info", None)
     if info is not None:

@@ -32,18 +32,27 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(type(model).forward).parameters
 
 
-def objective(model, sample: torch.Tensor, index: int) -> torch.Tensor:
-    """The scalar whose gradients the passes square, for window ``sample`` [1, seqlen], the ``index``-th (module
-    docstring): the model's own loss with the window as labels where its forward takes ``labels``; otherwise
-    ⟨h, r⟩ of the last hidden state h and a standard normal r seeded by ``index`` (the Gauss-Newton form of the
-    output-reconstruction error)."""
-    kwargs = {"use_cache": False} if _accepts(model, "use_cache") else {}
+def _samples(batch, device) -> list[dict[str, torch.Tensor]]:
+    """One window at a time: the rows of a [n, seqlen] batch, or an input dict (image+text calibration) as it is."""
+    if isinstance(batch, dict):
+        return [{k: v.to(device) for k, v in batch.items()}]
+    return [{"input_ids": sample.to(device)} for sample in batch.split(1)]
+
+
+def objective(model, sample, index: int) -> torch.Tensor:
+    """The scalar whose gradients the passes square, for window ``sample`` ([1, seqlen] token ids, or a dict of
+    model inputs), the ``index``-th (module docstring): the model's own loss with the window's tokens as labels where
+    its forward takes ``labels``; otherwise ⟨h, r⟩ of the last hidden state h and a standard normal r seeded by
+    ``index`` (the Gauss-Newton form of the output-reconstruction error)."""
+    inputs = dict(sample) if isinstance(sample, dict) else {"input_ids": sample}
+    if _accepts(model, "use_cache"):
+        inputs["use_cache"] = False
     if _accepts(model, "labels"):
-        out = model(input_ids=sample, labels=sample, **kwargs)
+        out = model(**inputs, labels=inputs["input_ids"])
         if getattr(out, "loss", None) is not None:
             return out.loss
     else:
-        out = model(input_ids=sample, **kwargs)
+        out = model(**inputs)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
@@ -74,8 +83,8 @@ def output_sensitivity(model, targets: dict[str, nn.Module], batches, progress) 
     try:
         index = 0
         for batch in tqdm(batches, desc="hf-compress sensitivity", disable=not progress, unit="batch"):
-            for sample in batch.split(1):  # one window at a time bounds the memory of the backward pass
-                objective(model, sample.to(device), index).backward()
+            for sample in _samples(batch, device):  # one window at a time bounds the memory of the backward pass
+                objective(model, sample, index).backward()
                 index += 1
     finally:
         for h in handles:
@@ -98,9 +107,9 @@ def fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict
     try:
         index = 0
         for batch in tqdm(batches, desc="hf-compress fisher", disable=not progress, unit="batch"):
-            for sample in batch.split(1):  # per-sample gradients: the Fisher is an expectation of squares
+            for sample in _samples(batch, device):  # per-sample gradients: the Fisher is an expectation of squares
                 model.zero_grad(set_to_none=True)
-                objective(model, sample.to(device), index).backward()
+                objective(model, sample, index).backward()
                 index += 1
                 for n, m in targets.items():
                     g = m.weight.grad

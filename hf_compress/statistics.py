@@ -185,8 +185,11 @@ def expert_usage(model: nn.Module, targets, batches) -> dict[str, float]:
                if isinstance(m, CompressedExperts)]
     try:
         with torch.no_grad():
-            for batch in batches:
-                model(input_ids=batch.to(device_of(model)), use_cache=False)
+            for batch in batches:  # token windows, or one input dict (image+text calibration)
+                device = device_of(model)
+                inputs = ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict)
+                          else {"input_ids": batch.to(device)})
+                model(**inputs, use_cache=False)
     finally:
         for h in handles:
             h.remove()

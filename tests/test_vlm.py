@@ -117,7 +117,7 @@ def test_calibrated_methods_on_text_compress_the_language_model(arch, method, id
 
 def test_a_calibrated_method_refuses_the_vision_tower_clearly():
     model = tiny_vlm("llava")
-    with pytest.raises(ConfigError, match="lie outside it and have no calibration inputs"):
+    with pytest.raises(ConfigError, match="lie outside it: compress them with a data-free method"):
         hf_compress.compress(model, {"method": "gptq", "bits": 4, "group_size": 16, "vision": True,
                                      "calibration": {"nsamples": 8, "seqlen": 32}},
                              calibration=calibration_ids(), progress=False)
@@ -164,3 +164,73 @@ def test_lora_lands_on_the_compressed_layers_only(arch):
     wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "lora_" not in n.rsplit(".", 1)[-1]]
     assert len(wrapped) == len(names)
     assert all(isinstance(m, LoraCompressedLinear) for n, m in peft_model.named_modules() if n in wrapped)
+
+
+# ----------------------------------------------------------------------------------------------- image calibration
+def _llava_processor():
+    """LLaVA's processor for the tiny model, made offline: a BPE tokenizer trained on the shipped excerpt with
+    ``<image>`` as token 4, and CLIP's image processor at 28 x 28 (16 patches of 7 x 7: 16 image tokens)."""
+    from importlib import resources
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    text = resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt").read_text(encoding="utf-8")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainer=trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<image>"], initial_alphabet=[],
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    assert fast.convert_tokens_to_ids("<image>") == 4 and len(fast) <= VOCAB
+    images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=7, image_token="<image>",
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return processor, text
+
+
+def _llava_for_images():
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llava", **{**VLMS["llava"][0], "image_token_index": 4})
+    return AutoModelForImageTextToText.from_config(config).eval()
+
+
+@pytest.mark.parametrize("method", ["gptq", "svd_llm", "fwsvd"])
+def test_image_and_text_calibration_through_the_processor(method):
+    import numpy as np
+    from PIL import Image
+
+    processor, text = _llava_processor()
+    rng = np.random.default_rng(0)
+    lines = [line for line in text.splitlines() if len(line) > 20][:8]
+    samples = [{"text": "<image> " + line, "images": [Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8"))]}
+               for line in lines]
+    cfg = {"method": method, "calibration": {"nsamples": 8, "seqlen": 16}}
+    cfg.update({"bits": 4, "group_size": 16} if method == "gptq" else {"ratio": 0.3})
+    ids = torch.randint(5, VOCAB - 8, (1, 12), generator=torch.Generator().manual_seed(0))
+
+    model = _llava_for_images()
+    seen = []
+    handle = model.model.vision_tower.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+    hf_compress.compress(model, cfg, calibration=samples, tokenizer=processor, progress=False)
+    handle.remove()
+    assert len(seen) >= len(samples) and seen[0][-2:] == (28, 28)  # every sample's image went through the tower
+    names = list(compressed_modules(model))
+    assert names and all(n.startswith("model.language_model.layers.") for n in names)
+    assert model.config.quantization_config.calibration["source"] == "8 image+text samples"
+
+    text_only = _llava_for_images()  # the same lines without their images: other statistics, other weights
+    hf_compress.compress(text_only, cfg, calibration=[s["text"].removeprefix("<image> ") for s in samples],
+                         tokenizer=processor.tokenizer, progress=False)
+    assert not torch.equal(logits(model, ids), logits(text_only, ids))
+
+
+def test_image_calibration_errors_are_clear():
+    model = _llava_for_images()
+    cfg = {"method": "gptq", "bits": 4, "group_size": 16, "calibration": {"nsamples": 2, "seqlen": 16}}
+    with pytest.raises(ConfigError, match="needs the model's processor"):
+        hf_compress.compress(model, cfg, calibration=[{"text": "<image> a", "images": []}] * 2, progress=False)
+    with pytest.raises(ConfigError, match="neither 'text'"):
+        hf_compress.compress(_llava_for_images(), cfg, calibration=[{"pixels": 1}] * 2, progress=False)

@@ -90,8 +90,8 @@ def _report_modalities(model, targets: dict, vision: bool, calibrated: bool) -> 
     touched = {p: [n for n in names if n in targets] for p, names in parts.items()}
     if calibrated and any(touched.values()):
         hit = [p for p, names in touched.items() if names]
-        raise ConfigError(f"calibrated methods compress the language model's blocks ({language}) on text; "
-                          f"{hit} lie outside it and have no calibration inputs: compress them with a data-free "
+        raise ConfigError(f"calibrated methods compress one list of blocks, the language model's ({language}), on "
+                          f"text or image+text calibration; {hit} lie outside it: compress them with a data-free "
                           "method (rtn, hqq, svd) or leave vision=False / name language-model layers in targets")
     left = {p: len(names) - len(touched[p]) for p, names in parts.items() if len(names) > len(touched[p])}
     done = {p: len(names) for p, names in touched.items() if names}

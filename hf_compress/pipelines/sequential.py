@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..allocation import allocate_energy, allocate_expert_bits, plan as uniform_plan
-from ..calibration import BlockwiseRunner, calibration_windows, input_groups
+from ..calibration import (BlockwiseRunner, calibration_windows, input_groups, is_multimodal_source,
+                           multimodal_inputs)
 from ..errors import CheckpointError
 from ..factory import correct, replace
 from ..gradients import fisher_rows, output_sensitivity
@@ -40,16 +41,23 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Windows:
-    """The calibration windows and their batches: the training batches first, then the held-out ones."""
+    """The calibration windows and their batches: the training batches first, then the held-out ones. Image+text
+    calibration (`hf_compress.calibration.multimodal_inputs`): each batch is one sample's input dict, and
+    ``windows`` the token ids of all of them end to end (what the checkpoint fingerprint digests)."""
 
     windows: torch.Tensor
-    batches: list[torch.Tensor]
+    batches: list
     n_train_batches: int
     batch_size: int
 
     @classmethod
     def of(cls, job: Job, calibration, tokenizer) -> "Windows":
         cal = job.config.calibration
+        if is_multimodal_source(calibration):
+            inputs = multimodal_inputs(calibration, tokenizer, cal["nsamples"])
+            n_val = max(1, len(inputs) // 8) if job.method.needs_heldout and len(inputs) >= 2 else 0
+            windows = torch.cat([d["input_ids"].reshape(-1) for d in inputs])[None]
+            return cls(windows, inputs, len(inputs) - n_val, 1)
         windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
         n_tokens = windows.numel()
         widest = max(i for _, i in job.shapes.values())
@@ -123,7 +131,9 @@ class Sequential:
         "phases"}."""
         job, clock, model = self.job, self.clock, self.job.model
         self.fisher = self._fisher()
-        self.runner = BlockwiseRunner(model, self.stack.blocks, torch.cat(self.data.batches),
+        batches = self.data.batches
+        self.runner = BlockwiseRunner(model, self.stack.blocks,
+                                      torch.cat(batches) if isinstance(batches[0], torch.Tensor) else batches,
                                       batch_size=self.data.batch_size)
         was_training = model.training
         model.eval()
