@@ -22,6 +22,8 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, help="one rank for every targeted layer")
     p.add_argument("--targets", nargs="+", help="module name patterns (default: all linear layers in the blocks)")
     p.add_argument("--skip", nargs="+", default=[], help="module name patterns to leave dense")
+    p.add_argument("--vision", action="store_true",
+                   help="vision-language models: also compress the vision tower and projector (data-free methods)")
     p.add_argument("--alloc", choices=["uniform", "energy"], help="rank allocation (default: the method's best)")
     p.add_argument("--calib", help="calibration text file (calibrated methods)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
@@ -63,7 +65,7 @@ def _config_from_args(args):
     calibration = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                    "source": os.path.basename(args.calib) if args.calib else None}
     return CompressionConfig(method=args.method, ratio=ratio, rank=args.rank, targets=args.targets, skip=args.skip,
-                             alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration, bits=args.bits,
+                             vision=bool(getattr(args, "vision", False)), alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration, bits=args.bits,
                              group_size=args.group_size, eora_rank=args.eora_rank, eora_bits=args.eora_bits,
                              eora_factor_bits=args.eora_factor_bits,
                              eora_factor_group_size=args.eora_factor_group_size, quantizer=args.quantizer, kv=kv)
