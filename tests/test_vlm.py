@@ -136,6 +136,21 @@ def test_save_and_load_through_its_class_and_image_text_to_text(arch, ids, tmp_p
         assert torch.equal(logits(loaded, ids), ref), cls.__name__
 
 
+def test_the_checkpoint_holds_the_models_own_names_and_its_card_says_what_stayed_dense(tmp_path):
+    """Issue 37 point 1: transformers' legacy VLM names (``language_model.model.layers...``) are not written."""
+    from safetensors import safe_open
+
+    model = tiny_vlm("llava")
+    hf_compress.compress(model, RTN, progress=False)
+    hf_compress.save_pretrained(model, tmp_path)  # (with the model card)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.language_model.layers.0.self_attn.q_proj.qweight" in keys
+    assert not any(k.startswith("language_model.") for k in keys)
+    card = (tmp_path / "README.md").read_text()
+    assert "left dense: `model.vision_tower` (12 linear layers), `model.multi_modal_projector` (2 linear layers)" in card
+
+
 def test_an_auto_class_without_the_family_names_the_one_to_use(tmp_path):
     model = tiny_vlm("llava")
     hf_compress.compress(model, RTN, progress=False)

@@ -77,6 +77,13 @@ def _compressed_section(model, config, groups) -> str:
     if kept:
         lines[-1] += (f" {kept} targeted layers stayed dense: the rank allocation found that factorising them would "
                       "not pay for its error (or not save bytes).")
+    from ..targets import language_model, other_modalities
+
+    language = language_model(model)
+    if language:  # a multimodal model: what outside its language model stayed dense
+        parts = other_modalities(model, language)
+        lines[-1] += (f" Compressed: the language model (`{language}`); left dense: "
+                      + ", ".join(f"`{p}` ({len(n)} linear layers)" for p, n in parts.items()) + ".")
     if config.ratio is not None:
         lines[-1] += f" Parameter budget: remove {config.ratio:g} of the targeted layers' parameters"
         lines[-1] += f" (allocation `{config.alloc or 'method default'}`)." if config.family == "lowrank" else "."
