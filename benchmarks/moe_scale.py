@@ -6,8 +6,7 @@ method, against the memory formula below; then the whole-model extrapolation (48
 Memory formula (what one block's compression holds beyond the process's baseline after loading; bytes):
 
 * the block's dense weights while it is processed (its experts' fused tensors are read once: `_ExpertSlices`):
-  ``W = 2 · (E · 3 · H · I + attention)`` in bf16, plus their fp32 copies for the layers being fitted (one
-  expert weight group at a time is upcast: ``4 · E · 2I · H`` for gate/up);
+  ``W = 2 · (E · 3 · H · I + attention)`` in bf16 (a layer being fitted is upcast to fp32 alone: small);
 * the statistics of one group of layers sharing an input shape: ``8 · E · H²`` (an fp64 Gram per expert's
   gate/up input; ``8 · E · I²`` for the down group) — the largest term;
 * the calibration stream(s): ``4 · tokens · H`` each (one for GPTQ; two for SVD-LLM's compensation);
@@ -61,7 +60,6 @@ def formula_mb(method: str, tokens: int) -> dict[str, float]:
     experts = EXPERTS * 3 * HIDDEN * MOE_INTER
     terms = {
         "block bf16": 2 * (experts + attention),
-        "fp32 group": 4 * EXPERTS * 2 * MOE_INTER * HIDDEN,
         "statistics": 8 * EXPERTS * HIDDEN * HIDDEN,
         "streams": 4 * tokens * HIDDEN * (2 if method == "svd_llm" else 1),
     }
@@ -73,7 +71,7 @@ def row(method: str, folder: str, nsamples: int, seqlen: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     import hf_compress
-    from hf_compress.progress import reset_peak_rss
+    from hf_compress.progress import reset_peak_rss, rss_mb
 
     torch.set_num_threads(2)
     times: list[float] = []
@@ -98,8 +96,8 @@ def row(method: str, folder: str, nsamples: int, seqlen: int) -> dict:
         config = ({"method": "gptq", "bits": 4, "group_size": 128} if method == "gptq"
                   else {"method": "svd_llm", "ratio": 0.3, "alloc": "uniform"})
         config["calibration"] = {"nsamples": nsamples, "seqlen": seqlen, "batch_size": 4}
-        baseline = peak_rss_mb()
-        reset_peak_rss()
+        reset_peak_rss()  # the load's own peak (safetensors read whole before offloading) is not the run's
+        baseline = rss_mb()
         t0 = time.time()
         with tempfile.TemporaryDirectory() as ckpt:
             hf_compress.compress(model, config, calibration=ids, progress=False, checkpoint_dir=ckpt)
@@ -128,7 +126,7 @@ def main() -> None:
         folder = Path(tmp) / "qwen3moe-30b-shaped"
         build(folder, args.blocks)
         results = run_rows(__file__, [(m, [m, str(folder), str(args.nsamples), str(args.seqlen)]) for m in args.methods])
-    cols = ["method", "blocks", "s / block", f"{FULL_BLOCKS} blocks", "RSS after load MiB", "peak above load MiB",
+    cols = ["method", "blocks", "s / block", f"{FULL_BLOCKS} blocks", "RSS after load MiB", "peak above it MiB",
             "formula MiB", "measured / formula"]
     rows = []
     for r in results:
