@@ -4,7 +4,8 @@
 kind — ``attention``, ``dense MLP``, ``experts``, ``shared experts``, ``router``, ``embeddings/head``, ``other`` —
 and counts, per kind, the parameters, those compressed and those left dense. A compressed layer counts as the dense
 layer it replaces (out × in weights, plus its bias), so the totals sum to the model's parameter count before
-compression, whatever was compressed. The classification follows the modules' types and structure, not one
+compression, whatever was compressed (but for an ``lm_head`` tied to the input embeddings that compression untied:
+it then counts beside the embeddings). The classification follows the modules' types and structure, not one
 architecture's names:
 
 * ``experts``: inside a `CompressedExperts` or a transformers fused ``*Experts`` module (`is_fused_experts`), or
@@ -99,7 +100,7 @@ class DenseWeight:
     share: float  # of the block's parameters
 
     def describe(self) -> str:
-        return f"{self.name} {list(self.shape)} ({100 * self.share:.1f} % of {self.block}'s parameters)"
+        return f"{self.name} {list(self.shape)} ({100 * self.share:.1f} % of the parameters of {self.block})"
 
 
 @dataclass

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import hf_compress
-from hf_compress import coverage_report
+from hf_compress import cli, coverage_report
 from hf_compress.coverage import KINDS, classify
+from hf_compress.hub import model_card
 
 from conftest import ARCHS, make_tiny
 from test_moe import MOE, tiny_moe
@@ -149,6 +150,8 @@ def test_a_large_weight_no_method_can_take_is_named_in_a_warning(caplog, ids):
     assert c["experts"].total == 2 * 4 * 96 * 48 and c["experts"].compressed == 0  # shown as experts left dense
     assert c["dense MLP"].fraction == 1.0
     assert "large weight left dense (no method can compress it): model.layers.*.mlp.experts.w_in" in c.format_table()
+    card = model_card(model, plot=None).text  # the card names it too
+    assert "no hf-compress method can compress" in card and "`model.layers.*.mlp.experts.w_in` [4, 96, 48]" in card
 
 
 def test_the_warning_respects_skip_and_size(caplog):
@@ -165,3 +168,27 @@ def test_the_warning_respects_skip_and_size(caplog):
     assert "model.layers.*.mlp.lut.w_in [2, 16, 48]" in message
     c = coverage_report(model)
     assert c["dense MLP"].dense == 2 * 2 * 16 * 48 and c["experts"].total == 0
+
+
+# ----------------------------------------------------------------------------------------------- reported
+def test_cli_summary_info_and_card_show_coverage_by_kind(tmp_path, capsys):
+    dense = tmp_path / "dense"
+    tiny_moe("qwen3_moe").save_pretrained(dense)
+    out = tmp_path / "q4"
+    assert cli.main(["compress", str(dense), "-o", str(out), "--method", "rtn", "--bits", "4", "--group-size",
+                     "16"]) == 0
+    summary = capsys.readouterr().out
+    assert cli.main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    for text in (summary, info):
+        assert "coverage by kind" in text
+        rows = {ln.split()[0]: ln for ln in text.splitlines() if ln.split() and ln.split()[0] in
+                ("attention", "experts", "router", "total")}
+        assert "100.0 %" in rows["experts"] and "100.0 %" in rows["attention"]
+        assert rows["router"].split()[-1] == rows["router"].split()[1]  # every router parameter left dense
+        assert rows["total"].split()[1] == f"{sum(p.numel() for p in tiny_moe('qwen3_moe').parameters()):,}"
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "### Coverage by kind" in card and "| experts | 73,728 | 100.0 % | 0 |" in card
+    assert "| router | 768 | 0.0 % | 768 |" in card
+    assert "embeddings, norms and tied heads" not in card
+    assert "| `experts.gate_up_proj` | 16 |" in card  # the card's layer types: an expert layer is not "3"
