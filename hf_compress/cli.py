@@ -77,6 +77,7 @@ def cmd_compress(args) -> int:
     from .hub import add_evaluation, provenance_of
     from .loading import load_model, read_text
     from .progress import format_seconds, peak_rss_mb, reset_peak_rss, rss_mb
+    from .coverage import TITLE as COVERAGE_TITLE, coverage_report
     from .summary import size_breakdown
 
     config = _config_from_args(args)
@@ -107,6 +108,8 @@ def cmd_compress(args) -> int:
     print(f"compressed {sizes['compressed_layers']} layers with {config.method} in {format_seconds(time.time() - t0)} "
           f"({time.time() - t0:.1f}s), peak RSS {peak_rss_mb():.0f} MiB; their bytes {dense:,} -> {now:,} "
           f"({now / max(dense, 1):.3f}x)")
+    print(COVERAGE_TITLE)
+    print(coverage_report(model, skip=config.skip).format_table())
     if eval_text:
         print("perplexity of the compressed model:")
         after = _print_ppl(model, tokenizer, eval_text, args)
@@ -222,6 +225,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from .coverage import TITLE as COVERAGE_TITLE, coverage_report
     from .loading import load_model
     from .summary import format_table
 
@@ -233,6 +237,9 @@ def cmd_info(args) -> int:
     print(f"{args.model}: {type(model).__name__}{what}")
     if getattr(q, "kv", None):
         print(f"KV cache (used by generate() by default): {json.dumps(q.kv)}")
+    print(COVERAGE_TITLE)
+    print(coverage_report(model).format_table())
+    print()
     print(format_table(model))
     from .kernels.cpu import weights as cpu_kernels
 
@@ -380,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else built from the checkpoint's tokenizer)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("info", help="per-layer table of a (compressed) model")
+    p = sub.add_parser("info", help="per-layer table of a (compressed) model and its coverage by kind")
     p.add_argument("model")
     p.set_defaults(func=cmd_info)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .auto import own_config
 from .config import CompressionConfig
+from .coverage import coverage_report, log_coverage
 from .errors import ConfigError
 from .pipelines import compress_modules
 from .quantizer import attach
@@ -34,6 +35,11 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     language model's blocks are then fitted on what the vision tower and projector feed them. The model keeps its class
     (``LlamaForCausalLM`` stays ``LlamaForCausalLM``); targeted layers become compressed modules, and the model is
     marked so that ``save_pretrained`` writes an hf-compress checkpoint.
+
+    Afterwards the share of the model compressed, by kind of weight (`hf_compress.coverage.coverage_report`:
+    attention, dense MLP, experts, shared experts, router, embeddings/head, other), is logged at INFO, and a warning
+    names every large weight of the repeated blocks that stays dense because no method can compress it (one that
+    ``config.skip`` names excepted).
 
     ``checkpoint_dir``: make the run resumable (`hf_compress.resume`): finished blocks are checkpointed there as
     safetensors (the sequential engine's streams at most every ``checkpoint_every`` seconds); when the folder
@@ -61,6 +67,8 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
         with folder as checkpoint_dir:
             compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress,
                              checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+        # no silent skips: the coverage by kind at INFO, a warning naming block weights no method could take
+        log_coverage(coverage_report(model, skip=config.skip))
     calibrate_kv(model, config, calibration=calibration, tokenizer=tokenizer)  # KV method (hf_compress/kv)
     if calibration is not None and not config.calibration.get("source"):
         config.calibration["source"] = _describe_source(calibration)
