@@ -55,11 +55,14 @@ class HfCompressQuantizer(HfQuantizer):
                 "run inside from_pretrained; load the dense model and call hf_compress.compress(model, config, ...)."
             )
 
-    def update_weight_conversions(self, weight_conversions, model):
+    def update_weight_conversions(self, weight_conversions, model=None):
         """A pre-quantized hf-compress checkpoint holds the model's own parameter names (see `attach`): no renaming or
-        expert merging of the original format applies to it. Compress-on-load reads the original format."""
+        expert merging of the original format applies to it. Compress-on-load reads the original format.
+        (transformers 5.19 calls this with the conversions only; later releases pass the model too.)"""
         if self.pre_quantized:
             return []
+        if model is None:
+            return super().update_weight_conversions(weight_conversions)
         return super().update_weight_conversions(weight_conversions, model)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
