@@ -73,22 +73,25 @@ FEATURES = {
 #: * ("refused", the start of hf-compress' error message): not supported, and hf-compress says so;
 #: * ("upstream", part of the error another library raises): hf-compress' part works, a stock reader fails;
 #: * ("inexact", why): it runs, but the result differs from what the feature promises (0 difference).
-_MOE_EXPORT = ("inexact", "the experts' export is not done yet: transformers loads the export with the experts' "
-                          "tensors unmatched (random experts)")
+_MOE_EXPORT = ("refused", "cannot export the 32 compressed mixture-of-experts expert layers")
 EXPECTED = {
     ("bert", "kv"): ("refused", "BertModel is an encoder-only model"),
     ("gpt2", "export"): ("refused", "cannot export 8 layer(s) exactly to compressed-tensors"),
     ("falcon", "export"): ("upstream", "'FalconLinear' object has no attribute 'weight'"),
     ("deepseek_v3", "kv"): ("refused", "deepseek_v3 uses multi-head latent attention (MLA)"),
-    ("deepseek_v3", "export"): ("refused", "cannot export 2 layer(s) exactly to compressed-tensors"),
     **{(arch, "export"): _MOE_EXPORT for arch in MOE if arch != "deepseek_v3"},
+    ("deepseek_v3", "export"): ("refused", "cannot export the 16 compressed mixture-of-experts expert layers"),
 }
 #: what the table says of each status
 WHY = {
     ("falcon", "export"): "transformers cannot load a compressed-tensors Falcon (its `_init_weights` reads "
                           "`FalconLinear.weight`, which compressed-tensors replaced by packed tensors)",
     ("gpt2", "export"): "GPT-2's `Conv1D` layers (compressed-tensors quantizes `nn.Linear`); `--format dense` works",
-    ("deepseek_v3", "export"): "`q_b_proj` has 24 inputs, not a multiple of the group size 16 (partial groups)",
+    **{(arch, "export"): "transformers' compressed-tensors loader drops the experts' zero points "
+                         "(`CompressedTensorsDequantize`); `--format dense` works (docs/export.md)"
+       for arch in MOE},
+    ("deepseek_v3", "export"): "the experts, as for the other MoE families; and `q_b_proj` has 24 inputs, not a "
+                               "multiple of the group size 16 (partial groups); `--format dense` works",
 }
 #: the share of the linear layers' parameters (lm_head included) that ``data-free`` compresses, in percent
 SHARE = {"llama": 90, "qwen2": 90, "mistral": 90, "gpt2": 92, "qwen3": 90, "gemma3_text": 90, "phi3": 90,

@@ -323,3 +323,24 @@ def test_kv_specs_in_generate_on_a_compressed_moe_model(spec, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
     again = loaded.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     assert type(again.past_key_values) is cache_type and torch.equal(again.sequences, out.sequences)
+
+
+def test_peft_does_not_rewrite_module_targets_of_a_split_moe_model_into_expert_parameters():
+    """PEFT (>= 0.18 on transformers 5) rewrites gate_proj/up_proj/down_proj targets of MoE model types into
+    target_parameters on the fused experts (peft.utils.transformers_weight_conversion.
+    convert_peft_config_for_transformers, which hf_compress.integrations.peft skips for split experts). On
+    deepseek_v3 the dense first block's MLP and the shared experts carry those names: they must keep their LoRA."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import transformers_weight_conversion
+
+    from hf_compress.integrations.peft import target_module_names
+
+    assert transformers_weight_conversion.convert_peft_config_for_transformers.__name__ == (
+        "convert_peft_config_for_transformers")
+    model = tiny_moe("deepseek_v3")
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16}, progress=False)
+    names = target_module_names(model)
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=names, init_lora_weights=False))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.gate_proj"} <= wrapped
+    assert not pm.peft_config["default"].target_parameters

@@ -225,3 +225,20 @@ def register() -> None:
         return inject(self, peft_config, model, *args, **kwargs)
 
     LoraModel._inject_parameters = _inject_parameters
+    # PEFT rewrites a transformers-4 era config for MoE model types (``gate_proj`` / ``down_proj`` names become
+    # ``target_parameters`` on the fused experts) before injecting. On a model whose experts hf-compress split, the
+    # names are the model's own (`target_module_names`): that rewrite would move LoRA from dense MLP / shared-expert
+    # layers onto experts that no longer exist. PEFT imports the function at call time (tests/test_moe_ecosystem.py
+    # names it).
+    from peft.utils import transformers_weight_conversion as conversion
+
+    convert = conversion.convert_peft_config_for_transformers
+
+    def convert_peft_config_for_transformers(peft_config, model, *args, **kwargs):
+        from ..modules.experts import CompressedExperts
+
+        if any(isinstance(m, CompressedExperts) for m in model.modules()):
+            return None
+        return convert(peft_config, model, *args, **kwargs)
+
+    conversion.convert_peft_config_for_transformers = convert_peft_config_for_transformers
