@@ -15,10 +15,15 @@ Baselines (timed on the same 210 projections, same threads, same process layout:
 ``--7b`` (= ``--llama7b-blocks 2 --nsamples 4`` unless those are given; ``--methods-7b``, ``--timeout-7b`` seconds
 per method) or ``--llama7b-blocks N`` measures instead a Llama-2-7B-shaped model (hidden 4096, intermediate 11008, 32 heads,
 N blocks of random fp16 weights written to disk one block at a time, SmolLM2's tokenizer and vocabulary) compressed
-through the CLI with accelerate disk offload (``--device-map auto --max-memory cpu=1GiB --offload-folder``): per
-block time and peak RSS for svd_llm, asvd, gptq and (data-free) svd from the CLI's ``-v`` progress lines, beside the
-memory formula (`formula_mb`) and the extrapolation to 32 blocks; the RSS once each block is done (finished blocks
-are read back from the checkpoint folder, memory-mapped, rather than kept in RAM) and the peak including the save.
+with accelerate disk offload, each method in its own process through the Python API, as ``hf-compress compress
+--device-map auto --max-memory cpu=1GiB --offload-folder DIR`` does (`run_llama7b_method`): per block time and peak
+RSS for svd_llm, asvd, gptq and (data-free) svd from the library's progress records, beside the memory formula
+(`formula_mb`) and the extrapolation to 32 blocks; the RSS once each block is done (finished blocks are read back
+from the checkpoint folder, memory-mapped, rather than kept in RAM) and the peak including the save.
+
+    .venv/bin/python benchmarks/compress_cost.py --threads 1 --7b --methods-7b gptq --timeout-7b 1200
+    .venv/bin/python benchmarks/compress_cost.py --llama7b-blocks 1 --shape-7b 256 688 4 --nsamples 2 --seqlen 64 \
+        --methods-7b gptq svd                                      # a quick check of this mode on a small shape
 
 A method row is ``method:setting`` (``svd:0.4``, ``rtn:4:128``, ``svd_llm:0.2``, ``gptq:3:64``) run through
 ``hf_compress.compress`` with each method's defaults, timed from the loaded model to the compressed one, then
@@ -34,6 +39,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from common import DATA, TARGETS, peak_rss_mb, print_table, reset_peak_rss, run_rows
 
@@ -200,25 +206,36 @@ def table(results: list[dict], eval_tokens: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ Llama-2-7B shape
-H, I, HEADS, VOCAB = 4096, 11008, 32, 49152  # vocabulary of SmolLM2's tokenizer, used for calibration
-METHODS_7B = {"gptq": ["--bits", "3", "--group-size", "128"], "asvd": ["--ratio", "0.2"],
-              "svd_llm": ["--ratio", "0.2"], "svd": ["--ratio", "0.2"]}  # svd: data-free, one layer at a time
+@dataclass(frozen=True)
+class Shape:
+    """A Llama model's widths: Llama-2-7B's by default (vocabulary of SmolLM2's tokenizer, used for calibration)."""
+
+    hidden: int = 4096
+    intermediate: int = 11008
+    heads: int = 32
+    vocab: int = 49152
 
 
-def write_llama7b(folder, blocks: int) -> None:
+#: method -> its hf-compress config in the 7B-shaped run (svd: data-free, one layer at a time)
+METHODS_7B = {"gptq": {"bits": 3, "group_size": 128}, "asvd": {"ratio": 0.2}, "svd_llm": {"ratio": 0.2},
+              "svd": {"ratio": 0.2}}
+#: the placement of the 7B-shaped run: accelerate's big-model loading, everything past 1 GiB of RAM on disk
+MAX_MEMORY_7B = {"cpu": "1GiB"}
+
+
+def write_llama7b(folder, blocks: int, shape: Shape = Shape()) -> None:
     """A Llama-2-7B-shaped checkpoint with ``blocks`` blocks of random fp16 weights (std 0.02, norms 1), written
     one shard per block so that no more than one block is ever in memory."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from hf_compress.loading import smollm2_gguf_path
-    from transformers import AutoTokenizer
 
-    cfg = LlamaConfig(hidden_size=H, intermediate_size=I, num_attention_heads=HEADS, num_key_value_heads=HEADS,
-                      num_hidden_layers=blocks, vocab_size=VOCAB, max_position_embeddings=4096, dtype="float16",
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                      num_attention_heads=shape.heads, num_key_value_heads=shape.heads, num_hidden_layers=blocks,
+                      vocab_size=shape.vocab, max_position_embeddings=4096, dtype="float16", tie_word_embeddings=False)
     with init_empty_weights():
         model = LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(0)
@@ -233,11 +250,11 @@ def write_llama7b(folder, blocks: int) -> None:
         file = f"model-{k:05d}.safetensors"
         tensors = {}
         for name in shards[names]:
-            shape = shapes[name].shape
+            size = shapes[name].shape
             if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shape, dtype=torch.float16)
+                tensors[name] = torch.ones(size, dtype=torch.float16)
             else:
-                tensors[name] = (torch.randn(shape, generator=g) * 0.02).half()
+                tensors[name] = (torch.randn(size, generator=g) * 0.02).half()
             index[name] = file
         save_file(tensors, os.path.join(folder, file), metadata={"format": "pt"})
         del tensors
@@ -248,7 +265,7 @@ def write_llama7b(folder, blocks: int) -> None:
     tok.save_pretrained(folder)
 
 
-def formula_mb(method: str, n_tok: int, batch_tok: int) -> dict:
+def formula_mb(method: str, n_tok: int, batch_tok: int, shape: Shape = Shape()) -> dict:
     """Peak memory of one block's compression beyond the process floor (MiB), from what the sequential engine
     holds (H = hidden, I = intermediate, P = 4H² + 3HI parameters of a block):
 
@@ -272,7 +289,8 @@ def formula_mb(method: str, n_tok: int, batch_tok: int) -> dict:
     x 4): 30.4 x H x I bytes in all.
 
     peak = floor + block + streams + fit. The floor (interpreter, torch, what stays in RAM such as the
-    embeddings) is the CLI's RSS after loading."""
+    embeddings) is the RSS after loading."""
+    H, I = shape.hidden, shape.intermediate  # noqa: E741
     mb = 2**20
     if method == "svd":
         fit = 2 * H * I * 2 + H * I * 4 + 4 * H * I * 4 + 2 * 0.8 * H * I * 4
@@ -289,8 +307,62 @@ def formula_mb(method: str, n_tok: int, batch_tok: int) -> dict:
     return out
 
 
-def run_llama7b(args) -> None:
-    import re
+def _event(kind: str, **fields) -> None:
+    """One line the parent reads as it comes (a 7B-shaped row takes many minutes): ``EVENT {json}``."""
+    print("EVENT " + json.dumps({"event": kind, **fields}), flush=True)
+
+
+def run_llama7b_method(args) -> None:
+    """Child process of one 7B-shaped row: what ``hf-compress -v compress MODEL -o OUT --method M ... --device-map
+    auto --max-memory cpu=1GiB --offload-folder DIR`` does, through the Python API (load with accelerate's
+    placement; RSS after loading, then the peak restarted; ``compress`` with a checkpoint folder beside the output,
+    so that finished blocks leave RAM; the save), reporting as events: the load, every finished block (the
+    library's progress records: time, RSS once done, peak so far), the time by phase, the compression and the save."""
+    import logging
+    import shutil
+
+    import hf_compress
+    from hf_compress.loading import load_model
+    from hf_compress.progress import rss_mb
+    from hf_compress.summary import size_breakdown
+
+    method = args.row_7b
+    out = os.path.join(args.work_7b, f"out-{method}")
+    partial = out + ".partial"
+
+    class Events(logging.Handler):
+        def emit(self, record):
+            if record.name == "hf_compress.progress":  # Progress: (what, unit, k, n, seconds, elapsed, eta, rss, peak)
+                what, unit, k, n, seconds, _, _, rss, peak = record.args
+                _event("unit", what=what, unit=unit, k=k, n=n, s=round(seconds, 1), rss=round(rss), peak=round(peak))
+            elif record.getMessage().startswith("time by phase"):
+                _event("phases", text=record.getMessage().removeprefix("time by phase: "))
+
+    handler = Events(logging.INFO)
+    for name in ("hf_compress.progress", "hf_compress.pipelines.sequential"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    t0 = time.time()
+    model, tok = load_model(args.model_7b, device_map="auto", max_memory=MAX_MEMORY_7B,
+                            offload_folder=os.path.join(args.work_7b, f"offload-{method}"))
+    placement = getattr(model, "hf_device_map", None) or {}
+    _event("loaded", s=round(time.time() - t0, 1), rss=round(rss_mb()), peak=round(peak_rss_mb()),
+           placement={d: sum(1 for v in placement.values() if v == d) for d in dict.fromkeys(placement.values())})
+    reset_peak_rss()  # the peaks from here on are the compression's (and the save's)
+    config = {"method": method, **METHODS_7B[method],
+              "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0, "source": args.calib}}
+    t0 = time.time()
+    hf_compress.compress(model, config, calibration=str(DATA / args.calib), tokenizer=tok, progress=False,
+                         checkpoint_dir=partial)
+    sizes = size_breakdown(model)
+    _event("compressed", s=round(time.time() - t0, 1), peak=round(peak_rss_mb()), layers=sizes["compressed_layers"],
+           bytes_dense=sizes["compressed_dense"], bytes_now=sizes["compressed_now"])
+    hf_compress.save_pretrained(model, out, tokenizer=tok)
+    shutil.rmtree(partial, ignore_errors=True)
+    _event("saved", peak=round(peak_rss_mb()), rss=round(rss_mb()), file_pages=round(rss_mb("RssFile")))
+
+
+def run_llama7b(args, shape: Shape) -> None:
     import shutil
     import subprocess
     import tempfile
@@ -298,66 +370,62 @@ def run_llama7b(args) -> None:
     work = tempfile.mkdtemp(prefix="llama7b-", dir=args.workdir)
     model_dir = os.path.join(work, "model")
     t0 = time.time()
-    write_llama7b(model_dir, args.llama7b_blocks)
+    write_llama7b(model_dir, args.llama7b_blocks, shape)
     print(f"wrote {args.llama7b_blocks}-block Llama-2-7B-shaped fp16 checkpoint in {time.time() - t0:.0f}s", flush=True)
     n_tok, batch_tok = args.nsamples * args.seqlen, min(args.nsamples, 8) * args.seqlen
     rows = []
     for method in args.methods_7b:
-        out = os.path.join(work, f"out-{method}")
-        cmd = [sys.executable, "-m", "hf_compress.cli", "-v", "compress", model_dir, "-o", out, "--method", method,
-               *METHODS_7B[method], "--calib", str(DATA / args.calib), "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen), "--device-map", "auto", "--max-memory", "cpu=1GiB",
-               "--offload-folder", os.path.join(work, f"offload-{method}")]
-        print(f"{method}: {' '.join(cmd[1:])}", flush=True)
+        cmd = [sys.executable, __file__, "--row-7b", method, "--model-7b", model_dir, "--work-7b", work,
+               "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+        print(f"{method}: {METHODS_7B[method]}, offloaded ({MAX_MEMORY_7B}), {args.nsamples} x {args.seqlen} tokens",
+              flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)})
-        lines, started = [], time.time()
+        events, lines, started = [], [], time.time()
         timed_out = False
-        for line in proc.stdout:  # streamed, so a long run shows its progress lines as they come
+        for line in proc.stdout:  # streamed, so a long run shows its progress as it comes
             lines.append(line)
-            if "block" in line or "RSS" in line or "phase" in line or "Error" in line:
-                print(f"  [{method} {time.time() - started:.0f}s] {line.rstrip()}", flush=True)
+            if line.startswith("EVENT "):
+                events.append(json.loads(line[6:]))
+                print(f"  [{method} {time.time() - started:.0f}s] {line[6:].rstrip()}", flush=True)
             if args.timeout_7b and time.time() - started > args.timeout_7b:
                 proc.kill()
                 timed_out = True
                 break
         proc.wait()
-        log = "".join(lines)
-        blocks = [(float(s), float(r)) for s, r in
-                  re.findall(rf"{method}: block \d+/\d+ done \(([\d.]+) s\).*peak RSS (\d+) MiB", log)]
-        after = re.findall(rf"{method}: block \d+/\d+ done .*, RSS (\d+) MiB, peak", log)  # once each block is done
-        saved = re.search(r"saved .*; peak RSS (\d+) MiB, now (\d+) MiB of which (\d+) MiB file pages", log)
-        summary = re.search(r"compressed .* in .*\(([\d.]+)s\), peak RSS (\d+) MiB", log)
+        of = lambda kind: [e for e in events if e["event"] == kind]  # noqa: E731
+        blocks = [e for e in of("unit") if e["what"] == method]
+        loaded, done, saved = (of("loaded") or [None])[0], (of("compressed") or [None])[0], (of("saved") or [None])[0]
         if not blocks or (proc.returncode and not timed_out):
-            print(f"{method}: FAILED\n{log[-3000:]}", file=sys.stderr, flush=True)
+            print(f"{method}: FAILED\n{''.join(lines)[-3000:]}", file=sys.stderr, flush=True)
             continue
-        floor = re.search(r"RSS now (\d+) MiB", log)
-        loading = re.search(r"peak while loading (\d+) MiB", log)  # the CLI restarts the peak after loading
-        f = formula_mb(method, n_tok, batch_tok)
-        base = float(floor.group(1)) if floor else float("nan")
+        f = formula_mb(method, n_tok, batch_tok, shape)
+        base = float(loaded["rss"]) if loaded else float("nan")
         predicted = base + f["peak"]
-        per_block = sum(s for s, _ in blocks) / len(blocks)
-        total = float(summary.group(1)) if summary else time.time() - started
-        peak = max(float(summary.group(2)) if summary else 0, max(r for _, r in blocks))
+        per_block = sum(e["s"] for e in blocks) / len(blocks)
+        total = done["s"] if done else time.time() - started
+        peak = max(done["peak"] if done else 0, max(e["peak"] for e in blocks))
         rows.append({"method": method, "blocks": f"{len(blocks)}/{args.llama7b_blocks}" + (" (timed out)" if timed_out else ""),
                      "s/block": round(per_block, 1), "run s": round(total, 1),
                      # every phase runs once per block (capture, spectra, sensitivity, the sequential pass)
                      "32-block s (extrapolated)": round(32 * (per_block if timed_out else total / len(blocks))),
-                     "load peak MiB": loading.group(1) if loading else "-",
+                     "load peak MiB": loaded["peak"] if loaded else "-",
                      "peak RSS MiB": round(peak), "floor MiB": round(base),
                      "formula MiB": round(predicted), "measured/formula": round(peak / predicted, 2),
                      **{f"{k} MiB": round(v) for k, v in f.items() if k != "peak"},
-                     "RSS after each block MiB": " / ".join(after),
+                     "RSS after each block MiB": " / ".join(str(e["rss"]) for e in blocks),
                      # the save reads the finished blocks back: file pages of the checkpoint folder's files
-                     "peak incl. save MiB": saved.group(1) if saved else "-",
-                     "end: RSS / file pages MiB": f"{saved.group(2)} / {saved.group(3)}" if saved else "-"})
+                     "peak incl. save MiB": saved["peak"] if saved else "-",
+                     "end: RSS / file pages MiB": f"{saved['rss']} / {saved['file_pages']}" if saved else "-"})
         print(json.dumps(rows[-1]), flush=True)
+        out = os.path.join(work, f"out-{method}")
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out + ".partial", ignore_errors=True)
         shutil.rmtree(os.path.join(work, f"offload-{method}"), ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    if rows:
-        print_table(rows, list(rows[0]))
+    print_table(rows, title=f"\nLlama-shaped model (hidden {shape.hidden}, intermediate {shape.intermediate}, {shape.heads} "
+                            f"heads, vocabulary {shape.vocab}), {args.llama7b_blocks} blocks, placed with max_memory "
+                            f"{MAX_MEMORY_7B}; {args.nsamples} x {args.seqlen} calibration tokens, {args.threads} threads")
 
 
 def main():
@@ -366,7 +434,7 @@ def main():
     p.add_argument("--7b", dest="seven_b", action="store_true", help="the Llama-2-7B-shaped table: --llama7b-blocks 2 "
                    "--nsamples 4 unless given")
     p.add_argument("--shape-7b", type=int, nargs=3, metavar=("HIDDEN", "INTERMEDIATE", "HEADS"),
-                   help=argparse.SUPPRESS)
+                   help="another width for the 7B-shaped model (a quick check of that mode)")
     p.add_argument("--timeout-7b", type=float, default=None, help="seconds per method; a method still running is "
                    "stopped and its finished blocks reported")
     p.add_argument("--methods-7b", nargs="+", default=list(METHODS_7B), choices=list(METHODS_7B))
@@ -379,10 +447,14 @@ def main():
     p.add_argument("--eval-tokens", type=int, default=32768, help="0: no perplexity")
     p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--row-spec", help=argparse.SUPPRESS)
+    p.add_argument("--row-7b", help=argparse.SUPPRESS)
+    p.add_argument("--model-7b", help=argparse.SUPPRESS)
+    p.add_argument("--work-7b", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.shape_7b:  # a smaller model of the same architecture (a quick check of this mode)
-        global H, I, HEADS
-        H, I, HEADS = args.shape_7b
+    if args.row_7b:
+        return run_llama7b_method(args)
+    # --shape-7b: a smaller model of the same architecture (a quick check of this mode)
+    shape = Shape(*args.shape_7b) if args.shape_7b else Shape()
     if args.seven_b:
         args.llama7b_blocks = args.llama7b_blocks or 2
         if "--nsamples" not in sys.argv:
@@ -391,12 +463,13 @@ def main():
         print("ROW " + json.dumps(run_row(args)), flush=True)
         return
     if args.llama7b_blocks:
-        return run_llama7b(args)
+        return run_llama7b(args, shape)
     common = ["--threads", str(args.threads), "--calib", args.calib, "--nsamples", str(args.nsamples),
               "--seqlen", str(args.seqlen), "--eval-tokens", str(args.eval_tokens)]
     results = run_rows(__file__, [(r, ["--row-spec", r, *common]) for r in args.rows])
     rows = table(results, args.eval_tokens)
-    print_table(rows, list(rows[0]) if rows else ["method"])
+    print_table(rows, title=f"\nSmolLM2-135M, {args.threads} threads, calibration {args.nsamples} x {args.seqlen} "
+                            f"tokens of {args.calib}")
 
 
 if __name__ == "__main__":

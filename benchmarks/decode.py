@@ -8,8 +8,9 @@
 
 Protocol: 2 threads (``--threads``), ``generate`` batch 1, greedy, a 256-token prompt (the start of WikiText-2 raw
 test), 64 new tokens, best of two (`hf_compress.evaluation.decode_speed`): ``decode tok/s`` = 63 / (t(64 new tokens)
-- t(1 new token)); ``prefill ms`` = t(1 new token) (the prompt's forward plus one step). Every checkpoint is built first (``hf_compress.compress`` +
-``save_pretrained``, the same as ``hf-compress compress``; kept in ``--workdir``) and then each row loads its
+- t(1 new token)); ``prefill ms`` = t(1 new token) (the prompt's forward plus one step). Every checkpoint is built
+first (``common.build_checkpoint``: ``hf_compress.compress`` + ``save_pretrained``, the same as ``hf-compress
+compress``; kept in ``--workdir`` and reused) and then each row loads its
 checkpoint with ``AutoModelForCausalLM.from_pretrained`` in its own process, so ``peak RSS`` (VmHWM of that process:
 imports + load + generate) is the row's own; ``RSS over imports`` is that peak less the process's peak after its
 imports (what loading and running the model added); ``ckpt MB`` is the checkpoint directory's safetensors. The KV rows
@@ -25,12 +26,12 @@ also with the tied ``lm_head`` compressed: ``+ lm_head``, which unties it from t
 the reference instead.
 
 MoE rows (``MoE top-2: ...``): SmolLM2 as a top-2 mixture of 8 experts (`moe_model.moe_from_dense`, built once
-into ``--workdir``), dense fp32 / bf16 and with its q/k/v/o and experts compressed (the router dense; ``+ lm_head``:
-the tied head too; ``bound: ...``: the dense fp32 MoE with q/k/v/o and the experts modules returning zeros, as the
-``bound`` row below). The dense MoE runs transformers' ``eager`` experts (a loop over the routed experts, as ours);
-``, grouped_mm`` rows run transformers' default for the model, ``grouped_mm`` (``torch.nn.functional.grouped_mm``).
-Their ``x dense fp32`` / ``x dense bf16`` / ``prefill x dense fp32`` are against the dense MoE's ``eager`` rows, not
-dense SmolLM2's. Where their time goes: ``benchmarks/moe.py split``.
+into ``--workdir`` by ``common.build_checkpoint``), dense fp32 / bf16 and with its q/k/v/o and experts compressed
+(the router dense; ``+ lm_head``: the tied head too; ``bound: ...``: the dense fp32 MoE with q/k/v/o and the experts
+modules returning zeros, as the ``bound`` row below). The dense MoE runs transformers' ``eager`` experts (a loop over
+the routed experts, as ours); ``, grouped_mm`` rows run transformers' default for the model, ``grouped_mm``
+(``torch.nn.functional.grouped_mm``). Their ``x dense fp32`` / ``x dense bf16`` / ``prefill x dense fp32`` are
+against the dense MoE's ``eager`` rows, not dense SmolLM2's. Where their time goes: ``benchmarks/moe.py split``.
 
 One more row is a bound, not a model: ``bound: projections free (fp32)`` is the dense fp32 model with its 210
 projections replaced by a module that returns zeros of the right shape (one fill, no product: uninitialised memory
@@ -44,13 +45,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-from common import DATA, TARGETS, peak_rss_mb, print_table, run_rows
+from common import DATA, TARGETS, checkpoint_slug, ensure_checkpoints, peak_rss_mb, print_table, run_rows
 
 PROMPT, NEW, KV_CONTEXT = 256, 64, 2048
-CALIB = {"nsamples": 16, "seqlen": 512, "seed": 0}
 #: the MoE rows' model: SmolLM2 as 8 experts, top-2 (benchmarks/moe_model.py), and their label prefix
 MOE_MODEL, MOE = "moe8-top2", "MoE top-2:"
 
@@ -95,64 +94,6 @@ ROWS = {
                                           "kv": {"method": "quant", "bits": 4, "value_bits": 3, "residual": 16,
                                                  "group_size": 128, "value_flush": 1, "dense_copy": True}},
 }
-
-
-def _slug(build) -> str:
-    if build == "dense":
-        return "dense"
-    if build.get("model") and len(build) == 1:
-        return build["model"]  # the dense MoE
-    return "-".join(f"{k}{v}" for k, v in build.items())
-
-
-def build_moe(out: Path) -> None:
-    """The MoE rows' dense model: SmolLM2 as 8 experts of 192 neurons, top-2 (`moe_model.moe_from_dense`, the
-    router fitted on 32 x 512 tokens of gutenberg-pg1342.txt, as ``moe_model.py --top-k 2`` builds it)."""
-    import torch
-
-    from hf_compress.calibration import calibration_windows
-    from hf_compress.loading import load_model, smollm2_gguf_path
-    from moe_model import moe_from_dense
-
-    torch.manual_seed(0)
-    model, tok = load_model(smollm2_gguf_path())
-    cal = calibration_windows(str(DATA / "gutenberg-pg1342.txt"), tok, 32, 512, 0)
-    moe_from_dense(model.eval(), 8, 2, cal).save_pretrained(out)
-    tok.save_pretrained(out)
-
-
-def build_checkpoint(build, out: Path) -> None:
-    import torch
-
-    import hf_compress
-    from hf_compress.loading import load_model, smollm2_gguf_path
-
-    torch.manual_seed(0)
-    if build != "dense" and build.get("model"):  # a MoE row: the dense MoE first, then compressed from it
-        source = out.parent / _slug({"model": build["model"]})
-        if not (source / "config.json").exists():
-            build_moe(source)
-        if len(build) == 1:
-            return
-        model, tok = load_model(source)
-        cfg = {k: v for k, v in build.items() if k not in ("model", "lm_head")}
-        # the default targets: q/k/v/o and every expert's gate_up_proj / down_proj (the router stays dense)
-        if build.get("lm_head"):  # and the tied head (untied)
-            cfg["targets"] = ["q_proj", "k_proj", "v_proj", "o_proj", "experts", "lm_head"]
-        hf_compress.compress(model, {**cfg, "calibration": CALIB}, progress=False)
-        hf_compress.save_pretrained(model, out, tokenizer=tok, model_card=False)
-        return
-    model, tok = load_model(smollm2_gguf_path())
-    if build == "dense":
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        return
-    cfg = {**{k: v for k, v in build.items() if k != "lm_head"}, "calibration": CALIB,
-           "targets": TARGETS + (["lm_head"] if build.get("lm_head") else [])}  # lm_head: the tied head too
-    calibrated = build.get("eora_rank") or build["method"] in ("gptq", "svd_llm", "asvd")
-    hf_compress.compress(model, cfg, calibration=str(DATA / "gutenberg-pg1342.txt") if calibrated else None,
-                         tokenizer=tok, progress=False)
-    hf_compress.save_pretrained(model, out, tokenizer=tok, model_card=False)
 
 
 def _prompt_ids(tok, n: int):
@@ -299,28 +240,17 @@ def main() -> None:
                          "MKL_ENABLE_INSTRUCTIONS=AVX2): a CPU without AVX512 or native bf16, on one that has them "
                          "(llama.cpp rows keep the ISA llama-cpp-python was built for)")
     ap.add_argument("--row", help=argparse.SUPPRESS)
-    ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
-    if args.build:  # child: build one checkpoint
-        build_checkpoint(json.loads(args.build), work / _slug(json.loads(args.build)))
-        return
     if args.row:  # child: time one row
         spec = ROWS[args.row]
-        print("ROW " + json.dumps(run_row(args.row, spec, work / _slug(spec["build"]))), flush=True)
+        print("ROW " + json.dumps(run_row(args.row, spec, work / checkpoint_slug(spec["build"]))), flush=True)
         return
-    import subprocess
-
     if args.emulate_avx2:
         os.environ.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
     os.environ["HF_COMPRESS_KERNELS"] = args.kernels
     os.environ["DECODE_THREADS"] = str(args.threads)
-    for label in args.rows:
-        build = ROWS[label]["build"]
-        if not (work / _slug(build) / "config.json").exists():
-            print(f"building {_slug(build)} ...", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, __file__, "--workdir", str(work), "--build", json.dumps(build)],
-                           check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    ensure_checkpoints([ROWS[label]["build"] for label in args.rows], work)
     jobs = [(label, [label, "--workdir", str(work)]) for label in args.rows]
     results = _best_of_rounds([run_rows(__file__, jobs) for _ in range(args.rounds)])
     by = {r["row"]: r for r in results if "row" in r}
@@ -345,11 +275,11 @@ def main() -> None:
             r["x DynamicCache (time/token)"] = round(by["KV: DynamicCache, 2048 ctx"]["decode tok/s"]
                                                      / r["decode tok/s"], 2)
     rounds = f" in each of {args.rounds} rounds (the best round per row)" if args.rounds > 1 else ""
-    print(f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2{rounds}, "
-          f"HF_COMPRESS_KERNELS={args.kernels}")
     print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x torchao", "x llama.cpp",
-                          "x DynamicCache (time/token)",
-                          "prefill ms", "prefill x dense fp32", "prefill x llama.cpp", "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"])
+                          "x DynamicCache (time/token)", "prefill ms", "prefill x dense fp32", "prefill x llama.cpp",
+                          "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"],
+                title=f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2{rounds}, "
+                      f"HF_COMPRESS_KERNELS={args.kernels}")
 
 
 if __name__ == "__main__":

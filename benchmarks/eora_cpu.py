@@ -23,7 +23,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import median_ms
+from common import median_ms, print_table
 
 BLOCK = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # (out, in)
 
@@ -95,11 +95,13 @@ def main() -> None:
             (f"EoRA r{r} bf16 factors", bf16_term, nbytes(t for f in bf16 for t in f), f"{errb:.1e}"),
             (f"EoRA r{r} int8 factors (_weight_int8pack_mm)", int8_term,
              nbytes(t for a, b in int8 for t in (*a, *b)), f"{err8:.1e}")]
-    print(f"{len(shapes)} layers, {args.threads} threads, median of {args.passes} passes\n")
-    print("| what | ms per pass | MB read | rel. error vs fp32 |\n|---|---|---|---|")
+    table = []
     with torch.inference_mode():
         for name, fn, size, err in rows:
-            print(f"| {name} | {median_ms(fn, args.passes, warmup=1):.2f} | {size / 1e6:.1f} | {err} |", flush=True)
+            table.append({"what": name, "ms per pass": median_ms(fn, args.passes, warmup=1), "MB read": size / 1e6,
+                          "rel. error vs fp32": err})
+    print_table(table, formats={"ms per pass": ".2f", "MB read": ".1f"},
+                title=f"{len(shapes)} layers, {args.threads} threads, median of {args.passes} passes")
 
 
 if __name__ == "__main__":

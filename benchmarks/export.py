@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vllm_serving"))
 from serving import EORA_RANK, build_smollm2, run_engine  # noqa: E402
 
-from common import DATA  # noqa: E402
+from common import DATA, print_table  # noqa: E402
 
 
 def _windows(tokenizer, text: str, max_tokens: int, seqlen: int = 512) -> list[list[int]]:
@@ -98,17 +98,14 @@ def main() -> None:
          ppl["ct_lora_hf"], None, "fp16, --enable-lora", runs["ct-lora"]["lora"]["decode_tps"]),
         ("dense export (every layer multiplied out)", _size_mib(work / "dense-export"), None, None, None, None),
     ]
-    print(f"WikiText-2 test, first {args.max_tokens} tokens, {len(windows)} windows of 512; batch-1 decode of "
-          f"{args.decode_tokens} tokens, best of 3\n")
-    print("| model | weights MiB | ppl (transformers) | ppl (vLLM) | vLLM dtype | vLLM decode tok/s | vs dense |")
-    print("|---|---:|---:|---:|---|---:|---:|")
-
-    def f(x, fmt):
-        return "" if x is None else format(x, fmt)
-
-    for name, size, p_hf, p_vllm, dt, tps in rows:
-        print(f"| {name} | {f(size, '.1f')} | {f(p_hf, '.3f')} | {f(p_vllm, '.3f')} | {dt or ''} | {f(tps, '.1f')} |"
-              f" {f(tps and tps / dense_tps, '.2f')} |")
+    cols = ["model", "weights MiB", "ppl (transformers)", "ppl (vLLM)", "vLLM dtype", "vLLM decode tok/s", "vs dense"]
+    table = [dict(zip(cols, (name, size, p_hf, p_vllm, dt, tps, tps and tps / dense_tps)))
+             for name, size, p_hf, p_vllm, dt, tps in rows]
+    print_table(table, cols, formats={"weights MiB": ".1f", "ppl (transformers)": ".3f", "ppl (vLLM)": ".3f",
+                                      "vLLM decode tok/s": ".1f", "vs dense": ".2f"},
+                right=("weights MiB", "ppl (transformers)", "ppl (vLLM)", "vLLM decode tok/s", "vs dense"),
+                title=f"WikiText-2 test, first {args.max_tokens} tokens, {len(windows)} windows of 512; batch-1 decode "
+                      f"of {args.decode_tokens} tokens, best of 3")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,9 @@ def main():
     steps = {"compressed": args.steps, "dense-lora": args.dense_steps}
     results = run_rows(__file__, [(kind, ["--kind", kind, *common, "--steps", str(steps[kind])]) for kind in args.rows])
     print_table(results, ["row", "method", "steps", "ppl_before", "ppl_after", "loss_first", "loss_last",
-                          "train_s", "s_per_step", "rss_before_train_MB", "train_peak_rss_MB"])
+                          "train_s", "s_per_step", "rss_before_train_MB", "train_peak_rss_MB"],
+                title=f"\nSmolLM2-135M, LoRA rank {args.lora_rank} on {args.train_text}, batch {args.batch_size}; "
+                      f"perplexity on the first {args.eval_tokens} tokens of WikiText-2 raw test")
 
 
 if __name__ == "__main__":

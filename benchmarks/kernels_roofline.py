@@ -33,6 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import print_table
 from hf_compress.kernels.reference import weights as reference
 
 #: memory bandwidth (GB/s) by device-name fragment: vendor specs
@@ -174,14 +175,15 @@ def main(argv=None):
         name = torch.cuda.get_device_name(device)
         copy_bw = measured_copy_bandwidth(device)
         bw = args.bandwidth or spec_bandwidth(name) or copy_bw
-        print(f"# device {name}; memory bandwidth {bw:.0f} GB/s for %BW (measured copy {copy_bw:.0f} GB/s); "
-              f"dtype {str(dtype)[6:]}; torch {torch.__version__}", flush=True)
+        device_line = (f"device {name}; memory bandwidth {bw:.0f} GB/s for %BW (measured copy {copy_bw:.0f} GB/s); "
+                       f"dtype {str(dtype)[6:]}; torch {torch.__version__}")
     else:
         read_bw = measured_read_bandwidth(device)
         bw = args.bandwidth or read_bw
-        print(f"# device CPU ({torch.get_num_threads()} threads); memory bandwidth {bw:.1f} GB/s for %BW (measured: "
-              f"streaming read of 256 MB); dtype {str(dtype)[6:]}; torch {torch.__version__}; the torch fallbacks "
-              "(the kernels' specification) against dense F.linear", flush=True)
+        device_line = (f"device CPU ({torch.get_num_threads()} threads); memory bandwidth {bw:.1f} GB/s for %BW "
+                       f"(measured: streaming read of 256 MB); dtype {str(dtype)[6:]}; torch {torch.__version__}; the "
+                       "torch fallbacks (the kernels' specification) against dense F.linear")
+    print(f"# {device_line}", flush=True)
 
     rows = []
     t_start = time.time()
@@ -218,14 +220,11 @@ def main(argv=None):
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
 
-    print(f"\n(measured in {time.time() - t_start:.0f} s)\n")
-    print("| layer in x out | kind | detail | impl | tokens | weight MB | time µs | GB/s | %BW | x dense | target "
-          "| ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['kind']} | {r['detail']} | {r['impl']} | {r['m']} | {r['mb']:.2f} | "
-              f"{r['us']:.1f} | {r['gbs']:.1f} | {f(r['pct'], '.0f')} | {f(r['speed'], '.2f')} | "
-              f"{f(r['target'], '.2f')} | {r['ok']} |")
+    table = [{"layer in x out": r["shape"], "kind": r["kind"], "detail": r["detail"], "impl": r["impl"], "tokens": r["m"],
+              "weight MB": f"{r['mb']:.2f}", "time µs": f"{r['us']:.1f}", "GB/s": f"{r['gbs']:.1f}",
+              "%BW": f(r["pct"], ".0f"), "x dense": f(r["speed"], ".2f"), "target": f(r["target"], ".2f"), "ok": r["ok"]}
+             for r in rows]
+    print_table(table, title=f"\n{device_line} (measured in {time.time() - t_start:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import json
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import DATA, print_table
 DEFAULT_METHODS = ["quant4", "quant4-r32", "quant2", "quant2-r32", "gear", "lowrank:0.5", "xkv", "snapkv:0.25",
                    "pyramidkv:0.25", "hf-quanto-int4", "hf-quanto-int2"]
 NEEDLE_METHODS = {"dynamic", "quant4", "quant4-r32", "quant2", "gear", "lowrank:0.5", "xkv", "snapkv:0.25",
@@ -95,8 +95,9 @@ def main(argv=None):
     text = Path(args.text).read_text(encoding="utf-8")
     kw = dict(context=args.context, continuation=args.continuation, windows=args.windows, batch_size=args.windows)
     needle_kw = dict(lengths=args.needle_lengths, depths=(0.25, 0.75))
-    print(f"SmolLM2-135M-Instruct fp32, {args.windows} x ({args.context} + {args.continuation}) tokens of "
-          f"{Path(args.text).name}; needle lengths {args.needle_lengths}", flush=True)
+    title = (f"SmolLM2-135M-Instruct fp32, {args.windows} x ({args.context} + {args.continuation}) tokens of "
+             f"{Path(args.text).name}; needle lengths {args.needle_lengths}")
+    print(title, flush=True)
 
     rows = []
 
@@ -148,20 +149,22 @@ def main(argv=None):
         run(name, cache)
 
     base = rows[0]["result"]
-    lines = ["| cache | bytes/token | x vs DynamicCache (fp32) | x vs 16-bit | perplexity | Δ ppl | greedy agree | "
-             "decode time ratio | needle |", "|---|---|---|---|---|---|---|---|---|"]
+    table = []
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['method']} | not run: {row['error']} |||||||| ")
+            table.append({"cache": row["method"], "bytes/token": f"not run: {row['error']}"})
             continue
         r = row["result"]
         needle = f"{row['needle'][0]}/{row['needle'][1]}" if row["needle"] else "–"
-        lines.append(
-            f"| {row['method']} | {r.bytes_per_token:,.0f} | {base.bytes_per_token / r.bytes_per_token:.2f} | "
-            f"{base.bytes_per_token / 2 / r.bytes_per_token:.2f} | {r.perplexity:.3f} | "
-            f"{100 * (r.perplexity / base.perplexity - 1):+.2f}% | {greedy_agreement(base, r):.3f} | "
-            f"{r.decode_seconds / base.decode_seconds:.2f} | {needle} |")
-    print("\n".join(lines), flush=True)
+        table.append({"cache": row["method"], "bytes/token": f"{r.bytes_per_token:,.0f}",
+                      "x vs DynamicCache (fp32)": base.bytes_per_token / r.bytes_per_token,
+                      "x vs 16-bit": base.bytes_per_token / 2 / r.bytes_per_token, "perplexity": r.perplexity,
+                      "Δ ppl": f"{100 * (r.perplexity / base.perplexity - 1):+.2f}%",
+                      "greedy agree": greedy_agreement(base, r),
+                      "decode time ratio": r.decode_seconds / base.decode_seconds, "needle": needle})
+    print_table(table, title="\n" + title,
+                formats={"x vs DynamicCache (fp32)": ".2f", "x vs 16-bit": ".2f", "perplexity": ".3f",
+                         "greedy agree": ".3f", "decode time ratio": ".2f"})
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([{**{k: v for k, v in row.items() if k != "result"},

@@ -10,11 +10,10 @@ of the attention scores q·kᵀ/√d of the last 128 queries against every key i
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import DATA, print_table
 
 
 def main():
@@ -40,7 +39,7 @@ def main():
         return kv_dequantize(*kv_quantize(x.float(), bits, 32, "channel", torch.float16), bits, 32, "channel",
                              torch.float32)
 
-    print("| key bits | score MSE, quantized after RoPE | quantized before RoPE | ratio |\n|---|---|---|---|")
+    rows = []
     for bits in (2, 4):
         post = pre = 0.0
         for i in range(cfg.num_hidden_layers):
@@ -55,7 +54,9 @@ def main():
 
             post += err(quant(k_rot, bits))
             pre += err(apply_rotary_pos_emb(q, quant(k, bits), cos, sin)[1])
-        print(f"| {bits} | {post:.4g} | {pre:.4g} | {post / pre:.2f} |")
+        rows.append({"key bits": bits, "score MSE, quantized after RoPE": post, "quantized before RoPE": pre,
+                     "ratio": post / pre})
+    print_table(rows, formats={"ratio": ".2f"}, title=f"SmolLM2-135M, one {t}-token window of WikiText-2 raw test")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from common import print_table
+
 
 def median_us(fn, seconds: float = 0.5) -> float:
     for _ in range(20):
@@ -41,7 +43,7 @@ def main() -> None:
 
     cols = ["shape", "dense fp32", "dense bf16", "int4 op", "3-bit module", "+ EoRA r32", "EoRA cost",
             "low rank 0.4", "x dense fp32 (low rank)"]
-    print(f"\nus per forward, 1 row, {args.threads} threads\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    rows = []
     for shape in args.shapes:
         k, n = map(int, shape.split("x"))
         x = torch.randn(1, 1, k)
@@ -68,8 +70,9 @@ def main() -> None:
             low = LowRankLinear(k, n, r, bias=False)
             row["low rank 0.4"] = median_us(lambda: low(x))
             row["x dense fp32 (low rank)"] = f"{row['dense fp32'] / row['low rank 0.4']:.2f}"
-        print("| " + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else row[c] for c in cols) + " |",
-              flush=True)
+        rows.append(row)
+        print(row, flush=True)
+    print_table(rows, cols, formats=dict.fromkeys(cols, ".1f"), title=f"\nus per forward, 1 row, {args.threads} threads")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import DATA, TARGETS
+from common import DATA, TARGETS, print_table
 
 
 def ours(model, tokenizer, prompt, windows, new_tokens):
@@ -101,12 +101,14 @@ def main():
         llama = llama_cpp_rows(args.out, prompt, windows, args.new_tokens, args.threads)
         rows["llama.cpp (GGUF export, Q4_1)"] = llama
     base = rows["hf-compress (CPU kernels, fp32 model)"]
-    print(f"\nSmolLM2-135M RTN 4-bit g32, {args.threads} threads; prompt {len(prompt)} tokens, "
-          f"{args.new_tokens} new tokens, WikiText-2 {len(windows)} windows of 512\n")
-    print("| engine | prefill s | decode tok/s | ppl | prefill ratio | decode ratio |\n|---|---:|---:|---:|---:|---:|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} | {r['ppl']:.3f} | "
-              f"{r['prefill_s'] / base['prefill_s']:.2f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} |")
+    table = [{"engine": name, "prefill s": r["prefill_s"], "decode tok/s": r["decode_tok_s"], "ppl": r["ppl"],
+              "prefill ratio": r["prefill_s"] / base["prefill_s"], "decode ratio": r["decode_tok_s"] / base["decode_tok_s"]}
+             for name, r in rows.items()]
+    print_table(table, formats={"prefill s": ".3f", "decode tok/s": ".1f", "ppl": ".3f", "prefill ratio": ".2f",
+                                "decode ratio": ".2f"},
+                right=("prefill s", "decode tok/s", "ppl", "prefill ratio", "decode ratio"),
+                title=f"\nSmolLM2-135M RTN 4-bit g32, {args.threads} threads; prompt {len(prompt)} tokens, "
+                      f"{args.new_tokens} new tokens, WikiText-2 {len(windows)} windows of 512")
 
 
 if __name__ == "__main__":

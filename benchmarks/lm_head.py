@@ -9,7 +9,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import median_ms
+from common import median_ms, print_table
 
 
 def main() -> None:
@@ -17,10 +17,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    rows = []
     for dtype in (torch.float32, torch.bfloat16):
         w, x = torch.randn(49152, 576, dtype=dtype), torch.randn(1, 576, dtype=dtype)
-        print(f"lm_head 49152x576 {str(dtype).removeprefix('torch.')}: {median_ms(lambda: F.linear(x, w)):.2f} ms/token "
-              f"({args.threads} threads)")
+        rows.append({"layer": "lm_head 49152x576", "dtype": str(dtype).removeprefix("torch."),
+                     "ms/token": median_ms(lambda: F.linear(x, w))})
+    print_table(rows, formats={"ms/token": ".2f"}, title=f"{args.threads} threads, median of 200 single-row GEMVs")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
 
-from common import DATA, TARGETS, peak_rss_mb as _peak_rss_mb, reset_peak_rss as _reset_peak_rss
+from common import DATA, TARGETS, peak_rss_mb as _peak_rss_mb, print_table, reset_peak_rss as _reset_peak_rss, run_rows
 
 
 def run_row(args) -> dict:
@@ -79,24 +76,15 @@ def main():
         print("ROW " + json.dumps(run_row(args)), flush=True)
         return
     jobs = [(m, r) for m in args.methods for r in args.ratios] + ([] if args.no_dense else [("dense", 0.0)])
-    results = []
-    for method, ratio in jobs:
-        cmd = [sys.executable, __file__, "--row", "--method", method, "--ratio", str(ratio),
-               "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--eval-tokens", str(args.eval_tokens), "--second-text", args.second_text or "",
-               "--method-kwargs", args.method_kwargs] + (["--alloc", args.alloc] if args.alloc else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
-        if not line:
-            print(f"{method} {ratio}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(line[0][4:]))
-        print(json.dumps(results[-1]), flush=True)
+    common = ["--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+              "--eval-tokens", str(args.eval_tokens), "--second-text", args.second_text or "",
+              "--method-kwargs", args.method_kwargs] + (["--alloc", args.alloc] if args.alloc else [])
+    results = run_rows(__file__, [(f"{method} {ratio}", ["--method", method, "--ratio", str(ratio), *common])
+                                  for method, ratio in jobs])
     cols = ["method", "ratio", "alloc", "ppl_wikitext", "ppl_second", "params_M", "proj_MB", "dense_layers",
             "compress_s", "rss_before_MB", "compress_peak_rss_MB", "peak_rss_MB"]
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in results:
-        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |")
+    print_table([r for r in results if "error" not in r], cols,
+                title=f"\nSmolLM2-135M, WikiText-2 first {args.eval_tokens} tokens; second text: {args.second_text or '-'}")
 
 
 if __name__ == "__main__":

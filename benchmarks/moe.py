@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DATA, TARGETS, print_table
+from common import DATA, TARGETS, checkpoint_slug, print_table
 
 CALIB = {"nsamples": 32, "seqlen": 512, "seed": 0}
 EXPERTS = 8
@@ -286,7 +286,8 @@ def run_routing(args) -> list[dict]:
     from hf_compress.calibration import calibration_windows
 
     model, tok = sparse_moe(Path(args.workdir), args.top_k)
-    cal = calibration_windows(str(DATA / "gutenberg-pg1342.txt"), tok, CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"])
+    cal = calibration_windows(str(DATA / "gutenberg-pg1342.txt"), tok, CALIB["nsamples"], CALIB["seqlen"],
+                              CALIB["seed"])
     counts = {i: torch.zeros(EXPERTS, dtype=torch.long) for i in range(len(model.model.layers))}
 
     def count(i):
@@ -328,11 +329,13 @@ def run_split(args) -> list[dict]:
     rows = []
     for label in args.rows:
         spec = decode.ROWS[label]
-        path = Path(args.decode_workdir) / decode._slug(spec["build"])
+        path = Path(args.decode_workdir) / checkpoint_slug(spec["build"])
         kw = {"experts_implementation": spec["experts"]} if spec.get("experts") else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.get("dtype", "float32")),
                                                      **kw).eval()
         tok = AutoTokenizer.from_pretrained(path)
+        if spec.get("free"):  # the bound row: projections and experts modules return zeros
+            decode._free_projections(model)
         ids = decode._prompt_ids(tok, decode.PROMPT)
         spent, started, state = {}, {}, {"decoding": False, "steps": 0}
 
@@ -473,30 +476,30 @@ def main() -> None:
             "calls": run_calls}[args.table](args)
     threads = os.environ.get("OMP_NUM_THREADS", "?")
     if args.table == "exact":
-        print(f"\nSmolLM2-135M dense vs MoE top-8 (exact construction), ppl on {args.eval_tokens} WikiText-2 tokens, "
-              f"logits on {LOGIT_WINDOWS} x 512 tokens; {threads} threads, {time.time() - t0:.0f} s")
+        title = (f"\nSmolLM2-135M dense vs MoE top-8 (exact construction), ppl on {args.eval_tokens} WikiText-2 "
+                 f"tokens, logits on {LOGIT_WINDOWS} x 512 tokens; {threads} threads, {time.time() - t0:.0f} s")
         cols = ["setting", "compress s (dense / MoE)", "logits", "ppl dense", "ppl MoE", "weights",
                 "identical, block 0", "identical, blocks 1-29", "blocks 1-29 min-max", "ΔW / ‖W‖", "ΔW / quant err"]
     elif args.table == "quality":
-        print(f"\nSmolLM2-135M and its top-{args.top_k} MoE, ppl on {args.eval_tokens} WikiText-2 tokens; {threads} threads, "
-              f"{time.time() - t0:.0f} s")
+        title = (f"\nSmolLM2-135M and its top-{args.top_k} MoE, ppl on {args.eval_tokens} WikiText-2 tokens; "
+                 f"{threads} threads, {time.time() - t0:.0f} s")
         cols = ["model", "setting", "ppl", "ppl / own fp32", "rtn ratio / this ratio", "compress s"]
     elif args.table == "calls":
-        print(f"\nOne decode-sized call (1 row) of each layer shape of the top-2 MoE SmolLM2, us per call, cycling "
-              f"through {RING_MB} MB of fp32 weights (`ring` layers); {threads} threads")
+        title = (f"\nOne decode-sized call (1 row) of each layer shape of the top-2 MoE SmolLM2, us per call, cycling "
+                 f"through {RING_MB} MB of fp32 weights (`ring` layers); {threads} threads")
         cols = ["layer [out, in]", "calls / token", "F.linear fp32", "F.linear bf16", "QuantLinear 4-bit (module)",
                 "cpu.quant_linear (function)", "int4 op alone (bf16 row)", "ring"]
     elif args.table == "split":
-        print(f"\nTop-2 MoE SmolLM2, decode steps after a {256}-token prompt, ms per token (best of 2 runs of 64 new "
-              f"tokens); {threads} threads, HF_COMPRESS_KERNELS={os.environ.get('HF_COMPRESS_KERNELS', 'auto')}")
+        title = (f"\nTop-2 MoE SmolLM2, decode steps after a 256-token prompt, ms per token (best of 2 runs of 64 new "
+                 f"tokens); {threads} threads, HF_COMPRESS_KERNELS={os.environ.get('HF_COMPRESS_KERNELS', 'auto')}")
         cols = ["row", "ms / token", "generate outside forward", "forward", "attention", "routers", "experts",
                 "lm_head", "rest of forward"]
     else:
-        print(f"\nTop-{args.top_k} MoE SmolLM2: routed (token, slot) pairs per expert on {CALIB['nsamples']} x "
-              f"{CALIB['seqlen']} calibration tokens (mean {CALIB['nsamples'] * CALIB['seqlen'] * args.top_k // EXPERTS} "
-              f"per expert and layer)")
+        title = (f"\nTop-{args.top_k} MoE SmolLM2: routed (token, slot) pairs per expert on {CALIB['nsamples']} x "
+                 f"{CALIB['seqlen']} calibration tokens (mean "
+                 f"{CALIB['nsamples'] * CALIB['seqlen'] * args.top_k // EXPERTS} per expert and layer)")
         cols = ["layer", "min", "median", "max", "max / mean", "experts with 0"]
-    print_table(rows, cols)
+    print_table(rows, cols, title=title)
 
 
 if __name__ == "__main__":

@@ -214,7 +214,9 @@ def main():
     results = run_rows(__file__, jobs)
     print_table(results, ["method", "bits", "group_size", "eora", "eora_ranks", "ppl_wikitext", "bits_w",
                           "bits_w_fp16_factors", "proj_MB", "compress_s",
-                          "compress_peak_rss_MB", "eval_s", "error"])
+                          "compress_peak_rss_MB", "eval_s", "error"],
+                title=f"\nSmolLM2-135M, perplexity on the first {args.eval_tokens} tokens of WikiText-2 raw test; "
+                      f"calibration {args.nsamples} x 512 tokens of {args.calib}")
 
 
 if __name__ == "__main__":

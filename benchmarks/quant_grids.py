@@ -3,15 +3,16 @@ perplexity on the first 4096 tokens of WikiText-2 (a quick screen; benchmarks/qu
 
     .venv/bin/python benchmarks/quant_grids.py            # all variants, ~2-4 min each on 2 cores
     .venv/bin/python benchmarks/quant_grids.py rtn rtn-int
+    .venv/bin/python benchmarks/quant_grids.py rtn --eval-tokens 1024     # a quick look
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
-import sys
 import time
 
-from common import DATA, TARGETS
+from common import DATA, TARGETS, print_table
 
 VARIANTS = {
     "rtn": ("rtn", {"integer_zero": False}),
@@ -28,10 +29,17 @@ def main():
     from hf_compress.evaluation import perplexity
     from hf_compress.loading import load_model, read_text, smollm2_gguf_path
 
-    names = sys.argv[1:] or list(VARIANTS)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants", nargs="*", help=f"some of {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="WikiText-2 tokens scored (default 4096)")
+    args = p.parse_args()
+    names = args.variants or list(VARIANTS)
+    if set(names) - set(VARIANTS):
+        p.error(f"unknown variants {sorted(set(names) - set(VARIANTS))}; choose from {list(VARIANTS)}")
     base, tok = load_model(smollm2_gguf_path())
     text = read_text(DATA / "wikitext-2-raw-test.txt")
-    print("| variant | method | method_kwargs | perplexity (4096 tokens) | seconds |\n|---|---|---|---|---|")
+    ppl_col = f"perplexity ({args.eval_tokens} tokens)"
+    rows = []
     for name in names:
         method, kwargs = VARIANTS[name]
         model = copy.deepcopy(base)
@@ -39,8 +47,11 @@ def main():
         hf_compress.compress(model, {"method": method, "bits": 3, "group_size": 64, "targets": TARGETS,
                                      "method_kwargs": kwargs}, progress=False)
         model.dequantize()
-        ppl = perplexity(model, tok, text, max_tokens=4096, progress=False).perplexity
-        print(f"| {name} | {method} | {kwargs} | {ppl:.4g} | {time.time() - t0:.0f} |", flush=True)
+        ppl = perplexity(model, tok, text, max_tokens=args.eval_tokens, progress=False).perplexity
+        rows.append({"variant": name, "method": method, "method_kwargs": kwargs, ppl_col: ppl,
+                     "seconds": f"{time.time() - t0:.0f}"})
+        print(rows[-1], flush=True)
+    print_table(rows, title="SmolLM2-135M, 3-bit g64, every q/k/v/o/gate/up/down projection")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 rank 0.4 checkpoints vs the stock compressed-tensors export of the same 4-bit weights (vLLM's own W4A16 path).
 
     .venv-vllm/bin/python benchmarks/serve.py [--work DIR] [--ct-export DIR] [--threads N]
+    .venv-vllm/bin/python benchmarks/serve.py --rows "plugin rtn 4-bit g64"      # some rows (dense bf16 always runs)
 
 Every row is measured in this one run, one vLLM engine after another (bf16 activations, eager mode,
 ``VLLM_CPU_KVCACHE_SPACE=1``): batch-1 decode tokens/s, the 63 tokens after the first of a 64-token greedy
@@ -22,6 +23,8 @@ import os
 import time
 from pathlib import Path
 
+from common import print_table
+
 ROWS = {  # label -> hf-compress config (None: the dense model)
     "dense bf16": None,
     "plugin rtn 4-bit g64": {"method": "rtn", "bits": 4, "group_size": 64},
@@ -32,12 +35,14 @@ STOCK = "stock vLLM W4A16 (compressed-tensors export of the rtn 4-bit weights)"
 PROMPT_TOKENS, NEW_TOKENS, CONCURRENT = 16, 64, 8
 
 
-def make_checkpoints(work: Path, ct_export: Path | None) -> dict[str, Path]:
+def make_checkpoints(work: Path, ct_export: Path | None, rows: list[str]) -> dict[str, Path]:
     import hf_compress
     from hf_compress.loading import load_model, smollm2_gguf_path
 
     paths = {}
     for label, config in ROWS.items():
+        if label not in rows:
+            continue
         path = work / label.replace(" ", "-")
         if not (path / "config.json").exists():
             model, _ = load_model(smollm2_gguf_path())
@@ -47,6 +52,8 @@ def make_checkpoints(work: Path, ct_export: Path | None) -> dict[str, Path]:
                 hf_compress.compress(model, config, progress=False)
                 hf_compress.save_pretrained(model, path)
         paths[label] = path
+    if "stock" not in rows:
+        return paths
     if ct_export is None:
         try:
             from hf_compress.export import export
@@ -55,7 +62,10 @@ def make_checkpoints(work: Path, ct_export: Path | None) -> dict[str, Path]:
             return paths
         ct_export = work / "rtn-4bit-g64-compressed-tensors"
         if not (ct_export / "config.json").exists():
-            export(paths["plugin rtn 4-bit g64"], ct_export, format="compressed-tensors")
+            rtn4 = work / "plugin-rtn-4-bit-g64"
+            if not (rtn4 / "config.json").exists():
+                make_checkpoints(work, None, ["plugin rtn 4-bit g64"])  # the export's source, not a row here
+            export(rtn4, ct_export, format="compressed-tensors")
     paths[STOCK] = ct_export
     return paths
 
@@ -87,30 +97,32 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/hf-compress-serve-bench"))
     parser.add_argument("--ct-export", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the vLLM worker")
+    parser.add_argument("--rows", nargs="+", choices=[*ROWS, "stock"], default=[*ROWS, "stock"],
+                        help="rows to measure (stock: the compressed-tensors export in stock vLLM); dense bf16, the "
+                             "base of the ratios, always runs")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")  # the stock W4A16 row: weight-only, activations not int8
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    paths = make_checkpoints(args.work, args.ct_export)
+    paths = make_checkpoints(args.work, args.ct_export, ["dense bf16", *args.rows])
     load = os.getloadavg()
     results = {}
     for label, path in paths.items():
         results[label] = measure(path)
         print(f"ROW {label}: {results[label]}", flush=True)  # as each lands (a row takes minutes on 2 cores)
     base = results["dense bf16"]
-    print(f"\nSmolLM2-135M-Instruct in vLLM (CPU, {args.threads} threads, bf16 activations, eager; load average "
-          f"{load[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end)\n")
     stock = results.get(STOCK)
-    print(f"| row | batch-1 decode tokens/s | vs dense bf16 | vs stock W4A16 | {CONCURRENT} concurrent tokens/s | "
-          "vs dense bf16 | vs stock W4A16 |")
-    print("|---|---|---|---|---|---|---|")
-    for label, r in results.items():
-        cells = [f"{r['decode']:.1f}", f"{r['decode'] / base['decode']:.2f}",
-                 f"{r['decode'] / stock['decode']:.2f}" if stock else "-",
-                 f"{r['throughput']:.1f}", f"{r['throughput'] / base['throughput']:.2f}",
-                 f"{r['throughput'] / stock['throughput']:.2f}" if stock else "-"]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    cols = ["row", "batch-1 decode tokens/s", "vs dense bf16", "vs stock W4A16", f"{CONCURRENT} concurrent tokens/s",
+            "concurrent vs dense bf16", "concurrent vs stock W4A16"]
+    table = [dict(zip(cols, (label, f"{r['decode']:.1f}", f"{r['decode'] / base['decode']:.2f}",
+                             f"{r['decode'] / stock['decode']:.2f}" if stock else "-",
+                             f"{r['throughput']:.1f}", f"{r['throughput'] / base['throughput']:.2f}",
+                             f"{r['throughput'] / stock['throughput']:.2f}" if stock else "-")))
+             for label, r in results.items()]
+    print_table(table, cols, title=f"\nSmolLM2-135M-Instruct in vLLM (CPU, {args.threads} threads, bf16 activations, "
+                                   f"eager; load average {load[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end)")
+
 
 if __name__ == "__main__":
     main()

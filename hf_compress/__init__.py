@@ -13,6 +13,7 @@ from .modules import LowRankLinear, QuantLinear, QuantLowRankLinear  # noqa: E40
 from . import quantizer as _quantizer  # noqa: E402,F401  (registers the quantizer)
 from . import auto as _auto  # noqa: E402
 from .compressor import compress  # noqa: E402
+from .coverage import coverage_report  # noqa: E402
 from .hub import save_pretrained  # noqa: E402
 from .evaluation import perplexity  # noqa: E402
 
@@ -25,6 +26,7 @@ _peft.register()
 __all__ = [
     "CompressionConfig",
     "compress",
+    "coverage_report",
     "save_pretrained",
     "perplexity",
     "available_methods",

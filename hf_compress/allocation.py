@@ -157,3 +157,39 @@ def allocate_energy(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[in
         else:
             hi = mid
     return solve(hi)[0]
+
+
+def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices: list[int], budget: float
+                         ) -> dict[str, int]:
+    """One bit width per expert layer under one budget: the parameter-weighted mean of the widths is at most
+    ``budget`` (bits per weight).
+
+    The error model is the usual one for uniform rounding: a layer quantized to b bits adds output error
+    proportional to 4^-b, weighted by how often the router uses the layer (``usage``: the share of routed tokens).
+    Starting from the smallest width for every layer, the greedy step upgrades the layer with the largest error
+    reduction per added bit (usage · (4^-b - 4^-b') / (size · (b' - b))) while the budget allows; ties go to the
+    earlier layer, so the result is deterministic. A layer the router never used stays at the smallest width."""
+    choices = sorted(choices)
+    bits = {n: choices[0] for n in usage}
+    total = sum(sizes[n] for n in usage)
+    spent = sum(sizes[n] * bits[n] for n in usage)
+    limit = budget * total + 1e-9
+    order = list(usage)
+    while True:
+        best, best_gain = None, 0.0
+        for n in order:
+            i = choices.index(bits[n])
+            if i + 1 == len(choices):
+                continue
+            b, nb = bits[n], choices[i + 1]
+            cost = sizes[n] * (nb - b)
+            if spent + cost > limit:
+                continue
+            gain = usage[n] * (4.0 ** -b - 4.0 ** -nb) / cost
+            if gain > best_gain:
+                best, best_gain = n, gain
+        if best is None:
+            return bits
+        i = choices.index(bits[best])
+        spent += sizes[best] * (choices[i + 1] - bits[best])
+        bits[best] = choices[i + 1]

@@ -19,12 +19,15 @@ In memory, a compressed model's config is an instance of a small subclass of its
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
@@ -35,11 +38,20 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .version import __version__
-from .checkpoint import SHIM_MODULE, write_shim
 from .config import QUANT_METHOD, CompressionConfig
 from .errors import CheckpointError
 
 MODEL_TYPE = "hf_compress"
+
+#: the file a checkpoint carries so that ``trust_remote_code=True`` loads it (named in its ``auto_map``)
+SHIM_MODULE = "hf_compress_autoload"
+SHIM_SOURCE = '''"""Loads an hf-compress checkpoint with trust_remote_code=True. Needs: pip install hf-compress"""
+from hf_compress.auto import CompressedConfig, CompressedModel, CompressedModelForCausalLM  # noqa: F401
+'''
+
+
+def write_shim(directory: str | os.PathLike) -> None:
+    Path(directory, SHIM_MODULE + ".py").write_text(SHIM_SOURCE, encoding="utf-8")
 
 
 def is_compressed_config(config) -> bool:
@@ -85,6 +97,27 @@ def __getattr__(name: str):
         if isinstance(base, type) and issubclass(base, PreTrainedConfig):
             return compressed_config_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def own_config(model) -> None:
+    """Give ``model`` a config object of its own (a deep copy), so that compressing it never changes the caller's
+    config (``from_config(c)`` keeps ``c`` as ``model.config``; `use_compressed_config_class`, ``untie`` and the
+    ``quantization_config`` would otherwise land on ``c``). Every submodule that held the old config or one of its
+    sub-configs (``text_config``, ``vision_config``, ...) is pointed at the copy's counterpart."""
+    import copy
+
+    old = getattr(model, "config", None)
+    if not isinstance(old, PreTrainedConfig):
+        return
+    new = copy.deepcopy(old)
+    swap = {id(old): new}
+    for key, value in vars(old).items():
+        if isinstance(value, PreTrainedConfig):
+            swap[id(value)] = getattr(new, key)
+    for module in model.modules():
+        held = module.__dict__.get("config")
+        if held is not None and id(held) in swap:
+            module.__dict__["config"] = swap[id(held)]
 
 
 def use_compressed_config_class(model) -> None:
@@ -174,7 +207,10 @@ def native_model_class(auto_class, config_cls: type):
     for klass in config_cls.__mro__:
         if klass is not CompressedConfig and klass in mapping:
             return mapping[klass]
-    raise CheckpointError(f"{auto_class.__name__} has no model class for {config_cls.__name__}.")
+    others = [a.__name__ for a in _AUTO_CLASSES if a is not auto_class and any(
+        k is not CompressedConfig and k in a._model_mapping for k in config_cls.__mro__)]
+    advice = f"; load it with {' or '.join(others[:2])} (or its own class)" if others else ""
+    raise CheckpointError(f"{auto_class.__name__} has no model class for {config_cls.__name__}{advice}.")
 
 
 _AUTO_CLASSES = (
@@ -185,6 +221,7 @@ _AUTO_CLASSES = (
     AutoModelForTokenClassification,
     AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
+    AutoModelForImageTextToText,
 )
 
 

@@ -66,6 +66,38 @@ def calibration_windows(source: Any, tokenizer, nsamples: int = 32, seqlen: int 
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
+def is_multimodal_source(source: Any) -> bool:
+    """A list of samples given as dicts: ``{"text": ..., "images": [...]}`` for the model's processor, or model
+    inputs already made (``{"input_ids": ..., "pixel_values": ...}``)."""
+    return isinstance(source, (list, tuple)) and bool(source) and all(isinstance(s, dict) for s in source)
+
+
+def multimodal_inputs(source: Any, processor, nsamples: int) -> list[dict[str, torch.Tensor]]:
+    """Model inputs for image+text calibration, one dict of tensors (batch of one) per sample, the first
+    ``nsamples`` samples: ``{"text": str, "images": [PIL images]}`` (or ``"image"``: one) goes through
+    ``processor`` (the model's ``AutoProcessor``, passed as ``tokenizer``), which expands the text's image
+    placeholders; a dict that holds ``input_ids`` is used as given. Each sample is one calibration window (``seqlen``
+    does not apply)."""
+    inputs = []
+    for i, sample in enumerate(source[:nsamples]):
+        if "input_ids" in sample:
+            made = dict(sample)
+        else:
+            if "text" not in sample:
+                raise ConfigError(f"Calibration sample {i} has neither 'text' (with 'images') nor 'input_ids'")
+            if processor is None or not callable(processor):
+                raise ConfigError("Image+text calibration needs the model's processor: pass tokenizer=AutoProcessor"
+                                  ".from_pretrained(...)")
+            images = sample.get("images", [sample["image"]] if "image" in sample else None)
+            kwargs = {"images": images} if images else {}
+            made = dict(processor(text=[sample["text"]], return_tensors="pt", **kwargs))
+        made = {k: v for k, v in made.items() if isinstance(v, torch.Tensor)}
+        if made.get("input_ids") is None or made["input_ids"].ndim != 2 or made["input_ids"].shape[0] != 1:
+            raise ConfigError(f"Calibration sample {i}: input_ids must be a [1, length] tensor")
+        inputs.append(made)
+    return inputs
+
+
 # ----------------------------------------------------------------------------------------------- stats
 @dataclass
 class LayerStats:
@@ -170,9 +202,12 @@ class _Batch:
 
 @dataclass
 class BlockwiseRunner:
+    """``windows``: token windows [n, seqlen] run ``batch_size`` at a time, or a list of model-input dicts (image+text
+    calibration, `multimodal_inputs`), one forward each."""
+
     model: nn.Module
     blocks: nn.ModuleList
-    windows: torch.Tensor
+    windows: torch.Tensor | list
     batch_size: int = 8
     inputs: list[list[_Batch]] = field(default_factory=list)  # [block][batch] -> captured call (args minus hidden)
     hidden: list[torch.Tensor] = field(default_factory=list)  # block-0 inputs per batch
@@ -214,10 +249,9 @@ class BlockwiseRunner:
             b.forward = passthrough
         device = device_of(self.model)
         try:
-            for start in range(0, self.windows.shape[0], self.batch_size):
-                batch = self.windows[start : start + self.batch_size].to(device)
+            for batch in model_batches(self.windows, self.batch_size, device):
                 try:
-                    self.model(input_ids=batch, use_cache=False)
+                    self.model(**batch, use_cache=False)
                 except _Stop:
                     pass
         finally:
@@ -257,6 +291,14 @@ class BlockwiseRunner:
             if handle is not None:
                 handle.remove()
         return None if stop_after is not None else outs
+
+
+def model_batches(windows, batch_size: int, device) -> list[dict[str, torch.Tensor]]:
+    """The forward inputs of each calibration batch: slices of ``batch_size`` token windows, or the given input
+    dicts one by one, on ``device``."""
+    if isinstance(windows, torch.Tensor):
+        return [{"input_ids": windows[s : s + batch_size].to(device)} for s in range(0, windows.shape[0], batch_size)]
+    return [{k: v.to(device) for k, v in inputs.items()} for inputs in windows]
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -22,6 +22,8 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, help="one rank for every targeted layer")
     p.add_argument("--targets", nargs="+", help="module name patterns (default: all linear layers in the blocks)")
     p.add_argument("--skip", nargs="+", default=[], help="module name patterns to leave dense")
+    p.add_argument("--vision", action="store_true",
+                   help="vision-language models: also compress the vision tower and projector (data-free methods)")
     p.add_argument("--alloc", choices=["uniform", "energy"], help="rank allocation (default: the method's best)")
     p.add_argument("--calib", help="calibration text file (calibrated methods)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
@@ -63,7 +65,7 @@ def _config_from_args(args):
     calibration = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                    "source": os.path.basename(args.calib) if args.calib else None}
     return CompressionConfig(method=args.method, ratio=ratio, rank=args.rank, targets=args.targets, skip=args.skip,
-                             alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration, bits=args.bits,
+                             vision=bool(getattr(args, "vision", False)), alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration, bits=args.bits,
                              group_size=args.group_size, eora_rank=args.eora_rank, eora_bits=args.eora_bits,
                              eora_factor_bits=args.eora_factor_bits,
                              eora_factor_group_size=args.eora_factor_group_size, quantizer=args.quantizer, kv=kv)
@@ -75,6 +77,7 @@ def cmd_compress(args) -> int:
     from .hub import add_evaluation, provenance_of
     from .loading import load_model, read_text
     from .progress import format_seconds, peak_rss_mb, reset_peak_rss, rss_mb
+    from .coverage import TITLE as COVERAGE_TITLE, coverage_report
     from .summary import size_breakdown
 
     config = _config_from_args(args)
@@ -105,6 +108,8 @@ def cmd_compress(args) -> int:
     print(f"compressed {sizes['compressed_layers']} layers with {config.method} in {format_seconds(time.time() - t0)} "
           f"({time.time() - t0:.1f}s), peak RSS {peak_rss_mb():.0f} MiB; their bytes {dense:,} -> {now:,} "
           f"({now / max(dense, 1):.3f}x)")
+    print(COVERAGE_TITLE)
+    print(coverage_report(model, skip=config.skip).format_table())
     if eval_text:
         print("perplexity of the compressed model:")
         after = _print_ppl(model, tokenizer, eval_text, args)
@@ -220,6 +225,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from .coverage import TITLE as COVERAGE_TITLE, coverage_report
     from .loading import load_model
     from .summary import format_table
 
@@ -231,6 +237,9 @@ def cmd_info(args) -> int:
     print(f"{args.model}: {type(model).__name__}{what}")
     if getattr(q, "kv", None):
         print(f"KV cache (used by generate() by default): {json.dumps(q.kv)}")
+    print(COVERAGE_TITLE)
+    print(coverage_report(model).format_table())
+    print()
     print(format_table(model))
     from .kernels.cpu import weights as cpu_kernels
 
@@ -378,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else built from the checkpoint's tokenizer)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("info", help="per-layer table of a (compressed) model")
+    p = sub.add_parser("info", help="per-layer table of a (compressed) model and its coverage by kind")
     p.add_argument("model")
     p.set_defaults(func=cmd_info)
 

@@ -13,7 +13,9 @@ import os
 
 from torch import nn
 
+from .auto import own_config
 from .config import CompressionConfig
+from .coverage import coverage_report, log_coverage
 from .errors import ConfigError
 from .pipelines import compress_modules
 from .quantizer import attach
@@ -26,9 +28,18 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     """Compress ``model`` in place according to ``config`` and return it.
 
     ``calibration`` (calibrated methods): a text file path, a list of strings, a ``datasets.Dataset`` (``text``
-    column) or a tensor of token ids; ``tokenizer`` tokenizes text sources. The model keeps its class
+    column) or a tensor of token ids; ``tokenizer`` tokenizes text sources. Vision-language models also take
+    image+text samples, a list of ``{"text": "<image> ...", "images": [PIL images]}`` with ``tokenizer`` the model's
+    processor (``AutoProcessor``), or of ready model-input dicts (``input_ids``, ``pixel_values``, ...): each sample
+    is one window, the first ``calibration["nsamples"]`` are used (`hf_compress.calibration.multimodal_inputs`); the
+    language model's blocks are then fitted on what the vision tower and projector feed them. The model keeps its class
     (``LlamaForCausalLM`` stays ``LlamaForCausalLM``); targeted layers become compressed modules, and the model is
     marked so that ``save_pretrained`` writes an hf-compress checkpoint.
+
+    Afterwards the share of the model compressed, by kind of weight (`hf_compress.coverage.coverage_report`:
+    attention, dense MLP, experts, shared experts, router, embeddings/head, other), is logged at INFO, and a warning
+    names every large weight of the repeated blocks that stays dense because no method can compress it (one that
+    ``config.skip`` names excepted).
 
     ``checkpoint_dir``: make the run resumable (`hf_compress.resume`): finished blocks are checkpointed there as
     safetensors (the sequential engine's streams at most every ``checkpoint_every`` seconds); when the folder
@@ -44,6 +55,7 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     config = CompressionConfig.coerce(config)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise ConfigError("This model is already compressed/quantized; load the dense model to compress it again.")
+    own_config(model)  # the caller's config object (``from_config(c)``) stays as it was
     from .kv.hook import calibrate_kv, kv_only  # the KV cache methods load only when a config is compressed
 
     if not kv_only(config):
@@ -55,6 +67,8 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
         with folder as checkpoint_dir:
             compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress,
                              checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+        # no silent skips: the coverage by kind at INFO, a warning naming block weights no method could take
+        log_coverage(coverage_report(model, skip=config.skip))
     calibrate_kv(model, config, calibration=calibration, tokenizer=tokenizer)  # KV method (hf_compress/kv)
     if calibration is not None and not config.calibration.get("source"):
         config.calibration["source"] = _describe_source(calibration)
@@ -70,6 +84,8 @@ def _describe_source(calibration) -> str:
     if isinstance(calibration, (str, os.PathLike)):
         return os.path.basename(str(calibration))
     if isinstance(calibration, (list, tuple)):
+        if calibration and all(isinstance(s, dict) for s in calibration):
+            return f"{len(calibration)} image+text samples"
         return f"{len(calibration)} texts"
     info = getattr(calibration, "info", None)
     if info is not None:

@@ -19,7 +19,9 @@ from .version import __version__
 from .errors import ConfigError
 
 QUANT_METHOD = "hf_compress"
-CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 8, "experts": "routed", "source": None}
+CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 8, "source": None}
+#: calibration options stored only when given, with their default
+CALIBRATION_OPTIONAL = {"experts": "routed"}
 #: whose statistics a mixture-of-experts expert is fitted on: the tokens routed to it, or every token
 EXPERT_CALIBRATION = ("routed", "all")
 
@@ -38,6 +40,11 @@ class CompressionConfig(QuantizationConfigMixin):
             every ``nn.Linear`` / GPT-2 ``Conv1D`` inside the model's repeated blocks (never ``lm_head``; name it
             to compress it too: a head tied to the input embeddings is then untied, the embedding stays dense).
         skip: patterns (same rules) of modules to leave untouched, with every layer inside them.
+        vision: multimodal models (Gemma 3, LLaVA, Qwen2.5-VL, ...): with the default ``targets``, also compress the
+            linear layers outside the language model — the vision tower's blocks and the projector. Default False:
+            the language model's blocks only (the log names what was left dense). Data-free methods only: a
+            calibrated method compresses one list of blocks, the language model's. Written to config.json only
+            when set.
         dense_fallback: keep a layer dense when its low-rank form would not have fewer parameters. Turn off only to
             test factorisations at full rank.
         method_kwargs: extra, method-specific options (JSON-serialisable), e.g. ``{"alpha": 0.5}`` for asvd or
@@ -66,6 +73,11 @@ class CompressionConfig(QuantizationConfigMixin):
             factors are then frozen (a LoRA adapter on top still trains and merges).
         quantizer: quantization method for the factors of a low-rank method with ``bits`` (default: ``gptq`` when
             the low-rank method is calibrated, ``hqq`` otherwise).
+        expert_bits: mixture-of-experts models, quantization methods: the bit widths an expert's layers may get
+            (e.g. ``[2, 3, 4]``) instead of ``bits`` for all; ``bits`` is then the budget, the average bits per
+            expert weight. Each expert's width comes from one global allocation over the experts of every block by
+            routing statistics on the calibration data (`hf_compress.allocation.allocate_expert_bits`: experts the
+            router uses more get more bits). Needs calibration data; other layers keep ``bits``.
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
         modules: filled in by hf-compress: the compressed modules of a model, ``{name: {"type": ..., ...}}``.
             It is refreshed from the live modules each time the model is saved.
@@ -85,6 +97,7 @@ class CompressionConfig(QuantizationConfigMixin):
         rank: int | None = None,
         targets: list[str] | str | None = None,
         skip: list[str] | str | None = None,
+        vision: bool = False,
         dense_fallback: bool = True,
         method_kwargs: dict[str, Any] | None = None,
         alloc: str | None = None,
@@ -97,6 +110,7 @@ class CompressionConfig(QuantizationConfigMixin):
         eora_factor_group_size: int = 128,
         quantizer: str | None = None,
         scale_dtype: str = "float16",
+        expert_bits: list[int] | None = None,
         modules: dict[str, dict[str, Any]] | None = None,
         kv: dict[str, Any] | str | None = None,
         hf_compress_version: str | None = None,
@@ -117,6 +131,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.rank = rank
         self.targets = [targets] if isinstance(targets, str) else (list(targets) if targets is not None else None)
         self.skip = [skip] if isinstance(skip, str) else list(skip or [])
+        self.vision = vision
         self.dense_fallback = bool(dense_fallback)
         self.method_kwargs = dict(method_kwargs or {})
         self.alloc = alloc
@@ -129,6 +144,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.eora_factor_group_size = eora_factor_group_size
         self.quantizer = quantizer
         self.scale_dtype = scale_dtype
+        self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
         self.modules = dict(modules or {})
         self.kv = kv
         self.hf_compress_version = hf_compress_version or __version__
@@ -150,13 +166,14 @@ class CompressionConfig(QuantizationConfigMixin):
             raise ConfigError(f"alloc must be one of {ALLOCATORS}, got {self.alloc!r}")
         if self.alloc == "energy" and self.rank is not None:
             raise ConfigError("alloc='energy' distributes a ratio; give ratio, not rank")
-        unknown = set(self.calibration) - set(CALIBRATION_DEFAULTS)
+        unknown = set(self.calibration) - set(CALIBRATION_DEFAULTS) - set(CALIBRATION_OPTIONAL)
         if unknown:
-            raise ConfigError(f"Unknown calibration option(s) {sorted(unknown)}; known: {sorted(CALIBRATION_DEFAULTS)}")
+            raise ConfigError(f"Unknown calibration option(s) {sorted(unknown)}; known: "
+                              f"{sorted(CALIBRATION_DEFAULTS) + sorted(CALIBRATION_OPTIONAL)}")
         for key in ("nsamples", "seqlen"):
             if not isinstance(self.calibration[key], int) or self.calibration[key] < (2 if key == "seqlen" else 1):
                 raise ConfigError(f"calibration {key} must be a positive integer, got {self.calibration[key]!r}")
-        if self.calibration["experts"] not in EXPERT_CALIBRATION:
+        if self.calibration.get("experts", "routed") not in EXPERT_CALIBRATION:
             raise ConfigError(f"calibration experts must be one of {EXPERT_CALIBRATION}, got "
                               f"{self.calibration['experts']!r}")
         if self.ratio is not None and self.rank is not None:
@@ -178,6 +195,8 @@ class CompressionConfig(QuantizationConfigMixin):
                 raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
             if self.rank <= 0:
                 raise ConfigError(f"rank must be a positive integer, got {self.rank}")
+        if not isinstance(self.vision, bool):
+            raise ConfigError(f"vision must be True or False, got {self.vision!r}")
         for field in ("targets", "skip"):
             patterns = getattr(self, field) or []
             if not all(isinstance(p, str) and p for p in patterns):
@@ -226,6 +245,14 @@ class CompressionConfig(QuantizationConfigMixin):
                                   "low-rank method and bits")
             if get_method(self.quantizer).family != "quant":
                 raise ConfigError(f"quantizer must be a quantization method (rtn, hqq, gptq), got {self.quantizer!r}")
+        if self.expert_bits is not None:
+            if method.family != "quant":
+                raise ConfigError("expert_bits allocates quantization bit widths: use it with rtn, hqq or gptq")
+            if any(isinstance(b, bool) or b not in SUPPORTED_BITS for b in self.expert_bits):
+                raise ConfigError(f"expert_bits must be bit widths among {SUPPORTED_BITS}, got {self.expert_bits!r}")
+            if not self.expert_bits[0] <= self.bits <= self.expert_bits[-1]:
+                raise ConfigError(f"bits ({self.bits}) is the experts' average budget: it must lie within "
+                                  f"expert_bits {self.expert_bits}")
         if self.scale_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"scale_dtype must be 'float16' or 'bfloat16', got {self.scale_dtype!r}")
 
@@ -237,7 +264,8 @@ class CompressionConfig(QuantizationConfigMixin):
 
     # QuantizationConfigMixin.to_dict is a deepcopy of __dict__; keep it explicit and stable.
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {"vision": True} if self.vision else {}  # absent when off: older hf-compress reads the checkpoint
+        return {**extra,
             "quant_method": self.quant_method,
             "method": self.method,
             "ratio": self.ratio,
@@ -256,6 +284,7 @@ class CompressionConfig(QuantizationConfigMixin):
             "eora_factor_group_size": self.eora_factor_group_size,
             "quantizer": self.quantizer,
             "scale_dtype": self.scale_dtype,
+            **({"expert_bits": list(self.expert_bits)} if self.expert_bits else {}),  # stored when used
             "modules": copy.deepcopy(self.modules),
             "kv": copy.deepcopy(self.kv),
             "hf_compress_version": self.hf_compress_version,

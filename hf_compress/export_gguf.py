@@ -124,8 +124,17 @@ def _rel(ref: np.ndarray, got: np.ndarray) -> float:
 
 def _config_checks(model) -> dict:
     """The llama.* metadata of ``model``; `ExportError` for what llama.cpp's llama architecture does not hold."""
+    from .modules.experts import CompressedExperts, is_fused_experts
+
     cfg = model.config
     arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
+    experts = [n for n, m in model.named_modules() if isinstance(m, CompressedExperts) or is_fused_experts(m)]
+    if experts:
+        raise ExportError(
+            f"GGUF export does not write mixture-of-experts models: this {arch} has {len(experts)} experts modules "
+            f"(e.g. {experts[0]}), and the export writes llama.cpp's dense llama tensors only, not its per-layer "
+            "expert tensors (ffn_gate_inp, ffn_gate_exps / ffn_up_exps / ffn_down_exps); export --format dense and "
+            "use llama.cpp's convert_hf_to_gguf.py")
     if type(model).__name__ not in ARCHITECTURES or getattr(cfg, "model_type", None) != "llama":
         raise ExportError(f"GGUF export supports {', '.join(ARCHITECTURES)} only; this model is {arch} "
                           f"(model_type {getattr(cfg, 'model_type', None)!r}); export --format dense and use "

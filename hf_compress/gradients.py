@@ -1,10 +1,24 @@
-"""Gradient passes of the LM loss on the calibration windows, through the whole (dense) model:
+"""Gradient passes of a loss on the calibration windows, through the whole (dense) model:
 
 * `output_sensitivity`: mean squared gradient at each target's output (the ``loss`` allocator's weights);
 * `fisher_rows`: per output row, the diagonal empirical Fisher of each target's weight (FWSVD's row weights).
+
+Which loss (`objective`):
+
+* a model whose ``forward`` takes ``labels`` (a causal LM, a vision-language model, a masked-LM head) is scored by
+  its own loss with the window as labels: the LM loss for a causal LM; for a masked-LM head (``BertForMaskedLM``),
+  the loss of predicting every input token from the unmasked window;
+* a model without one (an encoder such as ``BertModel``: no head, no ``.loss``) is scored by the reconstruction
+  error of its output, ½‖h − h_dense‖² of the last hidden state h. That error's gradient is zero at the dense model
+  itself, so its squared gradients are replaced by their Gauss-Newton expectation: the gradient of ⟨h, r⟩ for r a
+  standard normal tensor drawn per window (seeded by the window's index), whose squared gradients average to the
+  diagonal of JᵀJ — the curvature of the reconstruction error (J: the Jacobian of h with respect to the layer's
+  output, or weight).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -14,8 +28,40 @@ from .calibration import device_of
 from .targets import dense_weight, shape_of
 
 
+def _accepts(model, name: str) -> bool:
+    return name in inspect.signature(type(model).forward).parameters
+
+
+def _samples(batch, device) -> list[dict[str, torch.Tensor]]:
+    """One window at a time: the rows of a [n, seqlen] batch, or an input dict (image+text calibration) as it is."""
+    if isinstance(batch, dict):
+        return [{k: v.to(device) for k, v in batch.items()}]
+    return [{"input_ids": sample.to(device)} for sample in batch.split(1)]
+
+
+def objective(model, sample, index: int) -> torch.Tensor:
+    """The scalar whose gradients the passes square, for window ``sample`` ([1, seqlen] token ids, or a dict of
+    model inputs), the ``index``-th (module docstring): the model's own loss with the window's tokens as labels where
+    its forward takes ``labels``; otherwise ⟨h, r⟩ of the last hidden state h and a standard normal r seeded by
+    ``index`` (the Gauss-Newton form of the output-reconstruction error)."""
+    inputs = dict(sample) if isinstance(sample, dict) else {"input_ids": sample}
+    if _accepts(model, "use_cache"):
+        inputs["use_cache"] = False
+    if _accepts(model, "labels"):
+        out = model(**inputs, labels=inputs["input_ids"])
+        if getattr(out, "loss", None) is not None:
+            return out.loss
+    else:
+        out = model(**inputs)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+    r = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(index), dtype=torch.float32)
+    return (hidden.float() * r.to(hidden.device)).sum()
+
+
 def output_sensitivity(model, targets: dict[str, nn.Module], batches, progress) -> dict[str, float]:
-    """Mean squared gradient of the LM loss w.r.t. each target layer's output (dense model), per element."""
+    """Mean squared gradient of the `objective` w.r.t. each target layer's output (dense model), per element."""
     sums = {n: 0.0 for n in targets}
     counts = {n: 0 for n in targets}
 
@@ -35,10 +81,11 @@ def output_sensitivity(model, targets: dict[str, nn.Module], batches, progress) 
         p.requires_grad_(False)
     device = device_of(model)
     try:
+        index = 0
         for batch in tqdm(batches, desc="hf-compress sensitivity", disable=not progress, unit="batch"):
-            for sample in batch.split(1):  # one window at a time bounds the memory of the backward pass
-                sample = sample.to(device)
-                model(input_ids=sample, labels=sample, use_cache=False).loss.backward()
+            for sample in _samples(batch, device):  # one window at a time bounds the memory of the backward pass
+                objective(model, sample, index).backward()
+                index += 1
     finally:
         for h in handles:
             h.remove()
@@ -48,7 +95,7 @@ def output_sensitivity(model, targets: dict[str, nn.Module], batches, progress) 
 
 
 def fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict[str, torch.Tensor]:
-    """Per output row of each target: Σ_j Σ_batches (∂L/∂W_ij)² of the LM loss (diagonal empirical Fisher)."""
+    """Per output row of each target: Σ_j Σ_batches (∂L/∂W_ij)² of the `objective` (diagonal empirical Fisher)."""
     rows = {n: torch.zeros(shape_of(m)[0], dtype=torch.float64) for n, m in targets.items()}
     params = {n: dense_weight(m) for n, m in targets.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -58,11 +105,12 @@ def fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict
     for m in targets.values():
         m.weight.requires_grad_(True)
     try:
+        index = 0
         for batch in tqdm(batches, desc="hf-compress fisher", disable=not progress, unit="batch"):
-            for sample in batch.split(1):  # per-sample gradients: the Fisher is an expectation of squares
+            for sample in _samples(batch, device):  # per-sample gradients: the Fisher is an expectation of squares
                 model.zero_grad(set_to_none=True)
-                sample = sample.to(device)
-                model(input_ids=sample, labels=sample, use_cache=False).loss.backward()
+                objective(model, sample, index).backward()
+                index += 1
                 for n, m in targets.items():
                     g = m.weight.grad
                     if g is None:  # an expert the router sent none of this window's tokens to

@@ -35,19 +35,39 @@ def _as_plain_model(model):
     return model
 
 
+def _from_pretrained(model_class, spec: str, **kwargs):
+    """``model_class.from_pretrained``; by default `AutoModelForCausalLM`, then `AutoModelForImageTextToText` for a
+    vision-language model that the causal-LM mapping lacks (LLaVA, Qwen2.5-VL)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from .errors import CheckpointError
+
+    if model_class is not None:
+        return model_class.from_pretrained(spec, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+    except (ValueError, CheckpointError) as e:
+        if "AutoModelForImageTextToText" not in str(e) and "Unrecognized configuration class" not in str(e):
+            raise
+        try:
+            return AutoModelForImageTextToText.from_pretrained(spec, **kwargs)
+        except (ValueError, CheckpointError):
+            raise e from None
+
+
 def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, model_class=None, **kwargs):
     """(model, tokenizer) from a local checkpoint directory, a ``.gguf`` file, or a Hub id.
 
     Compressed hf-compress checkpoints load like any other (their Auto classes are registered)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_class = model_class or AutoModelForCausalLM
     spec = str(spec)
     if spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {spec} not found")
-        model = model_class.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
+        model = (model_class or AutoModelForCausalLM).from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                      dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         # where it came from: export --format gguf copies its tokenizer, the model card reads its base model and
         # license (`hf_compress.hub.provenance_of`)
@@ -55,7 +75,7 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | str = torch.floa
         return _as_plain_model(model), tokenizer
     if not os.path.isdir(spec) and (spec.startswith((".", "/", "~")) or os.path.exists(spec)):
         raise FileNotFoundError(f"{spec} is neither a checkpoint directory nor a .gguf file")
-    model = model_class.from_pretrained(spec, dtype=dtype, **kwargs)
+    model = _from_pretrained(model_class, spec, dtype=dtype, **kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError, TypeError) as e:  # a checkpoint saved without its tokenizer

@@ -14,7 +14,7 @@ import os
 from transformers.quantizers import HfQuantizer, register_quantizer
 
 from .version import __version__
-from .checkpoint import read_headers
+from .safetensors_files import read_headers
 from .config import QUANT_METHOD, CompressionConfig
 from .errors import CheckpointError, ConfigError, UnsupportedModuleError
 from .modules import MODULE_TYPES, compressed_modules
@@ -55,12 +55,13 @@ class HfCompressQuantizer(HfQuantizer):
                 "run inside from_pretrained; load the dense model and call hf_compress.compress(model, config, ...)."
             )
 
-    def update_weight_conversions(self, weight_conversions, model):
+    def update_weight_conversions(self, weight_conversions, *args, **kwargs):
         """A pre-quantized hf-compress checkpoint holds the model's own parameter names (see `attach`): no renaming or
-        expert merging of the original format applies to it. Compress-on-load reads the original format."""
+        expert merging of the original format applies to it. Compress-on-load reads the original format. (The hook
+        takes ``model`` too since transformers 5.2x; 5.19 passes the conversions alone.)"""
         if self.pre_quantized:
             return []
-        return super().update_weight_conversions(weight_conversions, model)
+        return super().update_weight_conversions(weight_conversions, *args, **kwargs)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from .kv.hook import before_weight_loading as kv_before_weight_loading

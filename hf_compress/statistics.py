@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import align_module_device
 from torch import nn
 
-from .calibration import BlockwiseRunner, LayerStats
+from .calibration import BlockwiseRunner, LayerStats, device_of
 from .modules.experts import calibrating_all_experts
 from .targets import shape_of
 
@@ -165,3 +165,39 @@ def reference_inputs(runner: BlockwiseRunner, i: int, dense_block: nn.Module, la
         for h in handles:
             h.remove()
     return captured, out
+
+
+def expert_usage(model: nn.Module, targets, batches) -> dict[str, float]:
+    """The share of each expert's routed tokens in its block, for every target that is an expert's layer
+    (``{experts}.{weight}.{e}``), from one forward of ``model`` over ``batches`` (the router's top-k choices)."""
+    from .modules.experts import CompressedExperts
+
+    counts: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def count(module, args, kwargs):
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hits = torch.bincount(index.reshape(-1).cpu(), minlength=module.num_experts + 1)[: module.num_experts]
+            counts[name] = counts.get(name, 0) + hits.double()
+        return count
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in model.named_modules()
+               if isinstance(m, CompressedExperts)]
+    try:
+        with torch.no_grad():
+            for batch in batches:  # token windows, or one input dict (image+text calibration)
+                device = device_of(model)
+                inputs = ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict)
+                          else {"input_ids": batch.to(device)})
+                model(**inputs, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    usage = {}
+    for name in targets:
+        module_name, _, index = name.rpartition(".")
+        experts = module_name.rpartition(".")[0]
+        if experts in counts and index.isdigit():
+            total = counts[experts].sum()
+            usage[name] = float(counts[experts][int(index)] / total) if total > 0 else 0.0
+    return usage

@@ -69,8 +69,12 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def layer_type(name: str) -> str:
-    """The type of a layer, as the card groups them: the leaf of its name (``q_proj``)."""
-    return name.rsplit(".", 1)[-1]
+    """The type of a layer, as the card groups them: the leaf of its name (``q_proj``); one expert's layer of a
+    mixture-of-experts block (``...experts.down_proj.7``) is of type ``experts.down_proj``, whatever its expert."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-1].isdigit():
+        return ".".join(parts[-3:-1])
+    return parts[-1]
 
 
 def size_breakdown(model: nn.Module, rows: list[LayerInfo] | None = None) -> dict:
@@ -78,7 +82,8 @@ def size_breakdown(model: nn.Module, rows: list[LayerInfo] | None = None) -> dic
 
     ``compressed_now`` / ``compressed_dense``: the compressed layers' bytes and their dense layers' bytes;
     ``other_linear``: linear layers left dense; ``other``: the rest (embeddings, norms, a head tied to the
-    embeddings); ``total_now`` / ``total_dense``: the whole model (tied tensors once) now and with every compressed
+    embeddings, weights outside linear layers such as fused experts left dense; `hf_compress.coverage` counts the
+    parameters by kind); ``total_now`` / ``total_dense``: the whole model (tied tensors once) now and with every compressed
     layer dense again; ``linear_now`` / ``linear_dense``: all linear layers (`layer_table`'s rows); ``layers`` and
     ``compressed_layers``: how many; ``bits_per_weight``: of the compressed layers, weighted by their weights (None
     when none is); ``params``: parameters now. ``rows``: `layer_table(model)` when already computed."""

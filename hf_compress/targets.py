@@ -74,17 +74,80 @@ def _unsupported(pattern: str, name: str, module: nn.Module) -> UnsupportedModul
     )
 
 
-def find_targets(model: nn.Module, targets: list[str] | None, skip: list[str]) -> dict[str, nn.Module]:
+# ----------------------------------------------------------------------------------------------- modalities
+def language_model(model: nn.Module) -> str | None:
+    """The name of a multimodal model's language model: the smallest module that holds both the input embedding
+    and a list of repeated blocks (``model.language_model`` of Gemma 3, LLaVA, Qwen2.5-VL), when linear layers other
+    than the output embedding lie outside it (a vision tower, a projector). None for a text-only model (its language
+    model is the whole model, or holds every linear layer but the head). Multimodal: the config has a sub-config
+    other than ``text_config`` (``vision_config``, ``audio_config``)."""
+    sub = getattr(getattr(model, "config", None), "sub_configs", None) or {}
+    if not any(k != "text_config" for k in sub):
+        return None
+    get_in = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get_in() if get_in else None
+    except (NotImplementedError, AttributeError):
+        return None
+    if emb is None:
+        return None
+    emb_name = next((n for n, m in model.named_modules() if m is emb), None)
+    if emb_name is None:
+        return None
+    prefix = None
+    parts = emb_name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        name = ".".join(parts[:i])
+        holder = model.get_submodule(name) if name else model
+        if any(isinstance(m, nn.ModuleList) and len(m) and n for n, m in holder.named_modules()):
+            prefix = name
+            break
+    if not prefix:
+        return None
+    return prefix if other_modalities(model, prefix) else None
+
+
+def other_modalities(model: nn.Module, prefix: str | None = None) -> dict[str, list[str]]:
+    """{part: its linear layers} of what lies outside the language model ``prefix`` (default: `language_model`) —
+    ``model.vision_tower``, ``model.multi_modal_projector``, ``model.visual`` —, the output embedding excepted; {}
+    for a text-only model."""
+    prefix = language_model(model) if prefix is None else prefix
+    if not prefix:
+        return {}
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if get_out else None
+    path = prefix.split(".")
+    ancestors = {".".join(path[:i]) for i in range(len(path))}  # the language model's ancestors ("" included)
+    parts: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, SUPPORTED) or module is head or name.startswith(prefix + "."):
+            continue
+        bits = name.split(".")
+        part = next(".".join(bits[:i]) for i in range(1, len(bits) + 1) if ".".join(bits[:i]) not in ancestors)
+        parts.setdefault(part, []).append(name)
+    return parts
+
+
+def find_targets(model: nn.Module, targets: list[str] | None, skip: list[str],
+                 vision: bool = False) -> dict[str, nn.Module]:
     """Modules to compress, in model order. Raises when a pattern matches nothing or an unsupported module.
 
     By default: every nn.Linear / Conv1D inside the repeated blocks (experts included, once split into per-expert
     layers by `hf_compress.modules.experts.split_experts`), except mixture-of-experts routers (`routers`) and the
-    output embedding."""
+    output embedding. In a multimodal model (`language_model`), only the language model's blocks, unless
+    ``vision``: then also every linear layer of the parts outside it (`other_modalities`: the vision tower's blocks
+    and the projector)."""
     found: dict[str, nn.Module] = {}
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if targets is None:
         routing = routers(model)
+        language = language_model(model)
+        outside = {n for names in other_modalities(model, language).values() for n in names} if language else set()
         for name, module in model.named_modules():
+            if name in outside:
+                if vision:
+                    found[name] = module
+                continue
             if (isinstance(module, SUPPORTED) and _BLOCK.search(name) and module is not output_embeddings
                     and name not in routing):
                 found[name] = module
@@ -178,9 +241,10 @@ class Target:
         return checked_weight(self.name, self.module, check)
 
 
-def targets_of(model: nn.Module, targets: list[str] | None, skip: list[str]) -> dict[str, Target]:
+def targets_of(model: nn.Module, targets: list[str] | None, skip: list[str],
+               vision: bool = False) -> dict[str, Target]:
     """`find_targets` as `Target` objects, in model order."""
-    return {n: Target.of(n, m) for n, m in find_targets(model, targets, skip).items()}
+    return {n: Target.of(n, m) for n, m in find_targets(model, targets, skip, vision).items()}
 
 
 def is_offloaded(module: nn.Module) -> bool:

@@ -231,3 +231,41 @@ def test_dtype_cast_keeps_scales_and_ties(tmp_path, ids):
     assert (output_of(loaded, ids) - ref).abs().max() <= 0.02 * ref.abs().max()
     with pytest.raises(ExportError, match="dtype must be a floating torch dtype"):
         export(model, tmp_path / "bad", dtype="int8")
+
+
+@pytest.mark.parametrize("scale_dtype", ["bfloat16", "float16"])
+def test_a_bfloat16_model_loads_exactly_with_bfloat16_scales_and_within_the_scale_rounding_otherwise(
+        scale_dtype, tmp_path, ids):
+    """Issue 37: transformers' load of a bfloat16 export differed from ours by ~2e-3. The cause: compressed-tensors
+    creates ``weight_scale`` in the model's dtype, so float16 scales are rounded to bfloat16 at load (each layer then
+    computes with (q − z)·bf16(s)). With ``scale_dtype="bfloat16"`` nothing is rounded and the load is exact; with
+    float16 scales each weight is within 3·2⁻⁸ of ours (2⁻⁸ the scale's rounding, 2·2⁻⁸ the two sides' bfloat16
+    rounding of the product; bfloat16's unit roundoff is 2⁻⁸) and the export says so."""
+    make_tiny("llama").save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    hf_compress.compress(model, CompressionConfig(method="rtn", bits=4, group_size=16, scale_dtype=scale_dtype),
+                         progress=False)
+    ref = output_of(model, ids)
+    result = export(model, tmp_path / "ct")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    assert loaded.dtype == torch.bfloat16
+    noted = any("cast the scales to bfloat16" in n for n in result.notes)
+    if scale_dtype == "bfloat16":
+        assert not noted and torch.equal(output_of(loaded, ids), ref)
+        return
+    assert noted
+    err = (output_of(loaded, ids).float() - ref.float()).abs().max()  # (the first forward decompresses the layers)
+    assert 0 < err <= 0.02 * ref.float().abs().max()
+    worst = 0.0
+    for name, m in compressed_modules(model).items():
+        x = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        exact = m.dequantized(torch.float32)  # (q − z)·s, float16 s exact in float32
+        s = m.scales.float().repeat_interleave(m.group_size, dim=1)
+        q_minus_z = (exact / s).round()
+        theirs = (q_minus_z.to(torch.bfloat16) * s.to(torch.bfloat16))  # what the reader computes with
+        with torch.no_grad():
+            assert torch.equal(loaded.get_submodule(name)(x), torch.nn.functional.linear(x, theirs)), name
+        diff = (theirs.float() - m.weight.float()).abs()
+        assert (diff <= 3 * 2**-8 * exact.abs() * 1.001).all(), name
+        worst = max(worst, float((diff / exact.abs().clamp_min(1e-30)).max()))
+    assert worst > 0  # some scale really is rounded

@@ -319,6 +319,120 @@ def test_moe_built_from_a_dense_model_computes_and_compresses_like_it(ids):
         torch.testing.assert_close(experts.gate_up_proj[e].weight, want, rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------------------------- offload, resume
+def test_disk_offloaded_moe_compresses_like_in_memory(tmp_path):
+    """Offloaded experts are split into offloaded per-expert layers (each reads its slice through its own hook),
+    so nothing of a block is read before its turn; the result equals the in-memory run's."""
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "dense")
+    cal = calibration_ids()
+    config = {"method": "gptq", "bits": 4, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 32}}
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    hf_compress.compress(ref, config, calibration=cal, progress=False)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                  "lm_head": "cpu"}
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
+                                               offload_folder=str(tmp_path / "offload"))
+    assert off.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    hf_compress.compress(off, config, calibration=cal, progress=False)
+    x = cal[:2, :10]
+    torch.testing.assert_close(logits(off, x), logits(ref, x), rtol=0, atol=0)
+    skipped = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
+                                                   offload_folder=str(tmp_path / "offload2"))
+    native = skipped.model.layers[0].mlp.experts
+    hf_compress.compress(skipped, {**config, "skip": ["experts"]}, calibration=cal, progress=False)
+    assert skipped.model.layers[0].mlp.experts is native  # untouched offloaded experts: the very module back
+
+
+def test_interrupted_moe_run_resumes_bit_identical(tmp_path, caplog):
+    cal = calibration_ids()
+    config = {"method": "gptq", "bits": 3, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 32}}
+    full = tiny_moe("qwen3_moe")
+    hf_compress.compress(full, config, calibration=cal, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    model = tiny_moe("qwen3_moe")
+    state = tmp_path / "partial" / "state.json"
+
+    def stop(module, args):
+        if state.is_file():  # block 0 committed: die inside block 1
+            raise Stop
+
+    handle = model.model.layers[1].register_forward_pre_hook(stop)
+    with pytest.raises(Stop):
+        hf_compress.compress(model, config, calibration=cal, progress=False, checkpoint_dir=tmp_path / "partial",
+                             checkpoint_every=0)
+    handle.remove()
+    resumed = tiny_moe("qwen3_moe")
+    with caplog.at_level(logging.WARNING):
+        hf_compress.compress(resumed, config, calibration=cal, progress=False, checkpoint_dir=tmp_path / "partial",
+                             checkpoint_every=0)
+    assert any("1/2 blocks already compressed" in r.message for r in caplog.records)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------- bits per expert
+def test_allocate_expert_bits_spends_the_budget_on_used_experts():
+    from hf_compress.allocation import allocate_expert_bits
+
+    sizes = {f"e{i}": 100 for i in range(4)}
+    even = allocate_expert_bits({n: 0.25 for n in sizes}, sizes, [2, 3, 4], 3)
+    assert even == {n: 3 for n in sizes}  # equal use: the uniform width
+    skewed = allocate_expert_bits({"e0": 0.6, "e1": 0.3, "e2": 0.1, "e3": 0.0}, sizes, [2, 3, 4], 3)
+    assert sum(skewed[n] * sizes[n] for n in sizes) <= 3 * sum(sizes.values())
+    assert skewed["e0"] >= skewed["e1"] >= skewed["e2"] >= skewed["e3"] == 2
+    # 4^-b error model: e2's 2->3 (0.1 x 3/64 per bit) buys more than e1's 3->4 (0.3 x 3/256)
+    assert skewed == {"e0": 4, "e1": 3, "e2": 3, "e3": 2}
+    assert allocate_expert_bits({"a": 1.0, "b": 0.0}, {"a": 10, "b": 30}, [2, 4], 2.5) == {"a": 4, "b": 2}
+
+
+def test_expert_bits_from_routing_statistics(tmp_path):
+    from hf_compress.statistics import expert_usage
+
+    cal = calibration_ids()
+    model = tiny_moe("qwen3_moe")
+    probe = copy.deepcopy(model)
+    split_experts(probe)
+    names = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear) and ".experts." in n]
+    usage = expert_usage(probe, names, [cal])  # the windows the pipeline measures routing on (no held-out for gptq)
+    config = {"method": "gptq", "bits": 3, "expert_bits": [2, 3, 4], "group_size": 16,
+              "calibration": {"nsamples": 8, "seqlen": 32}}
+    hf_compress.compress(model, config, calibration=cal, progress=False)
+    layers = {n: m for n, m in compressed_modules(model).items() if ".experts." in n}
+    bits = {n: m.bits for n, m in layers.items()}
+    assert len(set(bits.values())) > 1  # skewed routing on random weights: mixed widths
+    size = {n: m.in_features * m.out_features for n, m in layers.items()}
+    assert sum(bits[n] * size[n] for n in bits) <= 3 * sum(size.values())
+    for n in bits:  # a more used expert never has fewer bits than a less used one of the same shape and block
+        for k in bits:
+            if k.rpartition(".")[0] == n.rpartition(".")[0] and usage[n] > usage[k]:
+                assert bits[n] >= bits[k], (n, k)
+    assert all(m.bits == 3 for n, m in compressed_modules(model).items() if ".experts." not in n)
+    ids = cal[:2, :10]
+    out = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.quantization_config.expert_bits == [2, 3, 4]
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), out, rtol=0, atol=0)
+    with pytest.raises(hf_compress.errors.ConfigError, match="needs calibration data"):
+        hf_compress.compress(tiny_moe("qwen3_moe"), {"method": "rtn", "bits": 3, "expert_bits": [2, 4]}, progress=False)
+    with pytest.raises(hf_compress.errors.ConfigError, match="must lie within"):
+        hf_compress.CompressionConfig(method="rtn", bits=4, expert_bits=[2, 3])
+
+
+def test_a_checkpoint_missing_one_experts_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_moe("mixtral")
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16}, progress=False)
+    model.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.experts.down_proj.5.scales"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(hf_compress.errors.CheckpointError, match=r"experts\.down_proj\.5\.scales"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_token_path_is_the_routed_path_bit_for_bit(arch, dtype, monkeypatch):

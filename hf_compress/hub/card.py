@@ -1,8 +1,8 @@
 """The model card of a compressed model (``README.md``), rendered from ``hf_compress/model_cards/hf_compress_card.md``
 (installed as ``hf_compress.model_cards``) with `huggingface_hub.ModelCard` / `ModelCardData`. Its tables come from
-the model itself (`hf_compress.summary`: `layer_table`, `size_breakdown`), never from the config's intentions; its
-evaluation section only from records whose fingerprint matches the weights (`hf_compress.hub.records`); its plot is
-`hf_compress.hub.plot`.
+the model itself (`hf_compress.summary`: `layer_table`, `size_breakdown`; `hf_compress.coverage`: the parameters by
+kind, compressed and left dense), never from the config's intentions; its evaluation section only from records whose
+fingerprint matches the weights (`hf_compress.hub.records`); its plot is `hf_compress.hub.plot`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 
 from ..version import __version__
 from ..atomic import atomic_file
+from ..coverage import Coverage, coverage_report, group_dense_weights
 from ..errors import ConfigError
 from ..modules import compressed_modules
 from ..summary import layer_table, layer_type, size_breakdown
@@ -70,12 +71,20 @@ def _compressed_section(model, config, groups) -> str:
     try:
         from ..targets import find_targets
 
-        kept = len(find_targets(model, config.targets, config.skip))  # targeted layers that are still dense
+        # targeted layers that are still dense
+        kept = len(find_targets(model, config.targets, config.skip, getattr(config, "vision", False)))
     except Exception:
         kept = 0
     if kept:
         lines[-1] += (f" {kept} targeted layers stayed dense: the rank allocation found that factorising them would "
                       "not pay for its error (or not save bytes).")
+    from ..targets import language_model, other_modalities
+
+    language = language_model(model)
+    if language:  # a multimodal model: what outside its language model stayed dense
+        parts = other_modalities(model, language)
+        lines[-1] += (f" Compressed: the language model (`{language}`); left dense: "
+                      + ", ".join(f"`{p}` ({len(n)} linear layers)" for p, n in parts.items()) + ".")
     if config.ratio is not None:
         lines[-1] += f" Parameter budget: remove {config.ratio:g} of the targeted layers' parameters"
         lines[-1] += f" (allocation `{config.alloc or 'method default'}`)." if config.family == "lowrank" else "."
@@ -108,17 +117,35 @@ def _compressed_section(model, config, groups) -> str:
     return "\n".join(lines)
 
 
-def _size_section(sizes: dict, checkpoint_bytes: int | None) -> str:
+def _size_section(sizes: dict, checkpoint_bytes: int | None, coverage: Coverage) -> str:
     s = sizes
     lines = ["| | dense | compressed | ratio |", "|---|---|---|---|",
              f"| compressed layers | {_fmt_bytes(s['compressed_dense'])} | {_fmt_bytes(s['compressed_now'])} | "
              f"{s['compressed_now'] / max(s['compressed_dense'], 1):.3f} |",
              f"| whole model (in memory) | {_fmt_bytes(s['total_dense'])} | {_fmt_bytes(s['total_now'])} | "
              f"{s['total_now'] / max(s['total_dense'], 1):.3f} |", ""]
-    lines.append(f"Parameters now: {s['params']:,}. Unchanged: linear layers left dense "
-                 f"{_fmt_bytes(s['other_linear'])}; embeddings, norms and tied heads {_fmt_bytes(s['other'])}.")
+    lines.append(f"Parameters now: {s['params']:,} (`nn.Parameter`s; packed codes, scales and zeros are buffers). Left "
+                 f"dense, in bytes: linear layers {_fmt_bytes(s['other_linear'])}, every other tensor (embeddings, "
+                 f"norms, weights outside linear layers) {_fmt_bytes(s['other'])}.")
     if checkpoint_bytes:
         lines.append(f"Checkpoint files: {checkpoint_bytes:,} bytes of safetensors.")
+    lines += ["", _coverage_section(coverage)]
+    return "\n".join(lines)
+
+
+def _coverage_section(coverage: Coverage) -> str:
+    """The parameters by kind, compressed and left dense, and the large weights no method could take."""
+    lines = ["### Coverage by kind", "",
+             "Every parameter of the model, by kind; a compressed layer counts as the dense layer it replaces "
+             "(out × in weights plus its bias), so the total is the dense model's parameter count."
+             + (" Routers stay dense by default (a router's rounding error changes which experts run)."
+                if coverage["router"].total else ""), "",
+             coverage.markdown_table()]
+    if coverage.uncompressible:
+        lines += ["", "Large weights of the repeated blocks that stay dense because no hf-compress method can compress "
+                      "them:", ""]
+        lines += [f"- `{w.name}` {list(w.shape)}: {100 * w.share:.1f} % of the parameters of {w.block}"
+                  for w in group_dense_weights(coverage.uncompressible)]
     return "\n".join(lines)
 
 
@@ -214,16 +241,19 @@ def model_card(model: nn.Module, *, repo_id: str | None = None, evaluations: lis
     cfg.pop("modules", None)
     origin = (f"[{prov['base_model']}](https://huggingface.co/{prov['base_model']})" if prov.get("base_model")
               else "its base model")
+    coverage = coverage_report(model, skip=config.skip)
     summary = (f"A compressed version of {origin} "
                f"made with [hf-compress](https://pypi.org/project/hf-compress/): method `{config.method}`, "
                f"compressed layers at {sizes['compressed_now'] / max(sizes['compressed_dense'], 1):.3f}× their dense "
-               f"bytes, whole model at {sizes['total_now'] / max(sizes['total_dense'], 1):.3f}×.")
+               f"bytes, whole model at {sizes['total_now'] / max(sizes['total_dense'], 1):.3f}×; "
+               f"{100 * coverage.compressed / max(coverage.total, 1):.1f} % of the parameters compressed "
+               "(by kind: see Size).")
     template = resources.files("hf_compress.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
     return ModelCard.from_template(
         data, template_str=template, model_name=name, summary=summary, repo_id=repo_id or "<your-user>/<repo>",
         auto_class=auto_class, architecture=type(model).__name__, has_tokenizer=has_tokenizer,
         compressed_section=_compressed_section(model, config, groups),
-        size_section=_size_section(sizes, checkpoint_bytes), plot=plot,
+        size_section=_size_section(sizes, checkpoint_bytes, coverage), plot=plot,
         plot_quantity="rank" if config.family == "lowrank" and not config.bits else "bits per weight",
         eval_section=eval_text, kv_section=_kv_section(config), provenance_section=_provenance_section(prov),
         config_json=json.dumps(cfg, indent=2, sort_keys=True), version=__version__)

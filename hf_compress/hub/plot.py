@@ -56,7 +56,7 @@ def plot_layers(model: nn.Module, path: str | os.PathLike) -> bool:
     mib = 2**20
     parts = [("compressed layers", s["compressed_dense"], s["compressed_now"]),
              ("dense linear layers", s["other_linear"], s["other_linear"]),
-             ("embeddings, norms, tied head", s["other"], s["other"])]
+             ("other tensors (embeddings, norms, ...)", s["other"], s["other"])]
     left = [0.0, 0.0]
     for label, dense_b, now_b in parts:
         vals = [dense_b / mib, now_b / mib]

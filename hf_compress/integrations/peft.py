@@ -18,6 +18,11 @@ saving) with the merge rewritten so that it never densifies:
 * `QuantLowRankLinear` (quantized factors): no exact merge exists without a full-precision path, so merging raises
   and says what to do (keep the adapter unmerged, or dequantize first).
 
+Mixture-of-experts experts split by hf-compress (`CompressedExperts`) are plain per-expert layers to PEFT:
+``target_module_names(model, experts=True)`` targets them; PEFT's parameter targeting of fused 3-D expert weights
+(``target_parameters``) has nothing left to wrap there and is refused by name
+(`refuse_compressed_expert_parameters`, run inside PEFT's ``LoraModel._inject_parameters``).
+
 The factors change only through the modules' own `LowRankPath` methods (``append_rank`` / ``truncate_rank`` /
 ``set_factors``), which keep them contiguous, frozen and in the path's dtype and drop derived runtime copies. Unmerge
 removes exactly the appended rank. `squeeze` re-truncates a merged layer back to a target rank
@@ -167,10 +172,43 @@ def prepare_for_training(model: nn.Module, use_gradient_checkpointing: bool = Tr
 _MAPPING = {cls: LoraCompressedLinear for cls in COMPRESSED_TYPES}
 
 
+def refuse_compressed_expert_parameters(model: nn.Module, target_parameters) -> None:
+    """PEFT's parameter targeting (``LoraConfig(target_parameters=["experts.gate_up_proj", ...])``) wraps a module's
+    3-D ``nn.Parameter`` — transformers' fused experts. hf-compress has split the experts it compressed into one layer
+    per expert (`CompressedExperts`), so those parameters no longer exist and PEFT would match nothing (an error, or
+    only a warning when ``target_modules`` matched something). Raise instead, naming the weights and what to do.
+    Experts left dense (fused) are still PEFT's to target."""
+    from ..errors import UnsupportedModuleError
+    from ..modules.experts import CompressedExperts
+
+    targets = list(target_parameters or [])
+    if not targets:
+        return
+    hits = []
+    for name, module in model.named_modules():
+        if not isinstance(module, CompressedExperts):
+            continue
+        for weight in module.weight_names + [f"{w}_bias" for w in module.weight_names]:
+            key = f"{name}.{weight}".replace(".base_layer", "")
+            if any(key == t or key.endswith(f".{t}") for t in targets):
+                hits.append(key)
+    if hits:
+        raise UnsupportedModuleError(
+            f"target_parameters {targets} name the fused 3-D expert weights of {len(hits)} mixture-of-experts "
+            f"modules (e.g. {hits[0]}), which hf-compress has split into one compressed layer per expert "
+            "(CompressedExperts): there is no 3-D nn.Parameter left for PEFT's parameter targeting to wrap. Target "
+            "the expert layers as modules instead — LoraConfig(target_modules=target_module_names(model, "
+            "experts=True)) from hf_compress.integrations.peft puts one LoRA on each expert's compressed layer — or "
+            "compress with skip=['experts'] to keep the fused experts for target_parameters.")
+
+
 def register() -> None:
-    """Make every LoraConfig (new or read from disk) dispatch hf-compress layers to `LoraCompressedLinear`."""
+    """Make every LoraConfig (new or read from disk) dispatch hf-compress layers to `LoraCompressedLinear`, and make
+    LoRA's parameter targeting refuse compressed experts by name (`refuse_compressed_expert_parameters`)."""
     if getattr(LoraConfig, "_hf_compress_registered", False):
         return
+    from peft.tuners.lora import LoraModel
+
     original = LoraConfig.__post_init__
 
     def __post_init__(self, *args, **kwargs):
@@ -179,3 +217,28 @@ def register() -> None:
 
     LoraConfig.__post_init__ = __post_init__
     LoraConfig._hf_compress_registered = True
+    # PEFT's BaseTuner._inject_parameters does the parameter targeting (tests/test_moe_ecosystem.py names it)
+    inject = LoraModel._inject_parameters
+
+    def _inject_parameters(self, peft_config, model, *args, **kwargs):
+        refuse_compressed_expert_parameters(model, getattr(peft_config, "target_parameters", None))
+        return inject(self, peft_config, model, *args, **kwargs)
+
+    LoraModel._inject_parameters = _inject_parameters
+    # PEFT rewrites a transformers-4 era config for MoE model types (``gate_proj`` / ``down_proj`` names become
+    # ``target_parameters`` on the fused experts) before injecting. On a model whose experts hf-compress split, the
+    # names are the model's own (`target_module_names`): that rewrite would move LoRA from dense MLP / shared-expert
+    # layers onto experts that no longer exist. PEFT imports the function at call time (tests/test_moe_ecosystem.py
+    # names it).
+    from peft.utils import transformers_weight_conversion as conversion
+
+    convert = conversion.convert_peft_config_for_transformers
+
+    def convert_peft_config_for_transformers(peft_config, model, *args, **kwargs):
+        from ..modules.experts import CompressedExperts
+
+        if any(isinstance(m, CompressedExperts) for m in model.modules()):
+            return None
+        return convert(peft_config, model, *args, **kwargs)
+
+    conversion.convert_peft_config_for_transformers = convert_peft_config_for_transformers

@@ -34,12 +34,25 @@ def make_cache(model, spec):
     spec = parse_kv_spec(spec)
     if spec is None:
         raise ConfigError("no KV method given")
+    _check_decoder(model)
     return kv_method(spec).make_cache(model, spec)
+
+
+def is_encoder_only(model) -> bool:
+    """Whether every attention module of ``model`` is bidirectional (BERT-style encoders): modules that declare
+    ``is_causal`` (transformers' attention classes do) and none of them causal. Such a model reads its whole input
+    at once and never extends a cache token by token."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and not any(flags)
 
 
 def _check_decoder(model) -> None:
     if getattr(model.config, "is_encoder_decoder", False):
         raise ConfigError("hf-compress KV caches support decoder-only models")
+    if is_encoder_only(model):
+        raise ConfigError(f"{type(model).__name__} is an encoder-only model (its attention is bidirectional, no layer "
+                          "is causal): it reads its whole input at once and has no KV cache to compress; KV caches "
+                          "serve decoder models that generate token by token")
 
 
 def install_default_cache(model, spec) -> None:
@@ -113,7 +126,7 @@ def before_weight_loading(model, config, checkpoint_files=None, pre_quantized=Tr
                           "from_pretrained; load the model and call hf_compress.compress(model, config, calibration=...)")
     if not method.stores_tensors:
         return
-    from ..checkpoint import read_headers
+    from ..safetensors_files import read_headers
     from .lowrank import ATTR, attach_projections
 
     try:

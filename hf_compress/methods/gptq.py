@@ -16,6 +16,7 @@ import torch
 from ..errors import ConfigError
 from ..registry import METHODS
 from .base import QuantMethod
+from .linalg import spd_inverse
 from .quantlib import Quantized, clip_search, grouped, minmax
 
 
@@ -52,7 +53,7 @@ class GPTQ(QuantMethod):
         h.diagonal().add_(self.damp * h.diagonal().mean())
         perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else torch.arange(n_pad, device=w.device)
         w, h = w[:, perm], h[perm][:, perm]
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+        hinv = torch.linalg.cholesky(spd_inverse(h), upper=True).float()
         group_of = perm // g
         groups = group_of.tolist()  # per processed column, as Python ints: the loop below is per column
         scales = torch.zeros(out, n_groups, device=w.device)

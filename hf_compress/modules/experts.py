@@ -148,8 +148,15 @@ class CompressedExperts(nn.Module):
     # ------------------------------------------------------------------------------------------- conversion
     @classmethod
     def from_native(cls, native: nn.Module) -> "CompressedExperts":
-        """Split ``native`` (a fused ``*Experts`` module, on a real device) into per-expert `nn.Linear` layers
-        holding copies of its slices; its other attributes and submodules (activation, norms) are kept."""
+        """Split ``native`` (a fused ``*Experts`` module) into per-expert `nn.Linear` layers holding copies of its
+        slices; its other attributes and submodules (activation, norms) are kept. When accelerate offloaded
+        ``native`` (weights on ``meta``, read through its hook), the layers are offloaded too: each reads its slice
+        through a hook of its own (`offloaded_slots`), and nothing is read now."""
+        if _offload_hook(native) is not None:
+            new = cls.empty_like(native)
+            new.__dict__["_offloaded_native"] = native  # given back untouched by `to_native`
+            offloaded_slots(new, _offload_hook(native))
+            return new
         layers = {}
         with torch.no_grad():
             for name in WEIGHT_NAMES:
@@ -183,7 +190,8 @@ class CompressedExperts(nn.Module):
         new._is_expert_parallel = getattr(native, "_is_expert_parallel", False)
         skip = set(WEIGHT_NAMES) | {f"{n}_bias" for n in WEIGHT_NAMES}
         for key, value in vars(native).items():  # the gate's constants (gpt-oss: alpha, limit), sizes
-            if not key.startswith("_") and key not in skip and key not in vars(new) and key != "training":
+            if (not key.startswith("_") and key not in skip and key not in vars(new) and key != "training"
+                    and not callable(value)):  # not an offload hook's replacement forward
                 setattr(new, key, value)
         for key, child in native.named_children():  # activation, post-expert norm
             setattr(new, key, child)
@@ -191,7 +199,12 @@ class CompressedExperts(nn.Module):
         return new
 
     def to_native(self) -> nn.Module:
-        """The fused module of ``native_class`` holding the dense experts (compressed ones dequantized)."""
+        """The fused module of ``native_class`` holding the dense experts (compressed ones dequantized); for an
+        offloaded module nothing was compressed in, the original offloaded module."""
+        original = self.__dict__.get("_offloaded_native")
+        if original is not None and not any(not isinstance(m, nn.Linear) for n in self.weight_names
+                                            for m in getattr(self, n)):
+            return original
         with torch.device("meta"):
             native = self.native_class(self.config)
         for flag in _FLAGS:
@@ -219,6 +232,73 @@ class CompressedExperts(nn.Module):
 # transformers' experts decorator with our interface, as its own FP8 experts use it (the class is changed in place);
 # the flags it sets are overwritten per instance from the native module (`_around`)
 use_experts_implementation(CompressedExperts, experts_interface=COMPRESSED_EXPERTS_FUNCTIONS)
+
+
+def _offload_hook(module: nn.Module):
+    """accelerate's offloading hook of ``module`` when its weights live in an offload store, else None."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", [hook])  # a SequentialHook holds several
+    for h in hooks:
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            return h
+    return None
+
+
+class _ExpertSlices:
+    """The weights map of one offloaded expert layer: ``weight`` (and ``bias``) are expert ``index``'s slice of the
+    fused module's 3-D tensors in the offload store. The last few fused tensors read are kept (`_FUSED_CACHE`), so
+    that running a block's experts reads each of its fused weights once: one block's dense experts in memory."""
+
+    def __init__(self, fused_map, name: str, index: int, transposed: bool, has_bias: bool):
+        self.fused_map, self.name, self.index, self.transposed = fused_map, name, index, transposed
+        self.keys_ = ("weight", "bias") if has_bias else ("weight",)
+
+    def _fused(self, key: str) -> torch.Tensor:
+        cache_key = (id(self.fused_map), key)
+        hit = _FUSED_CACHE.pop(cache_key, None)
+        if hit is None or hit[0] is not self.fused_map:
+            hit = (self.fused_map, self.fused_map[key])
+        _FUSED_CACHE[cache_key] = hit  # most recent last
+        while len(_FUSED_CACHE) > _FUSED_CACHE_SIZE:
+            _FUSED_CACHE.pop(next(iter(_FUSED_CACHE)))
+        return hit[1]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key == "weight":
+            w = self._fused(self.name)[self.index]
+            return w.T if self.transposed else w
+        if key == "bias" and "bias" in self.keys_:
+            return self._fused(f"{self.name}_bias")[self.index]
+        raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys_
+
+    def keys(self):
+        return self.keys_
+
+
+#: fused offloaded tensors last read by `_ExpertSlices`: (weights map, tensor) by (id(map), name); 4 = a module's
+#: gate_up, down and their biases
+_FUSED_CACHE: dict = {}
+_FUSED_CACHE_SIZE = 4
+
+
+def offloaded_slots(experts: "CompressedExperts", hook) -> None:
+    """Give each (meta) expert layer of ``experts`` an accelerate offloading hook that reads its slice of the fused
+    weights from ``hook``'s offload store (`_ExpertSlices`)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    for name in experts.weight_names:
+        for e, layer in enumerate(getattr(experts, name)):
+            slices = _ExpertSlices(hook.weights_map, name, e, experts.is_transposed, layer.bias is not None)
+            add_hook_to_module(layer, AlignDevicesHook(execution_device=hook.execution_device, offload=True,
+                                                       io_same_device=False, weights_map=slices))
+
+
+def release_offloaded_reads() -> None:
+    """Forget the fused tensors `_ExpertSlices` kept (called when a compression run ends)."""
+    _FUSED_CACHE.clear()
 
 
 def _slot(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -270,4 +350,5 @@ def unsplit_untouched(model: nn.Module) -> list[str]:
         if isinstance(module, CompressedExperts) and not any(isinstance(m, CompressedModule) for m in module.modules()):
             model.set_submodule(name, module.to_native())
             restored.append(name)
+    release_offloaded_reads()
     return restored

@@ -10,15 +10,19 @@ a compressed module is built in `hf_compress.factory`, the budgets in `hf_compre
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
 from ..allocation import allocate_eora, allocator_for
 from ..errors import ConfigError
 from ..methods import get_method
 from ..modules.experts import split_experts, unsplit_untouched
-from ..targets import targets_of, tied_output_embedding, untie
+from ..targets import language_model, other_modalities, targets_of, tied_output_embedding, untie
 from . import datafree, sequential
 from .common import Job
+
+logger = logging.getLogger(__name__)
 
 
 def uses_calibration(config, calibration_given: bool) -> bool:
@@ -27,6 +31,8 @@ def uses_calibration(config, calibration_given: bool) -> bool:
     if method.needs:
         return True
     if config.quantizer is not None and get_method(config.quantizer).needs:
+        return True
+    if config.expert_bits:  # allocated from routing statistics
         return True
     # optional statistics: EoRA in the inputs' eigenspace, GPTQ for low-rank factors
     return calibration_given and bool((config.eora_rank or config.eora_bits) if method.family == "quant"
@@ -50,16 +56,20 @@ def compress_modules(model: nn.Module, config, *, calibration=None, tokenizer=No
 
 
 def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpoint_dir, checkpoint_every) -> dict:
-    targets = targets_of(model, config.targets, config.skip)
+    vision = getattr(config, "vision", False)
+    targets = targets_of(model, config.targets, config.skip, vision)
+    calibrated = uses_calibration(config, calibration is not None)
+    _report_modalities(model, targets, vision, calibrated)
     for target in targets.values():  # NaN/Inf anywhere refuses the run before any layer changes
         target.weight()
     job = Job(model, config, method, alloc, targets, progress, checkpoint_dir, checkpoint_every)
     tied_head = tied_output_embedding(model, job.modules.values())
-    if not uses_calibration(config, calibration is not None):
+    if not calibrated:
         report = datafree.run(job)
     else:
         if calibration is None:
-            what = config.method if method.needs else f"{config.method} with quantizer {config.quantizer}"
+            what = (config.method if method.needs else f"{config.method} with expert_bits" if config.expert_bits
+                    else f"{config.method} with quantizer {config.quantizer}")
             raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
                               "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
         report = sequential.run(job, calibration, tokenizer)
@@ -68,6 +78,28 @@ def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpo
     if tied_head is not None and model.get_output_embeddings() is not tied_head:
         untie(model)
     return report
+
+
+def _report_modalities(model, targets: dict, vision: bool, calibrated: bool) -> None:
+    """Multimodal models: say which parts outside the language model are compressed and which stay dense; refuse
+    a calibrated run over them (the calibrated pipeline runs one list of blocks on text)."""
+    language = language_model(model)
+    if not language:
+        return
+    parts = other_modalities(model, language)
+    touched = {p: [n for n in names if n in targets] for p, names in parts.items()}
+    if calibrated and any(touched.values()):
+        hit = [p for p, names in touched.items() if names]
+        raise ConfigError(f"calibrated methods compress one list of blocks, the language model's ({language}), on "
+                          f"text or image+text calibration; {hit} lie outside it: compress them with a data-free "
+                          "method (rtn, hqq, svd) or leave vision=False / name language-model layers in targets")
+    left = {p: len(names) - len(touched[p]) for p, names in parts.items() if len(names) > len(touched[p])}
+    done = {p: len(names) for p, names in touched.items() if names}
+    logger.warning("%s is multimodal: compressing its language model (%s)%s%s", type(model).__name__, language,
+                   "; also compressed: " + ", ".join(f"{p} ({n} linear layers)" for p, n in done.items())
+                   if done else "",
+                   "; left dense: " + ", ".join(f"{p} ({n} linear layers)" for p, n in left.items())
+                   + (" (compress them too with vision=True or targets)" if not vision else "") if left else "")
 
 
 __all__ = ["compress_modules", "uses_calibration"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,16 @@ class Job:
     checkpoint_dir: Any = None
     checkpoint_every: float = 60.0
     started: float = field(default_factory=time.time)
+    #: per-layer bit widths that differ from ``config.bits`` (``expert_bits``: `hf_compress.allocation.allocate_expert_bits`)
+    bits: dict[str, int] = field(default_factory=dict)
+
+    def config_for(self, name: str):
+        """The settings layer ``name`` is compressed with: the run's config, with its own bit width if it has one."""
+        if name not in self.bits or self.bits[name] == self.config.bits:
+            return self.config
+        config = copy.copy(self.config)
+        config.bits = self.bits[name]
+        return config
 
     @cached_property
     def modules(self) -> dict[str, nn.Module]:

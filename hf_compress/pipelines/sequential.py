@@ -24,14 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..allocation import allocate_energy, plan as uniform_plan
-from ..calibration import BlockwiseRunner, calibration_windows, input_groups
+from ..allocation import allocate_energy, allocate_expert_bits, plan as uniform_plan
+from ..calibration import (BlockwiseRunner, calibration_windows, input_groups, is_multimodal_source,
+                           multimodal_inputs)
 from ..errors import CheckpointError
 from ..factory import correct, replace
 from ..gradients import fisher_rows, output_sensitivity
 from ..modules.experts import is_expert_layer
 from ..progress import Progress
-from ..statistics import collect, reference_inputs
+from ..statistics import collect, expert_usage, reference_inputs
 from ..targets import block_index, find_blocks
 from .common import Job, Phases, checkpoint_unit, restore
 
@@ -40,16 +41,23 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Windows:
-    """The calibration windows and their batches: the training batches first, then the held-out ones."""
+    """The calibration windows and their batches: the training batches first, then the held-out ones. Image+text
+    calibration (`hf_compress.calibration.multimodal_inputs`): each batch is one sample's input dict, and
+    ``windows`` the token ids of all of them end to end (what the checkpoint fingerprint digests)."""
 
     windows: torch.Tensor
-    batches: list[torch.Tensor]
+    batches: list
     n_train_batches: int
     batch_size: int
 
     @classmethod
     def of(cls, job: Job, calibration, tokenizer) -> "Windows":
         cal = job.config.calibration
+        if is_multimodal_source(calibration):
+            inputs = multimodal_inputs(calibration, tokenizer, cal["nsamples"])
+            n_val = max(1, len(inputs) // 8) if job.method.needs_heldout and len(inputs) >= 2 else 0
+            windows = torch.cat([d["input_ids"].reshape(-1) for d in inputs])[None]
+            return cls(windows, inputs, len(inputs) - n_val, 1)
         windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
         n_tokens = windows.numel()
         widest = max(i for _, i in job.shapes.values())
@@ -123,13 +131,16 @@ class Sequential:
         "phases"}."""
         job, clock, model = self.job, self.clock, self.job.model
         self.fisher = self._fisher()
-        self.runner = BlockwiseRunner(model, self.stack.blocks, torch.cat(self.data.batches),
+        batches = self.data.batches
+        self.runner = BlockwiseRunner(model, self.stack.blocks,
+                                      torch.cat(batches) if isinstance(batches[0], torch.Tensor) else batches,
                                       batch_size=self.data.batch_size)
         was_training = model.training
         model.eval()
         with clock("capture"):
             self.runner.capture()
         plan = self._plan()
+        job.bits = self._expert_bits()
         betas = self._compress(plan)
         model.train(was_training)
         logger.info("time by phase: %s", clock)
@@ -158,6 +169,26 @@ class Sequential:
                 sens = output_sensitivity(job.model, job.modules, self.data.train_batches, job.progress)
             return allocate_energy(spectra, job.shapes, job.config.ratio, weights=sens, relative=False)
         return allocate_energy(spectra, job.shapes, job.config.ratio)
+
+    def _expert_bits(self) -> dict[str, int]:
+        """With ``expert_bits``: each expert layer's bit width, from the router's use of the experts on the training
+        windows (dense model) under the budget ``bits`` (`allocate_expert_bits`)."""
+        job = self.job
+        if not job.config.expert_bits:
+            return {}
+        if self.saved:
+            return self.ckpt.extra["bits"]
+        with self.clock("routing statistics"):
+            usage = expert_usage(job.model, job.targets, self.data.train_batches)
+        if not usage:
+            logger.warning("expert_bits: no expert among the targets; every layer gets bits=%d", job.config.bits)
+            return {}
+        bits = allocate_expert_bits(usage, {n: o * i for n, (o, i) in job.shapes.items() if n in usage},
+                                    job.config.expert_bits, job.config.bits)
+        widths = sorted(set(bits.values()))
+        logger.info("expert_bits: %s", ", ".join(f"{sum(b == w for b in bits.values())} expert layers at {w} bits"
+                                               for w in widths))
+        return bits
 
     def _spectra(self) -> dict[str, torch.Tensor]:
         """Each target's spectrum in its method's metric, from statistics on the dense stream."""
@@ -229,8 +260,8 @@ class Sequential:
                 train_stats, val_stats = stats[n]
                 with clock("fit (method)"):
                     if plan[n] is not None:
-                        choice = replace(model, job.targets[n], job.method, job.config, plan[n], train_stats,
-                                         val_stats)
+                        choice = replace(model, job.targets[n], job.method, job.config_for(n), plan[n],
+                                         train_stats, val_stats)
                     else:
                         choice = correct(model.get_submodule(n), job.method, train_stats, val_stats)
                 if choice is not None:
@@ -245,7 +276,7 @@ class Sequential:
             streams = {f"comp.{b}": h for b, h in enumerate(comp)}
             streams.update({f"ref.{b}": h for b, h in enumerate(ref or [])})
             streams.update({f"fisher.{n}": f for n, f in self.fisher.items()})
-            ckpt.commit(i + 1, {"plan": plan, "betas": betas}, streams)
+            ckpt.commit(i + 1, {"plan": plan, "betas": betas, "bits": self.job.bits}, streams)
 
 
 def run(job: Job, calibration, tokenizer) -> dict:

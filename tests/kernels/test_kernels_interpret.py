@@ -4,7 +4,7 @@ Needs ``TRITON_INTERPRET=1`` before triton is imported, so this module only runs
 `test_kernels.py::test_triton_kernels_under_interpreter` runs it in a subprocess (what CI does); by hand:
 
     TRITON_INTERPRET=1 HF_COMPRESS_KERNELS=triton OMP_NUM_THREADS=1 \
-        .venv/bin/python -m pytest tests/test_kernels_interpret.py
+        .venv/bin/python -m pytest tests/kernels/test_kernels_interpret.py
 
 Shapes are small (the interpreter runs each program in numpy) but cross every block boundary: sizes that are
 not multiples of the blocks, batch 1, odd ranks, ranks over several rank blocks, in_features not a multiple
@@ -309,5 +309,25 @@ def test_quantized_model_matches_torch_backend(cfg):
         dispatch.refresh_backend()
         with torch.no_grad():
             outs[mode] = (model(input_ids=ids[:, :1]).logits, model(input_ids=ids.repeat(4, 1)).logits)
+    for got, want in zip(outs["triton"], outs["torch"]):
+        assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max()) + 1e-5
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_compressed_experts_run_the_triton_kernels(arch):
+    """Compressed experts (each expert's layer a QuantLinear) through the Triton kernels equal the reference."""
+    import hf_compress
+    from hf_compress.kernels import dispatch
+    from test_moe import tiny_moe
+
+    model = tiny_moe(arch)
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16}, progress=False)
+    ids = torch.randint(3, 96, (1, 5), generator=gen(10))
+    outs = {}
+    for mode in ("torch", "triton"):
+        os.environ["HF_COMPRESS_KERNELS"] = mode
+        dispatch.refresh_backend()
+        with torch.no_grad():
+            outs[mode] = (model(input_ids=ids[:, :1]).logits, model(input_ids=ids.repeat(2, 1)).logits)
     for got, want in zip(outs["triton"], outs["torch"]):
         assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max()) + 1e-5

@@ -50,7 +50,7 @@ def test_invalid_mode_is_an_error(monkeypatch):
 @pytest.mark.parametrize("mode", ["auto", "torch"])
 def test_cpu_tensors_take_the_reference(monkeypatch, mode):
     """torch: the reference; auto: the CPU backend, which runs the reference for low-rank layers and for quantized
-    ones called without a cache (tests/test_cpu_kernels.py covers the int4 kernel path)."""
+    ones called without a cache (tests/kernels/test_cpu_kernels.py covers the int4 kernel path)."""
     monkeypatch.setenv("HF_COMPRESS_KERNELS", mode)
     kernels.refresh_backend()
     x, u, v, b = _lowrank_args()
@@ -96,12 +96,12 @@ def test_without_triton_auto_falls_back_and_forced_triton_says_why():
 
 
 def test_triton_kernels_under_interpreter():
-    """tests/test_kernels_interpret.py (every kernel vs its reference) in a process with TRITON_INTERPRET=1."""
+    """tests/kernels/test_kernels_interpret.py (every kernel vs its reference) in a process with TRITON_INTERPRET=1."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "HF_COMPRESS_KERNELS": "triton", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                           os.path.join("tests", "test_kernels_interpret.py")], cwd=REPO, env=env,
+                           os.path.join("tests", "kernels", "test_kernels_interpret.py")], cwd=REPO, env=env,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"

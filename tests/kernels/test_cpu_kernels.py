@@ -18,7 +18,7 @@ from hf_compress.kernels.cpu import weights as cpu
 from hf_compress.kernels.reference import weights as reference
 from conftest import resident_pages
 
-TOL = 3e-2  # relative to the reference's max |y|: bf16 activations, as tests/test_kernels.py's GPU tolerance
+TOL = 3e-2  # relative to the reference's max |y|: bf16 activations, as tests/kernels/test_kernels.py's GPU tolerance
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
-"""Reading and checking checkpoint files without loading them, and the ``hf_compress_autoload.py`` shim a checkpoint
-carries. (Checkpoint folders are written atomically by `hf_compress.atomic`; the resumable state of an interrupted
-compression is `hf_compress.resume`.)"""
+"""Reading and checking a checkpoint's safetensors files without loading them: each file's header (tensor names,
+dtypes, shapes, offsets), checked to be complete, before any weight is read. (Checkpoint folders are written
+atomically by `hf_compress.atomic`; the resumable state of an interrupted compression is `hf_compress.resume`.)"""
 
 from __future__ import annotations
 
@@ -49,13 +49,3 @@ def read_headers(files: list[str]) -> dict[str, dict]:
         else:
             raise CheckpointError(f"{f}: hf-compress checkpoints are safetensors only (refusing pickle files).")
     return merged
-
-
-SHIM_MODULE = "hf_compress_autoload"
-SHIM_SOURCE = '''"""Loads an hf-compress checkpoint with trust_remote_code=True. Needs: pip install hf-compress"""
-from hf_compress.auto import CompressedConfig, CompressedModel, CompressedModelForCausalLM  # noqa: F401
-'''
-
-
-def write_shim(directory: str | os.PathLike) -> None:
-    Path(directory, SHIM_MODULE + ".py").write_text(SHIM_SOURCE, encoding="utf-8")
