@@ -25,6 +25,14 @@ also with the tied ``lm_head`` compressed: ``+ lm_head``, which unties it from t
 ``HF_COMPRESS_KERNELS=auto`` (the CPU int4 kernels: `hf_compress.kernels.cpu.weights`); add ``--kernels torch`` to time
 the reference instead.
 
+MoE rows (``MoE top-2: ...``): SmolLM2 as a top-2 mixture of 8 experts (`moe_model.moe_from_dense`, built once
+into ``--workdir``), dense fp32 / bf16 and with its q/k/v/o and experts compressed (the router dense; ``+ lm_head``:
+the tied head too; ``bound: ...``: the dense fp32 MoE with q/k/v/o and the experts modules returning zeros, as the
+``bound`` row below). The dense MoE runs transformers' ``eager`` experts (a loop over the routed experts, as ours);
+``, grouped_mm`` rows run transformers' default for the model, ``grouped_mm`` (``torch.nn.functional.grouped_mm``).
+Their ``x dense fp32`` / ``x dense bf16`` / ``prefill x dense fp32`` are against the dense MoE's ``eager`` rows, not
+dense SmolLM2's. Where their time goes: ``benchmarks/moe.py split``.
+
 One more row is a bound, not a model: ``bound: projections free (fp32)`` is the dense fp32 model with its 210
 projections replaced by a module that returns zeros of the right shape (one fill, no product: uninitialised memory
 could hold denormals or NaNs, which run slower through the rest). Its tokens/s is what any kernel for those layers
@@ -42,6 +50,9 @@ from pathlib import Path
 from common import DATA, TARGETS, checkpoint_slug, ensure_checkpoints, peak_rss_mb, print_table, run_rows
 
 PROMPT, NEW, KV_CONTEXT = 256, 64, 2048
+CALIB = {"nsamples": 16, "seqlen": 512, "seed": 0}
+#: the MoE rows' model: SmolLM2 as 8 experts, top-2 (benchmarks/moe_model.py), and their label prefix
+MOE_MODEL, MOE = "moe8-top2", "MoE top-2:"
 
 #: label -> how the row is built ("dense" / "torchao" / an hf-compress config) and run (dtype, KV spec, context)
 ROWS = {
@@ -63,6 +74,18 @@ ROWS = {
     "rtn 8-bit g128": {"build": {"method": "rtn", "bits": 8, "group_size": 128}},
     "hqq 3-bit g64 + EoRA r32": {"build": {"method": "hqq", "bits": 3, "group_size": 64, "eora_rank": 32}},
     "svd 0.4": {"build": {"method": "svd", "ratio": 0.4}},
+    MOE + " dense fp32": {"build": {"model": MOE_MODEL}, "dtype": "float32", "experts": "eager"},
+    MOE + " dense bf16": {"build": {"model": MOE_MODEL}, "dtype": "bfloat16", "experts": "eager"},
+    MOE + " dense fp32, grouped_mm": {"build": {"model": MOE_MODEL}, "dtype": "float32"},
+    MOE + " dense bf16, grouped_mm": {"build": {"model": MOE_MODEL}, "dtype": "bfloat16"},
+    MOE + " rtn 4-bit g64": {"build": {"model": MOE_MODEL, "method": "rtn", "bits": 4, "group_size": 64}},
+    MOE + " rtn 4-bit g64 (bf16 model)": {"build": {"model": MOE_MODEL, "method": "rtn", "bits": 4, "group_size": 64},
+                                         "dtype": "bfloat16"},
+    MOE + " rtn 3-bit g64": {"build": {"model": MOE_MODEL, "method": "rtn", "bits": 3, "group_size": 64}},
+    MOE + " rtn 4-bit g64 + lm_head": {"build": {"model": MOE_MODEL, "method": "rtn", "bits": 4, "group_size": 64,
+                                                 "lm_head": True}},
+    MOE + " bound: projections and experts free (fp32)": {"build": {"model": MOE_MODEL}, "dtype": "float32",
+                                                           "experts": "eager", "free": True},
     "KV: DynamicCache, 2048 ctx": {"build": "dense", "context": KV_CONTEXT},
     "KV: quant4, 2048 ctx": {"build": "dense", "context": KV_CONTEXT, "kv": "quant4"},
     "KV: quant4 dense_copy, 2048 ctx": {"build": "dense", "context": KV_CONTEXT,
@@ -72,6 +95,64 @@ ROWS = {
                                           "kv": {"method": "quant", "bits": 4, "value_bits": 3, "residual": 16,
                                                  "group_size": 128, "value_flush": 1, "dense_copy": True}},
 }
+
+
+def _slug(build) -> str:
+    if build == "dense":
+        return "dense"
+    if build.get("model") and len(build) == 1:
+        return build["model"]  # the dense MoE
+    return "-".join(f"{k}{v}" for k, v in build.items())
+
+
+def build_moe(out: Path) -> None:
+    """The MoE rows' dense model: SmolLM2 as 8 experts of 192 neurons, top-2 (`moe_model.moe_from_dense`, the
+    router fitted on 32 x 512 tokens of gutenberg-pg1342.txt, as ``moe_model.py --top-k 2`` builds it)."""
+    import torch
+
+    from hf_compress.calibration import calibration_windows
+    from hf_compress.loading import load_model, smollm2_gguf_path
+    from moe_model import moe_from_dense
+
+    torch.manual_seed(0)
+    model, tok = load_model(smollm2_gguf_path())
+    cal = calibration_windows(str(DATA / "gutenberg-pg1342.txt"), tok, 32, 512, 0)
+    moe_from_dense(model.eval(), 8, 2, cal).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def build_checkpoint(build, out: Path) -> None:
+    import torch
+
+    import hf_compress
+    from hf_compress.loading import load_model, smollm2_gguf_path
+
+    torch.manual_seed(0)
+    if build != "dense" and build.get("model"):  # a MoE row: the dense MoE first, then compressed from it
+        source = out.parent / _slug({"model": build["model"]})
+        if not (source / "config.json").exists():
+            build_moe(source)
+        if len(build) == 1:
+            return
+        model, tok = load_model(source)
+        cfg = {k: v for k, v in build.items() if k not in ("model", "lm_head")}
+        # the default targets: q/k/v/o and every expert's gate_up_proj / down_proj (the router stays dense)
+        if build.get("lm_head"):  # and the tied head (untied)
+            cfg["targets"] = ["q_proj", "k_proj", "v_proj", "o_proj", "experts", "lm_head"]
+        hf_compress.compress(model, {**cfg, "calibration": CALIB}, progress=False)
+        hf_compress.save_pretrained(model, out, tokenizer=tok, model_card=False)
+        return
+    model, tok = load_model(smollm2_gguf_path())
+    if build == "dense":
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        return
+    cfg = {**{k: v for k, v in build.items() if k != "lm_head"}, "calibration": CALIB,
+           "targets": TARGETS + (["lm_head"] if build.get("lm_head") else [])}  # lm_head: the tied head too
+    calibrated = build.get("eora_rank") or build["method"] in ("gptq", "svd_llm", "asvd")
+    hf_compress.compress(model, cfg, calibration=str(DATA / "gutenberg-pg1342.txt") if calibrated else None,
+                         tokenizer=tok, progress=False)
+    hf_compress.save_pretrained(model, out, tokenizer=tok, model_card=False)
 
 
 def _prompt_ids(tok, n: int):
@@ -87,22 +168,27 @@ def _is_projection(module, name: str) -> bool:
 
 
 def _free_projections(model) -> None:
-    """The bound row: every projection in ``TARGETS`` becomes a module returning zeros [..., out]."""
+    """The bound rows: every projection in ``TARGETS`` becomes a module returning zeros [..., out], and so does every
+    fused experts module of a MoE (zeros [tokens, hidden]; the router still runs)."""
     import torch
 
+    from hf_compress.modules.experts import is_fused_experts
+
     class Free(torch.nn.Module):
-        def __init__(self, out_features: int):
+        def __init__(self, out_features: int | None):
             super().__init__()
             self.out_features = out_features
 
-        def forward(self, x):
-            return x.new_zeros(*x.shape[:-1], self.out_features)
+        def forward(self, x, *routing):
+            return x.new_zeros(*x.shape[:-1], self.out_features or x.shape[-1])
 
     names = [name for name, m in model.named_modules() if _is_projection(m, name)]
     if not names:
         raise RuntimeError(f"no projection named {TARGETS} to replace")
     for name in names:
         model.set_submodule(name, Free(model.get_submodule(name).out_features))
+    for name in [name for name, m in model.named_modules() if is_fused_experts(m)]:
+        model.set_submodule(name, Free(None))
 
 
 def run_llamacpp_row(label: str, ckpt: Path) -> dict:
@@ -155,7 +241,8 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
     torch.set_num_threads(int(os.environ.get("DECODE_THREADS", "2")))
     imports_mb = peak_rss_mb()  # torch, transformers (which imports torchao when installed), hf_compress
     dtype = getattr(torch, spec.get("dtype", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    kw = {"experts_implementation": spec["experts"]} if spec.get("experts") else {}
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, **kw).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
     if spec.get("peer"):
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
@@ -227,15 +314,19 @@ def main() -> None:
     results = _best_of_rounds([run_rows(__file__, jobs) for _ in range(args.rounds)])
     by = {r["row"]: r for r in results if "row" in r}
     for r in results:
+        moe = r.get("row", "").startswith(MOE)  # MoE rows are compared with the dense MoE's, the others with dense's
         for base in ("dense fp32", "dense bf16"):
-            if base in by and "decode tok/s" in r and r.get("context") == by[base]["context"]:
-                r[f"x {base}"] = round(r["decode tok/s"] / by[base]["decode tok/s"], 2)
+            ref = by.get(f"{MOE} {base}" if moe else base)
+            if ref and "decode tok/s" in r and r.get("context") == ref["context"]:
+                r[f"x {base}"] = round(r["decode tok/s"] / ref["decode tok/s"], 2)
+                if base == "dense fp32":
+                    r["prefill x dense fp32"] = round(r["prefill ms"] / ref["prefill ms"], 2)
+        if moe:
+            continue
         cpp = by.get("llama.cpp: rtn 4-bit g32 as GGUF Q4_1")
         if cpp and "decode tok/s" in r and r.get("context") == cpp["context"]:
             r["x llama.cpp"] = round(r["decode tok/s"] / cpp["decode tok/s"], 2)
             r["prefill x llama.cpp"] = round(r["prefill ms"] / cpp["prefill ms"], 2)
-        if "dense fp32" in by and "prefill ms" in r and r.get("context") == by["dense fp32"]["context"]:
-            r["prefill x dense fp32"] = round(r["prefill ms"] / by["dense fp32"]["prefill ms"], 2)
         peer = by.get("torchao int4 g64 (bf16 model)")
         if peer and "decode tok/s" in r and r.get("context") == peer["context"]:
             r["x torchao"] = round(r["decode tok/s"] / peer["decode tok/s"], 2)

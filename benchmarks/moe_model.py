@@ -166,8 +166,7 @@ def main():
     if args.top_k is not None and args.top_k < args.experts:
         from common import DATA
 
-        text = open(args.calib or DATA / "gutenberg-pg1342.txt", encoding="utf-8").read()
-        cal = calibration_windows(text, tok, 32, 512, 0)
+        cal = calibration_windows(str(args.calib or DATA / "gutenberg-pg1342.txt"), tok, 32, 512, 0)  # a path
     moe = moe_from_dense(model.eval(), args.experts, args.top_k, cal)
     moe.save_pretrained(args.out)
     if tok is not None:

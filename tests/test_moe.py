@@ -433,3 +433,30 @@ def test_a_checkpoint_missing_one_experts_tensor_is_refused(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(hf_compress.errors.CheckpointError, match=r"experts\.down_proj\.5\.scales"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_path_is_the_routed_path_bit_for_bit(arch, dtype, monkeypatch):
+    """A batch-1 decode step (one token) skips the routing masks (`_one_token`); its output is the general path's
+    (`_routed`) exactly, for dense and compressed experts, fp32 and bf16."""
+    from hf_compress.modules import experts as experts_module
+
+    model = tiny_moe(arch).to(dtype)
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16, "skip": ["layers.1"]}, progress=False)
+    split_experts(model)  # layer 1's experts as dense per-expert slots
+    used = []
+    monkeypatch.setattr(experts_module, "_one_token",
+                        lambda *a, _f=experts_module._one_token: used.append(1) or _f(*a))
+    gen = torch.Generator().manual_seed(0)
+    modules = [m for m in model.modules() if isinstance(m, CompressedExperts)]
+    assert any(isinstance(m.down_proj[0], QuantLinear) for m in modules) or arch == "deepseek_v3"  # 1 MoE layer
+    for module in modules:
+        k = model.config.num_experts_per_tok
+        for _ in range(4):
+            x = torch.randn(1, model.config.hidden_size, generator=gen).to(dtype)
+            index = torch.randperm(module.num_experts, generator=gen)[:k].view(1, k)
+            weights = torch.rand(1, k, generator=gen).softmax(-1).to(dtype)
+            with torch.no_grad():
+                fast = module(x, index, weights)
+                ref = experts_module._routed(module, x, index, weights)
+            assert torch.equal(fast, ref)
+    assert len(used) == 4 * len(modules)

@@ -59,7 +59,16 @@ def is_expert_layer(model: nn.Module, name: str) -> bool:
 def compressed_experts_forward(self: "CompressedExperts", hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                                top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts' output for the router's choice: each expert hit runs on its tokens through its own layers
-    (compressed or dense), its output weighted by the routing weight and summed per token in fp32."""
+    (compressed or dense), its output weighted by the routing weight and summed per token in fp32. One token (a
+    batch-1 decode step) takes `_one_token`, the same sums in the same order without the routing masks."""
+    if hidden_states.shape[0] == 1 and not self.calibrate_all:
+        return _one_token(self, hidden_states, top_k_index, top_k_weights)
+    return _routed(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _routed(self: "CompressedExperts", hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """`compressed_experts_forward` for any number of tokens: each expert hit, in expert order, on its tokens."""
     final = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     n = self.num_experts
     with torch.no_grad():
@@ -76,6 +85,20 @@ def compressed_experts_forward(self: "CompressedExperts", hidden_states: torch.T
             y = self.expert(e, hidden_states[tok])
         weighted = y * top_k_weights[tok, pos, None].to(y.dtype)
         final.index_add_(0, tok, weighted.to(torch.float32))
+    return final.to(hidden_states.dtype)
+
+
+def _one_token(self: "CompressedExperts", hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor) -> torch.Tensor:
+    """`compressed_experts_forward` for one token: its routed experts in the order `_routed` adds them (expert,
+    then slot), each weighted output added to fp32 zeros as ``index_add_`` adds it, so the result is `_routed`'s
+    bit for bit (an expert that a router picks twice for the token runs once per pick), without the one-hot mask,
+    the gathers and the scatter."""
+    final = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    routes = sorted((e, pos) for pos, e in enumerate(top_k_index[0].tolist()) if e < self.num_experts)
+    for e, pos in routes:
+        y = self.expert(e, hidden_states)
+        final.add_((y * top_k_weights[0, pos].to(y.dtype)).to(torch.float32))
     return final.to(hidden_states.dtype)
 
 
