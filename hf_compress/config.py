@@ -74,6 +74,14 @@ class CompressionConfig(QuantizationConfigMixin):
             routing statistics on the calibration data (`hf_compress.allocation.allocate_expert_bits`: experts the
             router uses more get more bits). Needs calibration data; other layers keep ``bits``.
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
+        rotate: incoherence processing before any weight method (`hf_compress.transforms.rotation`; Llama-architecture
+            decoders: llama, qwen2, mistral): every RMSNorm weight is folded into the layers that read it and the
+            residual stream is rotated by an orthogonal matrix folded into the embedding, every layer that reads or
+            writes the stream and the head — ``"hadamard"`` (a randomized Hadamard; a random orthogonal matrix where
+            the hidden size has no Hadamard construction) or ``"orthogonal"`` (random orthogonal). The model stays a
+            plain model of its class computing the same function, so it exports to every format; a tied head is
+            untied (the checkpoint then holds both matrices). ``None`` (default): no rotation.
+        rotate_seed: seed of the rotation's random signs / matrix (default 0).
         modules: filled in by hf-compress: the compressed modules of a model, ``{name: {"type": ..., ...}}``.
             It is refreshed from the live modules each time the model is saved.
         kv: KV-cache compression that loads with the model (`hf_compress.kv`): a spec dict such as
@@ -105,6 +113,8 @@ class CompressionConfig(QuantizationConfigMixin):
         quantizer: str | None = None,
         scale_dtype: str = "float16",
         expert_bits: list[int] | None = None,
+        rotate: str | None = None,
+        rotate_seed: int = 0,
         modules: dict[str, dict[str, Any]] | None = None,
         kv: dict[str, Any] | str | None = None,
         hf_compress_version: str | None = None,
@@ -138,6 +148,8 @@ class CompressionConfig(QuantizationConfigMixin):
         self.quantizer = quantizer
         self.scale_dtype = scale_dtype
         self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
+        self.rotate = rotate
+        self.rotate_seed = rotate_seed
         self.modules = dict(modules or {})
         self.kv = kv
         self.hf_compress_version = hf_compress_version or __version__
@@ -188,6 +200,7 @@ class CompressionConfig(QuantizationConfigMixin):
                 raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
             if self.rank <= 0:
                 raise ConfigError(f"rank must be a positive integer, got {self.rank}")
+        self._check_rotation(method)
         for field in ("targets", "skip"):
             patterns = getattr(self, field) or []
             if not all(isinstance(p, str) and p for p in patterns):
@@ -196,6 +209,20 @@ class CompressionConfig(QuantizationConfigMixin):
             json.dumps(self.method_kwargs)
         except TypeError as e:
             raise ConfigError(f"method_kwargs must be JSON-serialisable: {e}") from None
+
+    def _check_rotation(self, method) -> None:
+        from .transforms import ROTATIONS
+
+        if isinstance(self.rotate_seed, bool) or not isinstance(self.rotate_seed, int) or self.rotate_seed < 0:
+            raise ConfigError(f"rotate_seed must be a non-negative integer, got {self.rotate_seed!r}")
+        if self.rotate is None:
+            return
+        if not isinstance(self.rotate, str):
+            raise ConfigError(f"rotate must be one of {ROTATIONS.names()} or null, got {self.rotate!r}")
+        ROTATIONS.get(self.rotate)  # names the known rotations
+        if method.family != "quant" and self.ratio is None and self.rank is None and not self.modules:
+            raise ConfigError("rotate transforms the weights before a weight method: give bits (rtn, hqq, gptq) or a "
+                              "ratio/rank")
 
     def _check_quantization(self, method) -> None:
         from .kernels import SUPPORTED_BITS
@@ -275,6 +302,7 @@ class CompressionConfig(QuantizationConfigMixin):
             "quantizer": self.quantizer,
             "scale_dtype": self.scale_dtype,
             **({"expert_bits": list(self.expert_bits)} if self.expert_bits else {}),  # stored when used
+            **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
             "modules": copy.deepcopy(self.modules),
             "kv": copy.deepcopy(self.kv),
             "hf_compress_version": self.hf_compress_version,
