@@ -25,7 +25,7 @@ from .common import Job
 
 def uses_calibration(config, calibration_given: bool) -> bool:
     """Whether compression runs the calibrated (block-wise) pipeline."""
-    method = get_method(config.method)
+    method = get_method(config.method)(**config.method_kwargs)  # an option may ask for statistics (grid="mse-act")
     if method.needs:
         return True
     if config.quantizer is not None and get_method(config.quantizer).needs:
