@@ -11,7 +11,7 @@ quantized row by row); a trailing ``:qB`` stores the EoRA factors as B-bit codes
 e.g. ``gptq:3:64:32/20/16:q4``. ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
 fp16/bf16, as in a half-precision checkpoint (the benchmark model is fp32, so its factors are fp32 in ``bits_w``).
 A method name may carry modifiers: ``+rot`` rotates the residual stream first (``rotate="hadamard"``; ``+orth``:
-``rotate="orthogonal"``), ``+act`` makes the grid activation-aware (rtn/gptq ``grid="mse-act"``, hqq
+``rotate="orthogonal"``; ``+rot2``: also the attention heads, ``rotate_heads=True``), ``+act`` makes the grid activation-aware (rtn/gptq ``grid="mse-act"``, hqq
 ``act_weighted=True``; calibrated), e.g. ``gptq+rot+act:3:64``; ``dense+rot`` is the rotated dense model (it must score
 the dense perplexity). ``other_params_M`` counts the parameters outside the quantized layers (embedding, head, norms;
 a tied matrix once): a rotation unties SmolLM2's tied head, which adds one 49152 x 576 matrix there.
@@ -75,7 +75,7 @@ def run_row(spec: dict) -> list[dict]:
 
     torch.manual_seed(0)
     model, tok = load_model(smollm2_gguf_path())
-    row = {k: v for k, v in spec.items() if k not in ("rotate", "act")}
+    row = {k: v for k, v in spec.items() if k not in ("rotate", "rotate_heads", "act")}
     names = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
     reset_peak_rss()
@@ -90,7 +90,7 @@ def run_row(spec: dict) -> list[dict]:
                "eora_rank": sweep[0] if sweep[0] else (None if budget else (eora or None)),
                "eora_bits": float(eora[1:]) if budget else None, "eora_factor_bits": spec.get("factor_bits"),
                "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0},
-               "rotate": spec.get("rotate"),
+               "rotate": spec.get("rotate"), "rotate_heads": spec.get("rotate_heads", False),
                "method_kwargs": ({"act_weighted": True} if spec["method"] == "hqq" else {"grid": "mse-act"}) if act else {}}
         row["method"] = _label(spec)
         calibrated = spec["method"] == "gptq" or eora or act
@@ -128,7 +128,7 @@ def run_row(spec: dict) -> list[dict]:
         if spec.get("rotate"):
             from hf_compress.transforms import rotate_residual
 
-            rotate_residual(model, spec["rotate"])
+            rotate_residual(model, spec["rotate"], heads=spec.get("rotate_heads", False))
             row["method"] = _label(spec)
         bits = 32 * n_weights
     row["other_params_M"] = _other_params_m(model, names)
@@ -143,7 +143,7 @@ def _label(spec: dict) -> str:
     """The row's method with its transform and grid."""
     label = spec["method"]
     if spec.get("rotate"):
-        label += f" + rotate {spec['rotate']}"
+        label += f" + rotate {spec['rotate']}" + (" + heads" if spec.get("rotate_heads") else "")
     if spec.get("act"):
         label += " + act-weighted" if spec["method"] == "hqq" else " + grid mse-act"
     return label
@@ -200,13 +200,14 @@ def _score(row: dict, spec: dict, model, tok, copy: bool = False) -> dict:
 def _parse_row(text: str) -> dict:
     head, *more = text.split(":")
     name, *mods = head.split("+")
-    unknown = set(mods) - {"rot", "orth", "act"}
+    unknown = set(mods) - {"rot", "rot2", "orth", "act"}
     if unknown:
-        raise SystemExit(f"unknown row modifier(s) {sorted(unknown)} in {text!r}: use +rot, +orth, +act")
-    extra = {"rotate": "orthogonal" if "orth" in mods else "hadamard" if "rot" in mods else None, "act": "act" in mods}
+        raise SystemExit(f"unknown row modifier(s) {sorted(unknown)} in {text!r}: use +rot, +rot2, +orth, +act")
+    extra = {"rotate": "orthogonal" if "orth" in mods else "hadamard" if {"rot", "rot2"} & set(mods) else None,
+             "rotate_heads": "rot2" in mods, "act": "act" in mods}
     if name == "dense":
         return {"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0,
-                "rotate": extra["rotate"]}
+                "rotate": extra["rotate"], "rotate_heads": extra["rotate_heads"]}
     spec = _parse_quant_row(":".join([name, *more]))
     return {**spec, **extra} if spec["kind"] == "ours" else spec
 

@@ -32,6 +32,8 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
                    help="fold the RMSNorms and rotate the residual stream before compressing (Llama-architecture "
                         "decoders; the model stays a plain model of its class)")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation (default 0)")
+    p.add_argument("--rotate-heads", action="store_true",
+                   help="with --rotate, also rotate each attention head's values (folded into v_proj and o_proj)")
     q = p.add_argument_group("quantization (with rtn|hqq|gptq; with a low-rank method: quantize its factors)")
     q.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8")
     q.add_argument("--group-size", type=int, default=128, help="quantization group size (default 128)")
@@ -72,7 +74,8 @@ def _config_from_args(args):
                              group_size=args.group_size, eora_rank=args.eora_rank, eora_bits=args.eora_bits,
                              eora_factor_bits=args.eora_factor_bits,
                              eora_factor_group_size=args.eora_factor_group_size, quantizer=args.quantizer, kv=kv,
-                             rotate=args.rotate, rotate_seed=args.rotate_seed)
+                             rotate=args.rotate, rotate_seed=args.rotate_seed,
+                             rotate_heads=args.rotate_heads)
 
 
 def cmd_compress(args) -> int:

@@ -82,6 +82,9 @@ class CompressionConfig(QuantizationConfigMixin):
             plain model of its class computing the same function, so it exports to every format; a tied head is
             untied (the checkpoint then holds both matrices). ``None`` (default): no rotation.
         rotate_seed: seed of the rotation's random signs / matrix (default 0).
+        rotate_heads: with ``rotate``, also rotate every attention head's values by one orthogonal matrix of the head
+            size (the same kind), folded into v_proj's rows and o_proj's columns (SpinQuant's R2): o_proj's input
+            groups become incoherent too. Exact and folded, like ``rotate``.
         modules: filled in by hf-compress: the compressed modules of a model, ``{name: {"type": ..., ...}}``.
             It is refreshed from the live modules each time the model is saved.
         kv: KV-cache compression that loads with the model (`hf_compress.kv`): a spec dict such as
@@ -115,6 +118,7 @@ class CompressionConfig(QuantizationConfigMixin):
         expert_bits: list[int] | None = None,
         rotate: str | None = None,
         rotate_seed: int = 0,
+        rotate_heads: bool = False,
         modules: dict[str, dict[str, Any]] | None = None,
         kv: dict[str, Any] | str | None = None,
         hf_compress_version: str | None = None,
@@ -150,6 +154,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
         self.rotate = rotate
         self.rotate_seed = rotate_seed
+        self.rotate_heads = rotate_heads
         self.modules = dict(modules or {})
         self.kv = kv
         self.hf_compress_version = hf_compress_version or __version__
@@ -215,7 +220,12 @@ class CompressionConfig(QuantizationConfigMixin):
 
         if isinstance(self.rotate_seed, bool) or not isinstance(self.rotate_seed, int) or self.rotate_seed < 0:
             raise ConfigError(f"rotate_seed must be a non-negative integer, got {self.rotate_seed!r}")
+        if not isinstance(self.rotate_heads, bool):
+            raise ConfigError(f"rotate_heads must be true or false, got {self.rotate_heads!r}")
         if self.rotate is None:
+            if self.rotate_heads:
+                raise ConfigError("rotate_heads rotates the attention heads along with the residual stream: give it "
+                                  "with rotate")
             return
         if not isinstance(self.rotate, str):
             raise ConfigError(f"rotate must be one of {ROTATIONS.names()} or null, got {self.rotate!r}")
@@ -303,6 +313,7 @@ class CompressionConfig(QuantizationConfigMixin):
             "scale_dtype": self.scale_dtype,
             **({"expert_bits": list(self.expert_bits)} if self.expert_bits else {}),  # stored when used
             **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
+            **({"rotate_heads": True} if self.rotate_heads else {}),
             "modules": copy.deepcopy(self.modules),
             "kv": copy.deepcopy(self.kv),
             "hf_compress_version": self.hf_compress_version,

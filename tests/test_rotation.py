@@ -97,6 +97,23 @@ def test_rotated_model_computes_the_same_logits(arch, kind, ids):
         assert not model.config.tie_word_embeddings
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama-bias"])
+def test_rotated_heads_compute_the_same_logits(arch, ids):
+    """rotate_heads (SpinQuant R2): each value head rotated by one Hadamard of the head size, folded into v_proj's rows
+    (and bias) and o_proj's columns — grouped-query attention included (4 query heads on 2 kv heads here)."""
+    model = _model(arch)
+    ref = output_of(model, ids)
+    plain = copy.deepcopy(model)
+    info = rotate_residual(model, "hadamard", seed=0, heads=True)
+    rotate_residual(plain, "hadamard", seed=0)
+    assert "attention heads: randomized Hadamard of order 12" in info["rotation"]
+    assert _rel(output_of(model, ids), ref) <= ROTATION_TOL
+    attn, other = model.model.layers[0].self_attn, plain.model.layers[0].self_attn
+    assert not torch.allclose(attn.v_proj.weight, other.v_proj.weight)  # the heads were rotated ...
+    assert torch.equal(attn.q_proj.weight, other.q_proj.weight)  # ... and nothing else
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, plain.model.layers[0].mlp.down_proj.weight)
+
+
 def test_hidden_size_without_hadamard_falls_back_to_random_orthogonal(ids, caplog):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**_decoder_kwargs(2), "hidden_size": 52, "num_attention_heads": 2,
@@ -115,16 +132,19 @@ def test_hidden_size_without_hadamard_falls_back_to_random_orthogonal(ids, caplo
     {"method": "gptq", "bits": 3, "group_size": 16, "eora_rank": 4},
     {"method": "rtn", "bits": 3, "group_size": 16, "method_kwargs": {"grid": "mse-act"}},
     {"method": "svd", "ratio": 0.3},
-], ids=["rtn", "hqq", "gptq", "gptq+eora", "rtn-mse-act", "svd"])
+    {"method": "gptq", "bits": 3, "group_size": 16, "rotate_heads": True},
+], ids=["rtn", "hqq", "gptq", "gptq+eora", "rtn-mse-act", "svd", "gptq+heads"])
 def test_rotate_is_applied_before_the_weight_method(cfg, ids):
     """compress with ``rotate`` = rotate the dense model, then compress it without: identical logits."""
     calibrated = cfg["method"] == "gptq" or cfg.get("method_kwargs")
     kw = {"calibration": _calib_ids() if calibrated else None, "progress": False}
     cal = {"calibration": {"nsamples": 8, "seqlen": 24}}
+    heads = cfg.get("rotate_heads", False)
+    cfg = {k: v for k, v in cfg.items() if k != "rotate_heads"}
     together = _model("llama-tied")
-    hf_compress.compress(together, {**cfg, **cal, "rotate": "hadamard", "rotate_seed": 7}, **kw)
+    hf_compress.compress(together, {**cfg, **cal, "rotate": "hadamard", "rotate_seed": 7, "rotate_heads": heads}, **kw)
     apart = _model("llama-tied")
-    rotate_residual(apart, "hadamard", seed=7)
+    rotate_residual(apart, "hadamard", seed=7, heads=heads)
     hf_compress.compress(apart, {**cfg, **cal}, **kw)
     assert torch.equal(output_of(together, ids), output_of(apart, ids))
     assert together.config.quantization_config.to_dict()["rotate"] == "hadamard"
@@ -232,6 +252,8 @@ def test_non_finite_weights_refuse_before_anything_changes():
     ({"method": "rtn", "bits": 4, "rotate": "hadamard", "rotate_seed": -1}, "rotate_seed must be a non-negative"),
     ({"method": "rtn", "bits": 4, "rotate": True}, "rotate must be one of"),
     ({"method": "svd", "kv": "quant4", "rotate": "hadamard"}, "rotate transforms the weights before a weight method"),
+    ({"method": "rtn", "bits": 4, "rotate_heads": True}, "give it with rotate"),
+    ({"method": "rtn", "bits": 4, "rotate": "hadamard", "rotate_heads": 1}, "rotate_heads must be true or false"),
 ])
 def test_bad_rotation_config(cfg, match):
     with pytest.raises(ConfigError, match=match):

@@ -64,7 +64,7 @@ def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpo
         raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
                           "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
     # the transform comes after every check that can refuse the run, and before any weight method
-    rotation = rotate_residual(model, config.rotate, config.rotate_seed) if config.rotate else {}
+    rotation = rotate_residual(model, config.rotate, config.rotate_seed, config.rotate_heads) if config.rotate else {}
     job = Job(model, config, method, alloc, targets, progress, checkpoint_dir, checkpoint_every)
     tied_head = tied_output_embedding(model, job.modules.values())
     report = sequential.run(job, calibration, tokenizer) if calibrated else datafree.run(job)

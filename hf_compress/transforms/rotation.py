@@ -73,6 +73,7 @@ class DecoderLayer:
     readers_attn: list[nn.Linear]  # q, k, v: read input_layernorm's output
     readers_mlp: list[nn.Linear]  # gate, up: read post_attention_layernorm's output
     writers: list[nn.Linear]  # o_proj, down_proj: add to the residual stream
+    head_dim: int  # of the attention heads (v_proj's output rows and o_proj's input columns, head by head)
 
 
 @dataclass
@@ -125,7 +126,8 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
         layers.append(DecoderLayer(block.input_layernorm, block.post_attention_layernorm,
                                    [parts[f"self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj")],
                                    [parts["mlp.gate_proj"], parts["mlp.up_proj"]],
-                                   [parts["self_attn.o_proj"], parts["mlp.down_proj"]]))
+                                   [parts["self_attn.o_proj"], parts["mlp.down_proj"]],
+                                   int(getattr(attn, "head_dim", 0) or 0)))
     supported = ", ".join(LLAMA_LIKE)
     if missing:
         raise ConfigError(f"rotate folds RMSNorm weights and rotates the residual stream of Llama-architecture decoders "
@@ -181,14 +183,37 @@ def _untie_head(model: nn.Module, layout: DecoderLayout) -> bool:
     return True
 
 
-def rotate_residual(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> dict:
+def _rotate_heads(layer: DecoderLayer, q: torch.Tensor) -> None:
+    """Each value head v ← Qᵀ·v (v_proj's rows, head by head) and each head's slice of o_proj's input W_o[:, h] ←
+    W_o[:, h]·Q: attention mixes a head's value vectors linearly, so its output is Qᵀ·(the original's), which o_proj
+    undoes — for grouped-query attention too (every query head reads rotated values of its kv head)."""
+    v, o, d = layer.readers_attn[2], layer.writers[0], layer.head_dim
+    q = q.to(v.weight.device)
+    w = v.weight.detach().double()
+    _assign(v.weight, (q.T @ w.view(-1, d, w.shape[1])).reshape_as(w))
+    if v.bias is not None:
+        _assign(v.bias, (v.bias.detach().double().view(-1, d) @ q).reshape(-1))
+    w = o.weight.detach().double()
+    _assign(o.weight, (w.view(w.shape[0], -1, d) @ q).reshape_as(w))
+
+
+def rotate_residual(model: nn.Module, kind: str = "hadamard", seed: int = 0, heads: bool = False) -> dict:
     """Fold every RMSNorm weight into the layers that read it and rotate the residual stream of ``model`` (in place;
-    the model computes the same function). Returns {"rotation": what Q is, "untied_head": bool}."""
+    the model computes the same function). ``heads``: also rotate every attention head's values by one orthogonal
+    matrix of the head size, folded into v_proj and o_proj (SpinQuant's R2). Returns {"rotation": what Q is,
+    "untied_head": bool}."""
     layout = decoder_layout(model)
     for name, p in model.named_parameters():  # refuse NaN/Inf before anything changes (it would spread everywhere)
         if p.numel() and not torch.isfinite(torch.stack(p.detach().aminmax())).all():
             raise NonFiniteWeightError(f"{name} contains NaN or Inf; refusing to rotate the model.")
-    q, what = ROTATIONS.get(kind).matrix(layout.hidden_size, torch.Generator().manual_seed(int(seed)))
+    dims = {layer.head_dim for layer in layout.layers}
+    if heads and (len(dims) != 1 or not all(d > 0 and layer.readers_attn[2].out_features % d == 0
+                                            and layer.writers[0].in_features % d == 0
+                                            for layer in layout.layers for d in dims)):
+        raise ConfigError(f"rotate_heads needs one attention head size that divides v_proj's outputs and o_proj's "
+                          f"inputs; {type(model).__name__} has head sizes {sorted(dims)}")
+    generator = torch.Generator().manual_seed(int(seed))
+    q, what = ROTATIONS.get(kind).matrix(layout.hidden_size, generator)
     untied = _untie_head(model, layout)
     _right(layout.embedding.weight, q)
     for layer in layout.layers:
@@ -203,4 +228,10 @@ def rotate_residual(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> 
     _right(layout.head.weight, q, gamma)
     _assign(layout.final_norm.weight, torch.ones_like(gamma))
     logger.info("rotate: RMSNorm weights folded, residual stream rotated by a %s (seed %d)", what, seed)
+    if heads:
+        q2, what2 = ROTATIONS.get(kind).matrix(layout.layers[0].head_dim, generator)
+        for layer in layout.layers:
+            _rotate_heads(layer, q2)
+        what += f"; attention heads: {what2}"
+        logger.info("rotate: attention heads rotated by a %s", what2)
     return {"rotation": what, "untied_head": untied}
