@@ -10,6 +10,11 @@ by truncating the factors (identical to compressing at that rank: the factors ar
 quantized row by row); a trailing ``:qB`` stores the EoRA factors as B-bit codes (``eora_factor_bits``, group 128),
 e.g. ``gptq:3:64:32/20/16:q4``. ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
 fp16/bf16, as in a half-precision checkpoint (the benchmark model is fp32, so its factors are fp32 in ``bits_w``).
+A method name may carry modifiers: ``+rot`` rotates the residual stream first (``rotate="hadamard"``; ``+orth``:
+``rotate="orthogonal"``; ``+rot2``: also the attention heads, ``rotate_heads=True``), ``+act`` makes the grid activation-aware (rtn/gptq ``grid="mse-act"``, hqq
+``act_weighted=True``; calibrated), e.g. ``gptq+rot+act:3:64``; ``dense+rot`` is the rotated dense model (it must score
+the dense perplexity). ``other_params_M`` counts the parameters outside the quantized layers (embedding, head, norms;
+a tied matrix once): a rotation unties SmolLM2's tied head, which adds one 49152 x 576 matrix there.
 
 Rows: dense; for each bits:group setting (default 4:128 3:64 2:32) each of our methods (rtn, hqq, gptq) with each
 EoRA rank (default 0 16 32 64); the peers measured in the same run: the HQQ package (CPU, torch backend, its
@@ -70,7 +75,7 @@ def run_row(spec: dict) -> list[dict]:
 
     torch.manual_seed(0)
     model, tok = load_model(smollm2_gguf_path())
-    row = dict(spec)
+    row = {k: v for k, v in spec.items() if k not in ("rotate", "rotate_heads", "act")}
     names = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
     reset_peak_rss()
@@ -80,11 +85,15 @@ def run_row(spec: dict) -> list[dict]:
         eora = spec["eora"]
         budget = isinstance(eora, str)  # "b0.5": EoRA ranks from a budget of 0.5 extra bits per weight
         sweep = sorted(eora, reverse=True) if isinstance(eora, list) else [None]  # one compression, several ranks
+        act = spec.get("act", False)
         cfg = {"method": spec["method"], "bits": spec["bits"], "group_size": spec["group_size"],
                "eora_rank": sweep[0] if sweep[0] else (None if budget else (eora or None)),
                "eora_bits": float(eora[1:]) if budget else None, "eora_factor_bits": spec.get("factor_bits"),
-               "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0}}
-        calibrated = spec["method"] == "gptq" or eora
+               "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0},
+               "rotate": spec.get("rotate"), "rotate_heads": spec.get("rotate_heads", False),
+               "method_kwargs": ({"act_weighted": True} if spec["method"] == "hqq" else {"grid": "mse-act"}) if act else {}}
+        row["method"] = _label(spec)
+        calibrated = spec["method"] == "gptq" or eora or act
         hf_compress.compress(model, cfg, calibration=str(DATA / spec["calib"]) if calibrated else None,
                              tokenizer=tok, progress=False)
         row["compress_s"] = round(time.time() - t0, 1)
@@ -95,7 +104,8 @@ def run_row(spec: dict) -> list[dict]:
                 for n in names:
                     layer = model.get_submodule(n)
                     layer.truncate_rank(min(rank, layer.rank))
-            rows.append(_score({**row, "eora": rank if rank is not None else eora, **_our_bits(model, names, n_weights)},
+            rows.append(_score({**row, "eora": rank if rank is not None else eora, **_our_bits(model, names, n_weights),
+                                "other_params_M": _other_params_m(model, names)},
                                spec, model, tok, copy=len(sweep) > 1))
         return rows
     if kind == "hqq":
@@ -115,12 +125,35 @@ def run_row(spec: dict) -> list[dict]:
         oq.freeze(model)
         bits = sum(_tensor_bits(model.get_submodule(n)) for n in names)
     else:
+        if spec.get("rotate"):
+            from hf_compress.transforms import rotate_residual
+
+            rotate_residual(model, spec["rotate"], heads=spec.get("rotate_heads", False))
+            row["method"] = _label(spec)
         bits = 32 * n_weights
+    row["other_params_M"] = _other_params_m(model, names)
     row["compress_s"] = round(time.time() - t0, 1)
     row["compress_peak_rss_MB"] = round(peak_rss_mb())
     row["bits_w"] = round(bits / n_weights, 3)
     row["proj_MB"] = round(bits / 8 / 1e6, 1)
     return [_score(row, spec, model, tok)]
+
+
+def _label(spec: dict) -> str:
+    """The row's method with its transform and grid."""
+    label = spec["method"]
+    if spec.get("rotate"):
+        label += f" + rotate {spec['rotate']}" + (" + heads" if spec.get("rotate_heads") else "")
+    if spec.get("act"):
+        label += " + act-weighted" if spec["method"] == "hqq" else " + grid mse-act"
+    return label
+
+
+def _other_params_m(model, names) -> float:
+    """Millions of parameters outside the quantized layers, each tensor once (a tied embedding/head counts once)."""
+    inside = {id(p) for n in names for p in model.get_submodule(n).parameters()}
+    seen = {id(p): p.numel() for p in model.parameters() if id(p) not in inside}
+    return round(sum(seen.values()) / 1e6, 2)
 
 
 def _our_bits(model, names, n_weights) -> dict:
@@ -165,8 +198,21 @@ def _score(row: dict, spec: dict, model, tok, copy: bool = False) -> dict:
 
 
 def _parse_row(text: str) -> dict:
-    if text == "dense":
-        return {"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0}
+    head, *more = text.split(":")
+    name, *mods = head.split("+")
+    unknown = set(mods) - {"rot", "rot2", "orth", "act"}
+    if unknown:
+        raise SystemExit(f"unknown row modifier(s) {sorted(unknown)} in {text!r}: use +rot, +rot2, +orth, +act")
+    extra = {"rotate": "orthogonal" if "orth" in mods else "hadamard" if {"rot", "rot2"} & set(mods) else None,
+             "rotate_heads": "rot2" in mods, "act": "act" in mods}
+    if name == "dense":
+        return {"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0,
+                "rotate": extra["rotate"], "rotate_heads": extra["rotate_heads"]}
+    spec = _parse_quant_row(":".join([name, *more]))
+    return {**spec, **extra} if spec["kind"] == "ours" else spec
+
+
+def _parse_quant_row(text: str) -> dict:
     name, bits, group, *rest = text.split(":")
     bits, group = int(bits), int(group)
     factor_bits = int(rest.pop()[1:]) if rest and rest[-1].startswith("q") else None
@@ -189,8 +235,9 @@ def main():
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--no-dense", action="store_true")
-    p.add_argument("--rows", nargs="+", help="explicit rows instead of the grid: dense, METHOD:BITS:GROUP[:EORA|:bBUDGET], "
-                                             "hqq-package:BITS:GROUP, quanto:4:128")
+    p.add_argument("--rows", nargs="+", help="explicit rows instead of the grid: dense[+rot], "
+                                             "METHOD[+rot][+act]:BITS:GROUP[:EORA|:bBUDGET], hqq-package:BITS:GROUP, "
+                                             "quanto:4:128")
     p.add_argument("--row", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.row:
@@ -213,7 +260,7 @@ def main():
     jobs = [(f"{s['method']} w{s['bits']} g{s['group_size']} r{s['eora']}", [json.dumps({**base, **s})]) for s in specs]
     results = run_rows(__file__, jobs)
     print_table(results, ["method", "bits", "group_size", "eora", "eora_ranks", "ppl_wikitext", "bits_w",
-                          "bits_w_fp16_factors", "proj_MB", "compress_s",
+                          "bits_w_fp16_factors", "proj_MB", "other_params_M", "compress_s",
                           "compress_peak_rss_MB", "eval_s", "error"],
                 title=f"\nSmolLM2-135M, perplexity on the first {args.eval_tokens} tokens of WikiText-2 raw test; "
                       f"calibration {args.nsamples} x 512 tokens of {args.calib}")

@@ -15,6 +15,7 @@ from .errors import HfCompressError
 
 def _add_compression_args(p: argparse.ArgumentParser) -> None:
     from .methods import available_methods
+    from .transforms import ROTATIONS
 
     p.add_argument("--method", default="svd", choices=available_methods(), help="compression method (default: svd)")
     g = p.add_mutually_exclusive_group()
@@ -29,6 +30,12 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--method-kwargs", default="{}", help='method options as JSON, e.g. \'{"alpha": 0.5}\'')
+    p.add_argument("--rotate", choices=ROTATIONS.names(),
+                   help="fold the RMSNorms and rotate the residual stream before compressing (Llama-architecture "
+                        "decoders; the model stays a plain model of its class)")
+    p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation (default 0)")
+    p.add_argument("--rotate-heads", action="store_true",
+                   help="with --rotate, also rotate each attention head's values (folded into v_proj and o_proj)")
     q = p.add_argument_group("quantization (with rtn|hqq|gptq; with a low-rank method: quantize its factors)")
     q.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8")
     q.add_argument("--group-size", type=int, default=128, help="quantization group size (default 128)")
@@ -68,7 +75,9 @@ def _config_from_args(args):
                              vision=bool(getattr(args, "vision", False)), alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration, bits=args.bits,
                              group_size=args.group_size, eora_rank=args.eora_rank, eora_bits=args.eora_bits,
                              eora_factor_bits=args.eora_factor_bits,
-                             eora_factor_group_size=args.eora_factor_group_size, quantizer=args.quantizer, kv=kv)
+                             eora_factor_group_size=args.eora_factor_group_size, quantizer=args.quantizer, kv=kv,
+                             rotate=args.rotate, rotate_seed=args.rotate_seed,
+                             rotate_heads=args.rotate_heads)
 
 
 def cmd_compress(args) -> int:

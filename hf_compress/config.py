@@ -79,6 +79,17 @@ class CompressionConfig(QuantizationConfigMixin):
             routing statistics on the calibration data (`hf_compress.allocation.allocate_expert_bits`: experts the
             router uses more get more bits). Needs calibration data; other layers keep ``bits``.
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
+        rotate: incoherence processing before any weight method (`hf_compress.transforms.rotation`; Llama-architecture
+            decoders: llama, qwen2, mistral): every RMSNorm weight is folded into the layers that read it and the
+            residual stream is rotated by an orthogonal matrix folded into the embedding, every layer that reads or
+            writes the stream and the head — ``"hadamard"`` (a randomized Hadamard; a random orthogonal matrix where
+            the hidden size has no Hadamard construction) or ``"orthogonal"`` (random orthogonal). The model stays a
+            plain model of its class computing the same function, so it exports to every format; a tied head is
+            untied (the checkpoint then holds both matrices). ``None`` (default): no rotation.
+        rotate_seed: seed of the rotation's random signs / matrix (default 0).
+        rotate_heads: with ``rotate``, also rotate every attention head's values by one orthogonal matrix of the head
+            size (the same kind), folded into v_proj's rows and o_proj's columns (SpinQuant's R2): o_proj's input
+            groups become incoherent too. Exact and folded, like ``rotate``.
         modules: filled in by hf-compress: the compressed modules of a model, ``{name: {"type": ..., ...}}``.
             It is refreshed from the live modules each time the model is saved.
         kv: KV-cache compression that loads with the model (`hf_compress.kv`): a spec dict such as
@@ -111,6 +122,9 @@ class CompressionConfig(QuantizationConfigMixin):
         quantizer: str | None = None,
         scale_dtype: str = "float16",
         expert_bits: list[int] | None = None,
+        rotate: str | None = None,
+        rotate_seed: int = 0,
+        rotate_heads: bool = False,
         modules: dict[str, dict[str, Any]] | None = None,
         kv: dict[str, Any] | str | None = None,
         hf_compress_version: str | None = None,
@@ -145,6 +159,9 @@ class CompressionConfig(QuantizationConfigMixin):
         self.quantizer = quantizer
         self.scale_dtype = scale_dtype
         self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
+        self.rotate = rotate
+        self.rotate_seed = rotate_seed
+        self.rotate_heads = rotate_heads
         self.modules = dict(modules or {})
         self.kv = kv
         self.hf_compress_version = hf_compress_version or __version__
@@ -197,6 +214,7 @@ class CompressionConfig(QuantizationConfigMixin):
                 raise ConfigError(f"rank must be a positive integer, got {self.rank}")
         if not isinstance(self.vision, bool):
             raise ConfigError(f"vision must be True or False, got {self.vision!r}")
+        self._check_rotation(method)
         for field in ("targets", "skip"):
             patterns = getattr(self, field) or []
             if not all(isinstance(p, str) and p for p in patterns):
@@ -205,6 +223,25 @@ class CompressionConfig(QuantizationConfigMixin):
             json.dumps(self.method_kwargs)
         except TypeError as e:
             raise ConfigError(f"method_kwargs must be JSON-serialisable: {e}") from None
+
+    def _check_rotation(self, method) -> None:
+        from .transforms import ROTATIONS
+
+        if isinstance(self.rotate_seed, bool) or not isinstance(self.rotate_seed, int) or self.rotate_seed < 0:
+            raise ConfigError(f"rotate_seed must be a non-negative integer, got {self.rotate_seed!r}")
+        if not isinstance(self.rotate_heads, bool):
+            raise ConfigError(f"rotate_heads must be true or false, got {self.rotate_heads!r}")
+        if self.rotate is None:
+            if self.rotate_heads:
+                raise ConfigError("rotate_heads rotates the attention heads along with the residual stream: give it "
+                                  "with rotate")
+            return
+        if not isinstance(self.rotate, str):
+            raise ConfigError(f"rotate must be one of {ROTATIONS.names()} or null, got {self.rotate!r}")
+        ROTATIONS.get(self.rotate)  # names the known rotations
+        if method.family != "quant" and self.ratio is None and self.rank is None and not self.modules:
+            raise ConfigError("rotate transforms the weights before a weight method: give bits (rtn, hqq, gptq) or a "
+                              "ratio/rank")
 
     def _check_quantization(self, method) -> None:
         from .kernels import SUPPORTED_BITS
@@ -285,6 +322,8 @@ class CompressionConfig(QuantizationConfigMixin):
             "quantizer": self.quantizer,
             "scale_dtype": self.scale_dtype,
             **({"expert_bits": list(self.expert_bits)} if self.expert_bits else {}),  # stored when used
+            **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
+            **({"rotate_heads": True} if self.rotate_heads else {}),
             "modules": copy.deepcopy(self.modules),
             "kv": copy.deepcopy(self.kv),
             "hf_compress_version": self.hf_compress_version,

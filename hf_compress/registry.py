@@ -1,4 +1,5 @@
-"""One registry for compression methods, looked up by the name used in configs and on the command line."""
+"""The registries of compression methods and of rotations, looked up by the names used in configs and on the command
+line."""
 
 from __future__ import annotations
 
@@ -37,3 +38,5 @@ class Registry:
 
 
 METHODS = Registry("compression method")
+#: orthogonal matrices for ``rotate`` (registered in `hf_compress.transforms.rotation`)
+ROTATIONS = Registry("rotation")

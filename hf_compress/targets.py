@@ -311,13 +311,14 @@ def tied_output_embedding(model: nn.Module, modules) -> nn.Module | None:
     return head if getattr(head, "weight", None) is getattr(emb, "weight", False) else None
 
 
-def untie(model: nn.Module) -> None:
+def untie(model: nn.Module, why: str | None = None) -> None:
     """A compressed head is no longer the input embedding (which stays dense, for the lookup): say so in the config,
     or transformers ties the embedding's weight back onto the compressed module at load (``tie_word_embeddings``)
-    and fails. Costs the head's compressed bytes beside the embedding's."""
+    and fails. Costs the head's compressed bytes beside the embedding's. ``why``: the message logged (a rotated
+    head, `hf_compress.transforms.rotation`, is untied for another reason)."""
     config = getattr(model, "config", None)
     for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):  # often one object
         if getattr(c, "tie_word_embeddings", False):
             c.tie_word_embeddings = False
-    logger.info("the compressed lm_head was tied to the input embeddings: untied (tie_word_embeddings=False); the "
-                "embedding stays dense")
+    logger.info(why or "the compressed lm_head was tied to the input embeddings: untied (tie_word_embeddings=False); "
+                "the embedding stays dense")

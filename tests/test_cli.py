@@ -119,6 +119,19 @@ def test_cli_eora_factor_bits(dense_dir, tmp_path):
     assert bad.returncode == 2 and "eora_factor_bits" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_cli_rotate_and_activation_aware_grid(dense_dir, tmp_path):
+    out = tmp_path / "rot"
+    proc = cli("compress", dense_dir, "-o", out, "--method", "gptq", "--bits", "3", "--group-size", "16", "--rotate",
+               "hadamard", "--rotate-seed", "3", "--rotate-heads", "--method-kwargs", '{"grid": "mse-act"}', "--calib", TEXT,
+               "--nsamples", "8", "--seqlen", "32")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((out / "config.json").read_text())["base_config"]["quantization_config"]
+    assert cfg["rotate"] == "hadamard" and cfg["rotate_seed"] == 3 and cfg["rotate_heads"] is True
+    assert cfg["method_kwargs"] == {"grid": "mse-act"}
+    bad = cli("compress", dense_dir, "-o", tmp_path / "bad", "--method", "rtn", "--bits", "4", "--rotate", "spin")
+    assert bad.returncode == 2 and "--rotate" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def test_cli_lowrank_with_bits(dense_dir, tmp_path):
     out = tmp_path / "lq"
     proc = cli("compress", dense_dir, "-o", out, "--method", "svd", "--ratio", "0.3", "--bits", "4", "--group-size", "16")

@@ -80,6 +80,9 @@ CASES = {
     "qwen2-rtn4-eora": ("qwen2", dict(method="rtn", bits=4, group_size=16, eora_rank=4), False),
     "llama-gptq4-eora-q": ("llama", dict(method="gptq", bits=4, group_size=16, eora_rank=6, eora_factor_bits=4,
                                          eora_factor_group_size=16), True),
+    # a residual rotation is folded into the plain weights: the format needs nothing new
+    "qwen2-gptq4-rotated-eora": ("qwen2", dict(method="gptq", bits=4, group_size=16, eora_rank=4, rotate="hadamard"),
+                                 True),
 }
 
 

@@ -104,6 +104,8 @@ EXACT_CASES = {
     "rtn4-z8": ({"method": "rtn", "bits": 4, "group_size": 32}, {("proj",): 8}, {"Q4_0"}),
     "rtn8-z128": ({"method": "rtn", "bits": 8, "group_size": 32}, {("proj",): 128}, {"Q8_0"}),
     "mixed": ({"method": "rtn", "bits": 4, "group_size": 32}, {("q_proj", "o_proj"): 8}, {"Q4_0", "Q4_1"}),
+    # the residual rotation is folded into plain weights (norms 1): llama.cpp needs nothing new
+    "rtn4-g32-rotated": ({"method": "rtn", "bits": 4, "group_size": 32, "rotate": "hadamard"}, {}, {"Q4_1"}),
 }
 
 

@@ -13,9 +13,25 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+
 #: a zero point stays below this magnitude (fp16 holds integers exactly up to 2048): groups whose values sit far
 #: from 0 relative to their spread get a slightly wider scale instead of an unrepresentable zero.
 ZERO_LIMIT = 1024.0
+
+
+#: how a group's scale and zero are chosen by rtn and gptq (``grid``): see `check_grid`
+GRIDS = ("minmax", "mse", "mse-act")
+
+
+def check_grid(method: str, grid: str, min_shrink: float, steps: int) -> None:
+    """The errors for a bad ``grid`` / range-search option of rtn or gptq."""
+    if grid not in GRIDS:
+        raise ConfigError(f"{method} grid must be one of {GRIDS}, got {grid!r}")
+    if not 0 < min_shrink <= 1:
+        raise ConfigError(f"{method} min_shrink must be in (0, 1], got {min_shrink}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ConfigError(f"{method} steps must be an integer >= 2, got {steps!r}")
 
 
 @dataclass
@@ -107,6 +123,20 @@ def clip_search(wg: torch.Tensor, bits: int, dtype: torch.dtype, steps: int = 20
         best_s, best_z, best_err = (torch.where(better, s, best_s), torch.where(better, z, best_z),
                                     torch.minimum(err, best_err))
     return best_s, best_z
+
+
+def channel_weights(stats, in_features: int, group_size: int, device=None) -> torch.Tensor | None:
+    """[1, n_groups, g] weights of the input channels for an activation-aware grid: the diagonal of the layer's input
+    Gram, E[x_j²] — the importance matrix of llama.cpp (``imatrix``), so that Σ_j h_jj (w_j − ŵ_j)² is the layer's
+    output error when the inputs' channels are uncorrelated. Normalised to mean 1 with a floor of 1e-6 (a channel
+    no calibration token uses still counts a little, so no group's weights all vanish); 0 on padding. None when
+    ``stats`` holds no Gram."""
+    if stats is None or getattr(stats, "gram", None) is None:
+        return None
+    d = stats.gram.diagonal().to(device=device, dtype=torch.float64) / max(stats.count, 1)
+    d = (d / d.mean().clamp_min(1e-300)).clamp_min(1e-6)
+    pad = -in_features % group_size
+    return torch.cat([d, d.new_zeros(pad)]).float().view(1, -1, group_size)
 
 
 def _err(wg, wq, weight):

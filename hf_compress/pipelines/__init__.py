@@ -3,8 +3,9 @@
 * `datafree`: each target from its weight alone;
 * `sequential`: block by block on calibration data (statistics, gradient passes, per-group fits).
 
-`compress_modules` finds the targets, checks them, picks the pipeline (`uses_calibration`), runs it, then spends
-the EoRA budget and unties a compressed tied ``lm_head``. What a method computes is in `hf_compress.methods`, how
+`compress_modules` applies the config's transform (``rotate``: `hf_compress.transforms`) to the dense model, finds the
+targets, checks them, picks the pipeline (`uses_calibration`), runs it, then spends the EoRA budget and unties a
+compressed tied ``lm_head``. What a method computes is in `hf_compress.methods`, how
 a compressed module is built in `hf_compress.factory`, the budgets in `hf_compress.allocation`.
 """
 
@@ -19,6 +20,7 @@ from ..errors import ConfigError
 from ..methods import get_method
 from ..modules.experts import split_experts, unsplit_untouched
 from ..targets import language_model, other_modalities, targets_of, tied_output_embedding, untie
+from ..transforms import rotate_residual
 from . import datafree, sequential
 from .common import Job
 
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def uses_calibration(config, calibration_given: bool) -> bool:
     """Whether compression runs the calibrated (block-wise) pipeline."""
-    method = get_method(config.method)
+    method = get_method(config.method)(**config.method_kwargs)  # an option may ask for statistics (grid="mse-act")
     if method.needs:
         return True
     if config.quantizer is not None and get_method(config.quantizer).needs:
@@ -62,17 +64,17 @@ def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpo
     _report_modalities(model, targets, vision, calibrated)
     for target in targets.values():  # NaN/Inf anywhere refuses the run before any layer changes
         target.weight()
+    if calibrated and calibration is None:
+        what = (config.method if method.needs else f"{config.method} with expert_bits" if config.expert_bits
+                else f"{config.method} with quantizer {config.quantizer}")
+        raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
+                          "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
+    # the transform comes after every check that can refuse the run, and before any weight method
+    rotation = rotate_residual(model, config.rotate, config.rotate_seed, config.rotate_heads) if config.rotate else {}
     job = Job(model, config, method, alloc, targets, progress, checkpoint_dir, checkpoint_every)
     tied_head = tied_output_embedding(model, job.modules.values())
-    if not calibrated:
-        report = datafree.run(job)
-    else:
-        if calibration is None:
-            what = (config.method if method.needs else f"{config.method} with expert_bits" if config.expert_bits
-                    else f"{config.method} with quantizer {config.quantizer}")
-            raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
-                              "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")
-        report = sequential.run(job, calibration, tokenizer)
+    report = sequential.run(job, calibration, tokenizer) if calibrated else datafree.run(job)
+    report.update(rotation)
     if config.eora_bits:
         report["eora_ranks"] = allocate_eora(model, list(targets), config.eora_bits)
     if tied_head is not None and model.get_output_embeddings() is not tied_head:

@@ -487,3 +487,96 @@ def test_quant_linear_op_matches_dense_in_half_precision():
     y = quant_linear(x, pack(q.codes, 4), q.scales.half(), q.zeros.half(), 4, 32, 64)
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), x.float() @ q.dequantize(64).T, atol=0.1, rtol=0.02)
+
+
+# ------------------------------------------------------------------ activation-aware grids (grid="mse-act")
+def _act_group_err(w, q, h, g):
+    """Per group Σ_j h_j (w_j − ŵ_j)² (partial last group padded with 0)."""
+    d = (w - q.dequantize(w.shape[1])).square() * h[None, :]
+    return torch.nn.functional.pad(d, (0, -w.shape[1] % g)).view(w.shape[0], -1, g).sum(-1)
+
+
+@pytest.mark.parametrize("inp,g", [(80, 16), (77, 32)])
+def test_mse_act_grid_is_the_brute_force_argmin_of_the_weighted_error(inp, g):
+    """rtn grid='mse-act': per group, the shrink factor (of the min-max range, 20 values in [0.5, 1]) whose grid has the
+    lowest Σ_j h_jj (w_j − ŵ_j)², h the Gram diagonal — checked against an explicit loop over the candidates."""
+    from hf_compress.methods.quantlib import minmax
+
+    w = _w(24, inp, heavy=True)
+    st, x = _stats(inp)
+    h = (x.square().sum(0) / x.shape[0]).float()
+    q = get_method("rtn")(grid="mse-act").quantize(w, 3, g, st, torch.float16)
+    wg = grouped(w, g)
+    errs, grids = [], []
+    for k in range(20):
+        s, z = minmax(wg, 3, torch.float16, 1.0 - 0.5 * k / 19, integer_zero=True)
+        d = (((wg / s[..., None] + z[..., None]).round().clamp(0, 7) - z[..., None]) * s[..., None]).reshape(24, -1)
+        cand = (w - d[:, :inp]).square() * h[None, :]
+        errs.append(torch.nn.functional.pad(cand, (0, -inp % g)).view(24, -1, g).sum(-1))
+        grids.append(s)
+    best = torch.stack(errs).argmin(0)  # first minimum, as the search keeps only strict improvements
+    ref_scale = torch.stack(grids).gather(0, best[None]).squeeze(0)
+    assert torch.allclose(_act_group_err(w, q, h, g), torch.stack(errs).amin(0), rtol=1e-4, atol=1e-7)
+    assert torch.equal(q.scales, ref_scale)
+
+
+@pytest.mark.parametrize("method,kwargs", [("rtn", {"grid": "mse-act"}), ("hqq", {"act_weighted": True})])
+def test_act_weighted_grids_never_worse_than_minmax_on_the_weighted_error(method, kwargs):
+    """Both start from the min-max grid and keep only improvements of Σ h (w − ŵ)², group by group; on inputs whose
+    channels differ 100x in scale they lower the layer's output error too."""
+    w = _w(24, 80, heavy=True)
+    st, x = _stats(80)
+    h = (x.square().sum(0) / x.shape[0]).float()
+    base = get_method("rtn")().quantize(w, 3, 16, scale_dtype=torch.float16)
+    act = get_method(method)(**kwargs).quantize(w, 3, 16, st, torch.float16)
+    assert (_act_group_err(w, act, h, 16) <= _act_group_err(w, base, h, 16) * (1 + 1e-5) + 1e-9).all()
+    assert _out_err(w, act.dequantize(80), x) < _out_err(w, base.dequantize(80), x)
+
+
+def test_gptq_mse_act_with_white_inputs_is_gptq_mse():
+    """With equal Gram diagonals every channel weighs the same: the weighted search picks the plain search's grids."""
+    w = _w(heavy=True)
+    st = LayerStats(gram=torch.eye(80, dtype=torch.float64) * 10, count=10)
+    a = get_method("gptq")(grid="mse-act").quantize(w, 3, 16, st, torch.float16)
+    b = get_method("gptq")(grid="mse").quantize(w, 3, 16, st, torch.float16)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+
+
+def test_gptq_mse_act_lowers_the_output_error_of_gptq_mse():
+    w = _w(heavy=True)
+    st, x = _stats(80)
+    errs = {grid: _out_err(w, get_method("gptq")(grid=grid).quantize(w, 3, 16, st, torch.float16).dequantize(80), x)
+            for grid in ("mse", "mse-act")}
+    assert errs["mse-act"] < errs["mse"], errs
+
+
+@pytest.mark.parametrize("method,kwargs", [("rtn", {"grid": "mse-act"}), ("hqq", {"act_weighted": True})])
+def test_act_weighted_data_free_methods_need_calibration(method, kwargs, ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.pipelines import uses_calibration
+
+    cfg = {"method": method, "bits": 3, "group_size": 16, "method_kwargs": kwargs}
+    assert uses_calibration(CompressionConfig(**cfg), calibration_given=False)
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        hf_compress.compress(make_tiny("llama"), cfg, progress=False)
+    make_tiny("llama").save_pretrained(tmp_path / "dense")
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=CompressionConfig(**cfg))
+    with pytest.raises(ConfigError, match="needs calibration data"):  # the method itself, called without statistics
+        get_method(method)(**kwargs).quantize(_w(), 3, 16, None, torch.float16)
+    model = make_tiny("llama")
+    hf_compress.compress(model, {**cfg, "calibration": {"nsamples": 8, "seqlen": 24}}, calibration=_calib_ids(),
+                         progress=False)
+    assert torch.isfinite(output_of(model, ids)).all()
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"method": "rtn", "bits": 3, "method_kwargs": {"grid": "mse-weighted"}}, "rtn grid must be one of"),
+    ({"method": "gptq", "bits": 3, "method_kwargs": {"grid": "act"}}, "gptq grid must be one of"),
+    ({"method": "gptq", "bits": 3, "method_kwargs": {"grid": "mse-act", "min_shrink": 0}}, "min_shrink must be in"),
+    ({"method": "rtn", "bits": 3, "method_kwargs": {"grid": "mse", "steps": 1}}, "steps must be an integer >= 2"),
+])
+def test_bad_grid_config(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        CompressionConfig(**cfg)

@@ -1,0 +1,9 @@
+"""Transforms of the dense model applied before any weight method, each in its own file and registered by name:
+``rotation.py`` (``rotate``: fold RMSNorm weights, rotate the residual stream; the kinds of rotation are in
+`hf_compress.registry.ROTATIONS`), with the orthogonal matrices it uses in ``hadamard.py``. A transform leaves a
+plain model of the same class that computes the same function."""
+
+from ..registry import ROTATIONS
+from .rotation import decoder_layout, rotate_residual
+
+__all__ = ["ROTATIONS", "decoder_layout", "rotate_residual"]
