@@ -43,8 +43,8 @@ from .modules import LowRankLinear, QuantLinear, QuantLowRankLinear, compressed_
 from .modules.experts import is_expert_layer
 
 FORMATS = ("compressed-tensors", "dense", "gguf")
-#: why compressed mixture-of-experts experts are refused by the compressed-tensors export (checked with transformers
-#: 5.25 and compressed-tensors 0.17.1; tests/test_moe_ecosystem.py keeps checking that it still holds)
+#: why compressed mixture-of-experts experts are refused by the compressed-tensors export (checked with transformers 5.19 and
+#: 5.25, compressed-tensors 0.17.1; tests/test_moe_ecosystem.py keeps checking that it still holds)
 EXPERTS_CT_REFUSAL = (
     "transformers' compressed-tensors loader reads per-expert layers (experts.{e}.gate_proj / up_proj / down_proj) "
     "only through its dequantizing load step (transformers.integrations.compressed_tensors."
@@ -179,7 +179,10 @@ def _native_config(model):
 
     d = model.config.to_dict()
     d.pop("quantization_config", None)
-    return CONFIG_MAPPING[d["model_type"]].from_dict(d)
+    config = CONFIG_MAPPING[d["model_type"]].from_dict(d)
+    if not getattr(config, "architectures", None):  # as save_pretrained records it: engines (vLLM) pick the class by it
+        config.architectures = [type(model).__name__]
+    return config
 
 
 def _dtype(dtype) -> torch.dtype | None:

@@ -5,9 +5,8 @@ compressed-tensors and GGUF refuse compressed experts and say why), and KV cache
 
 from __future__ import annotations
 
-import copy
+import json
 import os
-import re
 
 import pytest
 import torch
@@ -178,6 +177,8 @@ def test_dense_export_is_the_native_moe_checkpoint(arch, tmp_path):
     with safe_open(tmp_path / "dense" / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert keys == _native_keys(arch, tmp_path / "native")
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert config["architectures"] == [type(model).__name__] and "quantization_config" not in config
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
     assert getattr(loaded, "hf_quantizer", None) is None and type(loaded) is type(model)
     experts = [m for m in loaded.modules() if "Experts" in type(m).__name__ and hasattr(m, "num_experts")]

