@@ -10,8 +10,10 @@ by truncating the factors (identical to compressing at that rank: the factors ar
 quantized row by row); a trailing ``:qB`` stores the EoRA factors as B-bit codes (``eora_factor_bits``, group 128),
 e.g. ``gptq:3:64:32/20/16:q4``. ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
 fp16/bf16, as in a half-precision checkpoint (the benchmark model is fp32, so its factors are fp32 in ``bits_w``).
-A method name may carry modifiers: ``+rot`` rotates the residual stream first (``rotate="hadamard"``; ``+orth``:
-``rotate="orthogonal"``; ``+rot2``: also the attention heads, ``rotate_heads=True``), ``+act`` makes the grid activation-aware (rtn/gptq ``grid="mse-act"``, hqq
+``--extra-eval FILE`` adds the perplexity on another text of ../shared/data (its first ``--extra-eval-tokens``,
+default 16384). A method name may carry modifiers: ``+rot`` rotates the residual stream first
+(``rotate="hadamard"``; ``+orth``: ``rotate="orthogonal"``; ``+rot2``: also the attention heads,
+``rotate_heads=True``), ``+act`` makes the grid activation-aware (rtn/gptq ``grid="mse-act"``, hqq
 ``act_weighted=True``; calibrated), e.g. ``gptq+rot+act:3:64``; ``dense+rot`` is the rotated dense model (it must score
 the dense perplexity). ``other_params_M`` counts the parameters outside the quantized layers (embedding, head, norms;
 a tied matrix once): a rotation unties SmolLM2's tied head, which adds one 49152 x 576 matrix there.
@@ -75,7 +77,8 @@ def run_row(spec: dict) -> list[dict]:
 
     torch.manual_seed(0)
     model, tok = load_model(smollm2_gguf_path())
-    row = {k: v for k, v in spec.items() if k not in ("rotate", "rotate_heads", "act")}
+    row = {k: v for k, v in spec.items()
+           if k not in ("rotate", "rotate_heads", "act", "extra_eval", "extra_eval_tokens")}
     names = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
     reset_peak_rss()
@@ -192,6 +195,9 @@ def _score(row: dict, spec: dict, model, tok, copy: bool = False) -> dict:
     with torch.no_grad():
         row["ppl_wikitext"] = perplexity(model, tok, read_text(DATA / "wikitext-2-raw-test.txt"),
                                          max_tokens=spec["eval_tokens"], progress=False).perplexity
+        for name in spec.get("extra_eval") or []:  # held-out texts nothing was tuned on (--extra-eval)
+            row[f"ppl_{name.split('.')[0]}"] = perplexity(model, tok, read_text(DATA / name),
+                                                          max_tokens=spec["extra_eval_tokens"], progress=False).perplexity
     row["eval_s"] = round(time.time() - t0, 1)
     row["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return row
@@ -234,6 +240,10 @@ def main():
     p.add_argument("--calib", default="gutenberg-pg1342.txt")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--extra-eval", nargs="*", default=[], metavar="FILE",
+                   help="also the perplexity on these files of ../shared/data (a column ppl_<name> each), e.g. "
+                        "gutenberg-pg2701.txt: text no setting was chosen on")
+    p.add_argument("--extra-eval-tokens", type=int, default=16384)
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--rows", nargs="+", help="explicit rows instead of the grid: dense[+rot], "
                                              "METHOD[+rot][+act]:BITS:GROUP[:EORA|:bBUDGET], hqq-package:BITS:GROUP, "
@@ -244,7 +254,8 @@ def main():
         for row in run_row(json.loads(args.row)):
             print("ROW " + json.dumps(row), flush=True)
         return
-    base = {"calib": args.calib, "nsamples": args.nsamples, "eval_tokens": args.eval_tokens}
+    base = {"calib": args.calib, "nsamples": args.nsamples, "eval_tokens": args.eval_tokens,
+            "extra_eval": args.extra_eval, "extra_eval_tokens": args.extra_eval_tokens}
     specs = [] if args.no_dense else [{"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0}]
     for setting in args.settings:
         bits, group = map(int, setting.split(":"))
@@ -259,7 +270,8 @@ def main():
         specs = [_parse_row(r) for r in args.rows]
     jobs = [(f"{s['method']} w{s['bits']} g{s['group_size']} r{s['eora']}", [json.dumps({**base, **s})]) for s in specs]
     results = run_rows(__file__, jobs)
-    print_table(results, ["method", "bits", "group_size", "eora", "eora_ranks", "ppl_wikitext", "bits_w",
+    extra = [f"ppl_{name.split('.')[0]}" for name in args.extra_eval]
+    print_table(results, ["method", "bits", "group_size", "eora", "eora_ranks", "ppl_wikitext", *extra, "bits_w",
                           "bits_w_fp16_factors", "proj_MB", "other_params_M", "compress_s",
                           "compress_peak_rss_MB", "eval_s", "error"],
                 title=f"\nSmolLM2-135M, perplexity on the first {args.eval_tokens} tokens of WikiText-2 raw test; "
