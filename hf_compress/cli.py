@@ -15,9 +15,12 @@ from .errors import HfCompressError
 
 def _add_compression_args(p: argparse.ArgumentParser) -> None:
     from .methods import available_methods
+    from .recipes import RECIPES
     from .transforms import ROTATIONS
 
-    p.add_argument("--method", default="svd", choices=available_methods(), help="compression method (default: svd)")
+    p.add_argument("--method", default="svd", choices=available_methods() + sorted(RECIPES),
+                   help="compression method (default: svd), or the recipe 'best' (with --bits, --group-size: the "
+                        "options that measured best at those bytes; docs/quantization.md)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=float, help="fraction of the targeted layers' parameters to remove, in (0, 1)")
     g.add_argument("--rank", type=int, help="one rank for every targeted layer")
@@ -61,8 +64,9 @@ def _config_from_args(args):
     from .config import CompressionConfig
 
     from .methods import get_method
+    from .recipes import is_recipe
 
-    low_rank = get_method(args.method).family == "lowrank"
+    low_rank = not is_recipe(args.method) and get_method(args.method).family == "lowrank"
     kv = getattr(args, "kv", None)
     ratio = args.ratio if (args.ratio is not None or args.rank is not None or not low_rank) else (None if kv else 0.2)
     try:

@@ -19,6 +19,7 @@ from .coverage import coverage_report, log_coverage
 from .errors import ConfigError
 from .pipelines import compress_modules
 from .quantizer import attach
+from .recipes import resolve as resolve_recipe
 from .resume import scratch_folder
 
 
@@ -52,7 +53,7 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
     deleted when the call returns (`hf_compress.resume.scratch_folder`); its files' disk space is freed with the
     model.
     """
-    config = CompressionConfig.coerce(config)
+    config = resolve_recipe(model, CompressionConfig.coerce(config))  # a recipe's parts the model cannot take: left out
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise ConfigError("This model is already compressed/quantized; load the dense model to compress it again.")
     own_config(model)  # the caller's config object (``from_config(c)``) stays as it was

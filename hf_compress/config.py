@@ -17,6 +17,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .version import __version__
 from .errors import ConfigError
+from .recipes import RECIPES, expand as expand_recipe, is_recipe
 
 QUANT_METHOD = "hf_compress"
 CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 8, "source": None}
@@ -31,7 +32,10 @@ class CompressionConfig(QuantizationConfigMixin):
     """What to compress and how.
 
     Args:
-        method: name of a registered compression method (``hf_compress.available_methods()``), e.g. ``"svd"``.
+        method: name of a registered compression method (``hf_compress.available_methods()``), e.g. ``"svd"``, or of
+            a recipe (`hf_compress.recipes`): ``"best"`` runs the combination that measured best at the bytes of plain
+            ``bits``/``group_size`` (GPTQ with the activation-aware grid on a Hadamard-rotated residual stream). The
+            config then holds the concrete method and options, and ``recipe`` the name.
         ratio: fraction of the targeted layers' parameters to remove, in (0, 1). Exclusive with ``rank``.
         rank: one rank for every targeted layer (1 <= rank <= min(out, in)). Exclusive with ``ratio``.
         targets: module-name patterns to compress. A plain name matches the module of that name or any module
@@ -96,6 +100,7 @@ class CompressionConfig(QuantizationConfigMixin):
             ``{"method": "quant", "bits": 4}`` or a CLI string (``quant4``, ``quant2``, ``gear``, ``lowrank:0.5``,
             ``xkv``, ``snapkv:0.25``); stored complete (defaults and calibrated ranks filled in). A config may hold
             only ``kv`` (no ratio/rank): the weights then stay as they are.
+        recipe: set by hf-compress: the recipe (``method="best"``) the concrete method and options came from.
         provenance: where the compressed model came from, for its model card: ``{"base_model": <Hub id>,
             "license": ..., "language": [...]}``. Filled in by `compress` from what the model was loaded from when
             known (a Hub id, the base model card, GGUF metadata); pass it to override.
@@ -129,6 +134,7 @@ class CompressionConfig(QuantizationConfigMixin):
         kv: dict[str, Any] | str | None = None,
         hf_compress_version: str | None = None,
         provenance: dict[str, Any] | None = None,
+        recipe: str | None = None,
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
     ):
@@ -140,6 +146,14 @@ class CompressionConfig(QuantizationConfigMixin):
         if quant_method != QUANT_METHOD:
             raise ConfigError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
         self.quant_method = QUANT_METHOD
+        self.recipe, self.recipe_filled = recipe, ()
+        if is_recipe(method):
+            name, fields = method, {"bits": bits, "ratio": ratio, "rank": rank, "rotate": rotate}
+            method, fields, method_kwargs, self.recipe_filled = expand_recipe(name, fields, dict(method_kwargs or {}))
+            self.recipe = name
+            rotate = fields["rotate"]
+        elif recipe is not None and not is_recipe(recipe):
+            raise ConfigError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
         self.method = method
         self.ratio = ratio
         self.rank = rank
@@ -328,6 +342,7 @@ class CompressionConfig(QuantizationConfigMixin):
             "kv": copy.deepcopy(self.kv),
             "hf_compress_version": self.hf_compress_version,
             "provenance": copy.deepcopy(self.provenance),
+            **({"recipe": self.recipe} if self.recipe else {}),  # stored when used
         }
 
     @classmethod
