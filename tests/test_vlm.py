@@ -182,64 +182,185 @@ def test_lora_lands_on_the_compressed_layers_only(arch):
 
 
 # ----------------------------------------------------------------------------------------------- image calibration
-def _llava_processor():
-    """LLaVA's processor for the tiny model, made offline: a BPE tokenizer trained on the shipped excerpt with
-    ``<image>`` as token 4, and CLIP's image processor at 28 x 28 (16 patches of 7 x 7: 16 image tokens)."""
+def _bpe_tokenizer(specials: list[str], named: dict[str, str]):
+    """A byte-level BPE tokenizer trained on the shipped excerpt (vocabulary ``VOCAB``): ``<pad> <s> </s> <unk>`` at
+    0..3, then ``specials`` at 4, 5, ...; ``named``: the processor's named special tokens (``image_token``, ...)."""
     from importlib import resources
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     text = resources.files("hf_compress").joinpath("data/tinyshakespeare-excerpt.txt").read_text(encoding="utf-8")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([text], trainer=trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<image>"], initial_alphabet=[],
+        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>", *specials], initial_alphabet=[],
         show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    assert fast.convert_tokens_to_ids("<image>") == 4 and len(fast) <= VOCAB
+                                   unk_token="<unk>", extra_special_tokens=named)
+    assert fast.convert_tokens_to_ids(specials) == list(range(4, 4 + len(specials))) and len(fast) <= VOCAB
+    return fast, text
+
+
+def _llava_processor():
+    """LLaVA's processor for the tiny model, made offline: ``<image>`` as token 4, and CLIP's image processor at
+    28 x 28 (16 patches of 7 x 7: 16 image tokens)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    fast, text = _bpe_tokenizer(["<image>"], {"image_token": "<image>"})
     images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     processor = LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=7, image_token="<image>",
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return processor, text
 
 
-def _llava_for_images():
+def _gemma3_processor():
+    """Gemma 3's processor for the tiny model: ``<start_of_image>`` (4), ``<end_of_image>`` (5) and the image soft
+    token (6); the PIL image processor at 28 x 28 (SigLIP's 16 patches of 7 x 7, pooled to ``mm_tokens_per_image`` =
+    4 soft tokens between the boi and eoi tokens)."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    fast, text = _bpe_tokenizer(["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+                                {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                 "image_token": "<image_soft_token>"})
+    images = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    return Gemma3Processor(image_processor=images, tokenizer=fast, image_seq_length=4), text
+
+
+def _qwen2_5_vl_processor():
+    """Qwen2.5-VL's processor for the tiny model: ``<|vision_start|>`` (4), ``<|vision_end|>`` (5),
+    ``<|image_pad|>`` (6), ``<|video_pad|>`` (7); the PIL Qwen2-VL image processor with the tiny vision tower's
+    patches (14 x 14, 2 frames, 2 x 2 merged), images resized to multiples of 28 pixels of area about 56² (a 32 x 40
+    image: 56 x 84, 4 x 6 patches, 6 image tokens). No video processor (it needs torchvision): images only."""
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImagesOnly(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            return None if name == "video_processor" and arg is None else super().check_argument_for_proper_class(
+                name, arg)
+
+    fast, text = _bpe_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                                {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    vision = VLMS["qwen2_5_vl"][0]["vision_config"]
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+                                      patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],
+                                      temporal_patch_size=vision["temporal_patch_size"])
+    return ImagesOnly(image_processor=images, tokenizer=fast), text
+
+
+#: image+text calibration per family: (processor maker, the tiny config's token ids for that processor's tokenizer,
+#: the image placeholder of a prompt, the vision tower)
+IMAGE_CALIBRATION = {
+    "llava": (_llava_processor, {"image_token_index": 4}, "<image> ", "model.vision_tower"),
+    "gemma3": (_gemma3_processor, {"boi_token_index": 4, "eoi_token_index": 5, "image_token_index": 6},
+               "<start_of_image> ", "model.vision_tower"),
+    "qwen2_5_vl": (_qwen2_5_vl_processor, {"vision_start_token_id": 4, "vision_end_token_id": 5,
+                                          "image_token_id": 6, "video_token_id": 7},
+                   "<|vision_start|><|image_pad|><|vision_end|> ", "model.visual"),
+}
+
+
+def _for_images(arch: str):
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llava", **{**VLMS["llava"][0], "image_token_index": 4})
+    config = AutoConfig.for_model(arch, **{**VLMS[arch][0], **IMAGE_CALIBRATION[arch][1]})
     return AutoModelForImageTextToText.from_config(config).eval()
 
 
-@pytest.mark.parametrize("method", ["gptq", "svd_llm", "fwsvd"])
-def test_image_and_text_calibration_through_the_processor(method):
+def _llava_for_images():
+    return _for_images("llava")
+
+
+def _image_samples(arch: str, text: str, n: int = 8):
     import numpy as np
     from PIL import Image
 
-    processor, text = _llava_processor()
     rng = np.random.default_rng(0)
-    lines = [line for line in text.splitlines() if len(line) > 20][:8]
-    samples = [{"text": "<image> " + line, "images": [Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8"))]}
-               for line in lines]
+    lines = [line for line in text.splitlines() if len(line) > 20][:n]
+    return [{"text": IMAGE_CALIBRATION[arch][2] + line,
+             "images": [Image.fromarray((rng.random((32, 40, 3)) * 255).astype("uint8"))]} for line in lines]
+
+
+@pytest.mark.parametrize("arch,method", [("llava", "gptq"), ("llava", "svd_llm"), ("llava", "fwsvd"),
+                                         ("gemma3", "gptq"), ("gemma3", "svd_llm"),
+                                         ("qwen2_5_vl", "gptq"), ("qwen2_5_vl", "svd_llm")])
+def test_image_and_text_calibration_through_the_processor(arch, method, tmp_path):
+    """The model's own forward runs on the processor's inputs (the vision tower sees every sample's image), the
+    language model's weights differ from those of the same lines calibrated as text only, the vision tower stays
+    dense (equal to the dense model's), and the result reloads with equal logits on an image+text input."""
+    make, _, placeholder, tower = IMAGE_CALIBRATION[arch]
+    processor, text = make()
+    samples = _image_samples(arch, text)
     cfg = {"method": method, "calibration": {"nsamples": 8, "seqlen": 16}}
     cfg.update({"bits": 4, "group_size": 16} if method == "gptq" else {"ratio": 0.3})
-    ids = torch.randint(5, VOCAB - 8, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(8, VOCAB - 8, (1, 12), generator=torch.Generator().manual_seed(0))
 
-    model = _llava_for_images()
+    model = _for_images(arch)
+    dense_tower = {k: v.clone() for k, v in model.get_submodule(tower).state_dict().items()}
     seen = []
-    handle = model.model.vision_tower.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+
+    def hook(module, args, kwargs, out):
+        seen.append(next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)).shape)
+
+    handle = model.get_submodule(tower).register_forward_hook(hook, with_kwargs=True)
     hf_compress.compress(model, cfg, calibration=samples, tokenizer=processor, progress=False)
     handle.remove()
-    assert len(seen) >= len(samples) and seen[0][-2:] == (28, 28)  # every sample's image went through the tower
+    assert len(seen) >= len(samples)  # every sample's image went through the tower
+    if arch == "qwen2_5_vl":  # flattened patches: 4 x 6 of 3 channels x 2 frames x 14 x 14
+        assert seen[0] == (24, 3 * 2 * 14 * 14)
+    else:
+        assert seen[0][-2:] == (28, 28)
     names = list(compressed_modules(model))
     assert names and all(n.startswith("model.language_model.layers.") for n in names)
     assert model.config.quantization_config.calibration["source"] == "8 image+text samples"
+    state = model.get_submodule(tower).state_dict()
+    assert state.keys() == dense_tower.keys() and all(torch.equal(state[k], dense_tower[k]) for k in state)
 
-    text_only = _llava_for_images()  # the same lines without their images: other statistics, other weights
-    hf_compress.compress(text_only, cfg, calibration=[s["text"].removeprefix("<image> ") for s in samples],
+    text_only = _for_images(arch)  # the same lines without their images: other statistics, other weights
+    hf_compress.compress(text_only, cfg, calibration=[s["text"].removeprefix(placeholder) for s in samples],
                          tokenizer=processor.tokenizer, progress=False)
     assert not torch.equal(logits(model, ids), logits(text_only, ids))
+
+    probe = {k: v for k, v in processor(text=[samples[0]["text"]], images=samples[0]["images"],
+                                        return_tensors="pt").items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        ref = model(**probe).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model) and sorted(compressed_modules(loaded)) == sorted(names)
+    with torch.no_grad():
+        assert torch.equal(loaded(**probe).logits, ref)
+
+
+@pytest.mark.parametrize("arch", sorted(IMAGE_CALIBRATION))
+def test_blocks_rerun_from_the_capture_reproduce_the_image_forward(arch):
+    """The capture of image+text inputs records what the model's own forward gives each language-model block —
+    the image features merged into the embeddings, Gemma 3's bidirectional mask over an image's tokens, Qwen2.5-VL's
+    multimodal rotary positions (from ``image_grid_thw``) — so that every block run from the records reproduces
+    its output in the full forward bit for bit."""
+    from hf_compress.calibration import BlockwiseRunner, multimodal_inputs
+
+    processor, text = IMAGE_CALIBRATION[arch][0]()
+    samples = _image_samples(arch, text, n=2)
+    model = _for_images(arch)
+    blocks = model.get_submodule(VLMS[arch][1]).layers
+    inputs = multimodal_inputs(samples, processor, 2)
+    outputs = [[] for _ in blocks]
+    handles = [b.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(out[0] if isinstance(out, tuple)
+                                                                             else out)) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        for x in inputs:
+            model(**x, use_cache=False)
+    for h in handles:
+        h.remove()
+    runner = BlockwiseRunner(model, blocks, inputs)
+    runner.capture()
+    hidden = runner.hidden
+    for i, block in enumerate(blocks):
+        hidden = runner.run(i, block, hidden)
+        assert all(torch.equal(h, o) for h, o in zip(hidden, outputs[i], strict=True)), f"block {i}"
 
 
 def test_image_calibration_errors_are_clear():
