@@ -30,12 +30,13 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
 
     ``calibration`` (calibrated methods): a text file path, a list of strings, a ``datasets.Dataset`` (``text``
     column) or a tensor of token ids; ``tokenizer`` tokenizes text sources. Vision-language models also take
-    image+text samples, a list of ``{"text": "<image> ...", "images": [PIL images]}`` with ``tokenizer`` the model's
-    processor (``AutoProcessor``), or of ready model-input dicts (``input_ids``, ``pixel_values``, ...): each sample
-    is one window, the first ``calibration["nsamples"]`` are used (`hf_compress.calibration.multimodal_inputs`); the
-    language model's blocks are then fitted on what the vision tower and projector feed them. The model keeps its class
-    (``LlamaForCausalLM`` stays ``LlamaForCausalLM``); targeted layers become compressed modules, and the model is
-    marked so that ``save_pretrained`` writes an hf-compress checkpoint.
+    image+text samples, a list of ``{"text": "<image> ...", "images": [PIL images]}`` (the text holding the family's
+    own image placeholder) with ``tokenizer`` the model's processor (``AutoProcessor``), or of ready model-input
+    dicts (``input_ids``, ``pixel_values``, ...): each sample is one window, the first ``calibration["nsamples"]``
+    are used (`hf_compress.calibration.multimodal_inputs`); the language model's blocks are then fitted on what the
+    vision tower and projector feed them. The model keeps its class (``LlamaForCausalLM`` stays
+    ``LlamaForCausalLM``); targeted layers become compressed modules, and the model is marked so that
+    ``save_pretrained`` writes an hf-compress checkpoint.
 
     Afterwards the share of the model compressed, by kind of weight (`hf_compress.coverage.coverage_report`:
     attention, dense MLP, experts, shared experts, router, embeddings/head, other), is logged at INFO, and a warning

@@ -1,7 +1,8 @@
 """Vision-language models (issue 37): the language model's blocks compressed by default, the vision tower and
 projector only with ``vision=True`` (or targets), the log naming what was left dense; calibrated methods on
-text-only calibration; save → load through the model's own class and `AutoModelForImageTextToText`, native class,
-logits equal; KV caches on the language model; LoRA on the compressed layers only."""
+text-only calibration, and on image+text calibration through each family's processor (made offline); save → load
+through the model's own class and `AutoModelForImageTextToText`, native class, logits equal; KV caches on the
+language model; LoRA on the compressed layers only."""
 
 from __future__ import annotations
 
