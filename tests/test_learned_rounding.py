@@ -189,7 +189,7 @@ def test_bad_options_refused(value, message):
     assert message in str(e.value)
 
 
-def test_refused_combinations_and_missing_calibration():
+def test_refused_combinations_and_missing_calibration(tmp_path):
     with pytest.raises(ConfigError, match="refines the codes of rtn or gptq, not of method 'hqq'"):
         CompressionConfig(method="hqq", bits=3, learn_rounding=True)
     with pytest.raises(ConfigError, match="refines the codes of rtn or gptq, not of method 'svd'"):
@@ -198,6 +198,10 @@ def test_refused_combinations_and_missing_calibration():
         CompressionConfig(method="gptq", bits=3, eora_rank=4, learn_rounding=True)
     with pytest.raises(ConfigError, match="'rtn with learn_rounding' needs calibration data"):
         hf_compress.compress(make_tiny("llama"), {"method": "rtn", "bits": 3, "learn_rounding": True}, progress=False)
+    make_tiny("llama").save_pretrained(tmp_path)  # compress-on-load has no calibration data either
+    with pytest.raises(Exception, match="needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=CompressionConfig(
+            method="rtn", bits=4, learn_rounding=True))
 
 
 def test_config_stores_options_only_when_set():
