@@ -32,9 +32,9 @@ from ..calibration import (BlockwiseRunner, calibration_windows, input_groups, i
                            multimodal_inputs)
 from ..errors import CheckpointError, ConfigError
 from ..factory import correct, pack_layer, replace
-from ..modules.quant import WEIGHT_SCALE_DTYPES
 from ..gradients import fisher_rows, output_sensitivity
 from ..modules.experts import is_expert_layer
+from ..modules.quant import WEIGHT_SCALE_DTYPES
 from ..progress import Progress
 from ..statistics import collect, expert_usage, reference_inputs
 from ..targets import block_index, find_blocks, is_offloaded, set_module
