@@ -14,7 +14,8 @@ fp16/bf16, as in a half-precision checkpoint (the benchmark model is fp32, so it
 default 16384). A method name may carry modifiers: ``+rot`` rotates the residual stream first
 (``rotate="hadamard"``; ``+orth``: ``rotate="orthogonal"``; ``+rot2``: also the attention heads,
 ``rotate_heads=True``), ``+act`` makes the grid activation-aware (rtn/gptq ``grid="mse-act"``, hqq
-``act_weighted=True``; calibrated), e.g. ``gptq+rot+act:3:64``; ``dense+rot`` is the rotated dense model (it must score
+``act_weighted=True``; calibrated), ``+lr`` learns the rounding and clipping block by block (rtn/gptq
+``learn_rounding``, options from ``--learn-rounding JSON``; calibrated), e.g. ``gptq+rot+act:3:64``, ``gptq+lr:3:64``; ``dense+rot`` is the rotated dense model (it must score
 the dense perplexity). ``other_params_M`` counts the parameters outside the quantized layers (embedding, head, norms;
 a tied matrix once): a rotation unties SmolLM2's tied head, which adds one 49152 x 576 matrix there.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import sys
 import time
@@ -78,7 +80,7 @@ def run_row(spec: dict) -> list[dict]:
     torch.manual_seed(0)
     model, tok = load_model(smollm2_gguf_path())
     row = {k: v for k, v in spec.items()
-           if k not in ("rotate", "rotate_heads", "act", "extra_eval", "extra_eval_tokens")}
+           if k not in ("rotate", "rotate_heads", "act", "lr", "extra_eval", "extra_eval_tokens")}
     names = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
     reset_peak_rss()
@@ -94,11 +96,19 @@ def run_row(spec: dict) -> list[dict]:
                "eora_bits": float(eora[1:]) if budget else None, "eora_factor_bits": spec.get("factor_bits"),
                "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0},
                "rotate": spec.get("rotate"), "rotate_heads": spec.get("rotate_heads", False),
-               "method_kwargs": ({"act_weighted": True} if spec["method"] == "hqq" else {"grid": "mse-act"}) if act else {}}
+               "method_kwargs": ({"act_weighted": True} if spec["method"] == "hqq" else {"grid": "mse-act"}) if act else {},
+               "learn_rounding": spec.get("lr")}
         row["method"] = _label(spec)
-        calibrated = spec["method"] == "gptq" or eora or act
+        calibrated = spec["method"] == "gptq" or eora or act or spec.get("lr")
+        learned = _LearnedLog()
+        seq_log = logging.getLogger("hf_compress.pipelines.sequential")
+        seq_log.setLevel(logging.INFO)
+        seq_log.addHandler(learned)
         hf_compress.compress(model, cfg, calibration=str(DATA / spec["calib"]) if calibrated else None,
                              tokenizer=tok, progress=False)
+        if learned.summary:  # the pipeline's closing line: blocks whose learned codes were kept, seconds spent
+            kept, total, seconds = learned.summary
+            row["lr_kept"], row["lr_s"] = f"{kept}/{total}", round(seconds, 1)
         row["compress_s"] = round(time.time() - t0, 1)
         row["compress_peak_rss_MB"] = round(peak_rss_mb())
         rows = []
@@ -142,6 +152,18 @@ def run_row(spec: dict) -> list[dict]:
     return [_score(row, spec, model, tok)]
 
 
+class _LearnedLog(logging.Handler):
+    """Catches the calibrated pipeline's learned-rounding summary line (blocks kept, total, seconds)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.summary = None
+
+    def emit(self, record):
+        if record.msg.startswith("learned rounding: kept"):
+            self.summary = record.args
+
+
 def _label(spec: dict) -> str:
     """The row's method with its transform and grid."""
     label = spec["method"]
@@ -149,6 +171,8 @@ def _label(spec: dict) -> str:
         label += f" + rotate {spec['rotate']}" + (" + heads" if spec.get("rotate_heads") else "")
     if spec.get("act"):
         label += " + act-weighted" if spec["method"] == "hqq" else " + grid mse-act"
+    if spec.get("lr"):
+        label += " + learned rounding " + json.dumps(spec["lr"], separators=(",", ":"))
     return label
 
 
@@ -203,14 +227,16 @@ def _score(row: dict, spec: dict, model, tok, copy: bool = False) -> dict:
     return row
 
 
-def _parse_row(text: str) -> dict:
+def _parse_row(text: str, learn_rounding: dict | None = None) -> dict:
     head, *more = text.split(":")
     name, *mods = head.split("+")
-    unknown = set(mods) - {"rot", "rot2", "orth", "act"}
+    unknown = set(mods) - {"rot", "rot2", "orth", "act", "lr"}
     if unknown:
-        raise SystemExit(f"unknown row modifier(s) {sorted(unknown)} in {text!r}: use +rot, +rot2, +orth, +act")
+        raise SystemExit(f"unknown row modifier(s) {sorted(unknown)} in {text!r}: use +rot, +rot2, +orth, +act, +lr")
     extra = {"rotate": "orthogonal" if "orth" in mods else "hadamard" if {"rot", "rot2"} & set(mods) else None,
              "rotate_heads": "rot2" in mods, "act": "act" in mods}
+    if "lr" in mods:
+        extra["lr"] = dict(learn_rounding or {})
     if name == "dense":
         return {"kind": "dense", "method": "dense fp32", "bits": 32, "group_size": "-", "eora": 0,
                 "rotate": extra["rotate"], "rotate_heads": extra["rotate_heads"]}
@@ -245,8 +271,10 @@ def main():
                         "gutenberg-pg2701.txt: text no setting was chosen on")
     p.add_argument("--extra-eval-tokens", type=int, default=16384)
     p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--learn-rounding", default="{}", metavar="JSON",
+                   help='options of the +lr rows (learn_rounding), e.g. \'{"iters": 50, "batch_size": 2}\'')
     p.add_argument("--rows", nargs="+", help="explicit rows instead of the grid: dense[+rot], "
-                                             "METHOD[+rot][+act]:BITS:GROUP[:EORA|:bBUDGET], hqq-package:BITS:GROUP, "
+                                             "METHOD[+rot][+act][+lr]:BITS:GROUP[:EORA|:bBUDGET], hqq-package:BITS:GROUP, "
                                              "quanto:4:128")
     p.add_argument("--row", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -267,13 +295,13 @@ def main():
         if "quanto" in args.peers and bits == 4:
             specs.append({"kind": "quanto", "method": "optimum-quanto qint4", "bits": 4, "group_size": 128, "eora": 0})
     if args.rows:
-        specs = [_parse_row(r) for r in args.rows]
+        specs = [_parse_row(r, json.loads(args.learn_rounding)) for r in args.rows]
     jobs = [(f"{s['method']} w{s['bits']} g{s['group_size']} r{s['eora']}", [json.dumps({**base, **s})]) for s in specs]
     results = run_rows(__file__, jobs)
     extra = [f"ppl_{name.split('.')[0]}" for name in args.extra_eval]
     print_table(results, ["method", "bits", "group_size", "eora", "eora_ranks", "ppl_wikitext", *extra, "bits_w",
                           "bits_w_fp16_factors", "proj_MB", "other_params_M", "compress_s",
-                          "compress_peak_rss_MB", "eval_s", "error"],
+                          "lr_s", "lr_kept", "compress_peak_rss_MB", "eval_s", "error"],
                 title=f"\nSmolLM2-135M, perplexity on the first {args.eval_tokens} tokens of WikiText-2 raw test; "
                       f"calibration {args.nsamples} x 512 tokens of {args.calib}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,11 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
                                                         "(2, 3, 4, 8) instead of in the model's dtype")
     q.add_argument("--eora-factor-group-size", type=int, default=128,
                    help="group size of the quantized EoRA factors (default 128)")
+    q.add_argument("--learn-rounding", nargs="?", const="{}", metavar="JSON",
+                   help="with rtn|gptq (calibrated): learn each block's rounding offsets and per-group clipping against "
+                        "the dense block's outputs (AutoRound-style); optional JSON options, e.g. "
+                        '\'{"iters": 200, "lr": 0.005, "batch_size": 4, "min_clip": 0.5, "seed": 0}\' '
+                        "(docs/quantization.md#learned-rounding)")
     q.add_argument("--quantizer", help="how a low-rank method's factors are quantized (default: gptq when "
                                        "calibrated, hqq otherwise)")
 
@@ -58,6 +64,28 @@ def _add_provenance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", help="Hub id of the base model, for the model card (default: what was loaded, "
                                         "when it is known)")
     p.add_argument("--license", help="license for the model card (default: the base model's, when known)")
+
+
+@contextlib.contextmanager
+def _learned_rounding_summary():
+    """Yields a list that receives the calibrated pipeline's learned-rounding summary line (blocks whose learned
+    codes were kept, seconds spent in it this run), logged at INFO, so that the CLI prints it at any verbosity."""
+    lines: list[str] = []
+    log = logging.getLogger("hf_compress.pipelines.sequential")
+    level, shown = log.level, log.getEffectiveLevel()
+
+    def catch(record):  # a logger filter: records below the level the user asked for go no further
+        if record.getMessage().startswith("learned rounding: kept"):
+            lines.append(record.getMessage())
+        return record.levelno >= shown
+
+    log.addFilter(catch)
+    log.setLevel(min(shown, logging.INFO))
+    try:
+        yield lines
+    finally:
+        log.removeFilter(catch)
+        log.setLevel(level)
 
 
 def _config_from_args(args):
@@ -73,6 +101,13 @@ def _config_from_args(args):
         method_kwargs = json.loads(args.method_kwargs)
     except json.JSONDecodeError as e:
         raise HfCompressError(f"--method-kwargs is not valid JSON: {e}") from None
+    learn_rounding = getattr(args, "learn_rounding", None)
+    if learn_rounding is not None:
+        try:
+            learn_rounding = json.loads(learn_rounding)
+        except json.JSONDecodeError as e:
+            raise HfCompressError(f"--learn-rounding is not valid JSON: {e}") from None
+        learn_rounding = learn_rounding if learn_rounding != {} else True
     calibration = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                    "source": os.path.basename(args.calib) if args.calib else None}
     return CompressionConfig(method=args.method, ratio=ratio, rank=args.rank, targets=args.targets, skip=args.skip,
@@ -81,7 +116,7 @@ def _config_from_args(args):
                              eora_factor_bits=args.eora_factor_bits,
                              eora_factor_group_size=args.eora_factor_group_size, quantizer=args.quantizer, kv=kv,
                              rotate=args.rotate, rotate_seed=args.rotate_seed,
-                             rotate_heads=args.rotate_heads)
+                             rotate_heads=args.rotate_heads, learn_rounding=learn_rounding)
 
 
 def cmd_compress(args) -> int:
@@ -114,13 +149,16 @@ def cmd_compress(args) -> int:
         print("perplexity of the model before compression:")
         base = _print_ppl(model, tokenizer, eval_text, args)
     t0 = time.time()
-    compress(model, config, calibration=args.calib, tokenizer=tokenizer, checkpoint_dir=partial,
-             checkpoint_every=args.checkpoint_every)
+    with _learned_rounding_summary() as learned:
+        compress(model, config, calibration=args.calib, tokenizer=tokenizer, checkpoint_dir=partial,
+                 checkpoint_every=args.checkpoint_every)
     sizes = size_breakdown(model)
     now, dense = sizes["compressed_now"], sizes["compressed_dense"]
     print(f"compressed {sizes['compressed_layers']} layers with {config.method} in {format_seconds(time.time() - t0)} "
           f"({time.time() - t0:.1f}s), peak RSS {peak_rss_mb():.0f} MiB; their bytes {dense:,} -> {now:,} "
           f"({now / max(dense, 1):.3f}x)")
+    if learned:
+        print(learned[0])
     print(COVERAGE_TITLE)
     print(coverage_report(model, skip=config.skip).format_table())
     if eval_text:

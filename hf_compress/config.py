@@ -94,6 +94,13 @@ class CompressionConfig(QuantizationConfigMixin):
         rotate_heads: with ``rotate``, also rotate every attention head's values by one orthogonal matrix of the head
             size (the same kind), folded into v_proj's rows and o_proj's columns (SpinQuant's R2): o_proj's input
             groups become incoherent too. Exact and folded, like ``rotate``.
+        learn_rounding: learned rounding and clipping (`hf_compress.pipelines.reconstruct`; rtn and gptq): after a
+            block's layers are quantized, per-weight rounding offsets in [-0.5, 0.5] and per-group clipping factors
+            of the grid's range in [min_clip, 1] are learned by signed gradient descent so that the quantized block's
+            output matches the dense model's on the calibration windows (AutoRound). ``True`` or a dict of options:
+            ``{"iters": 200, "lr": 1/iters, "batch_size": 4 (windows per step), "min_clip": 0.5, "seed": 0}``.
+            Needs calibration data; the result is stored as rtn/gptq store theirs (codes, scales, zeros). Stored
+            complete (defaults filled in), and only when set. ``None`` (default): off.
         modules: filled in by hf-compress: the compressed modules of a model, ``{name: {"type": ..., ...}}``.
             It is refreshed from the live modules each time the model is saved.
         kv: KV-cache compression that loads with the model (`hf_compress.kv`): a spec dict such as
@@ -130,6 +137,7 @@ class CompressionConfig(QuantizationConfigMixin):
         rotate: str | None = None,
         rotate_seed: int = 0,
         rotate_heads: bool = False,
+        learn_rounding: dict[str, Any] | bool | None = None,
         modules: dict[str, dict[str, Any]] | None = None,
         kv: dict[str, Any] | str | None = None,
         hf_compress_version: str | None = None,
@@ -176,6 +184,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.rotate = rotate
         self.rotate_seed = rotate_seed
         self.rotate_heads = rotate_heads
+        self.learn_rounding = copy.deepcopy(learn_rounding)
         self.modules = dict(modules or {})
         self.kv = kv
         self.hf_compress_version = hf_compress_version or __version__
@@ -229,6 +238,9 @@ class CompressionConfig(QuantizationConfigMixin):
         if not isinstance(self.vision, bool):
             raise ConfigError(f"vision must be True or False, got {self.vision!r}")
         self._check_rotation(method)
+        from .pipelines.reconstruct import options as learn_rounding_options
+
+        self.learn_rounding = learn_rounding_options(self.learn_rounding, self.method, self)
         for field in ("targets", "skip"):
             patterns = getattr(self, field) or []
             if not all(isinstance(p, str) and p for p in patterns):
@@ -338,6 +350,7 @@ class CompressionConfig(QuantizationConfigMixin):
             **({"expert_bits": list(self.expert_bits)} if self.expert_bits else {}),  # stored when used
             **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
             **({"rotate_heads": True} if self.rotate_heads else {}),
+            **({"learn_rounding": copy.deepcopy(self.learn_rounding)} if self.learn_rounding else {}),
             "modules": copy.deepcopy(self.modules),
             "kv": copy.deepcopy(self.kv),
             "hf_compress_version": self.hf_compress_version,

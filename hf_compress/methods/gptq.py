@@ -67,6 +67,7 @@ class GPTQ(QuantMethod):
         zeros = torch.zeros_like(scales)
         done = [False] * n_groups
         codes = torch.zeros(out, n_pad, device=w.device)
+        continuous = torch.zeros(out, n_pad, device=w.device)  # each column as rounded (after the earlier updates)
         maxq = 2**bits - 1
         # blocks hold whole groups when there is no reordering, so a group's grid sees its up-to-date weights
         bs = max(g, self.block_size // g * g) if not self.act_order else self.block_size
@@ -87,9 +88,11 @@ class GPTQ(QuantMethod):
                 col = w1[:, i]
                 q = (col / s + z).round_().clamp_(0, maxq)
                 codes[:, i1 + i] = q
+                continuous[:, i1 + i] = col
                 e = (col - (q - z) * s) / hinv1[i, i]
                 w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
                 err1[:, i] = e
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-        codes = codes[:, torch.argsort(perm)][:, :n]
-        return Quantized(codes.to(torch.uint8), scales, zeros, bits, g)
+        unperm = torch.argsort(perm)
+        codes, continuous = codes[:, unperm][:, :n], continuous[:, unperm][:, :n]
+        return Quantized(codes.to(torch.uint8), scales, zeros, bits, g, continuous)

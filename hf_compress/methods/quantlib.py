@@ -44,6 +44,10 @@ class Quantized:
     zeros: torch.Tensor
     bits: int
     group_size: int
+    #: [out, in] fp32: the values (in weight units) the codes round to nearest on the stored grid, when they are not
+    #: the input weight itself (gptq: its error-compensated columns); read by learned rounding
+    #: (`hf_compress.pipelines.reconstruct`), never stored
+    continuous: torch.Tensor | None = None
 
     def dequantize(self, in_features: int | None = None) -> torch.Tensor:
         n = self.codes.shape[1]

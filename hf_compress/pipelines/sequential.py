@@ -9,7 +9,10 @@
    block's earlier groups already compressed) against the dense model's inputs where the method compensates;
    then the compressed block produces block i+1's inputs. One block and the calibration activations are what
    is held at any time. With a checkpoint folder, each finished block is written there and the streams are
-   committed (`hf_compress.resume`), so that a resumed run continues bit for bit.
+   committed (`hf_compress.resume`), so that a resumed run continues bit for bit;
+4. with ``learn_rounding`` (`hf_compress.pipelines.reconstruct`), once block i's layers are quantized their rounding
+   and clipping are learned against the dense block's outputs on the dense stream (carried along as the reference
+   stream), before the block produces block i+1's inputs.
 
 The blocks are one `Stack`: the list of repeated blocks that holds the targets, and the targets inside each.
 """
@@ -27,13 +30,15 @@ from torch import nn
 from ..allocation import allocate_energy, allocate_expert_bits, plan as uniform_plan
 from ..calibration import (BlockwiseRunner, calibration_windows, input_groups, is_multimodal_source,
                            multimodal_inputs)
-from ..errors import CheckpointError
-from ..factory import correct, replace
+from ..errors import CheckpointError, ConfigError
+from ..factory import correct, pack_layer, replace
 from ..gradients import fisher_rows, output_sensitivity
 from ..modules.experts import is_expert_layer
+from ..modules.quant import WEIGHT_SCALE_DTYPES
 from ..progress import Progress
 from ..statistics import collect, expert_usage, reference_inputs
-from ..targets import block_index, find_blocks
+from ..targets import block_index, find_blocks, is_offloaded, set_module
+from . import reconstruct
 from .common import Job, Phases, checkpoint_unit, restore
 
 logger = logging.getLogger(__name__)
@@ -116,6 +121,15 @@ class Sequential:
         self.data = Windows.of(job, calibration, tokenizer)
         self.need_gram = needs_gram(job.config, job.method)
         self.need_cross = "cross" in job.method.needs
+        self.learn = job.config.learn_rounding if job.method.family == "quant" else None
+        #: the dense model's stream is carried along: for the cross terms, or as learned rounding's targets
+        self.need_ref = self.need_cross or bool(self.learn)
+        if self.learn:
+            offloaded = [n for n, t in job.targets.items() if is_offloaded(t.module)]
+            if offloaded:
+                raise ConfigError(f"learn_rounding trains each block in memory: {len(offloaded)} targeted layers are "
+                                  f"offloaded (e.g. {offloaded[0]}); load the model without offloading")
+        self.learned: dict[str, dict] = {}  # block index (str, as in the checkpoint's JSON) -> reconstruct.Fitted
         self.all_experts = job.config.calibration.get("experts") == "all"
         self.stack = Stack.of(job.model, job.modules)
         self.ckpt = job.checkpoint(self.data.windows)
@@ -144,8 +158,15 @@ class Sequential:
         betas = self._compress(plan)
         model.train(was_training)
         logger.info("time by phase: %s", clock)
-        return {"ranks": plan, "betas": betas, "seconds": time.time() - job.started,
-                "calibration_tokens": self.data.windows.numel(), "phases": dict(clock.seconds)}
+        report = {"ranks": plan, "betas": betas, "seconds": time.time() - job.started,
+                  "calibration_tokens": self.data.windows.numel(), "phases": dict(clock.seconds)}
+        if self.learn:
+            kept = sum(f["kept"] for f in self.learned.values())
+            report["learned_rounding"] = {"options": dict(self.learn), "blocks": dict(self.learned),
+                                          "seconds": clock.seconds.get("learned rounding", 0.0)}
+            logger.info("learned rounding: kept in %d/%d blocks, %.1f s this run", kept, len(self.learned),
+                        report["learned_rounding"]["seconds"])
+        return report
 
     # ------------------------------------------------------------------------------------------------ phases
     def _fisher(self) -> dict[str, torch.Tensor]:
@@ -211,37 +232,51 @@ class Sequential:
     def _compress(self, plan: dict[str, int | None]) -> dict:
         """The compression pass over the blocks; returns each fitted layer's choice (β)."""
         job, clock, stack, runner, saved = self.job, self.clock, self.stack, self.runner, self.saved
-        need_cross = self.need_cross
+        need_cross, need_ref = self.need_cross, self.need_ref
         comp = list(runner.hidden)
-        ref = list(runner.hidden) if need_cross else None
+        ref = list(runner.hidden) if need_ref else None
         betas = {}
         done = restore(self.ckpt, job.model, len(stack.blocks))
         if done:
             comp = [saved[f"comp.{b}"] for b in range(len(comp))]
-            ref = [saved[f"ref.{b}"] for b in range(len(comp))] if need_cross else None
+            ref = [saved[f"ref.{b}"] for b in range(len(comp))] if need_ref else None
             betas = self.ckpt.extra["betas"]
+            self.learned = dict(self.ckpt.extra.get("learned", {}))
             runner.inputs[:done] = [[] for _ in range(done)]
         for i in Progress(range(len(stack.blocks)), job.config.method, "block", bar=job.progress, skipped=done):
             block = stack.blocks[i]
             todo = {n: m for n, m in stack.layers[i].items() if plan[n] is not None or job.method.corrects_dense}
+            learned = None
             if todo:
-                ref_out = self._fit_block(i, block, todo, plan, comp, ref, betas)
-                ref = ref_out if need_cross else None
-            elif need_cross:
+                if self.learn and not need_cross:  # the dense block's outputs, before its layers are replaced
+                    with clock("reference forward"):
+                        ref_out = runner.run(i, block, ref)
+                records = {} if self.learn else None
+                dense_out = self._fit_block(i, block, todo, plan, comp, ref, betas, records)
+                ref = dense_out if need_cross else ref_out if need_ref else None
+                if records:
+                    learned = self._learn(i, block, records, comp, ref)
+            elif need_ref:
                 with clock("reference forward"):
                     ref = runner.run(i, block, ref)
-            with clock("compressed forward"):
-                comp = runner.run(i, block, comp)
+            if learned is not None:
+                comp = learned
+            else:
+                with clock("compressed forward"):
+                    comp = runner.run(i, block, comp)
             runner.inputs[i] = []  # this block's captured calls are no longer needed
             if self.ckpt:
                 self._checkpoint(i, list(todo), plan, betas, comp, ref)
         return betas
 
-    def _fit_block(self, i: int, block: nn.Module, todo: dict[str, nn.Module], plan, comp, ref, betas: dict):
+    def _fit_block(self, i: int, block: nn.Module, todo: dict[str, nn.Module], plan, comp, ref, betas: dict,
+                   records: dict | None = None):
         """Fit block i's layers ``todo``, group by group of layers sharing an input, on the compressed stream
         ``comp`` (against the reference stream ``ref`` where the method compensates); returns the dense block's
-        outputs on ``ref`` (None without compensation)."""
+        outputs on ``ref`` (None without compensation). ``records``: filled with each quantized layer's
+        (continuous weight, `Quantized`) for learned rounding."""
         job, clock, stack, runner, model = self.job, self.clock, self.stack, self.runner, self.job.model
+        method = _Recorder(job.method) if records is not None else job.method
         ref_inputs, ref_out = ({}, None)
         if self.need_cross:
             # experts get no cross terms: the dense and the compressed stream route different tokens to them
@@ -260,13 +295,57 @@ class Sequential:
                 train_stats, val_stats = stats[n]
                 with clock("fit (method)"):
                     if plan[n] is not None:
-                        choice = replace(model, job.targets[n], job.method, job.config_for(n), plan[n],
+                        choice = replace(model, job.targets[n], method, job.config_for(n), plan[n],
                                          train_stats, val_stats)
+                        if records is not None and method.last is not None:
+                            records[n], method.last = method.last, None
                     else:
                         choice = correct(model.get_submodule(n), job.method, train_stats, val_stats)
                 if choice is not None:
                     betas[n] = choice
         return ref_out
+
+    def _learn(self, i: int, block: nn.Module, records: dict, comp: list, ref_out: list) -> list[torch.Tensor]:
+        """Learned rounding of block i's quantized layers ``records`` (`hf_compress.pipelines.reconstruct`): trained
+        on the compressed stream ``comp`` against the dense block's outputs ``ref_out``; the learned codes replace
+        the method's when their output error on every calibration window is not larger. Returns the block's
+        outputs on ``comp`` (what feeds block i+1)."""
+        job, runner, model, opts = self.job, self.runner, self.job.model, self.learn
+        sdt = WEIGHT_SCALE_DTYPES[job.config.scale_dtype]
+        with self.clock("learned rounding"):
+            before = runner.run(i, block, comp)
+            mse_before = reconstruct.output_mse(before, ref_out)
+            originals = {n: model.get_submodule(n) for n in records}
+            learnables = {}
+            for n, (weight, q) in records.items():
+                m = originals[n]
+                cont = q.continuous if q.continuous is not None else weight
+                learnables[n] = reconstruct.Learnable(cont, q, m.bias, opts["min_clip"]).to(m.qweight.device)
+                set_module(model, n, learnables[n])
+            n_train = self.data.n_train_batches
+            try:
+                losses = reconstruct.train(block, learnables, comp[:n_train], ref_out[:n_train],
+                                           runner.inputs[i][:n_train], opts, seed=opts["seed"] * 1_000_003 + i)
+                fitted = {n: pack_layer(lrn.quantized(sdt), lrn.in_features, sdt, originals[n].bias,
+                                        source=originals[n].source, dtype=originals[n].compute_dtype,
+                                        device=originals[n].qweight.device) for n, lrn in learnables.items()}
+            finally:
+                for n, m in originals.items():
+                    set_module(model, n, m)
+            for n, m in fitted.items():
+                set_module(model, n, m)
+            after = runner.run(i, block, comp)
+            mse_after = reconstruct.output_mse(after, ref_out)
+            kept = mse_after <= mse_before
+            if not kept:
+                for n, m in originals.items():
+                    set_module(model, n, m)
+            fit = reconstruct.Fitted(mse_before, mse_after, kept)
+            self.learned[str(i)] = fit.as_dict()
+            logger.info("block %d learned rounding: output MSE %.4g -> %.4g (%s; step loss %.4g -> %.4g)", i,
+                        mse_before, mse_after, "kept" if kept else "not better: the method's codes are kept",
+                        losses[0], losses[-1])
+        return after if kept else before
 
     def _checkpoint(self, i: int, names: list[str], plan, betas, comp, ref) -> None:
         """Write block i's layers; commit the streams when due and after the last block."""
@@ -276,7 +355,26 @@ class Sequential:
             streams = {f"comp.{b}": h for b, h in enumerate(comp)}
             streams.update({f"ref.{b}": h for b, h in enumerate(ref or [])})
             streams.update({f"fisher.{n}": f for n, f in self.fisher.items()})
-            ckpt.commit(i + 1, {"plan": plan, "betas": betas, "bits": self.job.bits}, streams)
+            extra = {"plan": plan, "betas": betas, "bits": self.job.bits}
+            if self.learn:
+                extra["learned"] = self.learned
+            ckpt.commit(i + 1, extra, streams)
+
+
+class _Recorder:
+    """``method`` that keeps what its last `quantize` call was given and returned, (weight, `Quantized`), in
+    ``last``: the starting point of learned rounding."""
+
+    def __init__(self, method):
+        self._method, self.last = method, None
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def quantize(self, weight, *args, **kwargs):
+        q = self._method.quantize(weight, *args, **kwargs)
+        self.last = (weight, q)
+        return q
 
 
 def run(job: Job, calibration, tokenizer) -> dict:
