@@ -242,3 +242,12 @@ def test_infeasible_budget_and_missing_calibration_are_refused():
                              calibration=_calibration(), progress=False)
     assert not _widths(model)  # nothing was replaced
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_flags_give_the_config():
+    from hf_compress import cli
+
+    args = cli.build_parser().parse_args(["compress", "m", "-o", "out", "--method", "gptq", "--avg-bits", "3",
+                                          "--bit-choices", "4", "2", "--group-size", "64", "--calib", "f.txt"])
+    config = cli._config_from_args(args)
+    assert (config.avg_bits, config.bit_choices, config.bits, config.group_size) == (3.0, [2, 4], None, 64)
