@@ -251,3 +251,10 @@ def test_cli_flags_give_the_config():
                                           "--bit-choices", "4", "2", "--group-size", "64", "--calib", "f.txt"])
     config = cli._config_from_args(args)
     assert (config.avg_bits, config.bit_choices, config.bits, config.group_size) == (3.0, [2, 4], None, 64)
+
+
+def test_compress_on_load_is_refused(tmp_path):
+    make_tiny("llama").save_pretrained(tmp_path / "dense")
+    with pytest.raises(Exception, match="needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=hf_compress.CompressionConfig(
+            method="rtn", avg_bits=5.0, group_size=16))
