@@ -68,6 +68,13 @@ def llm_compressor(model, tok, calib: torch.Tensor, spec: dict):
     else:
         from llmcompressor.modifiers.awq import AWQModifier
 
+        if not torch.cuda.is_available():
+            # llm-compressor 0.14's AWQ pins its cached activations for faster host-to-GPU copies, which fails
+            # without a CUDA driver ("Found no NVIDIA driver"); pinning only speeds up copies, so skip it on CPU
+            from llmcompressor.pipelines.cache import IntermediatesCache
+
+            IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
         recipe = AWQModifier(config_groups={"group_0": {"targets": targets, "weights": weights}}, ignore=["lm_head"])
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     t0 = time.time()
