@@ -241,6 +241,8 @@ def allocate_layer_bits(errors: dict[str, dict[int, float]], shapes: dict[str, t
     over the layers of ``shapes``. ``errors[name][b]``: the layer's estimated loss increase at b bits; ``groups``:
     layers that must share one width (those vLLM fuses: q/k/v, gate/up); a layer in no group is its own. Raises
     `ConfigError` naming the feasible range when ``avg_bits`` is outside it."""
+    if not shapes:
+        return {}
     grouped = {n for g in groups for n in g}
     units = [list(g) for g in groups] + [[n] for n in shapes if n not in grouped]
     unknown = sorted(grouped - set(shapes))

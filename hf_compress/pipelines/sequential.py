@@ -222,10 +222,9 @@ class Sequential:
                     errors[n] = {b: sens[n] * rounding_error(w, gram, b, config.group_size, sdt)
                                  for b in config.bit_choices}
             hidden = out
-        bits = allocate_layer_bits(errors, job.shapes, groups, config.group_size, config.avg_bits,
-                                   8 * torch.empty(0, dtype=sdt).element_size())
-        stored = sum(stored_bits(*job.shapes[n], b, config.group_size, 8 * torch.empty(0, dtype=sdt).element_size())
-                     for n, b in bits.items())
+        scale_bits = 8 * torch.empty(0, dtype=sdt).element_size()
+        bits = allocate_layer_bits(errors, job.shapes, groups, config.group_size, config.avg_bits, scale_bits)
+        stored = sum(stored_bits(*job.shapes[n], b, config.group_size, scale_bits) for n, b in bits.items())
         weights = sum(o * i for o, i in job.shapes.values())
         logger.warning("avg_bits %g: %s; %.4f bits per weight as stored", config.avg_bits,
                        ", ".join(f"{sum(b == w for b in bits.values())} layers at {w} bits"
