@@ -258,3 +258,36 @@ def test_compress_on_load_is_refused(tmp_path):
     with pytest.raises(Exception, match="needs calibration data"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=hf_compress.CompressionConfig(
             method="rtn", avg_bits=5.0, group_size=16))
+
+
+def test_interrupted_run_resumes_with_the_same_widths(tmp_path, monkeypatch):
+    """Killed (an exception) in block 1 once block 0 is committed: the resumed run takes the widths from the
+    checkpoint (no second sensitivity pass) and ends bit-identical to an uninterrupted run."""
+    from hf_compress.pipelines import sequential
+
+    cfg = {"method": "gptq", "avg_bits": 5.0, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 32}}
+    full = hf_compress.compress(make_tiny("llama", layers=3), dict(cfg), calibration=_calibration(), progress=False)
+    ckpt = tmp_path / "ckpt"
+    model = make_tiny("llama", layers=3)
+
+    def stop(module, args):
+        state = ckpt / "state.json"
+        if state.is_file() and json.loads(state.read_text())["done"] >= 1:
+            raise KeyboardInterrupt
+
+    handle = model.model.layers[1].register_forward_pre_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        hf_compress.compress(model, dict(cfg), calibration=_calibration(), progress=False, checkpoint_dir=ckpt,
+                             checkpoint_every=0)
+    handle.remove()
+    assert json.loads((ckpt / "state.json").read_text())["done"] == 1
+
+    def no_sensitivity(*args, **kwargs):
+        raise AssertionError("the widths are in the checkpoint")
+
+    monkeypatch.setattr(sequential, "output_sensitivity", no_sensitivity)
+    resumed = hf_compress.compress(make_tiny("llama", layers=3), dict(cfg), calibration=_calibration(),
+                                   progress=False, checkpoint_dir=ckpt)
+    assert _widths(resumed) == _widths(full) and len(set(_widths(full).values())) > 1
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
