@@ -89,7 +89,7 @@ def prepare_protocol(root: Path, nsamples: int, eval_tokens: int, calib: str) ->
     windows = calibration_windows(str(DATA / calib), tok, nsamples, 512, 0)
     torch.save(windows, calib_file)
     ids = tok(read_text(DATA / "wikitext-2-raw-test.txt"), return_tensors="pt",
-              add_special_tokens=False)["input_ids"][0][:eval_tokens]
+              add_special_tokens=False)["input_ids"][0][:eval_tokens].clone()  # not the whole text's storage
     torch.save(ids, eval_file)
     return out
 
