@@ -4,6 +4,8 @@
 2. when ranks are allocated from measurements: one pass over the blocks on the dense stream, collecting each
    layer's statistics (`hf_compress.statistics`), keeping only its spectrum, then `allocate_energy` under the
    global budget (weighted by `hf_compress.gradients.output_sensitivity` for the ``loss`` allocator);
+   with ``avg_bits``, likewise one pass collecting each layer's input Gram, keeping only its estimated loss
+   increase at each allowed width, then `allocate_layer_bits` under the budget of stored bits (`_layer_bits`);
 3. the compression pass, block i at a time: inside the block, layers that share an input (q/k/v; o; gate/up;
    down) are fitted group by group on the inputs the *compressed* model really produces (blocks 0..i-1 and the
    block's earlier groups already compressed) against the dense model's inputs where the method compensates;
