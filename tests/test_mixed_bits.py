@@ -291,3 +291,24 @@ def test_interrupted_run_resumes_with_the_same_widths(tmp_path, monkeypatch):
     assert _widths(resumed) == _widths(full) and len(set(_widths(full).values())) > 1
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_model_exports_to_gguf(tmp_path, tiny_tokenizer, monkeypatch):
+    """Each layer is exported by its own width (here no layer has a GGUF grid at group 16: every one is written
+    dense, and the file computes what the model does, compared with the fp32 reference kernels)."""
+    from hf_compress.export import export
+    from hf_compress.kernels import dispatch
+
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
+    dispatch.kernel_mode.cache_clear()
+
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = _mixed(5.0)
+    out = tmp_path / "m.gguf"
+    result = export(model, out, format="gguf", tokenizer=tiny_tokenizer)
+    rows = {r.source.removesuffix(".weight"): r for r in result.tensors}
+    assert all(rows[n].kind == "dense" for n in _widths(model))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
+    assert (output_of(loaded, ids) - output_of(model, ids)).abs().max() <= 1e-5
+    monkeypatch.undo()
+    dispatch.kernel_mode.cache_clear()
