@@ -19,10 +19,11 @@ Any other row is one of ours, exactly as ``benchmarks/quant.py`` runs it (``gptq
 
 Protocol (../shared/PEERS.md): SmolLM2-135M-Instruct fp32 from its GGUF (written once by us as a plain
 transformers checkpoint under ``--venv-root``/protocol, which every peer loads); perplexity on the first
-``--eval-tokens`` (32768) tokens of WikiText-2 raw test in 512-token windows, computed by us-identical code in each
-environment on the same token ids; calibration: the same 32 × 512 windows of gutenberg-pg1342.txt (seed 0) that our
+``--eval-tokens`` (32768) tokens of WikiText-2 raw test in 512-token windows, computed in each environment by the
+same computation as ours (`hf_compress.evaluation.perplexity`) on the same token ids; calibration: the same 32 × 512 windows of gutenberg-pg1342.txt (seed 0) that our
 rows use, given to every library as token ids. ``bits_w``: bits per weight of the quantized layers *as stored* in
-each library's own saved checkpoint (codes, scales, zero points, group indices; biases excluded). ``compress_s``:
+each library's own saved checkpoint (codes, scales, zero points, group indices; biases excluded), so a layer a
+library left in 16 bits (AutoRound skips shapes it cannot pack) shows there. ``compress_s``:
 wall time of the library's compression call on this machine. Peers are data-dependent: AutoRound on 2 CPU cores
 takes hours at its default iterations.
 """
