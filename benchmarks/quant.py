@@ -8,7 +8,8 @@ Row ``METHOD:BITS:GROUP:bX`` (e.g. ``gptq:3:64:b0.5``) gives EoRA per-layer rank
 per weight (``eora_bits``); ``METHOD:BITS:GROUP:R1/R2/...`` compresses once at the largest rank and scores each rank
 by truncating the factors (identical to compressing at that rank: the factors are SVD-ordered and, when quantized,
 quantized row by row); a trailing ``:qB`` stores the EoRA factors as B-bit codes (``eora_factor_bits``, group 128),
-e.g. ``gptq:3:64:32/20/16:q4``. ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
+e.g. ``gptq:3:64:32/20/16:q4``. ``METHOD:avgX:GROUP`` (e.g. ``gptq:avg3.0:64``) quantizes with a width per layer
+from 2/3/4/8 under a budget of X bits per weight as stored (``avg_bits``: codes, scales and zeros; calibrated). ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
 fp16/bf16, as in a half-precision checkpoint (the benchmark model is fp32, so its factors are fp32 in ``bits_w``).
 ``--extra-eval FILE`` adds the perplexity on another text of ../shared/data (its first ``--extra-eval-tokens``,
 default 16384). A method name may carry modifiers: ``+rot`` rotates the residual stream first
@@ -91,7 +92,9 @@ def run_row(spec: dict) -> list[dict]:
         budget = isinstance(eora, str)  # "b0.5": EoRA ranks from a budget of 0.5 extra bits per weight
         sweep = sorted(eora, reverse=True) if isinstance(eora, list) else [None]  # one compression, several ranks
         act = spec.get("act", False)
-        cfg = {"method": spec["method"], "bits": spec["bits"], "group_size": spec["group_size"],
+        mixed = isinstance(spec["bits"], str)  # "avg3.0": per-layer widths under 3.0 stored bits per weight
+        cfg = {"method": spec["method"], "group_size": spec["group_size"],
+               **({"avg_bits": float(spec["bits"][3:])} if mixed else {"bits": spec["bits"]}),
                "eora_rank": sweep[0] if sweep[0] else (None if budget else (eora or None)),
                "eora_bits": float(eora[1:]) if budget else None, "eora_factor_bits": spec.get("factor_bits"),
                "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0},
@@ -99,7 +102,7 @@ def run_row(spec: dict) -> list[dict]:
                "method_kwargs": ({"act_weighted": True} if spec["method"] == "hqq" else {"grid": "mse-act"}) if act else {},
                "learn_rounding": spec.get("lr")}
         row["method"] = _label(spec)
-        calibrated = spec["method"] == "gptq" or eora or act or spec.get("lr")
+        calibrated = spec["method"] == "gptq" or eora or act or spec.get("lr") or mixed
         learned = _LearnedLog()
         seq_log = logging.getLogger("hf_compress.pipelines.sequential")
         seq_log.setLevel(logging.INFO)
@@ -111,6 +114,9 @@ def run_row(spec: dict) -> list[dict]:
             row["lr_kept"], row["lr_s"] = f"{kept}/{total}", round(seconds, 1)
         row["compress_s"] = round(time.time() - t0, 1)
         row["compress_peak_rss_MB"] = round(peak_rss_mb())
+        if mixed:  # how many layers got each width
+            widths = [model.get_submodule(n).bits for n in names]
+            row["widths"] = " ".join(f"{b}b:{widths.count(b)}" for b in sorted(set(widths)))
         rows = []
         for rank in sweep:  # EoRA factors are SVD-ordered and quantized row by row: truncating = compressing at rank
             if rank is not None:
@@ -246,7 +252,7 @@ def _parse_row(text: str, learn_rounding: dict | None = None) -> dict:
 
 def _parse_quant_row(text: str) -> dict:
     name, bits, group, *rest = text.split(":")
-    bits, group = int(bits), int(group)
+    bits, group = (bits if bits.startswith("avg") and float(bits[3:]) > 0 else int(bits)), int(group)
     factor_bits = int(rest.pop()[1:]) if rest and rest[-1].startswith("q") else None
     eora = rest[0] if rest else "0"
     eora = eora if eora.startswith("b") else ([int(r) for r in eora.split("/")] if "/" in eora else int(eora))
@@ -274,7 +280,7 @@ def main():
     p.add_argument("--learn-rounding", default="{}", metavar="JSON",
                    help='options of the +lr rows (learn_rounding), e.g. \'{"iters": 50, "batch_size": 2}\'')
     p.add_argument("--rows", nargs="+", help="explicit rows instead of the grid: dense[+rot], "
-                                             "METHOD[+rot][+act][+lr]:BITS:GROUP[:EORA|:bBUDGET], hqq-package:BITS:GROUP, "
+                                             "METHOD[+rot][+act][+lr]:BITS|avgX:GROUP[:EORA|:bBUDGET], hqq-package:BITS:GROUP, "
                                              "quanto:4:128")
     p.add_argument("--row", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -299,7 +305,7 @@ def main():
     jobs = [(f"{s['method']} w{s['bits']} g{s['group_size']} r{s['eora']}", [json.dumps({**base, **s})]) for s in specs]
     results = run_rows(__file__, jobs)
     extra = [f"ppl_{name.split('.')[0]}" for name in args.extra_eval]
-    print_table(results, ["method", "bits", "group_size", "eora", "eora_ranks", "ppl_wikitext", *extra, "bits_w",
+    print_table(results, ["method", "bits", "group_size", "eora", "eora_ranks", "widths", "ppl_wikitext", *extra, "bits_w",
                           "bits_w_fp16_factors", "proj_MB", "other_params_M", "compress_s",
                           "lr_s", "lr_kept", "compress_peak_rss_MB", "eval_s", "error"],
                 title=f"\nSmolLM2-135M, perplexity on the first {args.eval_tokens} tokens of WikiText-2 raw test; "

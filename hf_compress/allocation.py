@@ -165,31 +165,100 @@ def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices
     ``budget`` (bits per weight).
 
     The error model is the usual one for uniform rounding: a layer quantized to b bits adds output error
-    proportional to 4^-b, weighted by how often the router uses the layer (``usage``: the share of routed tokens).
-    Starting from the smallest width for every layer, the greedy step upgrades the layer with the largest error
-    reduction per added bit (usage · (4^-b - 4^-b') / (size · (b' - b))) while the budget allows; ties go to the
-    earlier layer, so the result is deterministic. A layer the router never used stays at the smallest width."""
+    proportional to 4^-b, weighted by how often the router uses the layer (``usage``: the share of routed tokens);
+    a layer at b bits costs size·b. The widths are those of `allocate_bits` on that model (upgrades by error
+    reduction per added bit, ties to the earlier layer). A layer the router never used stays at the smallest width."""
     choices = sorted(choices)
-    bits = {n: choices[0] for n in usage}
-    total = sum(sizes[n] for n in usage)
-    spent = sum(sizes[n] * bits[n] for n in usage)
-    limit = budget * total + 1e-9
-    order = list(usage)
-    while True:
-        best, best_gain = None, 0.0
-        for n in order:
-            i = choices.index(bits[n])
-            if i + 1 == len(choices):
-                continue
-            b, nb = bits[n], choices[i + 1]
-            cost = sizes[n] * (nb - b)
-            if spent + cost > limit:
-                continue
-            gain = usage[n] * (4.0 ** -b - 4.0 ** -nb) / cost
-            if gain > best_gain:
-                best, best_gain = n, gain
-        if best is None:
-            return bits
-        i = choices.index(bits[best])
-        spent += sizes[best] * (choices[i + 1] - bits[best])
-        bits[best] = choices[i + 1]
+    errors = {n: {b: usage[n] * 4.0 ** -b for b in choices} for n in usage}
+    costs = {n: {b: sizes[n] * b for b in choices} for n in usage}
+    return allocate_bits(errors, costs, budget * sum(sizes[n] for n in usage))
+
+
+def stored_bits(out_features: int, in_features: int, bits: int, group_size: int, scale_bits: int = 16) -> int:
+    """Bits a `QuantLinear` of this shape stores: its packed codes and one scale and one zero per group (no bias)."""
+    from .kernels.reference.weights import packed_words
+    from .modules.quant import n_groups
+
+    return out_features * (32 * packed_words(in_features, bits) + 2 * scale_bits * n_groups(in_features, group_size))
+
+
+def _hull_steps(errors: dict[int, float], costs: dict[int, float]) -> list[tuple[int, float, float]]:
+    """The upgrades of one unit along the lower convex hull of its (cost, error) points from its cheapest choice:
+    [(choice reached, error reduction, added cost)], with decreasing reduction per cost. A choice that costs more
+    and removes no more error than a cheaper one, or lies above the hull, is never reached (a hull step may skip it)."""
+    pts = sorted((costs[b], errors[b], b) for b in errors)
+    hull = [pts[0]]
+    for c, e, b in pts[1:]:
+        if e >= hull[-1][1] or c <= hull[-1][0]:  # no better than what is already on the hull
+            continue
+        while len(hull) >= 2:
+            (c0, e0, _), (c1, e1, _) = hull[-2], hull[-1]
+            if (e0 - e1) * (c - c0) <= (e0 - e) * (c1 - c0):  # hull[-1] is not below the chord: drop it
+                hull.pop()
+            else:
+                break
+        hull.append((c, e, b))
+    return [(b1, e0 - e1, c1 - c0) for (c0, e0, _), (c1, e1, b1) in zip(hull, hull[1:])]
+
+
+def allocate_bits(errors: dict[str, dict[int, float]], costs: dict[str, dict[int, float]], budget: float
+                  ) -> dict[str, int]:
+    """One choice per unit (a layer, or layers that must share a width) under one budget: Σ cost ≤ ``budget``,
+    minimising Σ error. ``errors[u][b]`` / ``costs[u][b]``: unit u's error and cost at width b.
+
+    Every unit starts at its cheapest choice; the upgrades along each unit's convex hull (`_hull_steps`) are taken
+    in decreasing error reduction per added cost (ties: the earlier unit, then the smaller width) as long as they
+    fit, stopping at the first that does not. Taking a prefix of one fixed order makes the widths monotone in the
+    budget (more budget never gives a unit fewer bits), and at every budget the prefix spends exactly it is the
+    optimum (the Lagrangian solution of the multiple-choice knapsack); in between, at most the next upgrade's cost is
+    left unspent. Upgrades that remove no error are never taken. Raises `ConfigError` when even the cheapest
+    choices exceed the budget."""
+    if not errors:
+        return {}
+    start = {u: min(costs[u], key=lambda b: (costs[u][b], b)) for u in errors}
+    spent = sum(costs[u][start[u]] for u in errors)
+    if spent > budget * (1 + 1e-12):
+        raise ConfigError(f"the bit budget ({budget:.6g} bits) is below the cheapest choice for every layer "
+                          f"({spent:.6g} bits)")
+    steps = []
+    for k, u in enumerate(errors):
+        for b, gain, cost in _hull_steps(errors[u], costs[u]):
+            if gain > 0:
+                steps.append((-gain / cost, k, b, u, cost))
+    steps.sort(key=lambda t: t[:3])
+    bits = dict(start)
+    for _, _, b, u, cost in steps:
+        if spent + cost > budget * (1 + 1e-12):
+            break
+        bits[u], spent = b, spent + cost
+    return bits
+
+
+def allocate_layer_bits(errors: dict[str, dict[int, float]], shapes: dict[str, tuple[int, int]],
+                        groups: list[list[str]], group_size: int, avg_bits: float, scale_bits: int = 16
+                        ) -> dict[str, int]:
+    """Per-layer widths under a budget of ``avg_bits`` stored bits per weight (codes, scales and zeros: `stored_bits`)
+    over the layers of ``shapes``. ``errors[name][b]``: the layer's estimated loss increase at b bits; ``groups``:
+    layers that must share one width (those vLLM fuses: q/k/v, gate/up); a layer in no group is its own. Raises
+    `ConfigError` naming the feasible range when ``avg_bits`` is outside it."""
+    if not shapes:
+        return {}
+    grouped = {n for g in groups for n in g}
+    units = [list(g) for g in groups] + [[n] for n in shapes if n not in grouped]
+    unknown = sorted(grouped - set(shapes))
+    if unknown:
+        raise ConfigError(f"bit groups name layers that are not targets: {unknown[:3]}")
+    choices = sorted(next(iter(errors.values()))) if errors else []
+    weights = sum(o * i for o, i in shapes.values())
+    cost = {n: {b: stored_bits(*shapes[n], b, group_size, scale_bits) for b in choices} for n in shapes}
+    low = sum(cost[n][choices[0]] for n in shapes) / weights
+    high = sum(cost[n][choices[-1]] for n in shapes) / weights
+    if not low <= avg_bits:
+        raise ConfigError(f"avg_bits {avg_bits:g} cannot be met with bit_choices {choices} and group_size {group_size}: "
+                          f"the targeted layers store at least {low:.4f} bits per weight (all at {choices[0]} bits, "
+                          f"scales and zeros included); feasible range is [{low:.4f}, {high:.4f}]")
+    key = {u[0]: u for u in units}
+    unit_errors = {k: {b: sum(errors[n][b] for n in u) for b in choices} for k, u in key.items()}
+    unit_costs = {k: {b: sum(cost[n][b] for n in u) for b in choices} for k, u in key.items()}
+    chosen = allocate_bits(unit_errors, unit_costs, avg_bits * weights)
+    return {n: chosen[k] for k, u in key.items() for n in u}

@@ -82,6 +82,16 @@ class CompressionConfig(QuantizationConfigMixin):
             expert weight. Each expert's width comes from one global allocation over the experts of every block by
             routing statistics on the calibration data (`hf_compress.allocation.allocate_expert_bits`: experts the
             router uses more get more bits). Needs calibration data; other layers keep ``bits``.
+        avg_bits: quantization methods, instead of ``bits``: a budget of this many bits per weight *as stored* (codes,
+            scales and zeros) on average over the targeted layers, with a bit width per layer from ``bit_choices``
+            chosen by one global allocation (`hf_compress.allocation.allocate_layer_bits`): each layer's loss
+            increase at each width is estimated from a pre-pass over the dense model on the calibration data (the
+            activation-weighted error of rounding it, tr((W − Q_b(W)) E[xxᵀ] (W − Q_b(W))ᵀ), times the mean squared
+            loss gradient at its output), and the widths go where they reduce it most per stored bit. Layers that
+            read the same input (q/k/v; gate/up: the layers vLLM fuses) share one width. Needs calibration data.
+            The chosen widths are recorded per layer in ``modules``; at g64 with float16 scales, scales and zeros
+            add 0.5 bits per weight to the codes' bits.
+        bit_choices: with ``avg_bits``, the widths a layer may get (default all of 2, 3, 4, 8).
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
         rotate: incoherence processing before any weight method (`hf_compress.transforms.rotation`; Llama-architecture
             decoders: llama, qwen2, mistral): every RMSNorm weight is folded into the layers that read it and the
@@ -134,6 +144,8 @@ class CompressionConfig(QuantizationConfigMixin):
         quantizer: str | None = None,
         scale_dtype: str = "float16",
         expert_bits: list[int] | None = None,
+        avg_bits: float | None = None,
+        bit_choices: list[int] | None = None,
         rotate: str | None = None,
         rotate_seed: int = 0,
         rotate_heads: bool = False,
@@ -181,6 +193,8 @@ class CompressionConfig(QuantizationConfigMixin):
         self.quantizer = quantizer
         self.scale_dtype = scale_dtype
         self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
+        self.avg_bits = avg_bits
+        self.bit_choices = bit_choices
         self.rotate = rotate
         self.rotate_seed = rotate_seed
         self.rotate_heads = rotate_heads
@@ -273,8 +287,10 @@ class CompressionConfig(QuantizationConfigMixin):
         from .kernels import SUPPORTED_BITS
         from .methods import get_method
 
-        if method.family == "quant" and self.bits is None:
-            raise ConfigError(f"method {self.method!r} quantizes: give bits (one of {SUPPORTED_BITS})")
+        self._check_avg_bits(method)
+        if method.family == "quant" and self.bits is None and self.avg_bits is None:
+            raise ConfigError(f"method {self.method!r} quantizes: give bits (one of {SUPPORTED_BITS}) or avg_bits "
+                              "(an average over per-layer widths)")
         if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS):
             raise ConfigError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
@@ -319,6 +335,31 @@ class CompressionConfig(QuantizationConfigMixin):
         if self.scale_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"scale_dtype must be 'float16' or 'bfloat16', got {self.scale_dtype!r}")
 
+    def _check_avg_bits(self, method) -> None:
+        from .kernels import SUPPORTED_BITS
+
+        if self.avg_bits is None:
+            if self.bit_choices is not None:
+                raise ConfigError("bit_choices are the widths a layer may get under avg_bits: give it with avg_bits")
+            return
+        if method.family != "quant":
+            raise ConfigError("avg_bits allocates per-layer quantization widths: use it with rtn, hqq or gptq")
+        if self.bits is not None:
+            raise ConfigError("Give either bits (one width for every layer) or avg_bits (a budget of stored bits per "
+                              "weight, widths per layer), not both.")
+        if self.expert_bits is not None:
+            raise ConfigError("avg_bits already gives every layer, experts included, its own width: drop expert_bits")
+        if isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float)) or not (
+                0 < self.avg_bits <= 64):
+            raise ConfigError(f"avg_bits must be a positive number of stored bits per weight, got {self.avg_bits!r}")
+        self.avg_bits = float(self.avg_bits)
+        choices = list(SUPPORTED_BITS) if self.bit_choices is None else self.bit_choices
+        if (isinstance(choices, (str, bytes)) or not hasattr(choices, "__iter__")
+                or not choices or any(isinstance(b, bool) or b not in SUPPORTED_BITS for b in choices)):
+            raise ConfigError(f"bit_choices must be a non-empty list of widths among {SUPPORTED_BITS}, got "
+                              f"{self.bit_choices!r}")
+        self.bit_choices = sorted(set(choices))
+
     @property
     def family(self) -> str:
         from .methods import get_method
@@ -348,6 +389,7 @@ class CompressionConfig(QuantizationConfigMixin):
             "quantizer": self.quantizer,
             "scale_dtype": self.scale_dtype,
             **({"expert_bits": list(self.expert_bits)} if self.expert_bits else {}),  # stored when used
+            **({"avg_bits": self.avg_bits, "bit_choices": list(self.bit_choices)} if self.avg_bits else {}),
             **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
             **({"rotate_heads": True} if self.rotate_heads else {}),
             **({"learn_rounding": copy.deepcopy(self.learn_rounding)} if self.learn_rounding else {}),

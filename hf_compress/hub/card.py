@@ -63,6 +63,19 @@ def layer_groups(model: nn.Module) -> list[dict]:
     return list(groups.values())
 
 
+def _mixed_widths(model, avg_bits: float, choices) -> str:
+    """``avg_bits``: how many layers got each width, and what they store on average."""
+    from ..modules import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    weights = sum(m.out_features * m.in_features for m in layers) or 1
+    stored = sum(m.bits_per_weight * m.out_features * m.in_features for m in layers) / weights
+    count = {b: sum(m.bits == b for m in layers) for b in sorted({m.bits for m in layers})}
+    return (f"bit widths per layer ({', '.join(f'{n} layers at {b}-bit' for b, n in count.items())}; chosen from "
+            f"{list(choices)} under a budget of {avg_bits:g} bits per weight as stored, {stored:.3f} used, "
+            "layers that read the same input sharing a width)")
+
+
 def _compressed_section(model, config, groups) -> str:
     rows = layer_table(model)
     n_comp = sum(r.kind != "dense" for r in rows)
@@ -88,9 +101,11 @@ def _compressed_section(model, config, groups) -> str:
     if config.ratio is not None:
         lines[-1] += f" Parameter budget: remove {config.ratio:g} of the targeted layers' parameters"
         lines[-1] += f" (allocation `{config.alloc or 'method default'}`)." if config.family == "lowrank" else "."
-    if config.bits:
+    avg_bits = getattr(config, "avg_bits", None)
+    if config.bits or avg_bits:
         what = "weights" if config.family == "quant" else "low-rank factors"
-        lines.append(f"Quantization of the {what}: {config.bits}-bit, group size {config.group_size}, scales and "
+        widths = f"{config.bits}-bit" if config.bits else _mixed_widths(model, avg_bits, config.bit_choices)
+        lines.append(f"Quantization of the {what}: {widths}, group size {config.group_size}, scales and "
                      f"zeros in {config.scale_dtype}" + (f", EoRA compensation rank {config.eora_rank}"
                                                          if config.eora_rank else "")
                      + (f", EoRA compensation with per-layer ranks from a budget of {config.eora_bits:g} extra bits "
@@ -224,7 +239,8 @@ def model_card(model: nn.Module, *, repo_id: str | None = None, evaluations: lis
     fingerprint = weights_fingerprint(model) if any(r["role"] == "compressed" for r in evals) else None
     eval_text, eval_results = _eval_section(evals, fingerprint)
     groups = layer_groups(model)
-    methods = [config.method] + ([f"{config.bits}-bit"] if config.bits else []) + \
+    methods = [config.method] + ([f"{config.bits}-bit"] if config.bits else ["mixed-precision"]
+                                 if getattr(config, "avg_bits", None) else []) + \
         ([config.kv["method"] + "-kv-cache"] if config.kv else [])
     all_tags = ["hf-compress", "compressed", config.family, *methods, *(tags or []),
                 *(getattr(model, "model_tags", None) or [])]

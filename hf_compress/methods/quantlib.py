@@ -180,3 +180,19 @@ def finish(wg: torch.Tensor, scale, zero, bits: int, group_size: int, in_feature
     out = wg.shape[0]
     codes = codes_for(wg, scale, zero, bits).to(torch.uint8).reshape(out, -1)[:, :in_features]  # exact: 0..255
     return Quantized(codes, scale, zero, bits, group_size)
+
+
+def rounding_error(weight: torch.Tensor, gram: torch.Tensor | None, bits: int, group_size: int,
+                   dtype: torch.dtype = torch.float16) -> float:
+    """The activation-weighted error tr((W − Q(W)) H (W − Q(W))ᵀ) of rounding ``weight`` [out, in] to the nearest
+    point of its min–max grid (integer zero, as gptq's; scales and zeros rounded to ``dtype``) at ``bits``:
+    the summed squared output error per token when H = E[xxᵀ] is the inputs' second moment (``gram``; None: H = I,
+    the plain squared weight error). What `hf_compress.allocation.allocate_layer_bits` compares widths by."""
+    out, n = weight.shape
+    wg = grouped(weight, group_size)
+    s, z = minmax(wg, bits, dtype, integer_zero=True)
+    e = (wg - fake_quant(wg, s, z, bits)).reshape(out, -1)[:, :n]
+    if gram is None:
+        return float(e.double().square().sum())
+    # one float32 product (the costly part: out x in x in), summed in float64
+    return float(((e @ gram.to(torch.float32)) * e).double().sum())

@@ -34,7 +34,7 @@ def uses_calibration(config, calibration_given: bool) -> bool:
         return True
     if config.quantizer is not None and get_method(config.quantizer).needs:
         return True
-    if config.expert_bits:  # allocated from routing statistics
+    if config.expert_bits or getattr(config, "avg_bits", None):  # allocated from routing / error statistics
         return True
     if getattr(config, "learn_rounding", None):  # learned on the calibration windows
         return True
@@ -69,6 +69,7 @@ def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpo
     if calibrated and calibration is None:
         what = (config.method if method.needs else f"{config.method} with expert_bits" if config.expert_bits
                 else f"{config.method} with learn_rounding" if getattr(config, "learn_rounding", None)
+                else f"{config.method} with avg_bits" if getattr(config, "avg_bits", None)
                 else f"{config.method} with quantizer {config.quantizer}")
         raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "
                           "strings, datasets.Dataset or token ids> (CLI: --calib FILE)")

@@ -33,7 +33,8 @@ class Job:
     checkpoint_dir: Any = None
     checkpoint_every: float = 60.0
     started: float = field(default_factory=time.time)
-    #: per-layer bit widths that differ from ``config.bits`` (``expert_bits``: `hf_compress.allocation.allocate_expert_bits`)
+    #: per-layer bit widths that differ from ``config.bits`` (``expert_bits``: `hf_compress.allocation.allocate_expert_bits`;
+    #: ``avg_bits``: `hf_compress.allocation.allocate_layer_bits`, every target)
     bits: dict[str, int] = field(default_factory=dict)
 
     def config_for(self, name: str):

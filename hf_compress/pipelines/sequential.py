@@ -4,6 +4,8 @@
 2. when ranks are allocated from measurements: one pass over the blocks on the dense stream, collecting each
    layer's statistics (`hf_compress.statistics`), keeping only its spectrum, then `allocate_energy` under the
    global budget (weighted by `hf_compress.gradients.output_sensitivity` for the ``loss`` allocator);
+   with ``avg_bits``, likewise one pass collecting each layer's input Gram, keeping only its estimated loss
+   increase at each allowed width, then `allocate_layer_bits` under the budget of stored bits (`_layer_bits`);
 3. the compression pass, block i at a time: inside the block, layers that share an input (q/k/v; o; gate/up;
    down) are fitted group by group on the inputs the *compressed* model really produces (blocks 0..i-1 and the
    block's earlier groups already compressed) against the dense model's inputs where the method compensates;
@@ -27,11 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..allocation import allocate_energy, allocate_expert_bits, plan as uniform_plan
+from ..allocation import (allocate_energy, allocate_expert_bits, allocate_layer_bits, plan as uniform_plan,
+                          stored_bits)
 from ..calibration import (BlockwiseRunner, calibration_windows, input_groups, is_multimodal_source,
                            multimodal_inputs)
 from ..errors import CheckpointError, ConfigError
 from ..factory import correct, pack_layer, replace
+from ..methods.quantlib import rounding_error
 from ..gradients import fisher_rows, output_sensitivity
 from ..modules.experts import is_expert_layer
 from ..modules.quant import WEIGHT_SCALE_DTYPES
@@ -154,7 +158,7 @@ class Sequential:
         with clock("capture"):
             self.runner.capture()
         plan = self._plan()
-        job.bits = self._expert_bits()
+        job.bits = self._layer_bits() if job.config.avg_bits else self._expert_bits()
         betas = self._compress(plan)
         model.train(was_training)
         logger.info("time by phase: %s", clock)
@@ -209,6 +213,45 @@ class Sequential:
         widths = sorted(set(bits.values()))
         logger.info("expert_bits: %s", ", ".join(f"{sum(b == w for b in bits.values())} expert layers at {w} bits"
                                                for w in widths))
+        return bits
+
+    def _layer_bits(self) -> dict[str, int]:
+        """With ``avg_bits``: every target's width under the budget (`allocate_layer_bits`), from each layer's loss
+        increase estimated at each of ``bit_choices`` on the dense model: the activation-weighted error of rounding
+        it (`rounding_error`, with the Gram of its inputs on the training windows, one block at a time) times the
+        mean squared loss gradient at its output (`output_sensitivity`). Layers fed the same input share a width."""
+        job, clock, stack, runner, config = self.job, self.clock, self.stack, self.runner, self.job.config
+        if self.saved:
+            return self.ckpt.extra["bits"]
+        with clock("bits: sensitivity"):
+            sens = output_sensitivity(job.model, job.modules, self.data.train_batches, job.progress)
+        n_train = self.data.n_train_batches
+        hidden = runner.hidden[:n_train]
+        sdt = getattr(torch, config.scale_dtype)
+        errors, groups = {}, []
+        for i in Progress(range(len(stack.blocks)), "bits: rounding errors", "block", bar=job.progress):
+            layers = stack.layers[i]
+            local = {stack.local(i, n): m for n, m in layers.items()}
+            groups += [[stack.full(i, n) for n in g] for g in input_groups(stack.blocks[i], local, runner, i,
+                                                                             hidden[0])]
+            with clock("bits: statistics and forward"):
+                out: list[torch.Tensor] = []
+                stats = collect(runner, i, stack.blocks[i], layers, hidden, n_train, self.fisher, need_gram=True,
+                                outputs=out, all_experts=self.all_experts)
+            with clock("bits: rounding errors"):
+                for n in layers:
+                    w = job.targets[n].weight().float()
+                    gram = stats[n].gram / max(stats[n].count, 1)
+                    errors[n] = {b: sens[n] * rounding_error(w, gram, b, config.group_size, sdt)
+                                 for b in config.bit_choices}
+            hidden = out
+        scale_bits = 8 * torch.empty(0, dtype=sdt).element_size()
+        bits = allocate_layer_bits(errors, job.shapes, groups, config.group_size, config.avg_bits, scale_bits)
+        stored = sum(stored_bits(*job.shapes[n], b, config.group_size, scale_bits) for n, b in bits.items())
+        weights = sum(o * i for o, i in job.shapes.values())
+        logger.warning("avg_bits %g: %s; %.4f bits per weight as stored", config.avg_bits,
+                       ", ".join(f"{sum(b == w for b in bits.values())} layers at {w} bits"
+                                 for w in sorted(set(bits.values()))), stored / weights)
         return bits
 
     def _spectra(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,314 @@
+"""Per-layer bit widths under one budget of stored bits per weight (``avg_bits``, ``bit_choices``):
+the allocator (`hf_compress.allocation.allocate_bits` / `allocate_layer_bits`), the error it compares widths by
+(`hf_compress.methods.quantlib.rounding_error`), the pipeline on tiny Llama models, the checkpoint and the errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_compress
+from conftest import VOCAB, make_tiny, output_of
+from hf_compress.allocation import _hull_steps, allocate_bits, allocate_layer_bits, stored_bits
+from hf_compress.errors import ConfigError
+from hf_compress.methods.quantlib import fake_quant, grouped, minmax, rounding_error
+from hf_compress.modules import QuantLinear
+
+CHOICES = [2, 3, 4, 8]
+
+
+def _random_problem(seed: int, n_units: int = 4, choices=(2, 3, 4, 8)):
+    """Units of different sizes with errors ~ a·4^-b (times noise: not always convex) and costs size·b + overhead."""
+    rng = random.Random(seed)
+    errors, costs = {}, {}
+    for u in range(n_units):
+        size, a = rng.choice([10, 20, 30, 70]), rng.uniform(0.1, 5.0)
+        errors[f"u{u}"] = {b: a * 4.0 ** -b * rng.uniform(0.5, 1.5) for b in choices}
+        costs[f"u{u}"] = {b: size * b + size // 2 for b in choices}
+    return errors, costs
+
+
+def _brute_force(errors, costs, budget):
+    """The exact optimum of the multiple-choice knapsack by enumeration: (error, cost) of the best assignment."""
+    units = list(errors)
+    best = None
+    for combo in itertools.product(*(sorted(errors[u]) for u in units)):
+        cost = sum(costs[u][b] for u, b in zip(units, combo))
+        if cost <= budget:
+            err = sum(errors[u][b] for u, b in zip(units, combo))
+            if best is None or err < best[0]:
+                best = (err, cost)
+    return best
+
+
+def _cost(bits, costs):
+    return sum(costs[u][b] for u, b in bits.items())
+
+
+def _error(bits, errors):
+    return sum(errors[u][b] for u, b in bits.items())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_stays_within_budget_and_is_monotone(seed):
+    errors, costs = _random_problem(seed)
+    low, high = _cost({u: 2 for u in errors}, costs), _cost({u: 8 for u in errors}, costs)
+    previous = None
+    for budget in range(low, high + 1, 3):
+        bits = allocate_bits(errors, costs, budget)
+        assert _cost(bits, costs) <= budget
+        if previous is not None:  # more budget never gives a unit fewer bits
+            assert all(bits[u] >= previous[u] for u in bits), (budget, previous, bits)
+            assert _error(bits, errors) <= _error(previous, errors)
+        previous = bits
+    assert allocate_bits(errors, costs, high) == {u: 8 for u in errors}
+    assert allocate_bits(errors, costs, low) == {u: 2 for u in errors}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_the_brute_force_optimum_where_it_spends_the_budget(seed):
+    """At every budget the allocation spends exactly (the hull breakpoints) it is the exact optimum; at any budget it
+    is never better than the optimum (a check of the brute force) and within the next upgrade of it."""
+    errors, costs = _random_problem(seed)
+    low, high = _cost({u: 2 for u in errors}, costs), _cost({u: 8 for u in errors}, costs)
+    exact = 0
+    for budget in range(low, high + 1):
+        bits = allocate_bits(errors, costs, budget)
+        opt_err, _ = _brute_force(errors, costs, budget)
+        assert _error(bits, errors) >= opt_err - 1e-12
+        if _cost(bits, costs) == budget:
+            exact += 1
+            assert _error(bits, errors) == pytest.approx(opt_err, rel=1e-12, abs=1e-15)
+    assert exact >= len(errors) + 1  # the cheapest assignment and at least one breakpoint per unit were checked
+
+
+def test_hull_skips_a_width_above_the_chord():
+    # 3 bits removes almost nothing more than 2: the hull goes 2 -> 4 directly
+    steps = _hull_steps({2: 1.0, 3: 0.99, 4: 0.1, 8: 0.0}, {2: 20, 3: 30, 4: 40, 8: 80})
+    assert [b for b, _, _ in steps] == [4, 8]
+    assert steps[0][1] == pytest.approx(0.9) and steps[0][2] == 20
+
+
+def test_units_that_gain_nothing_stay_at_the_smallest_width():
+    errors = {"a": {2: 1.0, 4: 0.0}, "b": {2: 0.0, 4: 0.0}}
+    costs = {"a": {2: 20, 4: 40}, "b": {2: 20, 4: 40}}
+    assert allocate_bits(errors, costs, 1000) == {"a": 4, "b": 2}
+
+
+def test_stored_bits_is_what_a_quant_linear_stores():
+    for (out_f, in_f), bits, group in itertools.product([(8, 48), (5, 100), (96, 48)], CHOICES, [16, 32, 64]):
+        layer = QuantLinear(in_f, out_f, bits, group, bias=False)
+        assert stored_bits(out_f, in_f, bits, group) == pytest.approx(layer.bits_per_weight * out_f * in_f, rel=1e-12)
+
+
+def test_layer_allocation_shares_widths_within_groups_and_names_the_feasible_range():
+    shapes = {"q": (48, 48), "k": (24, 48), "v": (24, 48), "o": (48, 48)}
+    # k alone would like 8 bits, q and v 2 bits: as a group they get one width
+    errors = {"q": {b: 1e-3 * 4.0 ** -b for b in CHOICES}, "k": {b: 10.0 * 4.0 ** -b for b in CHOICES},
+              "v": {b: 1e-3 * 4.0 ** -b for b in CHOICES}, "o": {b: 1.0 * 4.0 ** -b for b in CHOICES}}
+    weights = sum(o * i for o, i in shapes.values())
+    for avg in (4.0, 4.5, 5.0, 5.5, 6.5, 10.0):
+        bits = allocate_layer_bits(errors, shapes, [["q", "k", "v"]], 16, avg)
+        assert bits["q"] == bits["k"] == bits["v"]
+        assert sum(stored_bits(*shapes[n], b, 16) for n, b in bits.items()) <= avg * weights
+    free = allocate_layer_bits(errors, shapes, [], 16, 6.0)
+    assert free["k"] > free["q"]  # the constraint is what ties them above
+    with pytest.raises(ConfigError, match=r"feasible range is \[4.0000, 10.0000\]"):
+        allocate_layer_bits(errors, shapes, [["q", "k", "v"]], 16, 3.0)
+    with pytest.raises(ConfigError, match="not targets"):
+        allocate_layer_bits(errors, shapes, [["q", "x"]], 16, 5.0)
+
+
+def test_rounding_error_is_the_activation_weighted_error_of_rounding():
+    torch.manual_seed(0)
+    w = torch.randn(12, 40)
+    x = torch.randn(200, 40) * torch.linspace(0.1, 3.0, 40)
+    gram = x.T.double() @ x.double() / 200
+    previous = None
+    for bits in CHOICES:
+        wg = grouped(w, 16)
+        s, z = minmax(wg, bits, torch.float16, integer_zero=True)
+        q = fake_quant(wg, s, z, bits).reshape(12, -1)[:, :40]
+        per_token = ((x @ (w - q).T).double().square().sum() / 200).item()  # mean squared output error per token
+        err = rounding_error(w, gram, bits, 16)
+        assert err == pytest.approx(per_token, rel=1e-6)
+        assert rounding_error(w, None, bits, 16) == pytest.approx(float((w - q).double().square().sum()), rel=1e-9)
+        if previous is not None:
+            assert err < previous
+        previous = err
+
+
+def _calibration(n=8, seqlen=32):
+    return torch.randint(3, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(3))
+
+
+def _mixed(avg_bits=5.0, method="gptq", choices=None, layers=2):
+    model = make_tiny("llama", layers=layers)
+    cfg = {"method": method, "avg_bits": avg_bits, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 32}}
+    if choices:
+        cfg["bit_choices"] = choices
+    return hf_compress.compress(model, cfg, calibration=_calibration(), progress=False)
+
+
+def _widths(model):
+    return {n: m.bits for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _stored(model):
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return sum(m.bits_per_weight * m.out_features * m.in_features for m in layers) / sum(
+        m.out_features * m.in_features for m in layers)
+
+
+def test_tiny_llama_meets_the_budget_with_fused_layers_sharing_a_width_and_round_trips(tmp_path):
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = _mixed(5.0)
+    widths = _widths(model)
+    assert len(widths) == 14 and len(set(widths.values())) > 1  # the budget is spread, not uniform
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert len({widths[p + f"self_attn.{x}_proj"] for x in "qkv"}) == 1
+        assert widths[p + "mlp.gate_proj"] == widths[p + "mlp.up_proj"]
+    assert 4.5 < _stored(model) <= 5.0  # g16: 2 bits of scales and zeros per weight on top of the codes
+    ref = output_of(model, ids)
+    model.save_pretrained(tmp_path / "ck")
+    stored = json.loads((tmp_path / "ck" / "config.json").read_text())["base_config"]["quantization_config"]
+    assert stored["avg_bits"] == 5.0 and stored["bit_choices"] == CHOICES and stored["bits"] is None
+    assert {n: r["bits"] for n, r in stored["modules"].items()} == widths  # the chosen widths, per layer
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()
+    assert _widths(loaded) == widths
+    assert (output_of(loaded, ids) - ref).abs().max() <= 1e-6
+    from hf_compress.hub.card import write_model_card
+
+    card = write_model_card(model, tmp_path / "ck").read_text()
+    counts = {b: list(widths.values()).count(b) for b in sorted(set(widths.values()))}
+    assert ("bit widths per layer (" + ", ".join(f"{n} layers at {b}-bit" for b, n in counts.items())
+            + "; chosen from [2, 3, 4, 8] under a budget of 5 bits per weight as stored") in card
+
+
+def test_more_budget_never_gives_a_layer_fewer_bits():
+    low, high = _widths(_mixed(4.5)), _widths(_mixed(5.5))
+    assert all(high[n] >= low[n] for n in low) and high != low
+
+
+def test_choices_restrict_the_widths_and_rtn_works_too():
+    model = _mixed(4.5, method="rtn", choices=[2, 4])
+    assert set(_widths(model).values()) <= {2, 4}
+    assert _stored(model) <= 4.5
+
+
+def test_mixed_model_exports_to_compressed_tensors(tmp_path):
+    from hf_compress.export import export
+
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = _mixed(5.0)
+    ref = output_of(model, ids)
+    export(model, tmp_path / "ct")
+    q = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert sorted(g["weights"]["num_bits"] for g in q["config_groups"].values()) == sorted(set(_widths(model).values()))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    assert (output_of(loaded, ids) - ref).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"method": "gptq", "bits": 3, "avg_bits": 3.0}, "either bits .* or avg_bits"),
+    ({"method": "gptq", "bits": 3, "bit_choices": [2, 4]}, "bit_choices .* give it with avg_bits"),
+    ({"method": "gptq", "avg_bits": 3.0, "bit_choices": [2, 5]}, "bit_choices must be"),
+    ({"method": "gptq", "avg_bits": 3.0, "bit_choices": []}, "bit_choices must be"),
+    ({"method": "gptq", "avg_bits": -1}, "avg_bits must be a positive number"),
+    ({"method": "gptq", "avg_bits": "3"}, "avg_bits must be a positive number"),
+    ({"method": "svd", "ratio": 0.3, "avg_bits": 3.0}, "use it with rtn, hqq or gptq"),
+    ({"method": "rtn", "avg_bits": 3.0, "expert_bits": [2, 3]}, "drop expert_bits"),
+    ({"method": "gptq"}, "give bits .* or avg_bits"),
+])
+def test_bad_configs_are_refused(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        hf_compress.CompressionConfig(**cfg)
+
+
+def test_infeasible_budget_and_missing_calibration_are_refused():
+    model = make_tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        hf_compress.compress(model, {"method": "rtn", "avg_bits": 5.0, "group_size": 16}, progress=False)
+    with pytest.raises(ConfigError, match=r"avg_bits 3 cannot be met .* feasible range is \[4.0000, 10.0000\]"):
+        hf_compress.compress(model, {"method": "rtn", "avg_bits": 3.0, "group_size": 16,
+                                     "calibration": {"nsamples": 8, "seqlen": 32}},
+                             calibration=_calibration(), progress=False)
+    assert not _widths(model)  # nothing was replaced
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_flags_give_the_config():
+    from hf_compress import cli
+
+    args = cli.build_parser().parse_args(["compress", "m", "-o", "out", "--method", "gptq", "--avg-bits", "3",
+                                          "--bit-choices", "4", "2", "--group-size", "64", "--calib", "f.txt"])
+    config = cli._config_from_args(args)
+    assert (config.avg_bits, config.bit_choices, config.bits, config.group_size) == (3.0, [2, 4], None, 64)
+
+
+def test_compress_on_load_is_refused(tmp_path):
+    make_tiny("llama").save_pretrained(tmp_path / "dense")
+    with pytest.raises(Exception, match="needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=hf_compress.CompressionConfig(
+            method="rtn", avg_bits=5.0, group_size=16))
+
+
+def test_interrupted_run_resumes_with_the_same_widths(tmp_path, monkeypatch):
+    """Killed (an exception) in block 1 once block 0 is committed: the resumed run takes the widths from the
+    checkpoint (no second sensitivity pass) and ends bit-identical to an uninterrupted run."""
+    from hf_compress.pipelines import sequential
+
+    cfg = {"method": "gptq", "avg_bits": 5.0, "group_size": 16, "calibration": {"nsamples": 8, "seqlen": 32}}
+    full = hf_compress.compress(make_tiny("llama", layers=3), dict(cfg), calibration=_calibration(), progress=False)
+    ckpt = tmp_path / "ckpt"
+    model = make_tiny("llama", layers=3)
+
+    def stop(module, args):
+        state = ckpt / "state.json"
+        if state.is_file() and json.loads(state.read_text())["done"] >= 1:
+            raise KeyboardInterrupt
+
+    handle = model.model.layers[1].register_forward_pre_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        hf_compress.compress(model, dict(cfg), calibration=_calibration(), progress=False, checkpoint_dir=ckpt,
+                             checkpoint_every=0)
+    handle.remove()
+    assert json.loads((ckpt / "state.json").read_text())["done"] == 1
+
+    def no_sensitivity(*args, **kwargs):
+        raise AssertionError("the widths are in the checkpoint")
+
+    monkeypatch.setattr(sequential, "output_sensitivity", no_sensitivity)
+    resumed = hf_compress.compress(make_tiny("llama", layers=3), dict(cfg), calibration=_calibration(),
+                                   progress=False, checkpoint_dir=ckpt)
+    assert _widths(resumed) == _widths(full) and len(set(_widths(full).values())) > 1
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_model_exports_to_gguf(tmp_path, tiny_tokenizer, monkeypatch):
+    """Each layer is exported by its own width (here no layer has a GGUF grid at group 16: every one is written
+    dense, and the file computes what the model does, compared with the fp32 reference kernels)."""
+    from hf_compress.export import export
+    from hf_compress.kernels import dispatch
+
+    monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
+    dispatch.kernel_mode.cache_clear()
+
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = _mixed(5.0)
+    out = tmp_path / "m.gguf"
+    result = export(model, out, format="gguf", tokenizer=tiny_tokenizer)
+    rows = {r.source.removesuffix(".weight"): r for r in result.tensors}
+    assert all(rows[n].kind == "dense" for n in _widths(model))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
+    assert (output_of(loaded, ids) - output_of(model, ids)).abs().max() <= 1e-5
+    monkeypatch.undo()
+    dispatch.kernel_mode.cache_clear()
