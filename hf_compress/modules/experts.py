@@ -94,11 +94,19 @@ def _one_token(self: "CompressedExperts", hidden_states: torch.Tensor, top_k_ind
     then slot), each weighted output added to fp32 zeros as ``index_add_`` adds it, so the result is `_routed`'s
     bit for bit (an expert that a router picks twice for the token runs once per pick), without the one-hot mask,
     the gathers and the scatter."""
-    final = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     routes = sorted((e, pos) for pos, e in enumerate(top_k_index[0].tolist()) if e < self.num_experts)
+    final = weights = None
     for e, pos in routes:
         y = self.expert(e, hidden_states)
-        final.add_((y * top_k_weights[0, pos].to(y.dtype)).to(torch.float32))
+        if weights is None or weights[0] is not y.dtype:
+            # the routing weights as Python numbers, rounded to y's dtype first: y times one of them is y times the
+            # 0-d tensor `_routed` uses (one product in the op's fp32 arithmetic, rounded to y's dtype)
+            weights = (y.dtype, top_k_weights[0].to(y.dtype).tolist())
+        part = (y * weights[1][pos]).to(torch.float32)
+        # the first part stands for fp32 zeros plus it (equal; a -0.0 alone would read +0.0 there)
+        final = part if final is None else final.add_(part)
+    if final is None:
+        return torch.zeros_like(hidden_states)
     return final.to(hidden_states.dtype)
 
 
