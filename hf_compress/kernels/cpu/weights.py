@@ -454,11 +454,12 @@ def decoder(pack: Int4Pack):
 
     if plain:
         def run(x, bias=None, u=None, v=None):
-            x2 = x.reshape(-1, k)
+            flat = x.dim() == 2  # rows already (the experts' input): no reshape, no view back
+            x2 = x if flat else x.reshape(-1, k)
             y = op(x2.bfloat16().contiguous(), weight, group, scales_zeros)
             if u is None and bias is None:
                 y = y.float() if x.dtype is torch.float32 else y.to(x.dtype)
-                return y.view(*x.shape[:-1], n)
+                return y if flat else y.view(*x.shape[:-1], n)
             return _finish(y, x, x2, n, bias, u, v)
     else:
         def run(x, bias=None, u=None, v=None):
