@@ -122,7 +122,12 @@ class CompressedExpertsInterface(ExpertsInterface):
     _global_mapping = {"hf_compress": compressed_experts_forward}
 
     def get_interface(self, experts_implementation, default):
-        return self.get(experts_implementation, None) or self.get("hf_compress")
+        # asked at every forward: membership tests, not `get` (a KeyError raised and caught for "eager")
+        for key in (experts_implementation, "hf_compress"):
+            if key in self._local_mapping:
+                return self._local_mapping[key]
+            if key in self._global_mapping:
+                return self._global_mapping[key]
 
 
 COMPRESSED_EXPERTS_FUNCTIONS = CompressedExpertsInterface()
