@@ -91,9 +91,9 @@ def _routed(self: "CompressedExperts", hidden_states: torch.Tensor, top_k_index:
 def _one_token(self: "CompressedExperts", hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor) -> torch.Tensor:
     """`compressed_experts_forward` for one token: its routed experts in the order `_routed` adds them (expert,
-    then slot), each weighted output added to fp32 zeros as ``index_add_`` adds it, so the result is `_routed`'s
-    bit for bit (an expert that a router picks twice for the token runs once per pick), without the one-hot mask,
-    the gathers and the scatter."""
+    then slot), the weighted outputs summed in fp32 in that order as ``index_add_`` sums them (from the first one,
+    not from zeros: the same values), so the result is `_routed`'s bit for bit (an expert that a router picks twice
+    for the token runs once per pick), without the one-hot mask, the gathers and the scatter."""
     # (each tensor op costs a few us at one token, a third of the experts' time: none here that changes nothing)
     routes = sorted((e, pos) for pos, e in enumerate(top_k_index.tolist()[0]) if e < self.num_experts)
     final = weights = None
