@@ -435,13 +435,16 @@ def test_a_checkpoint_missing_one_experts_tensor_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_token_path_is_the_routed_path_bit_for_bit(arch, dtype, monkeypatch):
+@pytest.mark.parametrize("group_size", [16, 32], ids=["g16-reference", "g32-cpu-kernel"])
+def test_one_token_path_is_the_routed_path_bit_for_bit(arch, dtype, group_size, monkeypatch):
     """A batch-1 decode step (one token) skips the routing masks (`_one_token`); its output is the general path's
-    (`_routed`) exactly, for dense and compressed experts, fp32 and bf16."""
+    (`_routed`) exactly, for dense and compressed experts, fp32 and bf16, on the reference kernel (g16) and the CPU
+    kernel's decode path (g32)."""
     from hf_compress.modules import experts as experts_module
 
     model = tiny_moe(arch).to(dtype)
-    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16, "skip": ["layers.1"]}, progress=False)
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": group_size, "skip": ["layers.1"]},
+                         progress=False)
     split_experts(model)  # layer 1's experts as dense per-expert slots
     used = []
     monkeypatch.setattr(experts_module, "_one_token",
@@ -460,3 +463,5 @@ def test_one_token_path_is_the_routed_path_bit_for_bit(arch, dtype, monkeypatch)
                 ref = experts_module._routed(module, x, index, weights)
             assert torch.equal(fast, ref)
     assert len(used) == 4 * len(modules)
+    if group_size == 32 and arch != "deepseek_v3":  # the compressed experts ran the CPU kernel's decode path
+        assert any("decode" in m._kernel_cache for m in model.modules() if isinstance(m, QuantLinear))

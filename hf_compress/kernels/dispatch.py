@@ -74,10 +74,15 @@ def triton_available() -> bool:
     return _triton() is not None
 
 
+#: bumped by `refresh_backend`: a `decode_path` made before answers stale
+_GENERATION = [0]
+
+
 def refresh_backend() -> str:
     """Forget the cached choice and Triton import, re-read ``HF_COMPRESS_KERNELS``; returns the new mode."""
     kernel_mode.cache_clear()
     _triton.cache_clear()
+    _GENERATION[0] += 1
     return kernel_mode()
 
 
@@ -189,6 +194,38 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
         return _run(kernel, ref, x, bias, u, v)
     return reference.quant_linear(x, qweight, scales, zeros, bits, group_size, in_features, bias, u, v)
+
+
+def decode_path(x: torch.Tensor, buffers: dict, bits: int, group_size: int, in_features: int, cache: dict):
+    """The CPU kernel's decode path for a layer whose packed buffers ``buffers`` holds (``qweight``, ``scales``,
+    ``zeros``: a module's ``_buffers``), resolved once for inputs like ``x``: ``(fits, run)``, or None where
+    `quant_linear` would not run the CPU kernel for ``x`` (another backend, a group size the kernel cannot take).
+    It is kept in ``cache`` beside the pack (dropped with it) and gives the same result as `quant_linear` bit for bit.
+
+    ``fits(buffers, x)``: True when ``run(x, bias, u, v)`` may serve the call (decode-sized ``x`` on the CPU with
+    the layer's K: `cpu.decoder`); False when ``x`` is not such an input (the general path serves it, the decode
+    path stays); None when the path is stale: a buffer replaced, changed in place or given other data (as
+    `kernels.cache.reuse` sees it: ``.to()``, loading a state dict, a new quantization) or the backend re-read
+    (`refresh_backend`). The caller runs neither path under autograd (no backward of its own) and passes ``bias``,
+    ``u`` and ``v`` as they are at the call."""
+    if backend_for(x) != "cpu" or not cpu.supports(bits, group_size):
+        return None
+    q, s, z = buffers["qweight"], buffers["scales"], buffers["zeros"]
+    run = cpu.decoder(cpu_pack(cache, q, s, z, bits, group_size, in_features))
+    generation, limit, k = _GENERATION[0], run.rows * in_features, in_features
+    qp, sp, zp = q.data_ptr(), s.data_ptr(), z.data_ptr()
+    qv, sv, zv = (None if t.is_inference() else t._version for t in (q, s, z))
+
+    def fits(buffers: dict, x: torch.Tensor):
+        if (buffers["qweight"] is not q or buffers["scales"] is not s or buffers["zeros"] is not z
+                or _GENERATION[0] != generation or q.data_ptr() != qp or s.data_ptr() != sp or z.data_ptr() != zp
+                or (qv is not None and q._version != qv) or (sv is not None and s._version != sv)
+                or (zv is not None and z._version != zv)):
+            return None
+        return x.is_cpu and x.shape[-1] == k and x.numel() < limit
+
+    cache["decode"] = (fits, run)
+    return fits, run
 
 
 # ----------------------------------------------------------------------------------------------- KV cache

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels import SCALE_DTYPES, SUPPORTED_BITS, dequantize, packed_words, quant_linear, reuse
+from ..kernels.dispatch import decode_path
 from .base import CompressedModule, LowRankPath
 from .lowrank import SOURCES, dense_module
 
@@ -224,9 +225,20 @@ class QuantLinear(CompressedModule, LowRankPath):
                      lambda: tuple(t.contiguous() for t in self.factors(dtype)), key=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the decode path (`kernels.dispatch.decode_path`): resolved once, checked at every call, outside autograd
+        fast = None if torch.is_grad_enabled() or self.factor_bits else self._kernel_cache.get("decode")
+        if fast is not None:
+            fits = fast[0](self._buffers, x)
+            if fits:
+                return fast[1](x, self.bias, self.U, self.V)
+            if fits is None:  # stale: dropped, remade below
+                self._kernel_cache.pop("decode", None)
         u, v = self._runtime_factors(x.dtype)
-        return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
-                            self.bias, u, v, cache=self._kernel_cache)
+        y = quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
+                         self.bias, u, v, cache=self._kernel_cache)
+        if not (torch.is_grad_enabled() or self.factor_bits or "decode" in self._kernel_cache):
+            decode_path(x, self._buffers, self.bits, self.group_size, self.in_features, self._kernel_cache)
+        return y
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """dequant(Q) [out, in] (without the low-rank term)."""

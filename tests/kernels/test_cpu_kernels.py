@@ -603,3 +603,150 @@ print("ok", rows)
 '''
     run = run_python(code, env={"ATEN_CPU_CAPABILITY": "avx2"})
     assert run.stdout.strip().startswith("ok"), run.stdout + run.stderr
+
+
+# ----------------------------------------------------------------------------------------------- decode path
+def _quant_layer(n, k, bits, g, bias=False, rank=0, seed=0):
+    from hf_compress.modules import QuantLinear
+
+    qw, s, z = _layer(n, k, bits, g, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    b = torch.randn(n, generator=gen) if bias else None
+    u, v = (torch.randn(n, rank, generator=gen) / 4, torch.randn(rank, k, generator=gen) / 4) if rank else (None, None)
+    return QuantLinear.from_codes(qw, s, z, bits, g, k, bias=b, u=u, v=v).eval()
+
+
+def _general_calls(monkeypatch):
+    """Count the calls that go through the general kernel dispatch (`kernels.quant_linear`) from a QuantLinear."""
+    from hf_compress.modules import quant
+
+    calls = []
+    monkeypatch.setattr(quant, "quant_linear", lambda *a, _f=quant.quant_linear, **kw: calls.append(1) or _f(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k,g,bias,rank", [(384, 576, 64, False, 0), (17, 300, 64, True, 0), (24, 40, 32, True, 3),
+                                             (40, 200, 96, False, 2)],
+                         ids=["expert-shape", "pad-K-cut-N+bias", "bias+eora", "g96+eora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (2, 1), (3,)], ids=["1row", "1x1", "2x1", "3rows"])
+def test_decode_path_equals_the_general_path(monkeypatch, bits, n, k, g, bias, rank, dtype, shape):
+    """Decode-sized calls (fewer than MIN_PREFILL_ROWS rows) of a QuantLinear take the decode path (resolved once:
+    `dispatch.decode_path`, `cpu.decoder`) after the first call; its output is the general path's bit for bit
+    (`cpu.quant_linear` on the layer's pack) and the reference's within TOL."""
+    layer = _quant_layer(n, k, bits, g, bias, rank).to(dtype)
+    calls = _general_calls(monkeypatch)
+    x = torch.randn(*shape, k, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.no_grad():
+        first = layer(x)
+        assert calls == [1] and "decode" in layer._kernel_cache
+        outs = [layer(x) for _ in range(2)]
+        assert calls == [1], "the decode path did not serve the later calls"
+        general = cpu.quant_linear(x, layer._kernel_cache["pack"], layer.bias, layer.U, layer.V)
+        ref = reference.quant_linear(x, layer.qweight, layer.scales, layer.zeros, bits, g, k, layer.bias, layer.U,
+                                     layer.V)
+    for y in (first, *outs):
+        assert y.dtype == dtype and y.shape == (*shape, n)
+        assert torch.equal(y, general)
+    assert _rel(outs[0], ref) < TOL
+
+
+def test_decode_path_rows_limit_and_grad_take_the_general_path(monkeypatch):
+    """Prefill-sized inputs, another K (an error, as before) and autograd never take the decode path."""
+    layer = _quant_layer(64, 128, 4, 32)
+    calls = _general_calls(monkeypatch)
+    with torch.no_grad():
+        layer(torch.randn(1, 128))
+        many = torch.randn(cpu.MIN_PREFILL_ROWS, 128)
+        y = layer(many)
+        assert len(calls) == 2 and torch.equal(y, cpu.quant_linear(many, layer._kernel_cache["pack"]))
+        with pytest.raises(ValueError, match="input has 100 features, the layer 128"):
+            layer(torch.randn(1, 100))
+    xg = torch.randn(1, 128, requires_grad=True)
+    y = layer(xg)
+    (gx,) = torch.autograd.grad(y.sum(), xg)
+    torch.testing.assert_close(gx, reference.dequantize(layer.qweight, layer.scales, layer.zeros, 4, 32, 128).sum(0)
+                               .view(1, -1))
+
+
+def test_decode_path_is_dropped_when_the_layer_changes(monkeypatch):
+    """The decode path is checked at every call: new codes in place (load_state_dict), ``.to(bfloat16)``, new
+    factors (EoRA / a merged LoRA: read at the call), another backend (`refresh_backend`) each give the general
+    path's result for the layer as it now is."""
+    layer = _quant_layer(48, 256, 4, 64, bias=True)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
+    calls = _general_calls(monkeypatch)
+
+    def general(layer, x):
+        return cpu.quant_linear(x, cpu.repack(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
+                                              layer.in_features), layer.bias, layer.U, layer.V)
+
+    with torch.no_grad():
+        y0 = layer(x)
+        layer(x)
+        assert len(calls) == 1
+        other = _quant_layer(48, 256, 4, 64, bias=True, seed=7)
+        layer.load_state_dict(other.state_dict())  # in place: same tensors, new versions
+        y1 = layer(x)
+        assert len(calls) == 2 and not torch.equal(y0, y1) and torch.equal(y1, general(other, x))
+        layer(x)
+        assert len(calls) == 2  # remade on the new codes
+        layer.to(torch.bfloat16)  # new scales / zeros tensors, bias data swapped
+        xb = x.bfloat16()
+        yb = layer(xb)
+        assert len(calls) == 3 and yb.dtype == torch.bfloat16 and torch.equal(yb, general(layer, xb))
+        layer.to(torch.float32)
+        layer(x)
+        without = general(layer, x)
+        gen = torch.Generator().manual_seed(2)
+        layer.set_factors(torch.randn(48, 2, generator=gen), torch.randn(2, 256, generator=gen))
+        yf = layer(x)  # factors are read at the call: the decode path serves it
+        assert len(calls) == 4 and torch.equal(yf, general(layer, x))
+        assert _rel(yf - without, (x @ layer.V.T) @ layer.U.T) < 1e-5
+        monkeypatch.setenv("HF_COMPRESS_KERNELS", "torch")
+        dispatch.refresh_backend()
+        yt = layer(x)
+        assert len(calls) == 5 and "decode" not in layer._kernel_cache
+        assert torch.equal(yt, reference.quant_linear(x, layer.qweight, layer.scales, layer.zeros, 4, 64, 256,
+                                                      layer.bias, layer.U, layer.V))
+
+
+def test_decode_path_under_peft_lora_and_after_dequantize(ids):
+    """A model whose layers already hold decode paths, then wrapped by PEFT LoRA: base + scaled BA; merged: the
+    merged layer's general path; `model.dequantize()`: dense layers computing the same weights."""
+    import hf_compress
+    from conftest import make_tiny
+    from peft import LoraConfig, get_peft_model
+
+    from hf_compress.integrations.peft import LoraCompressedLinear, target_module_names
+    from hf_compress.modules import QuantLinear
+
+    model = make_tiny("llama").eval()
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 32}, progress=False)
+    step = ids[:1, :1]
+    with torch.no_grad():
+        before = model(input_ids=step).logits
+        assert all("decode" in m._kernel_cache for m in model.modules() if isinstance(m, QuantLinear))
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_module_names(model),
+                                          init_lora_weights=False))
+    layer = next(m for n, m in pm.named_modules() if isinstance(m, LoraCompressedLinear) and n.endswith("o_proj"))
+    x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(4))
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    with torch.no_grad():
+        base = layer.get_base_layer()
+        assert torch.equal(base(x), cpu.quant_linear(x, base._kernel_cache["pack"]))
+        lora = layer(x)
+        torch.testing.assert_close(lora, base(x) + s * (x @ a.T) @ b.T, rtol=0, atol=1e-5)
+        pm.merge_adapter()
+        assert base.U is not None
+        merged = layer(x)
+        assert torch.equal(merged, cpu.quant_linear(x, base._kernel_cache["pack"], None, base.U, base.V))
+        torch.testing.assert_close(merged, lora, rtol=1e-4, atol=1e-5)
+        pm.unmerge_adapter()
+        assert base.U is None and torch.equal(base(x), cpu.quant_linear(x, base._kernel_cache["pack"]))
+        dense = pm.unload()
+        dense.dequantize()
+        assert not any(isinstance(m, QuantLinear) for m in dense.modules())
+        after = dense(input_ids=step).logits
+    assert _rel(after, before) < TOL

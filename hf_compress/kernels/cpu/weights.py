@@ -429,12 +429,44 @@ def quant_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None = No
         y = _dequantized_linear(x2, pack)
     else:
         y = _int4_linear(x2, pack)
+    return _finish(y, x, x2, pack.out_features, bias, u, v)
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, out_features: int, bias, u, v) -> torch.Tensor:
+    """The kernel's bf16 output [M, N] -> ``x.dtype``, plus the low-rank path and the bias, shaped as ``x``."""
     y = y.float() if x.dtype is torch.float32 else y.to(x.dtype)
     if u is not None:  # in the input's dtype: at one row an fp32 GEMV is faster on CPU than a bf16 one
         y = torch.addmm(y, F.linear(x2, v.to(x.dtype)), u.to(x.dtype).t())
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.view(*x.shape[:-1], pack.out_features)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def decoder(pack: Int4Pack):
+    """``run(x, bias, u, v)``: `quant_linear` on ``pack`` for decode-sized inputs (fewer than `MIN_PREFILL_ROWS`
+    rows, ``x`` [..., K] on the CPU; the caller checks both), with what `quant_linear` looks up per call resolved
+    once: the op, the pack's fields and, where K needs no padding and N no cut (no 8-bit halves), the input's
+    preparation reduced to its bf16 cast. Same arithmetic as `quant_linear`, so the same result bit for bit.
+    Also ``run.rows``: the decode-sized calls take fewer rows than this."""
+    op, weight, group, scales_zeros = _int4_mm(), pack.weight, pack.group, pack.scales_zeros
+    k, n = pack.in_features, pack.out_features
+    plain = pack.padded == k and pack.copies == 1 and n % N_MULTIPLE == 0
+
+    if plain:
+        def run(x, bias=None, u=None, v=None):
+            flat = x.dim() == 2  # rows already (the experts' input): no reshape, no view back
+            x2 = x if flat else x.reshape(-1, k)
+            y = op(x2.bfloat16().contiguous(), weight, group, scales_zeros)
+            if u is None and bias is None:
+                y = y.float() if x.dtype is torch.float32 else y.to(x.dtype)
+                return y if flat else y.view(*x.shape[:-1], n)
+            return _finish(y, x, x2, n, bias, u, v)
+    else:
+        def run(x, bias=None, u=None, v=None):
+            x2 = x.reshape(-1, k)
+            return _finish(_int4_linear(x2, pack), x, x2, n, bias, u, v)
+    run.rows = MIN_PREFILL_ROWS
+    return run
 
 
 # ----------------------------------------------------------------------------------------------- low rank
