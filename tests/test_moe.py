@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -317,6 +318,33 @@ def test_moe_built_from_a_dense_model_computes_and_compresses_like_it(ids):
         rows = slice(32 * e, 32 * (e + 1))
         want = torch.cat([mlp.gate_proj.weight[rows], mlp.up_proj.weight[rows]])
         torch.testing.assert_close(experts.gate_up_proj[e].weight, want, rtol=0, atol=0)
+
+
+def test_sparse_moe_built_from_a_dense_model_sums_the_chosen_clusters(ids):
+    """benchmarks/moe_model.py's sparse construction (4 experts of 32 neurons, top-2): the router's top-2 weights are
+    1/2 within 1 % (scaled logits), so each block adds the chosen clusters' neurons of the dense MLP (down x 2 x 1/2),
+    the MoEfication approximation; with top-k = E it would be the dense MLP itself."""
+    dense = _dense_llama()
+    moe = _moe_builder()(dense, 4, 2, calibration_ids())
+    assert moe.config.num_experts_per_tok == 2
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(3))
+    for layer_d, layer_m in zip(dense.model.layers, moe.model.layers):
+        with torch.no_grad():
+            _, weights, index = layer_m.mlp.gate(x)
+            assert (2 * weights - 1).abs().max() < 0.01
+            out = layer_m.mlp(x[None])[0]
+            experts = layer_m.mlp.experts
+            want = torch.zeros_like(out)
+            for t in range(x.shape[0]):
+                for e in index[t].tolist():
+                    gate, up = F.linear(x[t], experts.gate_up_proj[e]).chunk(2)
+                    want[t] += F.linear(F.silu(gate) * up, experts.down_proj[e]) / 2
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+        # the experts are the dense MLP's neurons: all E clusters together give the dense MLP's output
+        with torch.no_grad():
+            total = sum(F.linear(F.silu(g) * u, experts.down_proj[e]) / 2
+                        for e in range(4) for g, u in [F.linear(x, experts.gate_up_proj[e]).chunk(2, -1)])
+            torch.testing.assert_close(total, layer_d.mlp(x), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- offload, resume
