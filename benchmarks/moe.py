@@ -284,10 +284,15 @@ def run_quality(args) -> list[dict]:
 ALLOC_ROWS = [  # (setting, config): uniform widths against per-expert widths from routing statistics, same budget
     ("fp32", None),
     ("rtn 3-bit g64", {"method": "rtn", "bits": 3, "group_size": 64}),
-    ("rtn expert_bits [2,3,4], budget 3", {"method": "rtn", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4]}),
+    ("rtn expert_bits [2,3,4] by usage", {"method": "rtn", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                          "expert_bits_by": "usage"}),
+    ("rtn expert_bits [2,3,4] by error", {"method": "rtn", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                          "expert_bits_by": "error"}),
     ("gptq 3-bit g64", {"method": "gptq", "bits": 3, "group_size": 64}),
-    ("gptq expert_bits [2,3,4], budget 3", {"method": "gptq", "bits": 3, "group_size": 64,
-                                            "expert_bits": [2, 3, 4]}),
+    ("gptq expert_bits [2,3,4] by usage", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                           "expert_bits_by": "usage"}),
+    ("gptq expert_bits [2,3,4] by error", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                           "expert_bits_by": "error"}),
 ]
 
 

@@ -159,8 +159,8 @@ def allocate_energy(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[in
     return solve(hi)[0]
 
 
-def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices: list[int], budget: float
-                         ) -> dict[str, int]:
+def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices: list[int], budget: float,
+                         errors: dict[str, dict[int, float]] | None = None) -> dict[str, int]:
     """One bit width per expert layer under one budget: the parameter-weighted mean of the widths is at most
     ``budget`` (bits per weight).
 
@@ -168,7 +168,10 @@ def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices
     proportional to 4^-b, weighted by how often the router uses the layer (``usage``: the share of routed tokens).
     Starting from the smallest width for every layer, the greedy step upgrades the layer with the largest error
     reduction per added bit (usage · (4^-b - 4^-b') / (size · (b' - b))) while the budget allows; ties go to the
-    earlier layer, so the result is deterministic. A layer the router never used stays at the smallest width."""
+    earlier layer, so the result is deterministic. A layer the router never used stays at the smallest width.
+
+    ``errors`` ({name: {width: error}}, `hf_compress.statistics.expert_errors`): the measured error of each layer at
+    each width replaces ``usage · 4^-b`` (the gain of an upgrade is the measured drop per added bit)."""
     choices = sorted(choices)
     bits = {n: choices[0] for n in usage}
     total = sum(sizes[n] for n in usage)
@@ -185,7 +188,10 @@ def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices
             cost = sizes[n] * (nb - b)
             if spent + cost > limit:
                 continue
-            gain = usage[n] * (4.0 ** -b - 4.0 ** -nb) / cost
+            if errors is not None:
+                gain = (errors[n][b] - errors[n][nb]) / cost
+            else:
+                gain = usage[n] * (4.0 ** -b - 4.0 ** -nb) / cost
             if gain > best_gain:
                 best, best_gain = n, gain
         if best is None:

@@ -24,6 +24,9 @@ CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 
 CALIBRATION_OPTIONAL = {"experts": "routed"}
 #: whose statistics a mixture-of-experts expert is fitted on: the tokens routed to it, or every token
 EXPERT_CALIBRATION = ("routed", "all")
+#: what ``expert_bits`` allocates by: each expert layer's measured output error at each width, or its share of routed
+#: tokens under the 4^-b rounding model (`hf_compress.allocation.allocate_expert_bits`)
+EXPERT_BITS_BY = ("error", "usage")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -78,6 +81,9 @@ class CompressionConfig(QuantizationConfigMixin):
             expert weight. Each expert's width comes from one global allocation over the experts of every block by
             routing statistics on the calibration data (`hf_compress.allocation.allocate_expert_bits`: experts the
             router uses more get more bits). Needs calibration data; other layers keep ``bits``.
+        expert_bits_by: what the allocation weighs: ``"error"`` (default), each expert layer's measured output error
+            at each width on the tokens routed to it, weighted by the routing weights (`hf_compress.statistics.
+            expert_errors`); ``"usage"``, each expert's share of routed tokens times 4^-b.
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
         rotate: incoherence processing before any weight method (`hf_compress.transforms.rotation`; Llama-architecture
             decoders: llama, qwen2, mistral): every RMSNorm weight is folded into the layers that read it and the
@@ -122,6 +128,7 @@ class CompressionConfig(QuantizationConfigMixin):
         quantizer: str | None = None,
         scale_dtype: str = "float16",
         expert_bits: list[int] | None = None,
+        expert_bits_by: str = "error",
         rotate: str | None = None,
         rotate_seed: int = 0,
         rotate_heads: bool = False,
@@ -159,6 +166,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.quantizer = quantizer
         self.scale_dtype = scale_dtype
         self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
+        self.expert_bits_by = expert_bits_by
         self.rotate = rotate
         self.rotate_seed = rotate_seed
         self.rotate_heads = rotate_heads
@@ -287,6 +295,8 @@ class CompressionConfig(QuantizationConfigMixin):
                 raise ConfigError("expert_bits allocates quantization bit widths: use it with rtn, hqq or gptq")
             if any(isinstance(b, bool) or b not in SUPPORTED_BITS for b in self.expert_bits):
                 raise ConfigError(f"expert_bits must be bit widths among {SUPPORTED_BITS}, got {self.expert_bits!r}")
+            if self.expert_bits_by not in EXPERT_BITS_BY:
+                raise ConfigError(f"expert_bits_by must be one of {EXPERT_BITS_BY}, got {self.expert_bits_by!r}")
             if not self.expert_bits[0] <= self.bits <= self.expert_bits[-1]:
                 raise ConfigError(f"bits ({self.bits}) is the experts' average budget: it must lie within "
                                   f"expert_bits {self.expert_bits}")
@@ -321,7 +331,8 @@ class CompressionConfig(QuantizationConfigMixin):
             "eora_factor_group_size": self.eora_factor_group_size,
             "quantizer": self.quantizer,
             "scale_dtype": self.scale_dtype,
-            **({"expert_bits": list(self.expert_bits)} if self.expert_bits else {}),  # stored when used
+            **({"expert_bits": list(self.expert_bits), "expert_bits_by": self.expert_bits_by}
+               if self.expert_bits else {}),  # stored when used
             **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
             **({"rotate_heads": True} if self.rotate_heads else {}),
             "modules": copy.deepcopy(self.modules),
