@@ -84,6 +84,10 @@ class CompressionConfig(QuantizationConfigMixin):
         expert_bits_by: what the allocation weighs: ``"error"`` (default), each expert layer's measured output error
             at each width on the tokens routed to it, weighted by the routing weights (`hf_compress.statistics.
             expert_errors`); ``"usage"``, each expert's share of routed tokens times 4^-b.
+        expert_prune: mixture-of-experts models: the fraction of each block's experts to remove before compressing,
+            the least important by routing weight x output norm on the calibration tokens
+            (`hf_compress.transforms.expert_pruning`); the model keeps its class with fewer experts (its config's
+            expert count is updated), so the checkpoint loads with ``from_pretrained``. Needs calibration data.
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
         rotate: incoherence processing before any weight method (`hf_compress.transforms.rotation`; Llama-architecture
             decoders: llama, qwen2, mistral): every RMSNorm weight is folded into the layers that read it and the
@@ -129,6 +133,8 @@ class CompressionConfig(QuantizationConfigMixin):
         scale_dtype: str = "float16",
         expert_bits: list[int] | None = None,
         expert_bits_by: str = "error",
+        expert_prune: float | None = None,
+        pruned_experts: dict[str, Any] | None = None,
         rotate: str | None = None,
         rotate_seed: int = 0,
         rotate_heads: bool = False,
@@ -167,6 +173,9 @@ class CompressionConfig(QuantizationConfigMixin):
         self.scale_dtype = scale_dtype
         self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
         self.expert_bits_by = expert_bits_by
+        self.expert_prune = expert_prune
+        #: what ``expert_prune`` removed (set by `compress`): {"experts": [E, E'], "parameters": n, "dropped": {block: [...]}}
+        self.pruned_experts = pruned_experts
         self.rotate = rotate
         self.rotate_seed = rotate_seed
         self.rotate_heads = rotate_heads
@@ -300,6 +309,11 @@ class CompressionConfig(QuantizationConfigMixin):
             if not self.expert_bits[0] <= self.bits <= self.expert_bits[-1]:
                 raise ConfigError(f"bits ({self.bits}) is the experts' average budget: it must lie within "
                                   f"expert_bits {self.expert_bits}")
+        if self.expert_prune is not None and (isinstance(self.expert_prune, bool)
+                                              or not isinstance(self.expert_prune, (int, float))
+                                              or not 0.0 < self.expert_prune < 1.0):
+            raise ConfigError(f"expert_prune is the fraction of each block's experts to remove: it must lie strictly "
+                              f"between 0 and 1, got {self.expert_prune!r}")
         if self.scale_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"scale_dtype must be 'float16' or 'bfloat16', got {self.scale_dtype!r}")
 
@@ -333,6 +347,8 @@ class CompressionConfig(QuantizationConfigMixin):
             "scale_dtype": self.scale_dtype,
             **({"expert_bits": list(self.expert_bits), "expert_bits_by": self.expert_bits_by}
                if self.expert_bits else {}),  # stored when used
+            **({"expert_prune": self.expert_prune, "pruned_experts": copy.deepcopy(self.pruned_experts)}
+               if self.expert_prune else {}),
             **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
             **({"rotate_heads": True} if self.rotate_heads else {}),
             "modules": copy.deepcopy(self.modules),

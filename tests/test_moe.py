@@ -533,3 +533,81 @@ def test_one_token_path_is_the_routed_path_bit_for_bit(arch, dtype, monkeypatch)
                 ref = experts_module._routed(module, x, index, weights)
             assert torch.equal(fast, ref)
     assert len(used) == 4 * len(modules)
+
+
+# ----------------------------------------------------------------------------------------------- expert pruning
+def _masked_block(block, x, kept, norm_topk):
+    """Reference: the ORIGINAL block with the dropped experts' router logits at -inf (softmax over the kept experts,
+    top-k among them, renormalised when the model does), their outputs summed by routing weight."""
+    from hf_compress.transforms.expert_pruning import _native_expert
+
+    logits = F.linear(x, block.gate.weight).float()
+    mask = torch.full_like(logits, float("-inf"))
+    mask[:, kept] = 0
+    probs = torch.softmax(logits + mask, dim=-1)
+    top, index = probs.topk(block.gate.top_k, dim=-1)
+    if norm_topk:
+        top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, e in zip(top[t].tolist(), index[t].tolist()):
+            assert e in kept
+            out[t] += w * _native_expert(block.experts, e, x[t:t + 1])[0]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_expert_prune_removes_the_least_important_experts_and_routes_among_the_rest(arch, tmp_path):
+    from hf_compress.transforms.expert_pruning import expert_importance, prune_experts
+
+    model = tiny_moe(arch)
+    original = copy.deepcopy(model)
+    cal = calibration_ids()
+    scores = expert_importance(original, [cal])
+    report = prune_experts(model, 0.25, [cal])
+    assert report["experts"] == (8, 6)
+    count = "num_experts" if arch == "qwen3_moe" else "num_local_experts"
+    assert getattr(model.config, count) == 6
+    x = torch.randn(40, 48, generator=torch.Generator().manual_seed(4))
+    for i, (orig, pruned) in enumerate(zip(original.model.layers, model.model.layers)):
+        name = f"model.layers.{i}.mlp"
+        kept, dropped = report["kept"][name], report["dropped"][name]
+        assert len(dropped) == 2 and min(scores[name][kept]) >= max(scores[name][dropped])
+        assert pruned.mlp.experts.gate_up_proj.shape[0] == 6 and pruned.mlp.gate.weight.shape[0] == 6
+        with torch.no_grad():
+            _, _, index = pruned.mlp.gate(x)
+            assert int(index.max()) < 6
+            want = _masked_block(orig.mlp, x, kept, arch == "mixtral" or original.config.norm_topk_prob)
+            torch.testing.assert_close(pruned.mlp(x[None])[0], want, rtol=1e-5, atol=1e-6)
+    # compress with it: stored, reported, reloads into the native class with 6 experts
+    model = tiny_moe(arch)
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16, "expert_prune": 0.25,
+                                 "calibration": {"nsamples": 8, "seqlen": 32}}, calibration=cal, progress=False)
+    per_expert = sum(p.numel() for p in original.model.layers[0].mlp.experts.parameters()) // 8 + 48
+    removed = 2 * per_expert * 2  # 2 experts (and their router rows) in each of 2 blocks
+    record = model.config.quantization_config.pruned_experts
+    assert record["parameters"] == removed and record["experts"] == [8, 6]
+    coverage = hf_compress.coverage_report(model)
+    assert coverage.pruned == removed and "experts pruned" in coverage.format_table()
+    assert coverage.total == sum(p.numel() for p in original.parameters()) - removed
+    assert coverage["experts"].fraction == 1.0
+    ids = cal[:2, :10]
+    out = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(original) and getattr(loaded.config, count) == 6
+    torch.testing.assert_close(logits(loaded, ids), out, rtol=0, atol=0)
+    assert hf_compress.coverage_report(loaded).pruned == removed
+
+
+def test_expert_prune_refuses_what_it_cannot_do():
+    from hf_compress.transforms.expert_pruning import prune_experts
+
+    with pytest.raises(hf_compress.errors.ConfigError, match="strictly between 0 and 1"):
+        hf_compress.CompressionConfig(method="rtn", bits=4, expert_prune=1.0)
+    with pytest.raises(hf_compress.errors.ConfigError, match="needs calibration data"):
+        hf_compress.compress(tiny_moe("mixtral"), {"method": "rtn", "bits": 4, "expert_prune": 0.25}, progress=False)
+    with pytest.raises(hf_compress.errors.ConfigError, match="keep at least num_experts_per_tok"):
+        prune_experts(tiny_moe("mixtral"), 0.9, [calibration_ids()])
+    with pytest.raises(hf_compress.errors.ConfigError, match="no mixture-of-experts block"):
+        prune_experts(_dense_llama(), 0.25, [calibration_ids()])
