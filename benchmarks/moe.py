@@ -288,17 +288,20 @@ ALLOC_ROWS = [  # (setting, config): uniform widths against per-expert widths fr
                                           "expert_bits_by": "usage"}),
     ("rtn expert_bits [2,3,4] by error", {"method": "rtn", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
                                           "expert_bits_by": "error"}),
+    ("rtn 4-bit g64, expert_prune 0.25", {"method": "rtn", "bits": 4, "group_size": 64, "expert_prune": 0.25}),
     ("gptq 3-bit g64", {"method": "gptq", "bits": 3, "group_size": 64}),
     ("gptq expert_bits [2,3,4] by usage", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
                                            "expert_bits_by": "usage"}),
     ("gptq expert_bits [2,3,4] by error", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
                                            "expert_bits_by": "error"}),
+    ("gptq 4-bit g64, expert_prune 0.25", {"method": "gptq", "bits": 4, "group_size": 64, "expert_prune": 0.25}),
 ]
 
 
 def stored_bytes(model) -> dict:
     """Bytes of the tensors the checkpoint stores: the experts' layers alone and the whole model (tied tensors once),
-    and the experts' mean bits per weight (codes only)."""
+    and the experts' mean bits per weight (codes only) over the model's original expert weights (``EXPERTS`` per
+    block: experts removed by ``expert_prune`` count as 0 bits)."""
     from hf_compress.modules import compressed_modules
 
     seen, total, experts = set(), 0, 0
@@ -310,13 +313,16 @@ def stored_bytes(model) -> dict:
         experts += t.numel() * t.element_size() if ".experts." in name else 0
     layers = [m for n, m in compressed_modules(model).items() if ".experts." in n]
     weights = sum(m.in_features * m.out_features for m in layers)
-    bits = sum(m.bits * m.in_features * m.out_features for m in layers) / weights if weights else None
+    per_block = len(layers) // (2 * len(model.model.layers)) if layers else EXPERTS  # experts left per block
+    bits = (sum(m.bits * m.in_features * m.out_features for m in layers) / (weights * EXPERTS / per_block)
+            if weights else None)
     return {"expert MB": experts / 1e6, "model MB": total / 1e6, "expert bits": bits}
 
 
 def run_alloc(args) -> list[dict]:
-    """Uniform bit widths against ``expert_bits`` (per-expert widths from routing statistics) at the same budget, on
-    the top-``--top-k`` MoE: ppl, ppl / fp32 and the stored bytes."""
+    """Uniform bit widths against ``expert_bits`` (per-expert widths from routing statistics) at the same budget, and
+    ``expert_prune`` 0.25 (6 of 8 experts) at 4 bits (3 bits per original expert weight), on the top-``--top-k`` MoE:
+    ppl, ppl / fp32 and the stored bytes."""
     import torch
 
     rows, base = [], None
