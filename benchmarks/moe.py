@@ -290,11 +290,11 @@ ALLOC_ROWS = [  # (setting, config): uniform widths against per-expert widths fr
                                           "expert_bits_by": "error"}),
     ("rtn 4-bit g64, expert_prune 0.25", {"method": "rtn", "bits": 4, "group_size": 64, "expert_prune": 0.25}),
     ("gptq 3-bit g64", {"method": "gptq", "bits": 3, "group_size": 64}),
-    ("gptq expert_bits [2,3,4] by usage", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
-                                           "expert_bits_by": "usage"}),
     ("gptq expert_bits [2,3,4] by error", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
                                            "expert_bits_by": "error"}),
     ("gptq 4-bit g64, expert_prune 0.25", {"method": "gptq", "bits": 4, "group_size": 64, "expert_prune": 0.25}),
+    ("gptq expert_bits [2,3,4] by usage", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                           "expert_bits_by": "usage"}),
 ]
 
 
