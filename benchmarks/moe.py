@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py quality   # top-2 MoE vs dense: ppl ratios of rtn / gptq
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py quality --top-k 4 --moe-only    # the top-4 MoE's rows
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py alloc --top-k 4   # uniform vs expert_bits at one budget
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py router --eval-tokens 4096   # router scale, oracle
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py routing   # top-2 MoE: tokens per expert on the calibration set
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py split     # where a decode step goes (decode.py's checkpoints)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py calls     # one decode-sized call per layer shape
@@ -344,6 +345,56 @@ def run_alloc(args) -> list[dict]:
     return rows
 
 
+def run_router(args) -> list[dict]:
+    """The sparse MoE's router scale (``moe_model.ROUTER_SCALE``): ppl of the top-2 and top-4 models with the fitted
+    router unscaled (x 1, the builder before the scale: unequal top-k weights) and scaled (x ROUTER_SCALE: weights
+    1/k), and with an oracle choice (per token the k experts of largest output norm, weights 1/k): what a better
+    router could reach with these experts. The same experts in every row (``down_proj`` x k)."""
+    import types
+
+    import torch
+
+    model, tok = sparse_moe(Path(args.workdir), 2)
+    scale = moe_model_module().ROUTER_SCALE
+    fitted = [layer.mlp.gate.weight.detach().clone() / scale for layer in model.model.layers]
+    rows, k_now = [], 2
+
+    def oracle(self, hidden_states):
+        b, s, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)
+        ex = self.experts
+        outs = []
+        for e in range(ex.gate_up_proj.shape[0]):
+            g, u = torch.nn.functional.linear(x, ex.gate_up_proj[e]).chunk(2, -1)
+            outs.append(torch.nn.functional.linear(ex.act_fn(g) * u, ex.down_proj[e]) / self.top_k)
+        outs = torch.stack(outs, 1)
+        idx = outs.norm(dim=-1).topk(self.top_k, dim=-1).indices
+        return torch.gather(outs, 1, idx[..., None].expand(-1, -1, h)).sum(1).reshape(b, s, h)
+
+    for k in (2, 4):
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.top_k = layer.mlp.gate.top_k = k
+                layer.mlp.experts.down_proj.mul_(k / k_now)
+        k_now = k
+        for label, factor in (("fitted router x 1 (unequal weights)", 1.0),
+                              (f"fitted router x {scale} (weights 1/k)", scale)):
+            for layer, w in zip(model.model.layers, fitted):
+                layer.mlp.gate.weight.data = w * factor
+            rows.append({"model": f"MoE top-{k}", "routing": label, "ppl": ppl(model, tok, args.eval_tokens)})
+            print(json.dumps(rows[-1]), flush=True)
+        plain = {}
+        for layer in model.model.layers:
+            plain[layer] = layer.mlp.forward
+            layer.mlp.forward = types.MethodType(oracle, layer.mlp)
+        rows.append({"model": f"MoE top-{k}", "routing": "oracle: largest output norms (weights 1/k)",
+                     "ppl": ppl(model, tok, args.eval_tokens)})
+        print(json.dumps(rows[-1]), flush=True)
+        for layer, fwd in plain.items():
+            layer.mlp.forward = fwd
+    return rows
+
+
 def run_routing(args) -> list[dict]:
     import torch
 
@@ -522,7 +573,7 @@ def run_calls(args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=["exact", "quality", "alloc", "routing", "split", "calls"])
+    ap.add_argument("table", choices=["exact", "quality", "alloc", "router", "routing", "split", "calls"])
     ap.add_argument("--eval-tokens", type=int, default=32768, help="WikiText-2 tokens scored (0: no ppl in exact)")
     ap.add_argument("--settings", nargs="+", choices=list(EXACT_SETTINGS), default=list(EXACT_SETTINGS),
                     help="exact: the settings (rows) to run")
@@ -538,7 +589,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
-    rows = {"exact": run_exact, "quality": run_quality, "alloc": run_alloc, "routing": run_routing, "split": run_split,
+    rows = {"exact": run_exact, "quality": run_quality, "alloc": run_alloc, "router": run_router, "routing": run_routing, "split": run_split,
             "calls": run_calls}[args.table](args)
     threads = os.environ.get("OMP_NUM_THREADS", "?")
     if args.table == "exact":
@@ -554,6 +605,10 @@ def main() -> None:
         title = (f"\nTop-{args.top_k} MoE SmolLM2: uniform vs per-expert bit widths at one budget, ppl on "
                  f"{args.eval_tokens} WikiText-2 tokens; {threads} threads, {time.time() - t0:.0f} s")
         cols = ["model", "setting", "expert bits", "expert MB", "model MB", "ppl", "ppl / fp32", "compress s"]
+    elif args.table == "router":
+        title = (f"\nSparse MoE SmolLM2 (8 experts): the router's scale and an oracle choice, ppl on "
+                 f"{args.eval_tokens} WikiText-2 tokens; {threads} threads")
+        cols = ["model", "routing", "ppl"]
     elif args.table == "calls":
         title = (f"\nOne decode-sized call (1 row) of each layer shape of the top-2 MoE SmolLM2, us per call, cycling "
                  f"through {RING_MB} MB of fp32 weights (`ring` layers); {threads} threads")
