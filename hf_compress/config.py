@@ -81,9 +81,10 @@ class CompressionConfig(QuantizationConfigMixin):
             expert weight. Each expert's width comes from one global allocation over the experts of every block by
             routing statistics on the calibration data (`hf_compress.allocation.allocate_expert_bits`: experts the
             router uses more get more bits). Needs calibration data; other layers keep ``bits``.
-        expert_bits_by: what the allocation weighs: ``"error"`` (default), each expert layer's measured output error
-            at each width on the tokens routed to it, weighted by the routing weights (`hf_compress.statistics.
-            expert_errors`); ``"usage"``, each expert's share of routed tokens times 4^-b.
+        expert_bits_by: what the allocation weighs: ``"usage"`` (default), each expert's share of routed tokens
+            times 4^-b; ``"error"``, each expert layer's measured output error at each width on the tokens routed to
+            it, weighted by the routing weights (`hf_compress.statistics.expert_errors`). On the top-4 MoE SmolLM2
+            neither beats uniform widths at the same bytes (docs/moe.md).
         expert_prune: mixture-of-experts models: the fraction of each block's experts to remove before compressing,
             the least important by routing weight x output norm on the calibration tokens
             (`hf_compress.transforms.expert_pruning`); the model keeps its class with fewer experts (its config's
@@ -132,7 +133,7 @@ class CompressionConfig(QuantizationConfigMixin):
         quantizer: str | None = None,
         scale_dtype: str = "float16",
         expert_bits: list[int] | None = None,
-        expert_bits_by: str = "error",
+        expert_bits_by: str = "usage",
         expert_prune: float | None = None,
         pruned_experts: dict[str, Any] | None = None,
         rotate: str | None = None,

@@ -172,8 +172,8 @@ class Sequential:
 
     def _expert_bits(self) -> dict[str, int]:
         """With ``expert_bits``: each expert layer's bit width, from the router's use of the experts on the training
-        windows (dense model) under the budget ``bits`` (`allocate_expert_bits`); by default weighted by each layer's
-        measured output error at each width (``expert_bits_by="error"``: `expert_errors`)."""
+        windows (dense model) under the budget ``bits`` (`allocate_expert_bits`); with ``expert_bits_by="error"``
+        weighted by each layer's measured output error at each width (`expert_errors`)."""
         job = self.job
         if not job.config.expert_bits:
             return {}
