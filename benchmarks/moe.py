@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py exact     # top-8 MoE vs dense: logits, weights, ppl
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py quality   # top-2 MoE vs dense: ppl ratios of rtn / gptq
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py quality --top-k 4 --moe-only    # the top-4 MoE's rows
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py alloc --top-k 4   # uniform vs expert_bits at one budget
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py router --eval-tokens 4096   # router scale, oracle
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py routing   # top-2 MoE: tokens per expert on the calibration set
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py split     # where a decode step goes (decode.py's checkpoints)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/moe.py calls     # one decode-sized call per layer shape
@@ -65,12 +67,12 @@ def moe_model_module():
 
 def sparse_moe(workdir: Path, top_k: int = 2):
     """The top-``top_k`` MoE, as ``moe_model.py --top-k K`` builds it, and its tokenizer: built once into
-    ``workdir/moe8-topK``. The clusters and the router do not depend on K (only ``down_proj``'s scale, K, does), so a
+    ``workdir/moe8-v2-topK`` (v2: the router scaled by ``moe_model.ROUTER_SCALE``; v1 folders are not reused). The clusters and the router do not depend on K (only ``down_proj``'s scale, K, does), so a
     K other than 2 is made from the top-2 model: its config's K and ``down_proj`` x K / 2 (the 9-minute clustering
     runs once)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = workdir / f"moe8-top{top_k}"
+    path = workdir / f"moe8-v2-top{top_k}"
     if not (path / "config.json").exists():
         if top_k == 2:
             from hf_compress.calibration import calibration_windows
@@ -102,7 +104,7 @@ def compress(model, tok, config: dict, dense: bool) -> float:
     if dense:
         cfg["targets"] = TARGETS
     t0 = time.time()
-    calibrated = cfg["method"] in ("gptq", "svd_llm", "asvd")
+    calibrated = cfg["method"] in ("gptq", "svd_llm", "asvd") or bool(cfg.get("expert_bits") or cfg.get("expert_prune"))
     hf_compress.compress(model, cfg, calibration=str(DATA / "gutenberg-pg1342.txt") if calibrated else None,
                          tokenizer=tok, progress=False)
     return time.time() - t0
@@ -277,6 +279,119 @@ def run_quality(args) -> list[dict]:
     for r in rows:  # how much of RTN's ppl ratio gptq takes away on the same model
         if r["setting"].startswith("gptq"):
             r["rtn ratio / this ratio"] = ratio[(r["model"], "rtn 3-bit g64")] / r["ppl / own fp32"]
+    return rows
+
+
+ALLOC_ROWS = [  # (setting, config): uniform widths against per-expert widths from routing statistics, same budget
+    ("fp32", None),
+    ("rtn 3-bit g64", {"method": "rtn", "bits": 3, "group_size": 64}),
+    ("rtn expert_bits [2,3,4] by usage", {"method": "rtn", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                          "expert_bits_by": "usage"}),
+    ("rtn expert_bits [2,3,4] by error", {"method": "rtn", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                          "expert_bits_by": "error"}),
+    ("rtn 4-bit g64, expert_prune 0.25", {"method": "rtn", "bits": 4, "group_size": 64, "expert_prune": 0.25}),
+    ("gptq 3-bit g64", {"method": "gptq", "bits": 3, "group_size": 64}),
+    ("gptq expert_bits [2,3,4] by error", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                           "expert_bits_by": "error"}),
+    ("gptq 4-bit g64, expert_prune 0.25", {"method": "gptq", "bits": 4, "group_size": 64, "expert_prune": 0.25}),
+    ("gptq expert_bits [2,3,4] by usage", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                           "expert_bits_by": "usage"}),
+]
+
+
+def stored_bytes(model) -> dict:
+    """Bytes of the tensors the checkpoint stores: the experts' layers alone and the whole model (tied tensors once),
+    and the experts' mean bits per weight (codes only) over the model's original expert weights (``EXPERTS`` per
+    block: experts removed by ``expert_prune`` count as 0 bits)."""
+    from hf_compress.modules import compressed_modules
+
+    seen, total, experts = set(), 0, 0
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+        experts += t.numel() * t.element_size() if ".experts." in name else 0
+    layers = [m for n, m in compressed_modules(model).items() if ".experts." in n]
+    weights = sum(m.in_features * m.out_features for m in layers)
+    per_block = len(layers) // (2 * len(model.model.layers)) if layers else EXPERTS  # experts left per block
+    bits = (sum(m.bits * m.in_features * m.out_features for m in layers) / (weights * EXPERTS / per_block)
+            if weights else None)
+    return {"expert MB": experts / 1e6, "model MB": total / 1e6, "expert bits": bits}
+
+
+def run_alloc(args) -> list[dict]:
+    """Uniform bit widths against ``expert_bits`` (per-expert widths from routing statistics) at the same budget, and
+    ``expert_prune`` 0.25 (6 of 8 experts) at 4 bits (3 bits per original expert weight), on the top-``--top-k`` MoE:
+    ppl, ppl / fp32 and the stored bytes."""
+    import torch
+
+    rows, base = [], None
+    for label, config in ALLOC_ROWS:
+        if args.settings_alloc and label not in args.settings_alloc:
+            continue
+        torch.manual_seed(0)
+        model, tok = sparse_moe(Path(args.workdir), args.top_k)
+        row = {"model": f"MoE top-{args.top_k}", "setting": label}
+        if config is not None:
+            row["compress s"] = round(compress(model, tok, config, dense=False))
+        row.update(stored_bytes(model))
+        row["ppl"] = ppl(model, tok, args.eval_tokens)
+        base = row["ppl"] if config is None else base
+        row["ppl / fp32"] = row["ppl"] / base if base else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+    return rows
+
+
+def run_router(args) -> list[dict]:
+    """The sparse MoE's router scale (``moe_model.ROUTER_SCALE``): ppl of the top-2 and top-4 models with the fitted
+    router unscaled (x 1, the builder before the scale: unequal top-k weights) and scaled (x ROUTER_SCALE: weights
+    1/k), and with an oracle choice (per token the k experts of largest output norm, weights 1/k): what a better
+    router could reach with these experts. The same experts in every row (``down_proj`` x k)."""
+    import types
+
+    import torch
+
+    model, tok = sparse_moe(Path(args.workdir), 2)
+    scale = moe_model_module().ROUTER_SCALE
+    fitted = [layer.mlp.gate.weight.detach().clone() / scale for layer in model.model.layers]
+    rows, k_now = [], 2
+
+    def oracle(self, hidden_states):
+        b, s, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)
+        ex = self.experts
+        outs = []
+        for e in range(ex.gate_up_proj.shape[0]):
+            g, u = torch.nn.functional.linear(x, ex.gate_up_proj[e]).chunk(2, -1)
+            outs.append(torch.nn.functional.linear(ex.act_fn(g) * u, ex.down_proj[e]) / self.top_k)
+        outs = torch.stack(outs, 1)
+        idx = outs.norm(dim=-1).topk(self.top_k, dim=-1).indices
+        return torch.gather(outs, 1, idx[..., None].expand(-1, -1, h)).sum(1).reshape(b, s, h)
+
+    for k in (2, 4):
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.top_k = layer.mlp.gate.top_k = k
+                layer.mlp.experts.down_proj.mul_(k / k_now)
+        k_now = k
+        for label, factor in (("fitted router x 1 (unequal weights)", 1.0),
+                              (f"fitted router x {scale} (weights 1/k)", scale)):
+            for layer, w in zip(model.model.layers, fitted):
+                layer.mlp.gate.weight.data = w * factor
+            rows.append({"model": f"MoE top-{k}", "routing": label, "ppl": ppl(model, tok, args.eval_tokens)})
+            print(json.dumps(rows[-1]), flush=True)
+        plain = {}
+        for layer in model.model.layers:
+            plain[layer] = layer.mlp.forward
+            layer.mlp.forward = types.MethodType(oracle, layer.mlp)
+        rows.append({"model": f"MoE top-{k}", "routing": "oracle: largest output norms (weights 1/k)",
+                     "ppl": ppl(model, tok, args.eval_tokens)})
+        print(json.dumps(rows[-1]), flush=True)
+        for layer, fwd in plain.items():
+            layer.mlp.forward = fwd
     return rows
 
 
@@ -458,10 +573,12 @@ def run_calls(args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=["exact", "quality", "routing", "split", "calls"])
+    ap.add_argument("table", choices=["exact", "quality", "alloc", "router", "routing", "split", "calls"])
     ap.add_argument("--eval-tokens", type=int, default=32768, help="WikiText-2 tokens scored (0: no ppl in exact)")
     ap.add_argument("--settings", nargs="+", choices=list(EXACT_SETTINGS), default=list(EXACT_SETTINGS),
                     help="exact: the settings (rows) to run")
+    ap.add_argument("--alloc-settings", dest="settings_alloc", nargs="+", default=None,
+                    choices=[label for label, _ in ALLOC_ROWS], help="alloc: the settings (rows) to run (default all)")
     ap.add_argument("--workdir", default="/tmp/hf-compress-moe", help="where the sparse MoE is built (reused)")
     ap.add_argument("--top-k", type=int, default=2, help="quality, routing: the sparse MoE's experts per token")
     ap.add_argument("--moe-only", action="store_true", help="quality: the MoE rows only (no dense SmolLM2 rows)")
@@ -472,7 +589,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
-    rows = {"exact": run_exact, "quality": run_quality, "routing": run_routing, "split": run_split,
+    rows = {"exact": run_exact, "quality": run_quality, "alloc": run_alloc, "router": run_router, "routing": run_routing, "split": run_split,
             "calls": run_calls}[args.table](args)
     threads = os.environ.get("OMP_NUM_THREADS", "?")
     if args.table == "exact":
@@ -484,6 +601,14 @@ def main() -> None:
         title = (f"\nSmolLM2-135M and its top-{args.top_k} MoE, ppl on {args.eval_tokens} WikiText-2 tokens; "
                  f"{threads} threads, {time.time() - t0:.0f} s")
         cols = ["model", "setting", "ppl", "ppl / own fp32", "rtn ratio / this ratio", "compress s"]
+    elif args.table == "alloc":
+        title = (f"\nTop-{args.top_k} MoE SmolLM2: uniform vs per-expert bit widths at one budget, ppl on "
+                 f"{args.eval_tokens} WikiText-2 tokens; {threads} threads, {time.time() - t0:.0f} s")
+        cols = ["model", "setting", "expert bits", "expert MB", "model MB", "ppl", "ppl / fp32", "compress s"]
+    elif args.table == "router":
+        title = (f"\nSparse MoE SmolLM2 (8 experts): the router's scale and an oracle choice, ppl on "
+                 f"{args.eval_tokens} WikiText-2 tokens; {threads} threads")
+        cols = ["model", "routing", "ppl"]
     elif args.table == "calls":
         title = (f"\nOne decode-sized call (1 row) of each layer shape of the top-2 MoE SmolLM2, us per call, cycling "
                  f"through {RING_MB} MB of fp32 weights (`ring` layers); {threads} threads")

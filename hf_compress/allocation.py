@@ -159,17 +159,21 @@ def allocate_energy(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[in
     return solve(hi)[0]
 
 
-def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices: list[int], budget: float
-                         ) -> dict[str, int]:
+def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices: list[int], budget: float,
+                         errors: dict[str, dict[int, float]] | None = None) -> dict[str, int]:
     """One bit width per expert layer under one budget: the parameter-weighted mean of the widths is at most
     ``budget`` (bits per weight).
 
     The error model is the usual one for uniform rounding: a layer quantized to b bits adds output error
     proportional to 4^-b, weighted by how often the router uses the layer (``usage``: the share of routed tokens);
     a layer at b bits costs size·b. The widths are those of `allocate_bits` on that model (upgrades by error
-    reduction per added bit, ties to the earlier layer). A layer the router never used stays at the smallest width."""
+    reduction per added bit, ties to the earlier layer). A layer the router never used stays at the smallest width.
+
+    ``errors`` ({name: {width: error}}, `hf_compress.statistics.expert_errors`): the measured error of each layer at
+    each width replaces ``usage · 4^-b``."""
     choices = sorted(choices)
-    errors = {n: {b: usage[n] * 4.0 ** -b for b in choices} for n in usage}
+    if errors is None:
+        errors = {n: {b: usage[n] * 4.0 ** -b for b in choices} for n in usage}
     costs = {n: {b: sizes[n] * b for b in choices} for n in usage}
     return allocate_bits(errors, costs, budget * sum(sizes[n] for n in usage))
 

@@ -70,7 +70,8 @@ def compress(model: nn.Module, config: CompressionConfig | dict | str, *, calibr
             compress_modules(model, config, calibration=calibration, tokenizer=tokenizer, progress=progress,
                              checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
         # no silent skips: the coverage by kind at INFO, a warning naming block weights no method could take
-        log_coverage(coverage_report(model, skip=config.skip))
+        log_coverage(coverage_report(model, skip=config.skip,
+                                     pruned=(config.pruned_experts or {}).get("parameters", 0)))
     calibrate_kv(model, config, calibration=calibration, tokenizer=tokenizer)  # KV method (hf_compress/kv)
     if calibration is not None and not config.calibration.get("source"):
         config.calibration["source"] = _describe_source(calibration)

@@ -25,6 +25,9 @@ CALIBRATION_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0, "batch_size": 
 CALIBRATION_OPTIONAL = {"experts": "routed"}
 #: whose statistics a mixture-of-experts expert is fitted on: the tokens routed to it, or every token
 EXPERT_CALIBRATION = ("routed", "all")
+#: what ``expert_bits`` allocates by: each expert layer's measured output error at each width, or its share of routed
+#: tokens under the 4^-b rounding model (`hf_compress.allocation.allocate_expert_bits`)
+EXPERT_BITS_BY = ("error", "usage")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -92,6 +95,14 @@ class CompressionConfig(QuantizationConfigMixin):
             The chosen widths are recorded per layer in ``modules``; at g64 with float16 scales, scales and zeros
             add 0.5 bits per weight to the codes' bits.
         bit_choices: with ``avg_bits``, the widths a layer may get (default all of 2, 3, 4, 8).
+        expert_bits_by: what the allocation weighs: ``"usage"`` (default), each expert's share of routed tokens
+            times 4^-b; ``"error"``, each expert layer's measured output error at each width on the tokens routed to
+            it, weighted by the routing weights (`hf_compress.statistics.expert_errors`). On the top-4 MoE SmolLM2
+            neither beats uniform widths at the same bytes (docs/moe.md).
+        expert_prune: mixture-of-experts models: the fraction of each block's experts to remove before compressing,
+            the least important by routing weight x output norm on the calibration tokens
+            (`hf_compress.transforms.expert_pruning`); the model keeps its class with fewer experts (its config's
+            expert count is updated), so the checkpoint loads with ``from_pretrained``. Needs calibration data.
         scale_dtype: storage dtype of scales and zeros, ``"float16"`` (default) or ``"bfloat16"``.
         rotate: incoherence processing before any weight method (`hf_compress.transforms.rotation`; Llama-architecture
             decoders: llama, qwen2, mistral): every RMSNorm weight is folded into the layers that read it and the
@@ -146,6 +157,9 @@ class CompressionConfig(QuantizationConfigMixin):
         expert_bits: list[int] | None = None,
         avg_bits: float | None = None,
         bit_choices: list[int] | None = None,
+        expert_bits_by: str = "usage",
+        expert_prune: float | None = None,
+        pruned_experts: dict[str, Any] | None = None,
         rotate: str | None = None,
         rotate_seed: int = 0,
         rotate_heads: bool = False,
@@ -195,6 +209,10 @@ class CompressionConfig(QuantizationConfigMixin):
         self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
         self.avg_bits = avg_bits
         self.bit_choices = bit_choices
+        self.expert_bits_by = expert_bits_by
+        self.expert_prune = expert_prune
+        #: what ``expert_prune`` removed (set by `compress`): {"experts": [E, E'], "parameters": n, "dropped": {block: [...]}}
+        self.pruned_experts = pruned_experts
         self.rotate = rotate
         self.rotate_seed = rotate_seed
         self.rotate_heads = rotate_heads
@@ -329,9 +347,16 @@ class CompressionConfig(QuantizationConfigMixin):
                 raise ConfigError("expert_bits allocates quantization bit widths: use it with rtn, hqq or gptq")
             if any(isinstance(b, bool) or b not in SUPPORTED_BITS for b in self.expert_bits):
                 raise ConfigError(f"expert_bits must be bit widths among {SUPPORTED_BITS}, got {self.expert_bits!r}")
+            if self.expert_bits_by not in EXPERT_BITS_BY:
+                raise ConfigError(f"expert_bits_by must be one of {EXPERT_BITS_BY}, got {self.expert_bits_by!r}")
             if not self.expert_bits[0] <= self.bits <= self.expert_bits[-1]:
                 raise ConfigError(f"bits ({self.bits}) is the experts' average budget: it must lie within "
                                   f"expert_bits {self.expert_bits}")
+        if self.expert_prune is not None and (isinstance(self.expert_prune, bool)
+                                              or not isinstance(self.expert_prune, (int, float))
+                                              or not 0.0 < self.expert_prune < 1.0):
+            raise ConfigError(f"expert_prune is the fraction of each block's experts to remove: it must lie strictly "
+                              f"between 0 and 1, got {self.expert_prune!r}")
         if self.scale_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"scale_dtype must be 'float16' or 'bfloat16', got {self.scale_dtype!r}")
 
@@ -388,7 +413,10 @@ class CompressionConfig(QuantizationConfigMixin):
             "eora_factor_group_size": self.eora_factor_group_size,
             "quantizer": self.quantizer,
             "scale_dtype": self.scale_dtype,
-            **({"expert_bits": list(self.expert_bits)} if self.expert_bits else {}),  # stored when used
+            **({"expert_bits": list(self.expert_bits), "expert_bits_by": self.expert_bits_by}
+               if self.expert_bits else {}),  # stored when used
+            **({"expert_prune": self.expert_prune, "pruned_experts": copy.deepcopy(self.pruned_experts)}
+               if self.expert_prune else {}),
             **({"avg_bits": self.avg_bits, "bit_choices": list(self.bit_choices)} if self.avg_bits else {}),
             **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
             **({"rotate_heads": True} if self.rotate_heads else {}),

@@ -110,6 +110,8 @@ class Coverage:
     kinds: dict[str, KindCoverage]
     entries: list[Entry] = field(repr=False, default_factory=list)
     uncompressible: list[DenseWeight] = field(default_factory=list)
+    #: parameters removed by ``expert_prune`` (not in the model any more, not in ``total``)
+    pruned: int = 0
 
     @property
     def total(self) -> int:
@@ -132,7 +134,8 @@ class Coverage:
                           for k, c in self.kinds.items()},
                 "total": self.total, "compressed": self.compressed, "dense": self.dense,
                 "uncompressible": [{"name": w.name, "shape": list(w.shape), "params": w.params, "block": w.block,
-                                    "share": w.share} for w in self.uncompressible]}
+                                    "share": w.share} for w in self.uncompressible],
+                **({"pruned": self.pruned} if self.pruned else {})}
 
     def _rows(self):
         rows = [(c.kind, c.total, c.fraction, c.dense) for c in self.kinds.values() if c.total]
@@ -145,6 +148,8 @@ class Coverage:
             lines.append(f"{kind:<16} {total:>14,} {_pct(frac):>11} {dense:>14,}")
         lines += [f"large weight left dense (no method can compress it): {w.describe()}"
                   for w in group_dense_weights(self.uncompressible)]
+        if self.pruned:
+            lines.append(f"experts pruned (expert_prune; removed, not in the total): {self.pruned:,} parameters")
         return "\n".join(lines)
 
     def markdown_table(self) -> str:
@@ -153,6 +158,8 @@ class Coverage:
         for kind, total, frac, dense in self._rows():
             b = "**" if kind == "total" else ""
             lines.append(f"| {b}{kind}{b} | {b}{total:,}{b} | {b}{_pct(frac)}{b} | {b}{dense:,}{b} |")
+        if self.pruned:
+            lines.append(f"| experts pruned (removed, not in the total) | {self.pruned:,} | | |")
         return "\n".join(lines)
 
 
@@ -264,14 +271,18 @@ def classify(model: nn.Module) -> list[Entry]:
     return entries
 
 
-def coverage_report(model: nn.Module, skip: list[str] | None = None) -> Coverage:
+def coverage_report(model: nn.Module, skip: list[str] | None = None, pruned: int | None = None) -> Coverage:
     """Parameters of ``model`` by kind (`KINDS`), compressed and left dense, and the large weights of its blocks
     that no method can compress (`Coverage.uncompressible`; those matching a ``skip`` pattern — default: the skip
     list of the model's hf-compress config — are left out). Works on dense and compressed models alike."""
     from .targets import _self_and_ancestors, matches
 
+    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
     if skip is None:
-        skip = list(getattr(getattr(getattr(model, "config", None), "quantization_config", None), "skip", None) or [])
+        skip = list(getattr(qconfig, "skip", None) or [])
+    if pruned is None:  # expert_prune's record (a loaded checkpoint's config: a dict or the config object)
+        record = qconfig.get("pruned_experts") if isinstance(qconfig, dict) else getattr(qconfig, "pruned_experts", None)
+        pruned = (record or {}).get("parameters", 0)
     entries = classify(model)
     kinds = {k: KindCoverage(k) for k in KINDS}
     per_block: dict[str, int] = {}
@@ -288,7 +299,7 @@ def coverage_report(model: nn.Module, skip: list[str] | None = None) -> Coverage
         if any(matches(a, p) for a in _self_and_ancestors(e.name) for p in skip):
             continue
         large.append(DenseWeight(e.name, e.shape, e.params, e.block, e.params / per_block[e.block]))
-    return Coverage(kinds, entries, large)
+    return Coverage(kinds, entries, large, pruned)
 
 
 def group_dense_weights(weights: list[DenseWeight]) -> list[DenseWeight]:

@@ -201,3 +201,86 @@ def expert_usage(model: nn.Module, targets, batches) -> dict[str, float]:
             total = counts[experts].sum()
             usage[name] = float(counts[experts][int(index)] / total) if total > 0 else 0.0
     return usage
+
+
+def expert_errors(model: nn.Module, targets, batches, widths, group_size: int, max_tokens: int = 256
+                  ) -> dict[str, dict[int, float]]:
+    """Per expert layer among ``targets`` and per bit width in ``widths``: the output error of its block when that
+    layer alone is rounded to the width (RTN, ``group_size``), relative to the block's output, from one forward of
+    ``model`` over ``batches``.
+
+    For expert e of a block and its tokens t (the router's choice, routing weight w_t): Σ_t w_t² ‖f_e^b(x_t) −
+    f_e(x_t)‖² over Σ_t ‖y_t‖² (y: the experts module's output), summed over the batches; f_e^b is expert e with the
+    layer's weight rounded to b bits. It weighs each expert by its use (how many tokens, with what routing weight)
+    and by how much rounding that expert's weights costs on the inputs it really gets (a layer with outliers, or
+    with inputs that amplify its error, loses more). At most ``max_tokens`` routed tokens per expert and batch are
+    run (an even subsample). An expert no token reaches has error 0 at every width."""
+    from .methods.rtn import RTN
+    from .modules.experts import CompressedExperts
+
+    errors: dict[str, dict[int, float]] = {}
+    energy: dict[str, float] = {}
+    rtn = RTN()
+    wanted = set(targets)
+
+    def linear(layer, x, weight=None):
+        with align_module_device(layer):
+            return nn.functional.linear(x, layer.weight if weight is None else weight.to(x.dtype), layer.bias)
+
+    def expert(m, e, x, swap=None):
+        def run(name, h):
+            layer = getattr(m, name)[e]
+            return linear(layer, h, swap[1] if swap and swap[0] == name else None)
+        h = m._apply_gate(run("gate_up_proj", x)) if m.has_gate else m.act_fn(run("up_proj", x))
+        y = run("down_proj", h)
+        return m.post_expert_norm(y) if m.has_post_expert_norm else y
+
+    def hook(module_name):
+        def measure(m, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+            energy[module_name] = energy.get(module_name, 0.0) + float(out.double().pow(2).sum())
+            for e in range(m.num_experts):
+                names = [f"{module_name}.{w}.{e}" for w in m.weight_names if f"{module_name}.{w}.{e}" in wanted]
+                tok, pos = torch.where(index == e)
+                for n in names:
+                    errors.setdefault(n, {b: 0.0 for b in widths})
+                if not names or tok.numel() == 0:
+                    continue
+                if tok.numel() > max_tokens:
+                    keep = torch.linspace(0, tok.numel() - 1, max_tokens, device=tok.device).round().long()
+                    tok, pos = tok[keep], pos[keep]
+                    scale = index.eq(e).sum().item() / max_tokens  # the subsample stands for all routed tokens
+                else:
+                    scale = 1.0
+                xs, w2 = x[tok], weights[tok, pos].double().pow(2)
+                ref = expert(m, e, xs).double()
+                for n in names:
+                    wname = n.split(".")[-2]
+                    layer = getattr(m, wname)[e]
+                    with align_module_device(layer):
+                        dense_w = layer.weight.detach()
+                    for b in widths:
+                        q = rtn.quantize(dense_w.float(), b, group_size, scale_dtype=torch.float16)
+                        y = expert(m, e, xs, (wname, q.dequantize(dense_w.shape[1]))).double()
+                        errors[n][b] += scale * float(((y - ref).pow(2).sum(-1) * w2).sum())
+        return measure
+
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in model.named_modules()
+               if isinstance(m, CompressedExperts)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                device = device_of(model)
+                inputs = ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict)
+                          else {"input_ids": batch.to(device)})
+                model(**inputs, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, per in errors.items():
+        total = energy.get(n.rsplit(".", 2)[0], 0.0)
+        for b in per:
+            per[b] = per[b] / total if total > 0 else 0.0
+    return errors

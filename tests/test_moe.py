@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -319,6 +320,33 @@ def test_moe_built_from_a_dense_model_computes_and_compresses_like_it(ids):
         torch.testing.assert_close(experts.gate_up_proj[e].weight, want, rtol=0, atol=0)
 
 
+def test_sparse_moe_built_from_a_dense_model_sums_the_chosen_clusters(ids):
+    """benchmarks/moe_model.py's sparse construction (4 experts of 32 neurons, top-2): the router's top-2 weights are
+    1/2 within 1 % (scaled logits), so each block adds the chosen clusters' neurons of the dense MLP (down x 2 x 1/2),
+    the MoEfication approximation; with top-k = E it would be the dense MLP itself."""
+    dense = _dense_llama()
+    moe = _moe_builder()(dense, 4, 2, calibration_ids())
+    assert moe.config.num_experts_per_tok == 2
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(3))
+    for layer_d, layer_m in zip(dense.model.layers, moe.model.layers):
+        with torch.no_grad():
+            _, weights, index = layer_m.mlp.gate(x)
+            assert (2 * weights - 1).abs().max() < 0.01
+            out = layer_m.mlp(x[None])[0]
+            experts = layer_m.mlp.experts
+            want = torch.zeros_like(out)
+            for t in range(x.shape[0]):
+                for e in index[t].tolist():
+                    gate, up = F.linear(x[t], experts.gate_up_proj[e]).chunk(2)
+                    want[t] += F.linear(F.silu(gate) * up, experts.down_proj[e]) / 2
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+        # the experts are the dense MLP's neurons: all E clusters together give the dense MLP's output
+        with torch.no_grad():
+            total = sum(F.linear(F.silu(g) * u, experts.down_proj[e]) / 2
+                        for e in range(4) for g, u in [F.linear(x, experts.gate_up_proj[e]).chunk(2, -1)])
+            torch.testing.assert_close(total, layer_d.mlp(x), rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- offload, resume
 def test_disk_offloaded_moe_compresses_like_in_memory(tmp_path):
     """Offloaded experts are split into offloaded per-expert layers (each reads its slice through its own hook),
@@ -397,7 +425,7 @@ def test_expert_bits_from_routing_statistics(tmp_path):
     split_experts(probe)
     names = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear) and ".experts." in n]
     usage = expert_usage(probe, names, [cal])  # the windows the pipeline measures routing on (no held-out for gptq)
-    config = {"method": "gptq", "bits": 3, "expert_bits": [2, 3, 4], "group_size": 16,
+    config = {"method": "gptq", "bits": 3, "expert_bits": [2, 3, 4], "expert_bits_by": "usage", "group_size": 16,
               "calibration": {"nsamples": 8, "seqlen": 32}}
     hf_compress.compress(model, config, calibration=cal, progress=False)
     layers = {n: m for n, m in compressed_modules(model).items() if ".experts." in n}
@@ -419,6 +447,51 @@ def test_expert_bits_from_routing_statistics(tmp_path):
         hf_compress.compress(tiny_moe("qwen3_moe"), {"method": "rtn", "bits": 3, "expert_bits": [2, 4]}, progress=False)
     with pytest.raises(hf_compress.errors.ConfigError, match="must lie within"):
         hf_compress.CompressionConfig(method="rtn", bits=4, expert_bits=[2, 3])
+
+
+def test_expert_errors_are_each_layers_routed_output_error():
+    """`expert_errors`: for expert e's layer at b bits, Σ_t w_t² ‖f_e^b(x_t) − f_e(x_t)‖² over the block's output
+    energy, on the tokens the router sends to e (recomputed here by hand for two layers); the allocation by these
+    errors spends the same budget, and on this model (use spread 0.10-0.15, measured 2-bit errors ~6x the 3-bit
+    ones) the 2->3 steps buy more than any 3->4 step: every layer gets the uniform width."""
+    from hf_compress.allocation import allocate_expert_bits
+    from hf_compress.methods.rtn import RTN
+    from hf_compress.statistics import expert_errors, expert_usage
+
+    model = tiny_moe("qwen3_moe")
+    split_experts(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".experts." in n]
+    cal = calibration_ids()
+    errors = expert_errors(model, names, [cal], [2, 3, 4], 16)
+    assert set(errors) == set(names)
+    experts = model.model.layers[1].mlp.experts
+    seen = {}
+    handle = experts.register_forward_hook(lambda m, a, out: seen.update(x=a[0], index=a[1], w=a[2], y=out))
+    with torch.no_grad():
+        model(input_ids=cal, use_cache=False)
+    handle.remove()
+    for e, weight in [(0, "gate_up_proj"), (3, "down_proj")]:
+        tok, pos = torch.where(seen["index"] == e)
+        x, w2 = seen["x"][tok], seen["w"][tok, pos].double() ** 2
+        layer = getattr(experts, weight)[e]
+        dense = layer.weight.detach().clone()
+        with torch.no_grad():
+            ref = experts.expert(e, x).double()
+            layer.weight.copy_(RTN().quantize(dense, 2, 16, scale_dtype=torch.float16).dequantize(dense.shape[1]))
+            err = float(((experts.expert(e, x).double() - ref).pow(2).sum(-1) * w2).sum())
+            layer.weight.copy_(dense)
+        want = err / float(seen["y"].double().pow(2).sum())
+        got = errors[f"model.layers.1.mlp.experts.{weight}.{e}"][2]
+        assert got == pytest.approx(want, rel=1e-6)
+        assert got > errors[f"model.layers.1.mlp.experts.{weight}.{e}"][3] > errors[f"model.layers.1.mlp.experts.{weight}.{e}"][4] > 0
+    usage = expert_usage(model, names, [cal])
+    sizes = {n: model.get_submodule(n).weight.numel() for n in names}
+    assert allocate_expert_bits(usage, sizes, [2, 3, 4], 3, errors) == {n: 3 for n in names}
+    # a layer whose measured error falls steeply past 3 bits gets 4 bits, paid for by the flattest layers
+    steep = {**errors, names[0]: {2: 1.0, 3: 0.5, 4: 0.0}}
+    bits = allocate_expert_bits(usage, sizes, [2, 3, 4], 3, steep)
+    assert bits[names[0]] == 4 and sum(bits[n] * sizes[n] for n in names) <= 3 * sum(sizes.values())
+    assert any(b == 2 for b in bits.values())
 
 
 def test_a_checkpoint_missing_one_experts_tensor_is_refused(tmp_path):
@@ -465,3 +538,81 @@ def test_one_token_path_is_the_routed_path_bit_for_bit(arch, dtype, group_size, 
     assert len(used) == 4 * len(modules)
     if group_size == 32 and arch != "deepseek_v3":  # the compressed experts ran the CPU kernel's decode path
         assert any("decode" in m._kernel_cache for m in model.modules() if isinstance(m, QuantLinear))
+
+
+# ----------------------------------------------------------------------------------------------- expert pruning
+def _masked_block(block, x, kept, norm_topk):
+    """Reference: the ORIGINAL block with the dropped experts' router logits at -inf (softmax over the kept experts,
+    top-k among them, renormalised when the model does), their outputs summed by routing weight."""
+    from hf_compress.transforms.expert_pruning import _native_expert
+
+    logits = F.linear(x, block.gate.weight).float()
+    mask = torch.full_like(logits, float("-inf"))
+    mask[:, kept] = 0
+    probs = torch.softmax(logits + mask, dim=-1)
+    top, index = probs.topk(block.gate.top_k, dim=-1)
+    if norm_topk:
+        top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, e in zip(top[t].tolist(), index[t].tolist()):
+            assert e in kept
+            out[t] += w * _native_expert(block.experts, e, x[t:t + 1])[0]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_expert_prune_removes_the_least_important_experts_and_routes_among_the_rest(arch, tmp_path):
+    from hf_compress.transforms.expert_pruning import expert_importance, prune_experts
+
+    model = tiny_moe(arch)
+    original = copy.deepcopy(model)
+    cal = calibration_ids()
+    scores = expert_importance(original, [cal])
+    report = prune_experts(model, 0.25, [cal])
+    assert report["experts"] == (8, 6)
+    count = "num_experts" if arch == "qwen3_moe" else "num_local_experts"
+    assert getattr(model.config, count) == 6
+    x = torch.randn(40, 48, generator=torch.Generator().manual_seed(4))
+    for i, (orig, pruned) in enumerate(zip(original.model.layers, model.model.layers)):
+        name = f"model.layers.{i}.mlp"
+        kept, dropped = report["kept"][name], report["dropped"][name]
+        assert len(dropped) == 2 and min(scores[name][kept]) >= max(scores[name][dropped])
+        assert pruned.mlp.experts.gate_up_proj.shape[0] == 6 and pruned.mlp.gate.weight.shape[0] == 6
+        with torch.no_grad():
+            _, _, index = pruned.mlp.gate(x)
+            assert int(index.max()) < 6
+            want = _masked_block(orig.mlp, x, kept, arch == "mixtral" or original.config.norm_topk_prob)
+            torch.testing.assert_close(pruned.mlp(x[None])[0], want, rtol=1e-5, atol=1e-6)
+    # compress with it: stored, reported, reloads into the native class with 6 experts
+    model = tiny_moe(arch)
+    hf_compress.compress(model, {"method": "rtn", "bits": 4, "group_size": 16, "expert_prune": 0.25,
+                                 "calibration": {"nsamples": 8, "seqlen": 32}}, calibration=cal, progress=False)
+    per_expert = sum(p.numel() for p in original.model.layers[0].mlp.experts.parameters()) // 8 + 48
+    removed = 2 * per_expert * 2  # 2 experts (and their router rows) in each of 2 blocks
+    record = model.config.quantization_config.pruned_experts
+    assert record["parameters"] == removed and record["experts"] == [8, 6]
+    coverage = hf_compress.coverage_report(model)
+    assert coverage.pruned == removed and "experts pruned" in coverage.format_table()
+    assert coverage.total == sum(p.numel() for p in original.parameters()) - removed
+    assert coverage["experts"].fraction == 1.0
+    ids = cal[:2, :10]
+    out = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(original) and getattr(loaded.config, count) == 6
+    torch.testing.assert_close(logits(loaded, ids), out, rtol=0, atol=0)
+    assert hf_compress.coverage_report(loaded).pruned == removed
+
+
+def test_expert_prune_refuses_what_it_cannot_do():
+    from hf_compress.transforms.expert_pruning import prune_experts
+
+    with pytest.raises(hf_compress.errors.ConfigError, match="strictly between 0 and 1"):
+        hf_compress.CompressionConfig(method="rtn", bits=4, expert_prune=1.0)
+    with pytest.raises(hf_compress.errors.ConfigError, match="needs calibration data"):
+        hf_compress.compress(tiny_moe("mixtral"), {"method": "rtn", "bits": 4, "expert_prune": 0.25}, progress=False)
+    with pytest.raises(hf_compress.errors.ConfigError, match="keep at least num_experts_per_tok"):
+        prune_experts(tiny_moe("mixtral"), 0.9, [calibration_ids()])
+    with pytest.raises(hf_compress.errors.ConfigError, match="no mixture-of-experts block"):
+        prune_experts(_dense_llama(), 0.25, [calibration_ids()])

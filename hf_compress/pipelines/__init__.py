@@ -50,6 +50,8 @@ def compress_modules(model: nn.Module, config, *, calibration=None, tokenizer=No
     Returns a small report: {"ranks": {name: rank|None}, "betas": {...}, "seconds": ...}."""
     method = get_method(config.method)(**config.method_kwargs)
     alloc = allocator_for(config, method)
+    if config.expert_prune:  # before anything else: the methods see the pruned model
+        _prune(model, config, calibration, tokenizer)
     split_experts(model)  # fused experts -> one dense layer per expert (`hf_compress.modules.experts`)
     try:
         report = _run(model, config, method, alloc, calibration, tokenizer, progress, checkpoint_dir,
@@ -57,6 +59,22 @@ def compress_modules(model: nn.Module, config, *, calibration=None, tokenizer=No
     finally:  # experts nothing was done to (skipped, refused, or an error) get their fused module back
         unsplit_untouched(model)
     return report
+
+
+def _prune(model, config, calibration, tokenizer) -> None:
+    """``expert_prune``: remove each block's least important experts on the calibration windows; what was removed
+    goes into ``config.pruned_experts`` (stored with the checkpoint, shown by the coverage report)."""
+    from ..calibration import calibration_windows
+    from ..transforms.expert_pruning import prune_experts
+
+    if calibration is None:
+        raise ConfigError("expert_prune needs calibration data: pass calibration=<text file, list of strings, "
+                          "datasets.Dataset or token ids> (CLI: --calib FILE)")
+    cal = config.calibration
+    windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
+    done = prune_experts(model, config.expert_prune, list(windows.split(cal["batch_size"])))
+    config.pruned_experts = {"experts": list(done["experts"]), "parameters": done["parameters"],
+                             "dropped": done["dropped"]}
 
 
 def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpoint_dir, checkpoint_every) -> dict:

@@ -40,7 +40,7 @@ from ..gradients import fisher_rows, output_sensitivity
 from ..modules.experts import is_expert_layer
 from ..modules.quant import WEIGHT_SCALE_DTYPES
 from ..progress import Progress
-from ..statistics import collect, expert_usage, reference_inputs
+from ..statistics import collect, expert_errors, expert_usage, reference_inputs
 from ..targets import block_index, find_blocks, is_offloaded, set_module
 from . import reconstruct
 from .common import Job, Phases, checkpoint_unit, restore
@@ -197,7 +197,8 @@ class Sequential:
 
     def _expert_bits(self) -> dict[str, int]:
         """With ``expert_bits``: each expert layer's bit width, from the router's use of the experts on the training
-        windows (dense model) under the budget ``bits`` (`allocate_expert_bits`)."""
+        windows (dense model) under the budget ``bits`` (`allocate_expert_bits`); with ``expert_bits_by="error"``
+        weighted by each layer's measured output error at each width (`expert_errors`)."""
         job = self.job
         if not job.config.expert_bits:
             return {}
@@ -208,8 +209,13 @@ class Sequential:
         if not usage:
             logger.warning("expert_bits: no expert among the targets; every layer gets bits=%d", job.config.bits)
             return {}
+        errors = None
+        if job.config.expert_bits_by == "error":
+            with self.clock("expert errors"):
+                errors = expert_errors(job.model, list(usage), self.data.train_batches, job.config.expert_bits,
+                                       job.config.group_size)
         bits = allocate_expert_bits(usage, {n: o * i for n, (o, i) in job.shapes.items() if n in usage},
-                                    job.config.expert_bits, job.config.bits)
+                                    job.config.expert_bits, job.config.bits, errors)
         widths = sorted(set(bits.values()))
         logger.info("expert_bits: %s", ", ".join(f"{sum(b == w for b in bits.values())} expert layers at {w} bits"
                                                for w in widths))

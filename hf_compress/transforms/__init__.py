@@ -1,7 +1,8 @@
 """Transforms of the dense model applied before any weight method, each in its own file and registered by name:
 ``rotation.py`` (``rotate``: fold RMSNorm weights, rotate the residual stream; the kinds of rotation are in
-`hf_compress.registry.ROTATIONS`), with the orthogonal matrices it uses in ``hadamard.py``. A transform leaves a
-plain model of the same class that computes the same function."""
+`hf_compress.registry.ROTATIONS`), with the orthogonal matrices it uses in ``hadamard.py``. A rotation leaves a
+plain model of the same class that computes the same function; ``expert_pruning.py`` (``expert_prune``) leaves a
+plain model of the same class with fewer experts per mixture-of-experts block."""
 
 from ..registry import ROTATIONS
 from .rotation import decoder_layout, rotate_residual
