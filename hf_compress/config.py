@@ -37,8 +37,9 @@ class CompressionConfig(QuantizationConfigMixin):
     Args:
         method: name of a registered compression method (``hf_compress.available_methods()``), e.g. ``"svd"``, or of
             a recipe (`hf_compress.recipes`): ``"best"`` runs the combination that measured best at the bytes of plain
-            ``bits``/``group_size`` (GPTQ with the activation-aware grid on a Hadamard-rotated residual stream). The
-            config then holds the concrete method and options, and ``recipe`` the name.
+            ``bits``/``group_size``: GPTQ with the activation-aware grid, on a Hadamard-rotated residual stream where
+            that costs no bytes (a Llama-layout decoder whose head is not tied to its embeddings). The config then
+            holds the concrete method and options, and ``recipe`` the name.
         ratio: fraction of the targeted layers' parameters to remove, in (0, 1). Exclusive with ``rank``.
         rank: one rank for every targeted layer (1 <= rank <= min(out, in)). Exclusive with ``ratio``.
         targets: module-name patterns to compress. A plain name matches the module of that name or any module

@@ -75,6 +75,32 @@ def test_rotation_left_out_where_the_model_cannot_take_it(ids, caplog):
     assert stored.recipe == "best" and stored.rotate is None  # the checkpoint says what ran
 
 
+def test_rotation_left_out_where_the_head_is_tied_unless_asked(ids, caplog):
+    """A rotation unties a tied head (one more vocab x hidden matrix stored): the recipe stays at the bytes of plain
+    bits/group_size by leaving it out; an explicit rotate= still rotates."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _decoder_kwargs
+
+    def tied():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**_decoder_kwargs(2), tie_word_embeddings=True)).eval()
+
+    a, b, c = tied(), tied(), tied()
+    assert a.get_output_embeddings().weight is a.get_input_embeddings().weight
+    with caplog.at_level(logging.INFO, logger="hf_compress.recipes"):
+        hf_compress.compress(a, {"method": "best", "bits": 3, "group_size": 16, "calibration": SEQ},
+                             calibration=_calib(), progress=False)
+    assert "head is tied to the input embeddings" in caplog.text
+    hf_compress.compress(b, {"method": "gptq", "bits": 3, "group_size": 16, "method_kwargs": {"grid": "mse-act"},
+                             "calibration": SEQ}, calibration=_calib(), progress=False)
+    assert torch.equal(output_of(a, ids), output_of(b, ids))
+    assert a.config.quantization_config.rotate is None and a.get_output_embeddings().weight is a.get_input_embeddings().weight
+    hf_compress.compress(c, {"method": "best", "bits": 3, "group_size": 16, "rotate": "hadamard",
+                             "calibration": SEQ}, calibration=_calib(), progress=False)
+    assert c.config.quantization_config.rotate == "hadamard"
+
+
 def test_an_explicit_rotation_is_not_dropped_silently():
     with pytest.raises(ConfigError, match="Llama|layout|missing|lacks"):
         hf_compress.compress(make_tiny("gpt2"), {"method": "best", "bits": 4, "group_size": 16,
