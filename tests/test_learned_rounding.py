@@ -41,8 +41,8 @@ def _block0_mse(model, dense_out, windows) -> float:
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_learned_block_output_error_not_above_the_methods(method):
     """Block 0 sees the same inputs (the embeddings) in every model: its output error against the dense block, on the
-    calibration windows, must not be larger with learned rounding than with the method's own codes; on a random
-    model the learning finds a strictly better one."""
+    calibration windows, must not be larger with learned rounding than with the method's own codes; from rtn's codes
+    the learning finds a clearly better one."""
     windows = _windows()
     dense = make_tiny("llama")
     with torch.no_grad():
@@ -53,7 +53,9 @@ def test_learned_block_output_error_not_above_the_methods(method):
                                                         "learn_rounding": {"iters": 60, "batch_size": 2}},
                                    calibration=windows, progress=False)
     e_base, e_learned = _block0_mse(base, target, windows), _block0_mse(learned, target, windows)
-    assert e_learned < e_base, (e_base, e_learned)
+    # never worse (the learned codes are kept only when the block's error does not grow); from gptq's codes the
+    # learning may find nothing better at 60 steps (torch 2.13 keeps gptq's block 0 here, torch 2.14 improves it)
+    assert e_learned <= e_base, (e_base, e_learned)
     if method == "rtn":  # a clear gain (measured ~3x lower on this model); not a tuned threshold
         assert e_learned < 0.8 * e_base, (e_base, e_learned)
     # the same format as rtn/gptq: packed codes, scales and zeros per group, stored like theirs
