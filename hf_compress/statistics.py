@@ -167,6 +167,21 @@ def reference_inputs(runner: BlockwiseRunner, i: int, dense_block: nn.Module, la
     return captured, out
 
 
+def _forward_with(model: nn.Module, handles: list, batches) -> None:
+    """One no-grad forward of ``model`` over the calibration batches (token windows, or one input dict each:
+    image+text calibration) with the hooks ``handles`` registered, which are removed afterwards whatever happens."""
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                device = device_of(model)
+                inputs = ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict)
+                          else {"input_ids": batch.to(device)})
+                model(**inputs, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def expert_usage(model: nn.Module, targets, batches) -> dict[str, float]:
     """The share of each expert's routed tokens in its block, for every target that is an expert's layer
     (``{experts}.{weight}.{e}``), from one forward of ``model`` over ``batches`` (the router's top-k choices)."""
@@ -183,16 +198,7 @@ def expert_usage(model: nn.Module, targets, batches) -> dict[str, float]:
 
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in model.named_modules()
                if isinstance(m, CompressedExperts)]
-    try:
-        with torch.no_grad():
-            for batch in batches:  # token windows, or one input dict (image+text calibration)
-                device = device_of(model)
-                inputs = ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict)
-                          else {"input_ids": batch.to(device)})
-                model(**inputs, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with(model, handles, batches)
     usage = {}
     for name in targets:
         module_name, _, index = name.rpartition(".")
@@ -269,16 +275,7 @@ def expert_errors(model: nn.Module, targets, batches, widths, group_size: int, m
 
     handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in model.named_modules()
                if isinstance(m, CompressedExperts)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                device = device_of(model)
-                inputs = ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict)
-                          else {"input_ids": batch.to(device)})
-                model(**inputs, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with(model, handles, batches)
     for n, per in errors.items():
         total = energy.get(n.rsplit(".", 2)[0], 0.0)
         for b in per:
