@@ -3,11 +3,6 @@ rtn/gptq's codes, keeps its offsets and clipping factors in bounds, lowers the b
 block computed independently, stores the format rtn/gptq store, resumes bit for bit, and refuses bad options."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -21,7 +16,7 @@ from hf_compress.errors import ConfigError
 from hf_compress.methods import get_method
 from hf_compress.modules import QuantLinear
 from hf_compress.pipelines import reconstruct
-from test_resume import STALLING, TEXT, _cli, _done, dense4  # noqa: F401  (dense4: a fixture)
+from test_resume import TEXT, _cli, _done, dense4, kill_stalled_run  # noqa: F401  (dense4: a fixture)
 
 CAL = {"nsamples": 8, "seqlen": 32, "batch_size": 4}
 
@@ -156,15 +151,7 @@ def test_killed_run_resumes_bit_identical(dense4, tmp_path):  # noqa: F811
     assert full.returncode == 0, full.stderr
     assert "learned rounding: kept in" in full.stdout  # the time spent in it is printed without -v
     out, partial = tmp_path / "out", tmp_path / "out.partial"
-    child = subprocess.Popen([sys.executable, "-c", STALLING, partial, "compress", dense4, "-o", out, *common],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 300
-    while _done(partial) < 2 and child.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert child.poll() is None
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_stalled_run(partial, dense4, out, common)
     assert _done(partial) == 2
     state = json.loads((partial / "state.json").read_text())
     assert set(state["extra"]["learned"]) == {"0", "1"}

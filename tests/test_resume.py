@@ -70,13 +70,9 @@ STALLING = textwrap.dedent("""
 """)
 
 
-def test_killed_run_resumes_bit_identical(dense4, tmp_path):
-    """svd_llm: both calibration streams (dense and compressed), the rank plan and the per-layer β come back."""
-    common = ["--method", "svd_llm", "--ratio", "0.3", "--calib", TEXT, "--nsamples", "8", "--seqlen", "32", "--checkpoint-every", "0"]
-    full = _cli("compress", dense4, "-o", tmp_path / "full", *common)
-    assert full.returncode == 0, full.stderr
-
-    out, partial = tmp_path / "out", tmp_path / "out.partial"
+def kill_stalled_run(partial, dense4, out, common) -> None:
+    """Start ``hf-compress compress`` stalled inside block 2 (`STALLING`), wait until its checkpoint folder
+    ``partial`` holds 2 finished blocks, assert it is still running, and SIGKILL it."""
     child = subprocess.Popen([sys.executable, "-c", STALLING, partial, "compress", dense4, "-o", out, *common],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -86,6 +82,16 @@ def test_killed_run_resumes_bit_identical(dense4, tmp_path):
     assert child.poll() is None  # still running: stalled inside block 2
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
+
+
+def test_killed_run_resumes_bit_identical(dense4, tmp_path):
+    """svd_llm: both calibration streams (dense and compressed), the rank plan and the per-layer β come back."""
+    common = ["--method", "svd_llm", "--ratio", "0.3", "--calib", TEXT, "--nsamples", "8", "--seqlen", "32", "--checkpoint-every", "0"]
+    full = _cli("compress", dense4, "-o", tmp_path / "full", *common)
+    assert full.returncode == 0, full.stderr
+
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    kill_stalled_run(partial, dense4, out, common)
     assert not out.exists()  # no half-written output under the final name
     assert _done(partial) == 2 and (partial / "unit-00001.safetensors").is_file()
 
