@@ -142,20 +142,32 @@ def build_checkpoint(build, out: Path) -> None:
     hf_compress.save_pretrained(model, out, tokenizer=tok, model_card=False)
 
 
+#: the MoE models a build may name: SmolLM2 as 8 experts (top-2), and Qwen3-30B-A3B's block shape (hidden 2048, 128
+#: experts of 768 neurons, top-8; `moe_scale.build`) with ``SHAPE_BLOCKS`` blocks of random weights
+SHAPE_MODEL, SHAPE_BLOCKS = "qwen3-30b-a3b-shape-2blocks", 2
+MOE_MODELS = ("moe8-top2", SHAPE_MODEL)
+
+
 def _build_moe_checkpoint(build: dict, out: Path) -> None:
     """``{"model": "moe8-top2", ...}``: SmolLM2 as 8 experts of 192 neurons, top-2 (`moe_model.moe_from_dense`, the
     router fitted on 32 x 512 tokens of gutenberg-pg1342.txt, as ``moe_model.py --top-k 2`` builds it), saved dense
-    into ``out``'s folder as ``moe8-top2`` first; with a config besides, that model compressed on the default
+    into ``out``'s folder as ``moe8-top2`` first (``SHAPE_MODEL``: the random Qwen3-30B-A3B-shaped blocks); with a config besides, that model compressed on the default
     targets (q/k/v/o and every expert's ``gate_up_proj`` / ``down_proj``; the router dense; ``"lm_head": True``:
     the tied head too)."""
     import hf_compress
     from hf_compress.calibration import calibration_windows
     from hf_compress.loading import load_model, smollm2_gguf_path
 
-    if build["model"] != "moe8-top2":
-        raise ValueError(f"unknown model {build['model']!r} (known: moe8-top2)")
+    if build["model"] not in MOE_MODELS:
+        raise ValueError(f"unknown model {build['model']!r} (known: {', '.join(MOE_MODELS)})")
     source = out.parent / build["model"]
-    if not (source / "config.json").exists():
+    if build["model"] == SHAPE_MODEL and not (source / "config.json").exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from moe_scale import build as build_shape
+
+        build_shape(source, SHAPE_BLOCKS)  # random bf16 weights at Qwen3-30B-A3B's block shape
+        load_model(smollm2_gguf_path())[1].save_pretrained(source)  # a tokenizer for the prompt (ids % vocab)
+    elif not (source / "config.json").exists():
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from moe_model import moe_from_dense
 

@@ -32,6 +32,11 @@ modules returning zeros, as the ``bound`` row below). The dense MoE runs transfo
 the routed experts, as ours); ``, grouped_mm`` rows run transformers' default for the model, ``grouped_mm``
 (``torch.nn.functional.grouped_mm``). Their ``x dense fp32`` / ``x dense bf16`` / ``prefill x dense fp32`` are
 against the dense MoE's ``eager`` rows, not dense SmolLM2's. Where their time goes: ``benchmarks/moe.py split``.
+``30B-A3B shape, 2 blocks: ...`` rows: two blocks at Qwen3-30B-A3B's shape (hidden 2048, 128 experts of 768 neurons,
+top-8, 32 / 4 heads of 128; random weights, vocabulary 2048: `moe_scale.build`; the prompt's ids modulo the
+vocabulary), dense (``eager`` experts) and with q/k/v/o and every expert at rtn 4-bit g128: expert layers of real
+size, where the per-token weight bytes rather than the per-call costs set the speed; compared with their own dense
+rows.
 
 One more row is a bound, not a model: ``bound: projections free (fp32)`` is the dense fp32 model with its 210
 projections replaced by a module that returns zeros of the right shape (one fill, no product: uninitialised memory
@@ -47,11 +52,13 @@ import json
 import os
 from pathlib import Path
 
-from common import DATA, TARGETS, checkpoint_slug, ensure_checkpoints, peak_rss_mb, print_table, run_rows
+from common import DATA, SHAPE_MODEL, TARGETS, checkpoint_slug, ensure_checkpoints, peak_rss_mb, print_table, run_rows
 
 PROMPT, NEW, KV_CONTEXT = 256, 64, 2048
 #: the MoE rows' model: SmolLM2 as 8 experts, top-2 (benchmarks/moe_model.py), and their label prefix
 MOE_MODEL, MOE = "moe8-top2", "MoE top-2:"
+#: rows on Qwen3-30B-A3B's block shape (`common.SHAPE_MODEL`: 2 blocks of random weights) and their label prefix
+SHAPE = "30B-A3B shape, 2 blocks:"
 
 #: label -> how the row is built ("dense" / "torchao" / an hf-compress config) and run (dtype, KV spec, context)
 ROWS = {
@@ -85,6 +92,9 @@ ROWS = {
                                                  "lm_head": True}},
     MOE + " bound: projections and experts free (fp32)": {"build": {"model": MOE_MODEL}, "dtype": "float32",
                                                            "experts": "eager", "free": True},
+    SHAPE + " dense fp32": {"build": {"model": SHAPE_MODEL}, "dtype": "float32", "experts": "eager"},
+    SHAPE + " dense bf16": {"build": {"model": SHAPE_MODEL}, "dtype": "bfloat16", "experts": "eager"},
+    SHAPE + " rtn 4-bit g128": {"build": {"model": SHAPE_MODEL, "method": "rtn", "bits": 4, "group_size": 128}},
     "KV: DynamicCache, 2048 ctx": {"build": "dense", "context": KV_CONTEXT},
     "KV: quant4, 2048 ctx": {"build": "dense", "context": KV_CONTEXT, "kv": "quant4"},
     "KV: quant4 dense_copy, 2048 ctx": {"build": "dense", "context": KV_CONTEXT,
@@ -193,7 +203,7 @@ def run_row(label: str, spec: dict, ckpt: Path) -> dict:
                   filter_fn=_is_projection)
     if spec.get("free"):
         _free_projections(model)
-    ids = _prompt_ids(tok, spec.get("context", PROMPT))
+    ids = _prompt_ids(tok, spec.get("context", PROMPT)) % model.config.vocab_size  # (the shape rows: a small vocab)
     make_cache = None
     if spec.get("kv"):
         from hf_compress.kv.registry import kv_method, parse_kv_spec
@@ -255,9 +265,10 @@ def main() -> None:
     results = _best_of_rounds([run_rows(__file__, jobs) for _ in range(args.rounds)])
     by = {r["row"]: r for r in results if "row" in r}
     for r in results:
-        moe = r.get("row", "").startswith(MOE)  # MoE rows are compared with the dense MoE's, the others with dense's
+        # MoE rows are compared with their dense MoE's, the others with dense SmolLM2's
+        moe = next((p for p in (MOE, SHAPE) if r.get("row", "").startswith(p)), None)
         for base in ("dense fp32", "dense bf16"):
-            ref = by.get(f"{MOE} {base}" if moe else base)
+            ref = by.get(f"{moe} {base}" if moe else base)
             if ref and "decode tok/s" in r and r.get("context") == ref["context"]:
                 r[f"x {base}"] = round(r["decode tok/s"] / ref["decode tok/s"], 2)
                 if base == "dense fp32":

@@ -7,10 +7,17 @@ Memory formula (what one block's compression holds beyond the process's baseline
 
 * the block's dense weights while it is processed (its experts' fused tensors are read once: `_ExpertSlices`):
   ``W = 2 · (E · 3 · H · I + attention)`` in bf16 (a layer being fitted is upcast to fp32 alone: small);
-* the statistics of one group of layers sharing an input shape: ``8 · E · H²`` (an fp64 Gram per expert's
-  gate/up input; ``8 · E · I²`` for the down group) — the largest term;
+* the statistics of one group of layers sharing an input: ``8 · E · H²`` (an fp64 Gram per expert's gate/up
+  input) — the largest term. Groups are gathered one at a time: the gate/up Grams are released before the down
+  group's (``8 · E · I²``, smaller) are gathered, each as soon as its layer is fitted;
+* the block's compressed layers until the block is checkpointed: ``params · bits / 8`` of codes plus fp16 scales and
+  zeros (``4 / group`` bytes per weight) for GPTQ; ``2 · ratio · params`` for SVD-LLM's factors (bf16);
+* one layer's fit workspace, the largest layer's (an expert's gate/up, [2I, H]): ``4 · 8 · H²`` (GPTQ: the damped
+  Hessian, its inverse, the Cholesky factor, the identity it starts from, in fp64) plus ``4 · 4 · 2I · H`` (the fp32
+  weight, codes, continuous weights and the error block); SVD-LLM: ``3 · 8 · H²`` (Gram, Cholesky factor, whitened
+  product) plus ``4 · 4 · 2I · H`` (its SVD's inputs and outputs);
 * the calibration stream(s): ``4 · tokens · H`` each (one for GPTQ; two for SVD-LLM's compensation);
-* the compressed blocks, which, once checkpointed, are read back memory-mapped (`hf_compress.resume`).
+* the blocks compressed before, which, once checkpointed, are read back memory-mapped (`hf_compress.resume`).
 
 Command (one row per method, each in its own process; about 10 minutes per row on 2 cores)::
 
@@ -32,6 +39,7 @@ from common import peak_rss_mb, print_table, run_rows
 
 HIDDEN, EXPERTS, TOP_K, MOE_INTER, HEADS, KV_HEADS, HEAD_DIM, FULL_BLOCKS = 2048, 128, 8, 768, 32, 4, 128, 48
 VOCAB = 2048  # small: the embeddings are not what is measured
+BITS, GROUP, RATIO = 4, 128, 0.3  # the gptq and svd_llm rows' settings
 
 
 def build(folder: Path, blocks: int) -> None:
@@ -58,10 +66,14 @@ def build(folder: Path, blocks: int) -> None:
 def formula_mb(method: str, tokens: int) -> dict[str, float]:
     attention = HIDDEN * HEADS * HEAD_DIM * 2 + HIDDEN * KV_HEADS * HEAD_DIM * 2
     experts = EXPERTS * 3 * HIDDEN * MOE_INTER
+    params = experts + attention
+    gptq = method == "gptq"
     terms = {
-        "block bf16": 2 * (experts + attention),
+        "block bf16": 2 * params,
         "statistics": 8 * EXPERTS * HIDDEN * HIDDEN,
-        "streams": 4 * tokens * HIDDEN * (2 if method == "svd_llm" else 1),
+        "compressed block": params * (BITS / 8 + 4 / GROUP) if gptq else 2 * RATIO * params,
+        "fit workspace": (4 if gptq else 3) * 8 * HIDDEN * HIDDEN + 4 * 4 * 2 * MOE_INTER * HIDDEN,
+        "streams": 4 * tokens * HIDDEN * (1 if gptq else 2),
     }
     return {k: v / 2**20 for k, v in terms.items()}
 
@@ -93,8 +105,8 @@ def row(method: str, folder: str, nsamples: int, seqlen: int) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=offload,
                                                      dtype=torch.bfloat16)
         ids = torch.randint(0, VOCAB, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-        config = ({"method": "gptq", "bits": 4, "group_size": 128} if method == "gptq"
-                  else {"method": "svd_llm", "ratio": 0.3, "alloc": "uniform"})
+        config = ({"method": "gptq", "bits": BITS, "group_size": GROUP} if method == "gptq"
+                  else {"method": "svd_llm", "ratio": RATIO, "alloc": "uniform"})
         config["calibration"] = {"nsamples": nsamples, "seqlen": seqlen, "batch_size": 4}
         reset_peak_rss()  # the load's own peak (safetensors read whole before offloading) is not the run's
         baseline = rss_mb()

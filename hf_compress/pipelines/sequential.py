@@ -334,14 +334,17 @@ class Sequential:
                 ref_inputs, ref_out = reference_inputs(runner, i, copy.deepcopy(block), own,
                                                        {n: stack.local(i, n) for n in own}, ref)
         local = {stack.local(i, n): m for n, m in todo.items()}
+        stats = None
         for group in input_groups(block, local, runner, i, comp[0]):
             names = [stack.full(i, n) for n in group]
+            stats = None  # the previous group's statistics go before this group's are gathered (a MoE block's
+            # gate/up Grams, one per expert, are its largest memory term; its down Grams would add to them)
             with clock("statistics (partial forwards)"):
                 stats = collect(runner, i, block, {n: model.get_submodule(n) for n in names}, comp,
                                 self.data.n_train_batches, self.fisher, ref_inputs=ref_inputs, heldout=True,
                                 stop_after=True, need_gram=self.need_gram, all_experts=self.all_experts)
             for n in names:
-                train_stats, val_stats = stats[n]
+                train_stats, val_stats = stats.pop(n)  # released once fitted (aliases share their Gram)
                 with clock("fit (method)"):
                     if plan[n] is not None:
                         choice = replace(model, job.targets[n], method, job.config_for(n), plan[n],
