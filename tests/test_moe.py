@@ -286,6 +286,35 @@ def test_fallback_is_logged(caplog):
                for r in caplog.records)
 
 
+def test_a_groups_statistics_are_released_before_the_next_groups_are_gathered(monkeypatch):
+    """Memory bound of a MoE block (moe_scale.py's formula): one group's Grams at a time. When the pipeline gathers
+    a group's statistics, no Gram of an earlier group of the block is still alive (each is released once its layer
+    is fitted); the experts' gate/up Grams are gone before the down group's are gathered."""
+    import weakref
+
+    from hf_compress.pipelines import sequential
+
+    model = tiny_moe("qwen3_moe")
+    gathered: list[tuple[list[str], list]] = []
+    real = sequential.collect
+
+    def collect(runner, i, block, layers, *args, **kwargs):
+        for names, refs in gathered:
+            alive = [n for n, r in zip(names, refs) if r() is not None]
+            assert not alive, f"statistics of {alive} still alive while gathering {list(layers)[:2]}"
+        stats = real(runner, i, block, layers, *args, **kwargs)
+        names = [n for n, (train, _) in stats.items() if train.gram is not None]
+        gathered.append((names, [weakref.ref(stats[n][0].gram) for n in names]))
+        return stats
+
+    monkeypatch.setattr(sequential, "collect", collect)
+    config = {"method": "gptq", "bits": 4, "group_size": 16, "calibration": {"nsamples": 4, "seqlen": 16}}
+    hf_compress.compress(model, config, calibration=calibration_ids(4, 16), progress=False)
+    groups = [names for names, _ in gathered]
+    assert any(all(".experts.gate_up_proj." in n for n in g) and len(g) == 8 for g in groups), groups
+    assert any(all(".experts.down_proj." in n for n in g) and len(g) == 8 for g in groups), groups
+
+
 # ----------------------------------------------------------------------------------------------- exactness
 def _dense_llama(seed=0):
     torch.manual_seed(seed)

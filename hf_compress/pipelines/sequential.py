@@ -355,6 +355,7 @@ class Sequential:
                         choice = correct(model.get_submodule(n), job.method, train_stats, val_stats)
                 if choice is not None:
                     betas[n] = choice
+                train_stats = val_stats = None
         return ref_out
 
     def _learn(self, i: int, block: nn.Module, records: dict, comp: list, ref_out: list) -> list[torch.Tensor]:
