@@ -8,7 +8,8 @@ Memory formula (what one block's compression holds beyond the process's baseline
 * the block's dense weights while it is processed (its experts' fused tensors are read once: `_ExpertSlices`):
   ``W = 2 · (E · 3 · H · I + attention)`` in bf16 (a layer being fitted is upcast to fp32 alone: small);
 * the statistics of one group of layers sharing an input: ``8 · E · H²`` (an fp64 Gram per expert's gate/up
-  input) — the largest term. Groups are gathered one at a time: the gate/up Grams are released before the down
+  input; for SVD-LLM too: its held-out windows, kept apart only for layers with cross terms, count in an expert's
+  one Gram) — the largest term. Groups are gathered one at a time: the gate/up Grams are released before the down
   group's (``8 · E · I²``, smaller) are gathered, each as soon as its layer is fitted;
 * the block's compressed layers until the block is checkpointed: ``params · bits / 8`` of codes plus fp16 scales and
   zeros (``4 / group`` bytes per weight) for GPTQ; ``2 · ratio · params`` for SVD-LLM's factors (bf16);

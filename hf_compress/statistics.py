@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 class StatsCollector:
     """Hooks that accumulate `LayerStats` of ``layers`` (name -> module) over the batches of one pass.
 
-    Batches ``0..n_train_batches-1`` go to the training statistics, the later ones to the held-out statistics.
+    Batches ``0..n_train_batches-1`` go to the training statistics, the later ones to the held-out statistics of
+    the layers with reference inputs (the training statistics of the others: see `_target`).
     ``ref_inputs`` ({name: [reference-stream input per batch]}): also the cross terms against the dense model's
     inputs (and, on held-out batches, their Gram). ``need_gram=False``: per-channel statistics only (see
     `LayerStats.add`). ``output_gram``: names of layers whose statistics are instead the Gram of their outputs
@@ -54,7 +55,13 @@ class StatsCollector:
         self.seen.clear()
 
     def _target(self, n: str) -> LayerStats:
-        return self.train[n] if self.batch < self.n_train_batches else self.val[n]
+        # held-out batches are kept apart only for layers with cross terms (what a held-out error measures, e.g.
+        # SVD-LLM's compensation strength); a layer without them (an expert: the two streams route different tokens)
+        # would only have its held-out statistics merged back into its training ones, so they go there directly —
+        # one Gram per expert rather than two
+        if self.batch < self.n_train_batches or not (self.need_cross and n in self.ref_inputs):
+            return self.train[n]
+        return self.val[n]
 
     def on_input(self, n: str, module: nn.Module, args) -> None:
         b = self.batch

@@ -276,6 +276,33 @@ def test_gptq_expert_hessians_are_of_routed_tokens_or_all_tokens(monkeypatch):
             assert not any(w for e, w in enumerate(whites) if e != 5)
 
 
+def test_svd_llm_experts_have_no_held_out_statistics_of_their_own(monkeypatch):
+    """SVD-LLM holds 1 in 8 calibration windows out to choose each dense layer's compensation strength from its
+    cross terms. Experts have no cross terms, so they are fitted on every window with no held-out statistics (one
+    Gram per expert, not two): an expert's token count is its share of all windows; attention layers keep both."""
+    from hf_compress.pipelines import sequential
+
+    seen = {}
+    original = sequential.replace
+
+    def spy(model, target, method, config, rank, stats=None, heldout=None):
+        seen[target.name] = (stats.count, None if heldout is None else heldout.count)
+        return original(model, target, method, config, rank, stats, heldout)
+
+    monkeypatch.setattr(sequential, "replace", spy)
+    cal = calibration_ids(8, 16)
+    model = tiny_moe("qwen3_moe")
+    config = {"method": "svd_llm", "ratio": 0.5, "alloc": "uniform",
+              "calibration": {"nsamples": 8, "seqlen": 16, "batch_size": 1}}
+    hf_compress.compress(model, config, calibration=cal, progress=False)
+    for block in (0, 1):
+        experts = [v for n, v in seen.items() if n.startswith(f"model.layers.{block}.mlp.experts.gate_up_proj.")]
+        assert len(experts) == 8 and all(held is None for _, held in experts)
+        assert sum(count for count, _ in experts) == cal.numel() * 2  # top-2 over all 8 windows
+        train, held = seen[f"model.layers.{block}.self_attn.o_proj"]
+        assert (train, held) == (7 * 16, 16)  # 7 training windows, 1 held out
+
+
 def test_fallback_is_logged(caplog):
     model = tiny_moe("qwen3_moe")
     _never_route_to(model.model.layers[0].mlp.gate, 5)
