@@ -5,7 +5,7 @@
    layer's statistics (`hf_compress.statistics`), keeping only its spectrum, then `allocate_energy` under the
    global budget (weighted by `hf_compress.gradients.output_sensitivity` for the ``loss`` allocator);
    with ``avg_bits``, likewise one pass collecting each layer's input Gram, keeping only its estimated loss
-   increase at each allowed width, then `allocate_layer_bits` under the budget of stored bits (`_layer_bits`);
+   increase in each allowed format, then `allocate_layer_formats` under the budget of stored bits (`_layer_bits`);
 3. the compression pass, block i at a time: inside the block, layers that share an input (q/k/v; o; gate/up;
    down) are fitted group by group on the inputs the *compressed* model really produces (blocks 0..i-1 and the
    block's earlier groups already compressed) against the dense model's inputs where the method compensates;
@@ -21,6 +21,7 @@ The blocks are one `Stack`: the list of repeated blocks that holds the targets, 
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import time
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..allocation import (allocate_energy, allocate_expert_bits, allocate_layer_bits, plan as uniform_plan,
-                          stored_bits)
+from ..allocation import (allocate_energy, allocate_expert_bits, allocate_layer_formats, layer_groups,
+                          plan as uniform_plan, stored_bits)
 from ..calibration import (BlockwiseRunner, calibration_windows, input_groups, is_multimodal_source,
                            multimodal_inputs)
 from ..errors import CheckpointError, ConfigError
@@ -118,6 +119,9 @@ def needs_gram(config, method) -> bool:
 
 class Sequential:
     """One run of the calibrated pipeline over ``job``'s targets (`run`)."""
+
+    #: ``avg_bits``: rescale each layer's rounding errors to its method's own error (`layer_errors`)
+    method_error = True
 
     def __init__(self, job: Job, calibration, tokenizer):
         self.job = job
@@ -222,12 +226,14 @@ class Sequential:
         return bits
 
     def _layer_bits(self) -> dict[str, int]:
-        """With ``avg_bits``: every target's width under the budget (`allocate_layer_bits`), from each layer's loss
-        increase estimated at each of ``bit_choices`` on the dense model: the activation-weighted error of rounding
-        it (`rounding_error`, with the Gram of its inputs on the training windows, one block at a time) times the
-        mean squared loss gradient at its output (`output_sensitivity`). Layers fed the same input share a width."""
+        """With ``avg_bits``: every target's format (width from ``bit_choices``, group size from ``group_choices``)
+        under the budget (`allocate_layer_formats`), from each layer's loss increase estimated in each format on the
+        dense model: the mean squared loss gradient at its output (`output_sensitivity`) times the activation-weighted
+        error of quantizing it (`layer_errors`, with the Gram of its inputs on the training windows, one block at a
+        time). Layers fed the same input share a format. Sets ``job.group_sizes``; returns the widths."""
         job, clock, stack, runner, config = self.job, self.clock, self.stack, self.runner, self.job.config
         if self.saved:
+            job.group_sizes = dict(self.ckpt.extra.get("group_sizes", {}))
             return self.ckpt.extra["bits"]
         with clock("bits: sensitivity"):
             sens = output_sensitivity(job.model, job.modules, self.data.train_batches, job.progress)
@@ -246,18 +252,20 @@ class Sequential:
                                 outputs=out, all_experts=self.all_experts)
             with clock("bits: rounding errors"):
                 for n in layers:
-                    w = job.targets[n].weight().float()
-                    gram = stats[n].gram / max(stats[n].count, 1)
-                    errors[n] = {b: sens[n] * rounding_error(w, gram, b, config.group_size, sdt)
-                                 for b in config.bit_choices}
+                    err = layer_errors(job.method, job.targets[n].weight().float(), stats[n], config, sdt,
+                                       calibrate=self.method_error)
+                    errors[n] = {f: sens[n] * e for f, e in err.items()}
             hidden = out
         scale_bits = 8 * torch.empty(0, dtype=sdt).element_size()
-        bits = allocate_layer_bits(errors, job.shapes, groups, config.group_size, config.avg_bits, scale_bits)
-        stored = sum(stored_bits(*job.shapes[n], b, config.group_size, scale_bits) for n, b in bits.items())
+        formats = allocate_layer_formats(errors, job.shapes, groups, config.avg_bits, scale_bits)
+        bits = {n: b for n, (b, _) in formats.items()}
+        job.group_sizes = {n: g for n, (_, g) in formats.items()}
+        stored = sum(stored_bits(*job.shapes[n], b, g, scale_bits) for n, (b, g) in formats.items())
         weights = sum(o * i for o, i in job.shapes.values())
-        logger.warning("avg_bits %g: %s; %.4f bits per weight as stored", config.avg_bits,
-                       ", ".join(f"{sum(b == w for b in bits.values())} layers at {w} bits"
-                                 for w in sorted(set(bits.values()))), stored / weights)
+        counts = collections.Counter(formats.values())
+        logger.warning("avg_bits %g: %s; %.4f bits per weight as stored (estimated loss increase %.4g)",
+                       config.avg_bits, ", ".join(f"{counts[f]} layers at {f[0]} bits g{f[1]}" for f in sorted(counts)),
+                       stored / weights, sum(errors[n][f] for n, f in formats.items()))
         return bits
 
     def _spectra(self) -> dict[str, torch.Tensor]:
@@ -405,9 +413,38 @@ class Sequential:
             streams.update({f"ref.{b}": h for b, h in enumerate(ref or [])})
             streams.update({f"fisher.{n}": f for n, f in self.fisher.items()})
             extra = {"plan": plan, "betas": betas, "bits": self.job.bits}
+            if self.job.group_sizes:
+                extra["group_sizes"] = self.job.group_sizes
             if self.learn:
                 extra["learned"] = self.learned
             ckpt.commit(i + 1, extra, streams)
+
+
+def layer_errors(method, weight: torch.Tensor, stats, config, sdt: torch.dtype, calibrate: bool = True
+                 ) -> dict[tuple[int, int], float]:
+    """``avg_bits``: a layer's activation-weighted quantization error tr(E H Eᵀ) (H = E[xxᵀ] of its inputs) in each
+    format (bits, group size) it may get: ``bit_choices`` × the ``group_choices`` that divide its input width
+    (`layer_groups`).
+
+    The shape across formats is that of round-to-nearest on the min–max grid (`rounding_error`: cheap in every
+    format); with ``calibrate`` it is rescaled so that, in one reference format, it equals the error of the run's own
+    method (one `quantize` call per layer: for gptq, what error compensation and the grid search leave, which differs
+    from plain rounding by a factor that varies a lot between layers — most where a few input channels dominate H).
+    The reference format: the width in ``bit_choices`` nearest ``avg_bits`` (the lower on a tie), at ``group_size``
+    when the layer may get it, else its smallest group size."""
+    out, n = weight.shape
+    gram = stats.gram / max(stats.count, 1)
+    groups = layer_groups(n, config.group_choices)
+    rnd = {(b, g): rounding_error(weight, gram, b, g, sdt) for b in config.bit_choices for g in groups}
+    if not calibrate:
+        return rnd
+    ref_bits = min(config.bit_choices, key=lambda b: (abs(b - config.avg_bits), b))
+    ref = (ref_bits, config.group_size if config.group_size in groups else groups[0])
+    q = method.quantize(weight, ref[0], ref[1], stats, sdt)
+    e = weight - q.dequantize()[:, :n].to(weight)
+    own = float(((e @ gram.to(torch.float32)) * e).double().sum())
+    ratio = own / rnd[ref] if rnd[ref] > 0 else 1.0
+    return {f: v * ratio for f, v in rnd.items()}
 
 
 class _Recorder:
