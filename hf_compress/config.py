@@ -90,8 +90,10 @@ class CompressionConfig(QuantizationConfigMixin):
             scales and zeros) on average over the targeted layers, with a bit width per layer from ``bit_choices``
             chosen by one global allocation (`hf_compress.allocation.allocate_layer_bits`): each layer's loss
             increase at each width is estimated from a pre-pass over the dense model on the calibration data (the
-            activation-weighted error of rounding it, tr((W − Q_b(W)) E[xxᵀ] (W − Q_b(W))ᵀ), times the mean squared
-            loss gradient at its output), and the widths go where they reduce it most per stored bit. Layers that
+            activation-weighted error of rounding it, tr((W − Q_b(W)) E[xxᵀ] (W − Q_b(W))ᵀ), rescaled so that in one
+            reference format it is the error the run's method itself leaves — for gptq, after error compensation —
+            times the mean squared loss gradient at its output), and the widths go where they reduce it most per
+            stored bit. Layers that
             read the same input (q/k/v; gate/up: the layers vLLM fuses) share one width. Needs calibration data.
             The chosen widths are recorded per layer in ``modules``; at g64 with float16 scales, scales and zeros
             add 0.5 bits per weight to the codes' bits.
