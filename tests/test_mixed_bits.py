@@ -279,6 +279,8 @@ def test_group_choices_allocate_formats_shared_by_fused_layers_and_round_trip(tm
 
 
 def test_layer_errors_are_rounding_errors_rescaled_to_the_method_error():
+    import math
+
     from hf_compress.methods import get_method
     from hf_compress.pipelines.sequential import layer_errors
     from hf_compress.calibration import LayerStats
@@ -289,18 +291,26 @@ def test_layer_errors_are_rounding_errors_rescaled_to_the_method_error():
     stats = LayerStats()
     stats.gram, stats.count = (x.T @ x).double(), 400
     config = hf_compress.CompressionConfig(method="gptq", avg_bits=3.2, group_size=16, bit_choices=[2, 3, 4],
-                                           group_choices=[16, 48, 64])
+                                           group_choices=[16, 32, 48, 64])
     gram = stats.gram / 400
     plain = layer_errors(get_method("rtn")(), w, stats, config, torch.float16)
-    assert set(plain) == {(b, g) for b in (2, 3, 4) for g in (16, 48)}  # 64 does not divide 96
+    assert set(plain) == {(b, g) for b in (2, 3, 4) for g in (16, 32, 48)}  # 64 does not divide 96
     assert all(plain[(b, g)] == pytest.approx(rounding_error(w, gram, b, g), rel=1e-9) for b, g in plain)
     assert layer_errors(get_method("rtn")(), w, stats, config, torch.float16, calibrate=False) == plain
     own = layer_errors(get_method("gptq")(), w, stats, config, torch.float16)
-    q = get_method("gptq")().quantize(w, 3, 16, stats, torch.float16)  # the reference format: 3 bits (nearest 3.2), g16
-    e = w - q.dequantize()
-    assert own[(3, 16)] == pytest.approx(float(((e @ gram.float()) * e).sum()), rel=1e-5)
-    ratio = own[(3, 16)] / plain[(3, 16)]
-    assert ratio < 0.9 and all(own[f] == pytest.approx(ratio * plain[f], rel=1e-9) for f in plain)
+
+    def gptq_error(b, g):
+        e = w - get_method("gptq")().quantize(w, b, g, stats, torch.float16).dequantize()
+        return float(((e @ gram.float()) * e).sum())
+
+    # reference formats: the widths nearest 3.2 (3 and 4) x the smallest and largest group (16, 48): the method's error
+    for f in [(3, 16), (3, 48), (4, 16), (4, 48)]:
+        assert own[f] == pytest.approx(gptq_error(*f), rel=1e-5)
+    ratio = {f: own[f] / plain[f] for f in plain}
+    assert ratio[(3, 16)] < 0.9
+    t = math.log(32 / 16) / math.log(48 / 16)  # g32: the log-ratio interpolated in log group size
+    assert math.log(ratio[(3, 32)]) == pytest.approx((1 - t) * math.log(ratio[(3, 16)]) + t * math.log(ratio[(3, 48)]))
+    assert all(ratio[(2, g)] == pytest.approx(ratio[(3, g)]) for g in (16, 32, 48))  # below the references: clamped
 
 
 def test_more_budget_never_gives_a_layer_fewer_bits():

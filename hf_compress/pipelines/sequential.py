@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -427,24 +428,43 @@ def layer_errors(method, weight: torch.Tensor, stats, config, sdt: torch.dtype, 
     (`layer_groups`).
 
     The shape across formats is that of round-to-nearest on the min–max grid (`rounding_error`: cheap in every
-    format); with ``calibrate`` it is rescaled so that, in one reference format, it equals the error of the run's own
-    method (one `quantize` call per layer: for gptq, what error compensation and the grid search leave, which differs
-    from plain rounding by a factor that varies a lot between layers — most where a few input channels dominate H).
-    The reference format: the width in ``bit_choices`` nearest ``avg_bits`` (the lower on a tie), at ``group_size``
-    when the layer may get it, else its smallest group size."""
+    format). With ``calibrate`` it is rescaled to the error of the run's own method (for gptq, what error compensation
+    and the grid search leave, which differs from plain rounding by a factor that varies a lot between layers — most
+    where a few input channels dominate H — and between formats: a clipping grid gains more on wide groups and at
+    fewer bits). The factor is measured in up to four reference formats, the two widths of ``bit_choices`` nearest
+    ``avg_bits`` (the lower on a tie) × the layer's smallest and largest group size (one `quantize` call each), and
+    interpolated between them (its logarithm bilinear in bits and log group size; constant beyond them)."""
     out, n = weight.shape
     gram = stats.gram / max(stats.count, 1)
     groups = layer_groups(n, config.group_choices)
     rnd = {(b, g): rounding_error(weight, gram, b, g, sdt) for b in config.bit_choices for g in groups}
     if not calibrate:
         return rnd
-    ref_bits = min(config.bit_choices, key=lambda b: (abs(b - config.avg_bits), b))
-    ref = (ref_bits, config.group_size if config.group_size in groups else groups[0])
-    q = method.quantize(weight, ref[0], ref[1], stats, sdt)
-    e = weight - q.dequantize()[:, :n].to(weight)
-    own = float(((e @ gram.to(torch.float32)) * e).double().sum())
-    ratio = own / rnd[ref] if rnd[ref] > 0 else 1.0
-    return {f: v * ratio for f, v in rnd.items()}
+    ref_bits = sorted(sorted(config.bit_choices, key=lambda b: (abs(b - config.avg_bits), b))[:2])
+    ref_groups = sorted({groups[0], groups[-1]})
+    log_ratio = {}
+    for b in ref_bits:
+        for g in ref_groups:
+            q = method.quantize(weight, b, g, stats, sdt)
+            e = weight - q.dequantize()[:, :n].to(weight)
+            own = float(((e @ gram.to(torch.float32)) * e).double().sum())
+            log_ratio[(b, g)] = math.log(max(own, 1e-300) / rnd[(b, g)]) if rnd[(b, g)] > 0 else 0.0
+
+    def between(x: float, lo, hi, key=float) -> tuple:  # (lower end, upper end, weight of the upper), clamped
+        if key(x) <= key(lo):
+            return lo, lo, 0.0
+        if key(x) >= key(hi):
+            return hi, hi, 0.0
+        return lo, hi, (key(x) - key(lo)) / (key(hi) - key(lo))
+
+    errors = {}
+    for (b, g), v in rnd.items():
+        b0, b1, tb = between(b, ref_bits[0], ref_bits[-1])
+        g0, g1, tg = between(g, ref_groups[0], ref_groups[-1], math.log)
+        lr = ((1 - tb) * ((1 - tg) * log_ratio[(b0, g0)] + tg * log_ratio[(b0, g1)])
+              + tb * ((1 - tg) * log_ratio[(b1, g0)] + tg * log_ratio[(b1, g1)]))
+        errors[(b, g)] = v * math.exp(lr)
+    return errors
 
 
 class _Recorder:
