@@ -267,6 +267,10 @@ class Sequential:
         logger.warning("avg_bits %g: %s; %.4f bits per weight as stored (estimated loss increase %.4g)",
                        config.avg_bits, ", ".join(f"{counts[f]} layers at {f[0]} bits g{f[1]}" for f in sorted(counts)),
                        stored / weights, sum(errors[n][f] for n, f in formats.items()))
+        logger.info("avg_bits: formats per layer: %s", " ".join(f"{n}={b}/g{g}" for n, (b, g) in formats.items()))
+        uniform = {f: sum(e[f] for e in errors.values()) for f in set.intersection(*(set(e) for e in errors.values()))}
+        logger.info("avg_bits: estimated loss increase of every layer in one format: %s",
+                    ", ".join(f"{b} bits g{g}: {v:.4g}" for (b, g), v in sorted(uniform.items())))
         return bits
 
     def _spectra(self) -> dict[str, torch.Tensor]:
