@@ -9,7 +9,9 @@ per weight (``eora_bits``); ``METHOD:BITS:GROUP:R1/R2/...`` compresses once at t
 by truncating the factors (identical to compressing at that rank: the factors are SVD-ordered and, when quantized,
 quantized row by row); a trailing ``:qB`` stores the EoRA factors as B-bit codes (``eora_factor_bits``, group 128),
 e.g. ``gptq:3:64:32/20/16:q4``. ``METHOD:avgX:GROUP`` (e.g. ``gptq:avg3.0:64``) quantizes with a width per layer
-from 2/3/4/8 under a budget of X bits per weight as stored (``avg_bits``: codes, scales and zeros; calibrated). ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
+from 2/3/4/8 under a budget of X bits per weight as stored (``avg_bits``: codes, scales and zeros; calibrated);
+``GROUP`` may list group sizes (``group_choices``, e.g. ``gptq+act:avg3.0:64/192/576/1536``) and a trailing ``:wB1/B2``
+restricts the widths (``bit_choices``, e.g. ``:w2/3/4``). ``bits_w_fp16_factors`` is what the same layers take with the EoRA factors stored in
 fp16/bf16, as in a half-precision checkpoint (the benchmark model is fp32, so its factors are fp32 in ``bits_w``).
 ``--extra-eval FILE`` adds the perplexity on another text of ../shared/data (its first ``--extra-eval-tokens``,
 default 16384). A method name may carry modifiers: ``+rot`` rotates the residual stream first
@@ -94,7 +96,8 @@ def run_row(spec: dict) -> list[dict]:
         act = spec.get("act", False)
         mixed = isinstance(spec["bits"], str)  # "avg3.0": per-layer widths under 3.0 stored bits per weight
         cfg = {"method": spec["method"], "group_size": spec["group_size"],
-               **({"avg_bits": float(spec["bits"][3:])} if mixed else {"bits": spec["bits"]}),
+               **({"avg_bits": float(spec["bits"][3:]), "bit_choices": spec.get("bit_choices"),
+                   "group_choices": spec.get("group_choices")} if mixed else {"bits": spec["bits"]}),
                "eora_rank": sweep[0] if sweep[0] else (None if budget else (eora or None)),
                "eora_bits": float(eora[1:]) if budget else None, "eora_factor_bits": spec.get("factor_bits"),
                "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0},
@@ -117,6 +120,9 @@ def run_row(spec: dict) -> list[dict]:
         if mixed:  # how many layers got each width
             widths = [model.get_submodule(n).bits for n in names]
             row["widths"] = " ".join(f"{b}b:{widths.count(b)}" for b in sorted(set(widths)))
+            formats = [(model.get_submodule(n).bits, model.get_submodule(n).group_size) for n in names]
+            if len({g for _, g in formats}) > 1:  # group_choices: how many layers got each (width, group size)
+                row["widths"] = " ".join(f"{b}b/g{g}:{formats.count((b, g))}" for b, g in sorted(set(formats)))
         rows = []
         for rank in sweep:  # EoRA factors are SVD-ordered and quantized row by row: truncating = compressing at rank
             if rank is not None:
@@ -252,7 +258,10 @@ def _parse_row(text: str, learn_rounding: dict | None = None) -> dict:
 
 def _parse_quant_row(text: str) -> dict:
     name, bits, group, *rest = text.split(":")
-    bits, group = (bits if bits.startswith("avg") and float(bits[3:]) > 0 else int(bits)), int(group)
+    bits = bits if bits.startswith("avg") and float(bits[3:]) > 0 else int(bits)
+    groups = [int(g) for g in group.split("/")]  # avgX:G1/G2/...: group_choices (group_size: the first)
+    group = groups[0]
+    choices = [int(b) for b in rest.pop()[1:].split("/")] if rest and rest[-1].startswith("w") else None
     factor_bits = int(rest.pop()[1:]) if rest and rest[-1].startswith("q") else None
     eora = rest[0] if rest else "0"
     eora = eora if eora.startswith("b") else ([int(r) for r in eora.split("/")] if "/" in eora else int(eora))
@@ -260,7 +269,11 @@ def _parse_quant_row(text: str) -> dict:
         return {"kind": "hqq", "method": "HQQ package 0.2.8", "bits": bits, "group_size": group, "eora": 0}
     if name == "quanto":
         return {"kind": "quanto", "method": "optimum-quanto qint4", "bits": 4, "group_size": 128, "eora": 0}
-    return {"kind": "ours", "method": name, "bits": bits, "group_size": group, "eora": eora, "factor_bits": factor_bits}
+    mixed = {"group_choices": groups} if len(groups) > 1 else {}
+    if choices:
+        mixed["bit_choices"] = choices
+    return {"kind": "ours", "method": name, "bits": bits, "group_size": group, "eora": eora, "factor_bits": factor_bits,
+            **mixed}
 
 
 def main():

@@ -238,31 +238,63 @@ def allocate_bits(errors: dict[str, dict[int, float]], costs: dict[str, dict[int
     return bits
 
 
+def layer_groups(in_features: int, group_choices: list[int]) -> list[int]:
+    """The group sizes of ``group_choices`` a layer with ``in_features`` inputs may get: those that divide it (a partial
+    last group costs a whole group's scale and zero, and compressed-tensors refuses it), or all of them if none does."""
+    whole = [g for g in group_choices if in_features % g == 0]
+    return whole or list(group_choices)
+
+
+def allocate_layer_formats(errors: dict[str, dict[tuple[int, int], float]], shapes: dict[str, tuple[int, int]],
+                           groups: list[list[str]], avg_bits: float, scale_bits: int = 16
+                           ) -> dict[str, tuple[int, int]]:
+    """Per-layer formats (bits, group size) under a budget of ``avg_bits`` stored bits per weight (codes, scales and
+    zeros: `stored_bits`) over the layers of ``shapes``. ``errors[name][(bits, group)]``: the layer's estimated loss
+    increase in that format (the formats a layer may get are the keys of its entry); ``groups``: layers that must
+    share one format (those vLLM fuses: q/k/v, gate/up; they read one input, so they have the same formats); a
+    layer in no group is its own. Raises `ConfigError` naming the feasible range when ``avg_bits`` is outside it."""
+    if not shapes:
+        return {}
+    grouped = {n for g in groups for n in g}
+    unknown = sorted(grouped - set(shapes))
+    if unknown:
+        raise ConfigError(f"bit groups name layers that are not targets: {unknown[:3]}")
+    units = [list(g) for g in groups] + [[n] for n in shapes if n not in grouped]
+    weights = sum(o * i for o, i in shapes.values())
+    cost = {n: {f: stored_bits(*shapes[n], f[0], f[1], scale_bits) for f in errors[n]} for n in shapes}
+    key = {u[0]: u for u in units}
+    formats = {k: sorted(set.intersection(*(set(errors[n]) for n in u))) for k, u in key.items()}
+    empty = [k for k, f in formats.items() if not f]
+    if empty:
+        raise ConfigError(f"layers that must share a format have no format in common: {key[empty[0]]}")
+    unit_errors = {k: {f: sum(errors[n][f] for n in u) for f in formats[k]} for k, u in key.items()}
+    unit_costs = {k: {f: sum(cost[n][f] for n in u) for f in formats[k]} for k, u in key.items()}
+    low = sum(min(c.values()) for c in unit_costs.values()) / weights
+    high = sum(max(c.values()) for c in unit_costs.values()) / weights
+    if not low <= avg_bits * (1 + 1e-12):
+        bits = sorted({f[0] for f in formats[next(iter(formats))]})
+        group_sizes = sorted({f[1] for fs in formats.values() for f in fs})
+        raise ConfigError(f"avg_bits {avg_bits:g} cannot be met with bit_choices {bits} and group sizes "
+                          f"{group_sizes}: the targeted layers store at least {low:.4f} bits per weight (every layer "
+                          f"in its cheapest format, scales and zeros included); feasible range is "
+                          f"[{low:.4f}, {high:.4f}]")
+    chosen = allocate_bits(unit_errors, unit_costs, avg_bits * weights)
+    return {n: chosen[k] for k, u in key.items() for n in u}
+
+
 def allocate_layer_bits(errors: dict[str, dict[int, float]], shapes: dict[str, tuple[int, int]],
                         groups: list[list[str]], group_size: int, avg_bits: float, scale_bits: int = 16
                         ) -> dict[str, int]:
     """Per-layer widths under a budget of ``avg_bits`` stored bits per weight (codes, scales and zeros: `stored_bits`)
-    over the layers of ``shapes``. ``errors[name][b]``: the layer's estimated loss increase at b bits; ``groups``:
-    layers that must share one width (those vLLM fuses: q/k/v, gate/up); a layer in no group is its own. Raises
-    `ConfigError` naming the feasible range when ``avg_bits`` is outside it."""
+    over the layers of ``shapes``, every layer at group size ``group_size`` (`allocate_layer_formats` with one group
+    size). ``errors[name][b]``: the layer's estimated loss increase at b bits; ``groups``: layers that must share one
+    width (those vLLM fuses: q/k/v, gate/up); a layer in no group is its own. Raises `ConfigError` naming the
+    feasible range when ``avg_bits`` is outside it."""
     if not shapes:
         return {}
-    grouped = {n for g in groups for n in g}
-    units = [list(g) for g in groups] + [[n] for n in shapes if n not in grouped]
-    unknown = sorted(grouped - set(shapes))
-    if unknown:
-        raise ConfigError(f"bit groups name layers that are not targets: {unknown[:3]}")
-    choices = sorted(next(iter(errors.values()))) if errors else []
-    weights = sum(o * i for o, i in shapes.values())
-    cost = {n: {b: stored_bits(*shapes[n], b, group_size, scale_bits) for b in choices} for n in shapes}
-    low = sum(cost[n][choices[0]] for n in shapes) / weights
-    high = sum(cost[n][choices[-1]] for n in shapes) / weights
-    if not low <= avg_bits:
-        raise ConfigError(f"avg_bits {avg_bits:g} cannot be met with bit_choices {choices} and group_size {group_size}: "
-                          f"the targeted layers store at least {low:.4f} bits per weight (all at {choices[0]} bits, "
-                          f"scales and zeros included); feasible range is [{low:.4f}, {high:.4f}]")
-    key = {u[0]: u for u in units}
-    unit_errors = {k: {b: sum(errors[n][b] for n in u) for b in choices} for k, u in key.items()}
-    unit_costs = {k: {b: sum(cost[n][b] for n in u) for b in choices} for k, u in key.items()}
-    chosen = allocate_bits(unit_errors, unit_costs, avg_bits * weights)
-    return {n: chosen[k] for k, u in key.items() for n in u}
+    by_format = {n: {(b, group_size): e for b, e in errors[n].items()} for n in shapes}
+    try:
+        chosen = allocate_layer_formats(by_format, shapes, groups, avg_bits, scale_bits)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(f" and group sizes [{group_size}]", f" and group_size {group_size}")) from None
+    return {n: b for n, (b, _) in chosen.items()}

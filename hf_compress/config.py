@@ -90,12 +90,18 @@ class CompressionConfig(QuantizationConfigMixin):
             scales and zeros) on average over the targeted layers, with a bit width per layer from ``bit_choices``
             chosen by one global allocation (`hf_compress.allocation.allocate_layer_bits`): each layer's loss
             increase at each width is estimated from a pre-pass over the dense model on the calibration data (the
-            activation-weighted error of rounding it, tr((W − Q_b(W)) E[xxᵀ] (W − Q_b(W))ᵀ), times the mean squared
-            loss gradient at its output), and the widths go where they reduce it most per stored bit. Layers that
+            activation-weighted error of rounding it, tr((W − Q_b(W)) E[xxᵀ] (W − Q_b(W))ᵀ), rescaled so that in one
+            reference format it is the error the run's method itself leaves — for gptq, after error compensation —
+            times the mean squared loss gradient at its output), and the widths go where they reduce it most per
+            stored bit. Layers that
             read the same input (q/k/v; gate/up: the layers vLLM fuses) share one width. Needs calibration data.
             The chosen widths are recorded per layer in ``modules``; at g64 with float16 scales, scales and zeros
             add 0.5 bits per weight to the codes' bits.
         bit_choices: with ``avg_bits``, the widths a layer may get (default all of 2, 3, 4, 8).
+        group_choices: with ``avg_bits``, the group sizes a layer may get (default ``[group_size]``): the allocation
+            is then over formats (width, group size), e.g. ``[64, 192, 576]`` lets a layer trade scale bytes for code
+            bits (3-bit g192 stores 3.17 bits per weight, g64 3.5). A layer only gets group sizes that divide its
+            input width (unless none does); layers that share a width share the group size too.
         expert_bits_by: what the allocation weighs: ``"usage"`` (default), each expert's share of routed tokens
             times 4^-b; ``"error"``, each expert layer's measured output error at each width on the tokens routed to
             it, weighted by the routing weights (`hf_compress.statistics.expert_errors`). On the top-4 MoE SmolLM2
@@ -158,6 +164,7 @@ class CompressionConfig(QuantizationConfigMixin):
         expert_bits: list[int] | None = None,
         avg_bits: float | None = None,
         bit_choices: list[int] | None = None,
+        group_choices: list[int] | None = None,
         expert_bits_by: str = "usage",
         expert_prune: float | None = None,
         pruned_experts: dict[str, Any] | None = None,
@@ -210,6 +217,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.expert_bits = sorted(set(expert_bits)) if expert_bits else None
         self.avg_bits = avg_bits
         self.bit_choices = bit_choices
+        self.group_choices = group_choices
         self.expert_bits_by = expert_bits_by
         self.expert_prune = expert_prune
         #: what ``expert_prune`` removed (set by `compress`): {"experts": [E, E'], "parameters": n, "dropped": {block: [...]}}
@@ -367,6 +375,9 @@ class CompressionConfig(QuantizationConfigMixin):
         if self.avg_bits is None:
             if self.bit_choices is not None:
                 raise ConfigError("bit_choices are the widths a layer may get under avg_bits: give it with avg_bits")
+            if self.group_choices is not None:
+                raise ConfigError("group_choices are the group sizes a layer may get under avg_bits: give it with "
+                                  "avg_bits")
             return
         if method.family != "quant":
             raise ConfigError("avg_bits allocates per-layer quantization widths: use it with rtn, hqq or gptq")
@@ -385,6 +396,12 @@ class CompressionConfig(QuantizationConfigMixin):
             raise ConfigError(f"bit_choices must be a non-empty list of widths among {SUPPORTED_BITS}, got "
                               f"{self.bit_choices!r}")
         self.bit_choices = sorted(set(choices))
+        groups = [self.group_size] if self.group_choices is None else self.group_choices
+        if (isinstance(groups, (str, bytes)) or not hasattr(groups, "__iter__") or not groups
+                or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in groups)):
+            raise ConfigError(f"group_choices must be a non-empty list of positive group sizes, got "
+                              f"{self.group_choices!r}")
+        self.group_choices = sorted(set(groups))
 
     @property
     def family(self) -> str:
@@ -419,6 +436,8 @@ class CompressionConfig(QuantizationConfigMixin):
             **({"expert_prune": self.expert_prune, "pruned_experts": copy.deepcopy(self.pruned_experts)}
                if self.expert_prune else {}),
             **({"avg_bits": self.avg_bits, "bit_choices": list(self.bit_choices)} if self.avg_bits else {}),
+            **({"group_choices": list(self.group_choices)}
+               if self.avg_bits and self.group_choices != [self.group_size] else {}),
             **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
             **({"rotate_heads": True} if self.rotate_heads else {}),
             **({"learn_rounding": copy.deepcopy(self.learn_rounding)} if self.learn_rounding else {}),

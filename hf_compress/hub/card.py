@@ -70,8 +70,13 @@ def _mixed_widths(model, avg_bits: float, choices) -> str:
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     weights = sum(m.out_features * m.in_features for m in layers) or 1
     stored = sum(m.bits_per_weight * m.out_features * m.in_features for m in layers) / weights
-    count = {b: sum(m.bits == b for m in layers) for b in sorted({m.bits for m in layers})}
-    return (f"bit widths per layer ({', '.join(f'{n} layers at {b}-bit' for b, n in count.items())}; chosen from "
+    if len({m.group_size for m in layers}) > 1:  # group_choices: formats (width, group size)
+        fmt = {f: sum((m.bits, m.group_size) == f for m in layers) for f in sorted({(m.bits, m.group_size) for m in layers})}
+        per_layer = ', '.join(f'{n} layers at {b}-bit g{g}' for (b, g), n in fmt.items())
+    else:
+        count = {b: sum(m.bits == b for m in layers) for b in sorted({m.bits for m in layers})}
+        per_layer = ', '.join(f'{n} layers at {b}-bit' for b, n in count.items())
+    return (f"bit widths per layer ({per_layer}; chosen from "
             f"{list(choices)} under a budget of {avg_bits:g} bits per weight as stored, {stored:.3f} used, "
             "layers that read the same input sharing a width)")
 
@@ -105,7 +110,10 @@ def _compressed_section(model, config, groups) -> str:
     if config.bits or avg_bits:
         what = "weights" if config.family == "quant" else "low-rank factors"
         widths = f"{config.bits}-bit" if config.bits else _mixed_widths(model, avg_bits, config.bit_choices)
-        lines.append(f"Quantization of the {what}: {widths}, group size {config.group_size}, scales and "
+        group_opts = getattr(config, "group_choices", None) if avg_bits else None
+        group = (f"group sizes per layer from {list(group_opts)}" if group_opts and group_opts != [config.group_size]
+                 else f"group size {config.group_size}")
+        lines.append(f"Quantization of the {what}: {widths}, {group}, scales and "
                      f"zeros in {config.scale_dtype}" + (f", EoRA compensation rank {config.eora_rank}"
                                                          if config.eora_rank else "")
                      + (f", EoRA compensation with per-layer ranks from a budget of {config.eora_bits:g} extra bits "

@@ -36,13 +36,18 @@ class Job:
     #: per-layer bit widths that differ from ``config.bits`` (``expert_bits``: `hf_compress.allocation.allocate_expert_bits`;
     #: ``avg_bits``: `hf_compress.allocation.allocate_layer_bits`, every target)
     bits: dict[str, int] = field(default_factory=dict)
+    #: per-layer group sizes (``avg_bits`` with ``group_choices``: `hf_compress.allocation.allocate_layer_formats`)
+    group_sizes: dict[str, int] = field(default_factory=dict)
 
     def config_for(self, name: str):
-        """The settings layer ``name`` is compressed with: the run's config, with its own bit width if it has one."""
-        if name not in self.bits or self.bits[name] == self.config.bits:
+        """The settings layer ``name`` is compressed with: the run's config, with its own bit width and group size if
+        it has them."""
+        bits = self.bits.get(name, self.config.bits)
+        group = self.group_sizes.get(name, self.config.group_size)
+        if bits == self.config.bits and group == self.config.group_size:
             return self.config
         config = copy.copy(self.config)
-        config.bits = self.bits[name]
+        config.bits, config.group_size = bits, group
         return config
 
     @cached_property

@@ -5,7 +5,7 @@
    layer's statistics (`hf_compress.statistics`), keeping only its spectrum, then `allocate_energy` under the
    global budget (weighted by `hf_compress.gradients.output_sensitivity` for the ``loss`` allocator);
    with ``avg_bits``, likewise one pass collecting each layer's input Gram, keeping only its estimated loss
-   increase at each allowed width, then `allocate_layer_bits` under the budget of stored bits (`_layer_bits`);
+   increase in each allowed format, then `allocate_layer_formats` under the budget of stored bits (`_layer_bits`);
 3. the compression pass, block i at a time: inside the block, layers that share an input (q/k/v; o; gate/up;
    down) are fitted group by group on the inputs the *compressed* model really produces (blocks 0..i-1 and the
    block's earlier groups already compressed) against the dense model's inputs where the method compensates;
@@ -21,16 +21,18 @@ The blocks are one `Stack`: the list of repeated blocks that holds the targets, 
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..allocation import (allocate_energy, allocate_expert_bits, allocate_layer_bits, plan as uniform_plan,
-                          stored_bits)
+from ..allocation import (allocate_energy, allocate_expert_bits, allocate_layer_formats, layer_groups,
+                          plan as uniform_plan, stored_bits)
 from ..calibration import (BlockwiseRunner, calibration_windows, input_groups, is_multimodal_source,
                            multimodal_inputs)
 from ..errors import CheckpointError, ConfigError
@@ -118,6 +120,9 @@ def needs_gram(config, method) -> bool:
 
 class Sequential:
     """One run of the calibrated pipeline over ``job``'s targets (`run`)."""
+
+    #: ``avg_bits``: rescale each layer's rounding errors to its method's own error (`layer_errors`)
+    method_error = True
 
     def __init__(self, job: Job, calibration, tokenizer):
         self.job = job
@@ -222,12 +227,14 @@ class Sequential:
         return bits
 
     def _layer_bits(self) -> dict[str, int]:
-        """With ``avg_bits``: every target's width under the budget (`allocate_layer_bits`), from each layer's loss
-        increase estimated at each of ``bit_choices`` on the dense model: the activation-weighted error of rounding
-        it (`rounding_error`, with the Gram of its inputs on the training windows, one block at a time) times the
-        mean squared loss gradient at its output (`output_sensitivity`). Layers fed the same input share a width."""
+        """With ``avg_bits``: every target's format (width from ``bit_choices``, group size from ``group_choices``)
+        under the budget (`allocate_layer_formats`), from each layer's loss increase estimated in each format on the
+        dense model: the mean squared loss gradient at its output (`output_sensitivity`) times the activation-weighted
+        error of quantizing it (`layer_errors`, with the Gram of its inputs on the training windows, one block at a
+        time). Layers fed the same input share a format. Sets ``job.group_sizes``; returns the widths."""
         job, clock, stack, runner, config = self.job, self.clock, self.stack, self.runner, self.job.config
         if self.saved:
+            job.group_sizes = dict(self.ckpt.extra.get("group_sizes", {}))
             return self.ckpt.extra["bits"]
         with clock("bits: sensitivity"):
             sens = output_sensitivity(job.model, job.modules, self.data.train_batches, job.progress)
@@ -246,18 +253,24 @@ class Sequential:
                                 outputs=out, all_experts=self.all_experts)
             with clock("bits: rounding errors"):
                 for n in layers:
-                    w = job.targets[n].weight().float()
-                    gram = stats[n].gram / max(stats[n].count, 1)
-                    errors[n] = {b: sens[n] * rounding_error(w, gram, b, config.group_size, sdt)
-                                 for b in config.bit_choices}
+                    err = layer_errors(job.method, job.targets[n].weight().float(), stats[n], config, sdt,
+                                       calibrate=self.method_error)
+                    errors[n] = {f: sens[n] * e for f, e in err.items()}
             hidden = out
         scale_bits = 8 * torch.empty(0, dtype=sdt).element_size()
-        bits = allocate_layer_bits(errors, job.shapes, groups, config.group_size, config.avg_bits, scale_bits)
-        stored = sum(stored_bits(*job.shapes[n], b, config.group_size, scale_bits) for n, b in bits.items())
+        formats = allocate_layer_formats(errors, job.shapes, groups, config.avg_bits, scale_bits)
+        bits = {n: b for n, (b, _) in formats.items()}
+        job.group_sizes = {n: g for n, (_, g) in formats.items()}
+        stored = sum(stored_bits(*job.shapes[n], b, g, scale_bits) for n, (b, g) in formats.items())
         weights = sum(o * i for o, i in job.shapes.values())
-        logger.warning("avg_bits %g: %s; %.4f bits per weight as stored", config.avg_bits,
-                       ", ".join(f"{sum(b == w for b in bits.values())} layers at {w} bits"
-                                 for w in sorted(set(bits.values()))), stored / weights)
+        counts = collections.Counter(formats.values())
+        logger.warning("avg_bits %g: %s; %.4f bits per weight as stored (estimated loss increase %.4g)",
+                       config.avg_bits, ", ".join(f"{counts[f]} layers at {f[0]} bits g{f[1]}" for f in sorted(counts)),
+                       stored / weights, sum(errors[n][f] for n, f in formats.items()))
+        logger.info("avg_bits: formats per layer: %s", " ".join(f"{n}={b}/g{g}" for n, (b, g) in formats.items()))
+        uniform = {f: sum(e[f] for e in errors.values()) for f in set.intersection(*(set(e) for e in errors.values()))}
+        logger.info("avg_bits: estimated loss increase of every layer in one format: %s",
+                    ", ".join(f"{b} bits g{g}: {v:.4g}" for (b, g), v in sorted(uniform.items())))
         return bits
 
     def _spectra(self) -> dict[str, torch.Tensor]:
@@ -409,9 +422,57 @@ class Sequential:
             streams.update({f"ref.{b}": h for b, h in enumerate(ref or [])})
             streams.update({f"fisher.{n}": f for n, f in self.fisher.items()})
             extra = {"plan": plan, "betas": betas, "bits": self.job.bits}
+            if self.job.group_sizes:
+                extra["group_sizes"] = self.job.group_sizes
             if self.learn:
                 extra["learned"] = self.learned
             ckpt.commit(i + 1, extra, streams)
+
+
+def layer_errors(method, weight: torch.Tensor, stats, config, sdt: torch.dtype, calibrate: bool = True
+                 ) -> dict[tuple[int, int], float]:
+    """``avg_bits``: a layer's activation-weighted quantization error tr(E H Eᵀ) (H = E[xxᵀ] of its inputs) in each
+    format (bits, group size) it may get: ``bit_choices`` × the ``group_choices`` that divide its input width
+    (`layer_groups`).
+
+    The shape across formats is that of round-to-nearest on the min–max grid (`rounding_error`: cheap in every
+    format). With ``calibrate`` it is rescaled to the error of the run's own method (for gptq, what error compensation
+    and the grid search leave, which differs from plain rounding by a factor that varies a lot between layers — most
+    where a few input channels dominate H — and between formats: a clipping grid gains more on wide groups and at
+    fewer bits). The factor is measured in up to four reference formats, the two widths of ``bit_choices`` nearest
+    ``avg_bits`` (the lower on a tie) × the layer's smallest and largest group size (one `quantize` call each), and
+    interpolated between them (its logarithm bilinear in bits and log group size; constant beyond them)."""
+    out, n = weight.shape
+    gram = stats.gram / max(stats.count, 1)
+    groups = layer_groups(n, config.group_choices)
+    rnd = {(b, g): rounding_error(weight, gram, b, g, sdt) for b in config.bit_choices for g in groups}
+    if not calibrate:
+        return rnd
+    ref_bits = sorted(sorted(config.bit_choices, key=lambda b: (abs(b - config.avg_bits), b))[:2])
+    ref_groups = sorted({groups[0], groups[-1]})
+    log_ratio = {}
+    for b in ref_bits:
+        for g in ref_groups:
+            q = method.quantize(weight, b, g, stats, sdt)
+            e = weight - q.dequantize()[:, :n].to(weight)
+            own = float(((e @ gram.to(torch.float32)) * e).double().sum())
+            log_ratio[(b, g)] = math.log(max(own, 1e-300) / rnd[(b, g)]) if rnd[(b, g)] > 0 else 0.0
+
+    def between(x: float, lo, hi, key=float) -> tuple:  # (lower end, upper end, weight of the upper), clamped
+        if key(x) <= key(lo):
+            return lo, lo, 0.0
+        if key(x) >= key(hi):
+            return hi, hi, 0.0
+        return lo, hi, (key(x) - key(lo)) / (key(hi) - key(lo))
+
+    errors = {}
+    for (b, g), v in rnd.items():
+        b0, b1, tb = between(b, ref_bits[0], ref_bits[-1])
+        g0, g1, tg = between(g, ref_groups[0], ref_groups[-1], math.log)
+        lr = ((1 - tb) * ((1 - tg) * log_ratio[(b0, g0)] + tg * log_ratio[(b0, g1)])
+              + tb * ((1 - tg) * log_ratio[(b1, g0)] + tg * log_ratio[(b1, g1)]))
+        errors[(b, g)] = v * math.exp(lr)
+    return errors
 
 
 class _Recorder:
