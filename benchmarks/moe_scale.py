@@ -17,7 +17,8 @@ Memory formula (what one block's compression holds beyond the process's baseline
   Hessian, its inverse, the Cholesky factor, the identity it starts from, in fp64) plus ``4 · 4 · 2I · H`` (the fp32
   weight, codes, continuous weights and the error block); SVD-LLM: ``3 · 8 · H²`` (Gram, Cholesky factor, whitened
   product) plus ``4 · 4 · 2I · H`` (its SVD's inputs and outputs);
-* the calibration stream(s): ``4 · tokens · H`` each (one for GPTQ; two for SVD-LLM's compensation);
+* the calibration stream(s): ``4 · tokens · H`` each (one for GPTQ; two for SVD-LLM's compensation: its reference
+  forward runs the block itself, before any of it is fitted, not a copy);
 * the blocks compressed before, which, once checkpointed, are read back memory-mapped (`hf_compress.resume`).
 
 Command (one row per method, each in its own process; about 10 minutes per row on 2 cores)::

@@ -159,7 +159,7 @@ def collect(runner: BlockwiseRunner, i: int, block: nn.Module, layers: dict[str,
 
 def reference_inputs(runner: BlockwiseRunner, i: int, dense_block: nn.Module, layers, local_names: dict[str, str],
                      ref_hidden):
-    """Run the dense copy of block i on the reference stream; keep each target layer's inputs per batch.
+    """Run the dense block i (not yet fitted) on the reference stream; keep each target layer's inputs per batch.
     ``local_names``: each layer's name inside the block. Returns ({name: [input per batch]}, the block's outputs)."""
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     handles = []

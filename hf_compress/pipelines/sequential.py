@@ -22,7 +22,6 @@ The blocks are one `Stack`: the list of repeated blocks that holds the targets, 
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import math
 import time
@@ -343,9 +342,10 @@ class Sequential:
         if self.need_cross:
             # experts get no cross terms: the dense and the compressed stream route different tokens to them
             own = {n: m for n, m in todo.items() if not is_expert_layer(model, n)}
+            # the block itself, still dense: nothing of it is fitted before this pass ends (a copy would hold
+            # a second set of the block's weights, an offloaded MoE block's experts read into RAM)
             with clock("reference forward"):
-                ref_inputs, ref_out = reference_inputs(runner, i, copy.deepcopy(block), own,
-                                                       {n: stack.local(i, n) for n in own}, ref)
+                ref_inputs, ref_out = reference_inputs(runner, i, block, own, {n: stack.local(i, n) for n in own}, ref)
         local = {stack.local(i, n): m for n, m in todo.items()}
         stats = None
         for group in input_groups(block, local, runner, i, comp[0]):
