@@ -618,7 +618,8 @@ def main() -> None:
     elif args.table == "alloc":
         title = (f"\nTop-{args.top_k} MoE SmolLM2: uniform vs per-expert bit widths at one budget, ppl on "
                  f"{args.eval_tokens} WikiText-2 tokens; {threads} threads, {time.time() - t0:.0f} s")
-        cols = ["model", "setting", "expert bits", "expert MB", "model MB", "ppl", "ppl / fp32", "compress s"]
+        cols = ["model", "setting", "expert bits", "experts / block", "widths", "expert MB", "model MB", "ppl",
+                "ppl / fp32", "compress s"]
     elif args.table == "router":
         title = (f"\nSparse MoE SmolLM2 (8 experts): the router's scale and an oracle choice, ppl on "
                  f"{args.eval_tokens} WikiText-2 tokens; {threads} threads")
