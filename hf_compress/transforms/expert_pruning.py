@@ -102,7 +102,6 @@ def expert_costs(model: nn.Module, batches, widths=(), group_size: int = 128, ma
     everywhere. fp64 sums."""
     blocks = moe_blocks(model)
     costs: dict[str, list[dict[int, float]]] = {}
-    rounded: dict[tuple[str, int, int], dict] = {}
 
     def hook(name):
         def measure(module, args, kwargs):
@@ -123,10 +122,8 @@ def expert_costs(model: nn.Module, batches, widths=(), group_size: int = 128, ma
                 if tok.numel() > max_tokens:
                     keep = torch.linspace(0, tok.numel() - 1, max_tokens, device=tok.device).round().long()
                 scale = tok.numel() / keep.numel()  # the subsample stands for all routed tokens
-                for b in widths:
-                    if (name, e, b) not in rounded:
-                        rounded[(name, e, b)] = _rounded(module, e, b, group_size)
-                    yb = _native_expert(module, e, x[tok[keep]], rounded[(name, e, b)])
+                for b in widths:  # rounded again for each batch: nothing the size of the experts is kept
+                    yb = _native_expert(module, e, x[tok[keep]], _rounded(module, e, b, group_size))
                     diff = (yb.double() - y[keep].double()).norm(dim=-1)
                     per[e][b] += scale * float((w[keep] * diff).sum())
         return measure
