@@ -296,6 +296,16 @@ ALLOC_ROWS = [  # (setting, config): uniform widths against per-expert widths fr
     ("gptq 4-bit g64, expert_prune 0.25", {"method": "gptq", "bits": 4, "group_size": 64, "expert_prune": 0.25}),
     ("gptq expert_bits [2,3,4] by usage", {"method": "gptq", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
                                            "expert_bits_by": "usage"}),
+    # removal as a width (0), one budget per original expert weight, by importance (docs/moe.md)
+    ("rtn expert_bits [0,3,4] by importance", {"method": "rtn", "bits": 3, "group_size": 64, "expert_bits": [0, 3, 4]}),
+    ("gptq expert_bits [0,3,4] by importance", {"method": "gptq", "bits": 3, "group_size": 64,
+                                                "expert_bits": [0, 3, 4]}),
+    ("rtn expert_bits [0,2,3,4] by importance", {"method": "rtn", "bits": 3, "group_size": 64,
+                                                 "expert_bits": [0, 2, 3, 4]}),
+    ("gptq expert_bits [0,2,3,4] by importance", {"method": "gptq", "bits": 3, "group_size": 64,
+                                                  "expert_bits": [0, 2, 3, 4]}),
+    ("rtn expert_bits [2,3,4] by importance", {"method": "rtn", "bits": 3, "group_size": 64, "expert_bits": [2, 3, 4],
+                                               "expert_bits_by": "importance"}),
 ]
 
 
@@ -336,6 +346,10 @@ def run_alloc(args) -> list[dict]:
         if config is not None:
             row["compress s"] = round(compress(model, tok, config, dense=False))
         row.update(stored_bytes(model))
+        record = getattr(getattr(model.config, "quantization_config", None), "pruned_experts", None) or {}
+        if record:  # experts left per block, and how many experts (of all blocks) got each width (0: removed)
+            row["experts / block"] = record["experts"][1]
+            row["widths"] = " ".join(f"{b}:{n}" for b, n in record.get("widths", {}).items())
         row["ppl"] = ppl(model, tok, args.eval_tokens)
         base = row["ppl"] if config is None else base
         row["ppl / fp32"] = row["ppl"] / base if base else None
@@ -604,7 +618,8 @@ def main() -> None:
     elif args.table == "alloc":
         title = (f"\nTop-{args.top_k} MoE SmolLM2: uniform vs per-expert bit widths at one budget, ppl on "
                  f"{args.eval_tokens} WikiText-2 tokens; {threads} threads, {time.time() - t0:.0f} s")
-        cols = ["model", "setting", "expert bits", "expert MB", "model MB", "ppl", "ppl / fp32", "compress s"]
+        cols = ["model", "setting", "expert bits", "experts / block", "widths", "expert MB", "model MB", "ppl",
+                "ppl / fp32", "compress s"]
     elif args.table == "router":
         title = (f"\nSparse MoE SmolLM2 (8 experts): the router's scale and an oracle choice, ppl on "
                  f"{args.eval_tokens} WikiText-2 tokens; {threads} threads")

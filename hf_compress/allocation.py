@@ -160,9 +160,10 @@ def allocate_energy(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[in
 
 
 def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices: list[int], budget: float,
-                         errors: dict[str, dict[int, float]] | None = None) -> dict[str, int]:
-    """One bit width per expert layer under one budget: the parameter-weighted mean of the widths is at most
-    ``budget`` (bits per weight).
+                         errors: dict[str, dict[int, float]] | None = None, blocks: dict[str, list[str]] | None = None,
+                         keep: int = 1) -> dict[str, int]:
+    """One bit width per expert layer (or per expert: a unit whose layers share a width) under one budget: the
+    parameter-weighted mean of the widths is at most ``budget`` (bits per weight).
 
     The error model is the usual one for uniform rounding: a layer quantized to b bits adds output error
     proportional to 4^-b, weighted by how often the router uses the layer (``usage``: the share of routed tokens);
@@ -170,12 +171,51 @@ def allocate_expert_bits(usage: dict[str, float], sizes: dict[str, int], choices
     reduction per added bit, ties to the earlier layer). A layer the router never used stays at the smallest width.
 
     ``errors`` ({name: {width: error}}, `hf_compress.statistics.expert_errors`): the measured error of each layer at
-    each width replaces ``usage · 4^-b``."""
+    each width replaces ``usage · 4^-b``.
+
+    Width 0 in ``choices`` removes the unit (an expert: `hf_compress.transforms.expert_pruning.expert_costs` gives
+    ``errors``, error[0] its importance): it costs no bits, and the budget stays that of all units, so removing
+    experts pays for wider ones. ``blocks`` ({block: [its units]}) is then required: every block removes the same
+    number d of its units (one expert count per model config) and keeps at least ``keep`` (top-k). For each
+    feasible d, each block removes its d units of least error[0] (ties: the earlier one) and the kept units' widths
+    come from `allocate_bits` with the whole budget; the d of least total error (removed units' error[0] plus the
+    kept units' error at their widths; ties: the smaller d) wins. Returns {unit: width}, 0 for a removed unit."""
     choices = sorted(choices)
     if errors is None:
+        if 0 in choices:
+            raise ConfigError("expert_bits with 0 (removing experts) needs measured costs (errors)")
         errors = {n: {b: usage[n] * 4.0 ** -b for b in choices} for n in usage}
-    costs = {n: {b: sizes[n] * b for b in choices} for n in usage}
-    return allocate_bits(errors, costs, budget * sum(sizes[n] for n in usage))
+    total = budget * sum(sizes[n] for n in usage)
+    widths = [b for b in choices if b > 0]
+    costs = {n: {b: sizes[n] * b for b in widths} for n in usage}
+    if 0 not in choices:
+        return allocate_bits(errors, costs, total)
+    if not widths:
+        raise ConfigError("expert_bits must hold at least one width above 0")
+    if blocks is None:
+        raise ConfigError("expert_bits with 0: the units' blocks are needed (every block removes as many)")
+    smallest = min(len(units) for units in blocks.values())
+    best, best_error = None, None
+    for d in range(0, smallest - keep + 1):
+        removed = set()
+        for units in blocks.values():
+            order = sorted(range(len(units)), key=lambda k: (errors[units[k]][0], k))
+            removed.update(units[k] for k in order[:d])
+        kept = [n for n in usage if n not in removed]
+        try:
+            chosen = allocate_bits({n: {b: errors[n][b] for b in widths} for n in kept}, {n: costs[n] for n in kept},
+                                   total)
+        except ConfigError:  # even the smallest width for the kept units is over the budget: remove more
+            continue
+        error = sum(errors[n][0] for n in removed) + sum(errors[n][chosen[n]] for n in kept)
+        if best_error is None or error < best_error:
+            best, best_error = {**chosen, **{n: 0 for n in removed}}, error
+    if best is None:
+        low = keep * min(widths) / max(len(units) for units in blocks.values())
+        raise ConfigError(f"the expert bit budget {budget:g} cannot be met with expert_bits {choices}: keeping "
+                          f"{keep} experts per block (num_experts_per_tok) at {min(widths)} bits needs at least "
+                          f"{low:.4g} bits per expert weight")
+    return {n: best[n] for n in usage}
 
 
 def stored_bits(out_features: int, in_features: int, bits: int, group_size: int, scale_bits: int = 16) -> int:

@@ -26,8 +26,9 @@ CALIBRATION_OPTIONAL = {"experts": "routed"}
 #: whose statistics a mixture-of-experts expert is fitted on: the tokens routed to it, or every token
 EXPERT_CALIBRATION = ("routed", "all")
 #: what ``expert_bits`` allocates by: each expert layer's measured output error at each width, or its share of routed
-#: tokens under the 4^-b rounding model (`hf_compress.allocation.allocate_expert_bits`)
-EXPERT_BITS_BY = ("error", "usage")
+#: tokens under the 4^-b rounding model, or (one width per expert, width 0 = removed) each expert's output-space
+#: importance and the output error of its rounded weights (`hf_compress.allocation.allocate_expert_bits`)
+EXPERT_BITS_BY = ("error", "usage", "importance")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -85,7 +86,11 @@ class CompressionConfig(QuantizationConfigMixin):
             (e.g. ``[2, 3, 4]``) instead of ``bits`` for all; ``bits`` is then the budget, the average bits per
             expert weight. Each expert's width comes from one global allocation over the experts of every block by
             routing statistics on the calibration data (`hf_compress.allocation.allocate_expert_bits`: experts the
-            router uses more get more bits). Needs calibration data; other layers keep ``bits``.
+            router uses more get more bits). Needs calibration data; other layers keep ``bits``. A width 0 (e.g.
+            ``[0, 3, 4]``) removes experts as ``expert_prune`` does (router rows included, every block the same
+            number, at least ``num_experts_per_tok`` kept): the budget ``bits`` is then per *original* expert weight,
+            so removed experts pay for wider ones, and the allocation is by ``expert_bits_by="importance"`` (the
+            default with 0).
         avg_bits: quantization methods, instead of ``bits``: a budget of this many bits per weight *as stored* (codes,
             scales and zeros) on average over the targeted layers, with a bit width per layer from ``bit_choices``
             chosen by one global allocation (`hf_compress.allocation.allocate_layer_bits`): each layer's loss
@@ -105,7 +110,12 @@ class CompressionConfig(QuantizationConfigMixin):
         expert_bits_by: what the allocation weighs: ``"usage"`` (default), each expert's share of routed tokens
             times 4^-b; ``"error"``, each expert layer's measured output error at each width on the tokens routed to
             it, weighted by the routing weights (`hf_compress.statistics.expert_errors`). On the top-4 MoE SmolLM2
-            neither beats uniform widths at the same bytes (docs/moe.md).
+            neither beats uniform widths at the same bytes (docs/moe.md). ``"importance"`` (default when
+            ``expert_bits`` holds 0): one width per expert (its layers share it), chosen before anything is compressed
+            on the dense model: removing expert e costs its importance Σ_t w_t,e·‖f_e(x_t)‖ over its routed
+            calibration tokens (as ``expert_prune`` ranks experts), width b costs Σ_t w_t,e·‖f_e^b(x_t) − f_e(x_t)‖
+            with all of e's layers rounded to b bits (RTN), i.e. importance × the expert's relative output error at
+            b (`hf_compress.transforms.expert_pruning.expert_costs`).
         expert_prune: mixture-of-experts models: the fraction of each block's experts to remove before compressing,
             the least important by routing weight x output norm on the calibration tokens
             (`hf_compress.transforms.expert_pruning`); the model keeps its class with fewer experts (its config's
@@ -165,7 +175,7 @@ class CompressionConfig(QuantizationConfigMixin):
         avg_bits: float | None = None,
         bit_choices: list[int] | None = None,
         group_choices: list[int] | None = None,
-        expert_bits_by: str = "usage",
+        expert_bits_by: str | None = None,
         expert_prune: float | None = None,
         pruned_experts: dict[str, Any] | None = None,
         rotate: str | None = None,
@@ -220,7 +230,9 @@ class CompressionConfig(QuantizationConfigMixin):
         self.group_choices = group_choices
         self.expert_bits_by = expert_bits_by
         self.expert_prune = expert_prune
-        #: what ``expert_prune`` removed (set by `compress`): {"experts": [E, E'], "parameters": n, "dropped": {block: [...]}}
+        #: what ``expert_prune`` (or ``expert_bits`` with 0) removed (set by `compress`): {"experts": [E, E'],
+        #: "parameters": n, "dropped": {block: [...]}}; with ``expert_bits_by="importance"`` also "widths": {width:
+        #: number of experts} (0: removed)
         self.pruned_experts = pruned_experts
         self.rotate = rotate
         self.rotate_seed = rotate_seed
@@ -351,13 +363,25 @@ class CompressionConfig(QuantizationConfigMixin):
                                   "low-rank method and bits")
             if get_method(self.quantizer).family != "quant":
                 raise ConfigError(f"quantizer must be a quantization method (rtn, hqq, gptq), got {self.quantizer!r}")
+        if self.expert_bits_by is None:  # the default: "importance" when experts may be removed
+            self.expert_bits_by = "importance" if self.expert_bits and 0 in self.expert_bits else "usage"
         if self.expert_bits is not None:
             if method.family != "quant":
                 raise ConfigError("expert_bits allocates quantization bit widths: use it with rtn, hqq or gptq")
-            if any(isinstance(b, bool) or b not in SUPPORTED_BITS for b in self.expert_bits):
-                raise ConfigError(f"expert_bits must be bit widths among {SUPPORTED_BITS}, got {self.expert_bits!r}")
+            if any(isinstance(b, bool) or b not in (0, *SUPPORTED_BITS) for b in self.expert_bits):
+                raise ConfigError(f"expert_bits must be bit widths among {SUPPORTED_BITS}, or 0 (the expert is "
+                                  f"removed), got {self.expert_bits!r}")
+            if not any(self.expert_bits):
+                raise ConfigError(f"expert_bits needs at least one width above 0, got {self.expert_bits!r}")
             if self.expert_bits_by not in EXPERT_BITS_BY:
                 raise ConfigError(f"expert_bits_by must be one of {EXPERT_BITS_BY}, got {self.expert_bits_by!r}")
+            if 0 in self.expert_bits and self.expert_bits_by != "importance":
+                raise ConfigError(f"expert_bits with 0 removes experts: the cost of removing one is its importance, "
+                                  f"so it needs expert_bits_by='importance' (the default with 0), not "
+                                  f"{self.expert_bits_by!r}")
+            if self.expert_bits_by == "importance" and self.expert_prune:
+                raise ConfigError("expert_bits_by='importance' chooses which experts to remove itself (give 0 among "
+                                  "expert_bits): drop expert_prune")
             if not self.expert_bits[0] <= self.bits <= self.expert_bits[-1]:
                 raise ConfigError(f"bits ({self.bits}) is the experts' average budget: it must lie within "
                                   f"expert_bits {self.expert_bits}")
@@ -433,8 +457,8 @@ class CompressionConfig(QuantizationConfigMixin):
             "scale_dtype": self.scale_dtype,
             **({"expert_bits": list(self.expert_bits), "expert_bits_by": self.expert_bits_by}
                if self.expert_bits else {}),  # stored when used
-            **({"expert_prune": self.expert_prune, "pruned_experts": copy.deepcopy(self.pruned_experts)}
-               if self.expert_prune else {}),
+            **({"expert_prune": self.expert_prune} if self.expert_prune else {}),
+            **({"pruned_experts": copy.deepcopy(self.pruned_experts)} if self.pruned_experts else {}),
             **({"avg_bits": self.avg_bits, "bit_choices": list(self.bit_choices)} if self.avg_bits else {}),
             **({"group_choices": list(self.group_choices)}
                if self.avg_bits and self.group_choices != [self.group_size] else {}),

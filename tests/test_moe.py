@@ -672,3 +672,142 @@ def test_expert_prune_refuses_what_it_cannot_do():
         prune_experts(tiny_moe("mixtral"), 0.9, [calibration_ids()])
     with pytest.raises(hf_compress.errors.ConfigError, match="no mixture-of-experts block"):
         prune_experts(_dense_llama(), 0.25, [calibration_ids()])
+
+
+# ----------------------------------------------------------------------------------------------- removal as a width
+def test_allocate_expert_bits_with_removal_spends_the_budget_and_keeps_top_k():
+    """Width 0 removes an expert (cost 0 bits, error = its importance): every block removes the same number, the
+    least important first, at least ``keep`` stay, and the removed bits pay for wider experts."""
+    from hf_compress.allocation import allocate_expert_bits
+
+    blocks = {f"b{i}": [f"b{i}.e{e}" for e in range(4)] for i in range(2)}
+    units = [u for us in blocks.values() for u in us]
+    sizes = {u: 100 for u in units}
+    importance = {"b0.e0": 0.01, "b0.e1": 1.0, "b0.e2": 2.0, "b0.e3": 3.0,
+                  "b1.e0": 2.0, "b1.e1": 3.0, "b1.e2": 0.02, "b1.e3": 1.0}
+    # relative error 0.5 at 3 bits, 0.1 at 4: removing an unimportant expert buys 4 bits for three others
+    errors = {u: {0: importance[u], 3: 0.5 * importance[u], 4: 0.1 * importance[u]} for u in units}
+    usage = {u: 1.0 for u in units}
+    bits = allocate_expert_bits(usage, sizes, [0, 3, 4], 3, errors, blocks=blocks, keep=2)
+    assert bits == {"b0.e0": 0, "b0.e1": 4, "b0.e2": 4, "b0.e3": 4, "b1.e0": 4, "b1.e1": 4, "b1.e2": 0, "b1.e3": 4}
+    assert sum(bits[u] * sizes[u] for u in units) == 3 * sum(sizes.values())  # exactly the budget
+    # removal dearer than the widths it pays for: nothing removed, the uniform width
+    flat = {u: {0: 1.0, 3: 0.1, 4: 0.09} for u in units}
+    assert allocate_expert_bits(usage, sizes, [0, 3, 4], 3, flat, blocks=blocks, keep=2) == {u: 3 for u in units}
+    # a block must keep ``keep`` experts: with keep=4 nothing can go
+    assert all(b == 3 for b in allocate_expert_bits(usage, sizes, [0, 3, 4], 3, errors, blocks=blocks, keep=4).values())
+    # a tight budget removes as many as it must, never below keep
+    tight = allocate_expert_bits(usage, sizes, [0, 3, 4], 1.5, errors, blocks=blocks, keep=2)
+    assert [sum(tight[u] > 0 for u in us) for us in blocks.values()] == [2, 2]
+    assert sum(tight[u] * sizes[u] for u in units) <= 1.5 * sum(sizes.values())
+    with pytest.raises(hf_compress.errors.ConfigError, match="cannot be met"):
+        allocate_expert_bits(usage, sizes, [0, 4], 1.5, errors, blocks=blocks, keep=2)
+    with pytest.raises(hf_compress.errors.ConfigError, match="needs measured costs"):
+        allocate_expert_bits(usage, sizes, [0, 3, 4], 3, blocks=blocks)
+
+
+def test_expert_costs_are_the_routed_output_errors():
+    """`expert_costs`: removing expert e costs Σ_t w_t ‖f_e(x_t)‖ (its importance, as `expert_prune` ranks), width b
+    costs Σ_t w_t ‖f_e^b(x_t) − f_e(x_t)‖ with all of e's layers rounded to b bits (recomputed here by hand)."""
+    from hf_compress.methods.rtn import RTN
+    from hf_compress.transforms.expert_pruning import _native_expert, expert_costs, expert_importance
+
+    model = tiny_moe("mixtral")
+    cal = calibration_ids()
+    costs = expert_costs(model, [cal], [2, 4], 16, max_tokens=10**6)
+    importance = expert_importance(model, [cal])
+    block = model.model.layers[1].mlp
+    seen = {}
+    handle = block.experts.register_forward_pre_hook(lambda m, a: seen.update(x=a[0], index=a[1], w=a[2]))
+    with torch.no_grad():
+        model(input_ids=cal, use_cache=False)
+    handle.remove()
+    for e in (0, 5):
+        tok, pos = torch.where(seen["index"] == e)
+        x, w = seen["x"][tok], seen["w"][tok, pos].double()
+        with torch.no_grad():
+            y = _native_expert(block.experts, e, x).double()
+            rounded = {k: RTN().quantize(getattr(block.experts, k)[e].float(), 4, 16, scale_dtype=torch.float16)
+                       .dequantize(getattr(block.experts, k).shape[2]) for k in ("gate_up_proj", "down_proj")}
+            y4 = _native_expert(block.experts, e, x, rounded).double()
+        got = costs["model.layers.1.mlp"][e]
+        assert got[0] == pytest.approx(float((w * y.norm(dim=-1)).sum()), rel=1e-9)
+        assert got[0] == pytest.approx(float(importance["model.layers.1.mlp"][e]), rel=1e-12)
+        assert got[4] == pytest.approx(float((w * (y4 - y).norm(dim=-1)).sum()), rel=1e-6)
+        assert got[0] > got[2] > got[4] > 0
+
+
+@pytest.mark.parametrize("arch,method", [("qwen3_moe", "rtn"), ("mixtral", "gptq")])
+def test_expert_bits_with_removal_compresses_within_budget_and_reloads(arch, method, tmp_path):
+    """``expert_bits=[0, 3, 4]`` at ``bits=3``: the allocation of `allocate_expert_bits` on `expert_costs` (every block
+    the same number removed, top-k kept), the removed experts gone as `expert_prune` removes them (router rows, config
+    count), the kept experts' layers at one width each, exactly the budget in stored code bits per original expert
+    weight; recorded, reported, and reloaded into the native class with the same logits."""
+    from hf_compress.allocation import allocate_expert_bits
+    from hf_compress.transforms.expert_pruning import expert_costs
+
+    model = tiny_moe(arch)
+    original = copy.deepcopy(model)
+    cal = calibration_ids()
+    config = {"method": method, "bits": 3, "group_size": 16, "expert_bits": [0, 3, 4],
+              "calibration": {"nsamples": 8, "seqlen": 32}}
+    hf_compress.compress(model, config, calibration=cal, progress=False)
+    qconfig = model.config.quantization_config
+    assert qconfig.expert_bits_by == "importance"
+    record = qconfig.pruned_experts
+    e_left = record["experts"][1]
+    assert record["experts"][0] == 8 and 2 <= e_left < 8  # something removed, at least top-k (2) kept
+    # the same choice as the allocation on the measured costs
+    costs = expert_costs(copy.deepcopy(original), [cal], [3, 4], 16)
+    units = {n: [f"{n}.experts.{e}" for e in range(8)] for n in costs}
+    errors = {u: costs[n][e] for n, us in units.items() for e, u in enumerate(us)}
+    per_expert = sum(w[0].numel() for w in (original.model.layers[0].mlp.experts.gate_up_proj,
+                                            original.model.layers[0].mlp.experts.down_proj))
+    want = allocate_expert_bits({u: 1.0 for u in errors}, {u: per_expert for u in errors}, [0, 3, 4], 3, errors,
+                                blocks=units, keep=2)
+    for n, us in units.items():
+        assert record["dropped"][n] == [e for e, u in enumerate(us) if want[u] == 0]
+    assert record["widths"] == {str(b): sum(v == b for v in want.values()) for b in sorted(set(want.values()))}
+    count = "num_experts" if arch == "qwen3_moe" else "num_local_experts"
+    assert getattr(model.config, count) == e_left
+    layers = {n: m for n, m in compressed_modules(model).items() if ".experts." in n}
+    assert len(layers) == 2 * 2 * e_left  # 2 layers per expert, 2 blocks
+    for n, m in layers.items():  # an expert's layers share its width
+        other = n.replace("gate_up_proj", "down_proj") if "gate_up_proj" in n else n.replace("down_proj", "gate_up_proj")
+        assert m.bits == layers[other].bits and m.bits in (3, 4)
+    stored = sum(m.bits * m.in_features * m.out_features for m in layers.values())
+    assert stored == 3 * per_expert * 8 * 2  # the budget, exactly, over the original 8 experts of 2 blocks
+    assert all(m.bits == 3 for n, m in compressed_modules(model).items() if ".experts." not in n)
+    for layer in model.model.layers:
+        assert layer.mlp.gate.weight.shape[0] == e_left
+    assert hf_compress.coverage_report(model).pruned == record["parameters"] > 0
+    ids = cal[:2, :10]
+    out = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(original) and getattr(loaded.config, count) == e_left
+    assert loaded.config.quantization_config.expert_bits == [0, 3, 4]
+    assert loaded.config.quantization_config.pruned_experts == record
+    torch.testing.assert_close(logits(loaded, ids), out, rtol=0, atol=0)
+
+
+def test_expert_bits_with_removal_refuses_bad_configs():
+    cal = calibration_ids()
+    ConfigError = hf_compress.errors.ConfigError
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        hf_compress.compress(tiny_moe("mixtral"), {"method": "rtn", "bits": 3, "expert_bits": [0, 3, 4]},
+                             progress=False)
+    with pytest.raises(ConfigError, match="no mixture-of-experts block"):
+        hf_compress.compress(_dense_llama(), {"method": "rtn", "bits": 3, "expert_bits": [0, 3, 4],
+                                              "calibration": {"nsamples": 8, "seqlen": 32}}, calibration=cal,
+                             progress=False)
+    with pytest.raises(ConfigError, match="needs expert_bits_by='importance'"):
+        hf_compress.CompressionConfig(method="rtn", bits=3, expert_bits=[0, 3, 4], expert_bits_by="usage")
+    with pytest.raises(ConfigError, match="at least one width above 0"):
+        hf_compress.CompressionConfig(method="rtn", bits=3, expert_bits=[0])
+    with pytest.raises(ConfigError, match="drop expert_prune"):
+        hf_compress.CompressionConfig(method="rtn", bits=3, expert_bits=[0, 3, 4], expert_prune=0.25)
+    with pytest.raises(ConfigError, match="expert_bits must be bit widths"):
+        hf_compress.CompressionConfig(method="rtn", bits=3, expert_bits=[-1, 3])
+    with pytest.raises(ConfigError, match="quantization bit widths"):
+        hf_compress.CompressionConfig(method="svd", ratio=0.5, expert_bits=[0, 3])

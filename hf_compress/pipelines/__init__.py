@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from ..allocation import allocate_eora, allocator_for
@@ -52,10 +53,13 @@ def compress_modules(model: nn.Module, config, *, calibration=None, tokenizer=No
     alloc = allocator_for(config, method)
     if config.expert_prune:  # before anything else: the methods see the pruned model
         _prune(model, config, calibration, tokenizer)
+    widths = {}
+    if config.expert_bits and config.expert_bits_by == "importance":  # likewise: it may remove experts
+        widths = _allocate_experts(model, config, calibration, tokenizer)
     split_experts(model)  # fused experts -> one dense layer per expert (`hf_compress.modules.experts`)
     try:
         report = _run(model, config, method, alloc, calibration, tokenizer, progress, checkpoint_dir,
-                      checkpoint_every)
+                      checkpoint_every, widths)
     finally:  # experts nothing was done to (skipped, refused, or an error) get their fused module back
         unsplit_untouched(model)
     return report
@@ -77,7 +81,61 @@ def _prune(model, config, calibration, tokenizer) -> None:
                              "dropped": done["dropped"]}
 
 
-def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpoint_dir, checkpoint_every) -> dict:
+def _allocate_experts(model, config, calibration, tokenizer) -> dict[str, int]:
+    """``expert_bits`` by ``"importance"`` (width 0 allowed): on the dense model, each expert's cost of removal and of
+    each width (`expert_costs`), one global allocation under the budget ``bits`` per original expert weight
+    (`allocate_expert_bits`: every block removes the same number, at least top-k kept), then the removal
+    (`remove_experts`, as ``expert_prune``). Records what was removed and the widths in ``config.pruned_experts``;
+    returns the width of every kept expert's layer, by its name once the experts are split."""
+    from ..allocation import allocate_expert_bits
+    from ..calibration import calibration_windows
+    from ..transforms.expert_pruning import expert_costs, prunable, remove_experts
+
+    what = f"expert_bits {config.expert_bits} by importance"
+    if calibration is None:
+        raise ConfigError(f"{what} needs calibration data (the experts' importance and errors are measured on it): "
+                          "pass calibration=<text file, list of strings, datasets.Dataset or token ids> "
+                          "(CLI: --calib FILE)")
+    blocks, n, top_k = prunable(model, what)
+    cal = config.calibration
+    windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
+    widths = [b for b in config.expert_bits if b > 0]
+    costs = expert_costs(model, list(windows.split(cal["batch_size"])), widths, config.group_size)
+    units, sizes, errors = {}, {}, {}
+    for name, (block, child, _) in blocks.items():
+        experts = getattr(block, child)
+        per_expert = sum(w[0].numel() for w in (getattr(experts, k, None) for k in ("gate_up_proj", "up_proj",
+                                                                                    "down_proj"))
+                         if isinstance(w, torch.Tensor))
+        units[name] = [f"{name}.{child}.{e}" for e in range(n)]
+        for e, u in enumerate(units[name]):
+            sizes[u], errors[u] = per_expert, costs[name][e]
+    chosen = allocate_expert_bits({u: 1.0 for u in sizes}, sizes, config.expert_bits, config.bits, errors,
+                                  blocks=units, keep=top_k)
+    dropped = {name: [e for e, u in enumerate(us) if chosen[u] == 0] for name, us in units.items()}
+    done = remove_experts(model, dropped)
+    layer_bits = {}
+    for name, (block, child, _) in blocks.items():
+        experts = getattr(block, child)
+        weight_names = [k for k in ("gate_up_proj", "up_proj", "down_proj")
+                        if isinstance(getattr(experts, k, None), torch.Tensor)]
+        kept = [u for u in units[name] if chosen[u] > 0]
+        for j, u in enumerate(kept):  # the kept experts are renumbered 0..E'-1
+            layer_bits.update({f"{name}.{child}.{k}.{j}": chosen[u] for k in weight_names})
+    count = {str(b): sum(1 for u in chosen if chosen[u] == b) for b in sorted(set(chosen.values()))}
+    spent = sum(sizes[u] * chosen[u] for u in chosen) / sum(sizes.values())
+    config.pruned_experts = {"experts": list(done["experts"]), "parameters": done["parameters"],
+                             "dropped": done["dropped"], "widths": count}
+    logger.warning("%s (budget %g bits per original expert weight): removed %d of %d experts in each of %d blocks "
+                   "(%s parameters, the least important by routing weight x output norm); %s; %.4f bits per "
+                   "original expert weight (codes)", what, config.bits, n - done["experts"][1], n, len(blocks),
+                   f"{done['parameters']:,}", ", ".join(f"{k} experts at {b} bits" for b, k in count.items()
+                                                        if b != "0") or "no expert kept", spent)
+    return layer_bits
+
+
+def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpoint_dir, checkpoint_every,
+         expert_widths=None) -> dict:
     vision = getattr(config, "vision", False)
     targets = targets_of(model, config.targets, config.skip, vision)
     calibrated = uses_calibration(config, calibration is not None)
@@ -94,6 +152,7 @@ def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpo
     # the transform comes after every check that can refuse the run, and before any weight method
     rotation = rotate_residual(model, config.rotate, config.rotate_seed, config.rotate_heads) if config.rotate else {}
     job = Job(model, config, method, alloc, targets, progress, checkpoint_dir, checkpoint_every)
+    job.bits = {n: b for n, b in (expert_widths or {}).items() if n in targets}
     tied_head = tied_output_embedding(model, job.modules.values())
     report = sequential.run(job, calibration, tokenizer) if calibrated else datafree.run(job)
     report.update(rotation)

@@ -206,6 +206,8 @@ class Sequential:
         job = self.job
         if not job.config.expert_bits:
             return {}
+        if job.config.expert_bits_by == "importance":  # allocated before the experts were split (`_allocate_experts`)
+            return job.bits
         if self.saved:
             return self.ckpt.extra["bits"]
         with self.clock("routing statistics"):

@@ -9,6 +9,11 @@ the experts' count drops from E to E' in the block's modules and in the model co
 model of its own class with E' experts: ``save_pretrained`` / ``from_pretrained`` need nothing else. Every block
 loses the same number of experts (a config holds one expert count).
 
+``expert_bits`` with a width 0 (``expert_bits=[0, 3, 4]``: `hf_compress.allocation.allocate_expert_bits`) removes
+experts through the same `remove_experts`, the removed experts chosen by one budgeted allocation on `expert_costs`
+(the importance above is the cost of removing an expert; the output error of its rounded weights the cost of a
+width).
+
 Removing a router row is masking that expert's logit to -inf: softmax routers renormalise over the experts left
 (Mixtral, Qwen3-MoE, OLMoE, gpt-oss, ...), and the top-k is taken among them, so the pruned model never routes to
 a dropped expert. Routers that choose groups of experts first (DeepSeek-V3 with ``n_group`` > 1) are refused: the
@@ -31,10 +36,12 @@ logger = logging.getLogger(__name__)
 COUNT_NAMES = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
-def _native_expert(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert ``e`` of a fused transformers experts module on the rows ``x``."""
+def _native_expert(experts: nn.Module, e: int, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+    """Expert ``e`` of a fused transformers experts module on the rows ``x``; ``weights`` ({name: tensor in the
+    fused layout of one expert}) replace that expert's weights."""
     def linear(name, h):
-        w = getattr(experts, name)[e]
+        w = (weights or {}).get(name)
+        w = getattr(experts, name)[e] if w is None else w.to(h.dtype)
         bias = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
         return nn.functional.linear(h, w.T if experts.is_transposed else w, None if bias is None else bias[e])
 
@@ -63,20 +70,62 @@ def moe_blocks(model: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Module]]:
 def expert_importance(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     """Per MoE block: each expert's Σ_t w_t,e · ‖f_e(x_t)‖ over the tokens routed to it (fp64), from one forward of
     ``model`` over ``batches``."""
+    return {name: torch.tensor([c[0] for c in costs], dtype=torch.float64)
+            for name, costs in expert_costs(model, batches).items()}
+
+
+def _rounded(experts: nn.Module, e: int, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Expert ``e``'s weights rounded to ``bits`` (RTN, ``group_size`` along each layer's inputs, fp16 scales), in the
+    fused layout."""
+    from ..methods.rtn import RTN
+
+    out = {}
+    for name in WEIGHT_NAMES:
+        w = getattr(experts, name, None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        w = w.detach()[e].float()
+        w = w.T if experts.is_transposed else w  # [out, in]
+        q = RTN().quantize(w.contiguous(), bits, group_size, scale_dtype=torch.float16).dequantize(w.shape[1])
+        out[name] = q.T if experts.is_transposed else q
+    return out
+
+
+def expert_costs(model: nn.Module, batches, widths=(), group_size: int = 128, max_tokens: int = 256
+                 ) -> dict[str, list[dict[int, float]]]:
+    """Per MoE block and expert e: the output error of the block's routed sum when e is removed (key 0) or its
+    weights are rounded to b bits (key b, for b in ``widths``), from one forward of the dense ``model`` over
+    ``batches``: Σ_t w_t,e · ‖ŷ_e(x_t) − f_e(x_t)‖ over the tokens t routed to e (w: routing weight), with ŷ_e = 0
+    (removed; the error is then the importance Σ_t w_t,e · ‖f_e(x_t)‖) or e with all its layers rounded to b bits
+    (RTN at ``group_size``). Removal is costed on every routed token; the widths on at most ``max_tokens`` routed
+    tokens per expert and batch (an even subsample, scaled up to the count). An expert no token reaches costs 0
+    everywhere. fp64 sums."""
     blocks = moe_blocks(model)
-    scores: dict[str, torch.Tensor] = {}
+    costs: dict[str, list[dict[int, float]]] = {}
 
     def hook(name):
         def measure(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             index = args[1] if len(args) > 1 else kwargs["top_k_index"]
             weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
-            s = scores.setdefault(name, torch.zeros(module.num_experts, dtype=torch.float64))
+            per = costs.setdefault(name, [{b: 0.0 for b in (0, *widths)} for _ in range(module.num_experts)])
             for e in range(module.num_experts):
                 tok, pos = torch.where(index == e)
-                if tok.numel():
-                    y = _native_expert(module, e, x[tok]).double().norm(dim=-1)
-                    s[e] += float((weights[tok, pos].double() * y).sum())
+                if not tok.numel():
+                    continue
+                w = weights[tok, pos].double()
+                y = _native_expert(module, e, x[tok])
+                per[e][0] += float((w * y.double().norm(dim=-1)).sum())
+                if not widths:
+                    continue
+                keep = torch.arange(tok.numel(), device=tok.device)
+                if tok.numel() > max_tokens:
+                    keep = torch.linspace(0, tok.numel() - 1, max_tokens, device=tok.device).round().long()
+                scale = tok.numel() / keep.numel()  # the subsample stands for all routed tokens
+                for b in widths:  # rounded again for each batch: nothing the size of the experts is kept
+                    yb = _native_expert(module, e, x[tok[keep]], _rounded(module, e, b, group_size))
+                    diff = (yb.double() - y[keep].double()).norm(dim=-1)
+                    per[e][b] += scale * float((w[keep] * diff).sum())
         return measure
 
     handles = [getattr(block, child).register_forward_pre_hook(hook(name), with_kwargs=True)
@@ -88,7 +137,27 @@ def expert_importance(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     finally:
         for h in handles:
             h.remove()
-    return scores
+    for name, (block, child, _) in blocks.items():  # a block no batch reached
+        costs.setdefault(name, [{b: 0.0 for b in (0, *widths)} for _ in range(getattr(block, child).num_experts)])
+    return costs
+
+
+def prunable(model: nn.Module, what: str = "expert_prune") -> tuple[dict, int, int]:
+    """The MoE blocks of ``model`` (`moe_blocks`), their expert count E and the experts each token is routed to
+    (top-k): what removing experts needs. Refuses (naming ``what``) a model without MoE blocks, blocks with unequal
+    expert counts and routers that choose groups of experts first."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if (getattr(config, "n_group", None) or 1) > 1:
+        raise UnsupportedModuleError(f"{what}: {config.model_type} routes to groups of experts first "
+                                     f"(n_group={config.n_group}); removing experts would leave unequal groups")
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ConfigError(f"{what}: the model has no mixture-of-experts block")
+    counts = {getattr(block, child).num_experts for block, child, _ in blocks.values()}
+    if len(counts) != 1:
+        raise UnsupportedModuleError(f"{what}: the blocks hold different numbers of experts {sorted(counts)}")
+    top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None) or 1
+    return blocks, counts.pop(), top_k
 
 
 def prune_experts(model: nn.Module, fraction: float, batches) -> dict:
@@ -98,31 +167,48 @@ def prune_experts(model: nn.Module, fraction: float, batches) -> dict:
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"expert_prune is the fraction of each block's experts to remove: it must lie strictly "
                           f"between 0 and 1, got {fraction}")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if (getattr(config, "n_group", None) or 1) > 1:
-        raise UnsupportedModuleError(f"expert_prune: {config.model_type} routes to groups of experts first "
-                                     f"(n_group={config.n_group}); removing experts would leave unequal groups")
-    blocks = moe_blocks(model)
-    if not blocks:
-        raise ConfigError("expert_prune: the model has no mixture-of-experts block")
-    counts = {getattr(block, child).num_experts for block, child, _ in blocks.values()}
-    if len(counts) != 1:
-        raise UnsupportedModuleError(f"expert_prune: the blocks hold different numbers of experts {sorted(counts)}")
-    n = counts.pop()
+    blocks, n, top_k = prunable(model)
     drop = round(fraction * n)
-    top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None) or 1
     if drop == 0 or n - drop < top_k:
         raise ConfigError(f"expert_prune={fraction} of {n} experts removes {drop}: it must remove at least one and "
                           f"keep at least num_experts_per_tok={top_k}")
     scores = expert_importance(model, batches)
-    report = {"kept": {}, "dropped": {}, "parameters": 0, "experts": (n, n - drop)}
-    for name, (block, child, router) in blocks.items():
-        experts = getattr(block, child)
+    dropped = {}
+    for name in blocks:
         score = scores.get(name, torch.zeros(n, dtype=torch.float64))
         order = sorted(range(n), key=lambda e: (float(score[e]), e))  # ties: the lower index goes first
-        dropped = sorted(order[:drop])
-        kept = [e for e in range(n) if e not in dropped]
-        report["kept"][name], report["dropped"][name] = kept, dropped
+        dropped[name] = sorted(order[:drop])
+    report = remove_experts(model, dropped)
+    logger.warning("expert_prune=%s: removed %d of %d experts in each of %d blocks (%s parameters; by routing "
+                   "weight x output norm on the calibration tokens); the model now has %d experts per block",
+                   fraction, drop, n, len(blocks), f"{report['parameters']:,}", n - drop)
+    return report
+
+
+def remove_experts(model: nn.Module, dropped: dict[str, list[int]]) -> dict:
+    """Remove the experts ``dropped`` ({MoE block: [expert indices]}, the same number in every block) from ``model``
+    in place: their slices of the fused weights and biases, their router rows, and the expert count in the blocks'
+    modules and the model config. Returns {"kept": {block: [original indices kept]}, "dropped": {block: [...]},
+    "parameters": parameters removed, "experts": (E, E')}."""
+    blocks, n, _ = prunable(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    drops = {len(set(dropped.get(name, ()))) for name in blocks}
+    if len(drops) != 1:
+        raise UnsupportedModuleError(f"removing experts: every block must lose the same number (a config holds one "
+                                     f"expert count), got {sorted(drops)}")
+    drop = drops.pop()
+    report = {"kept": {}, "dropped": {}, "parameters": 0, "experts": (n, n - drop)}
+    if drop == 0:
+        return report
+    changed = [a for a in COUNT_NAMES if getattr(config, a, None) == n]
+    if not changed:  # checked before anything changes
+        raise UnsupportedModuleError(f"removing experts: none of {COUNT_NAMES} of the {config.model_type} config "
+                                     f"holds the expert count {n}")
+    for name, (block, child, router) in blocks.items():
+        experts = getattr(block, child)
+        gone = sorted(set(dropped[name]))
+        kept = [e for e in range(n) if e not in gone]
+        report["kept"][name], report["dropped"][name] = kept, gone
         idx = torch.tensor(kept)
         before = sum(p.numel() for p in experts.parameters()) + sum(p.numel() for p in router.parameters())
         with torch.no_grad():
@@ -145,16 +231,10 @@ def prune_experts(model: nn.Module, fraction: float, batches) -> dict:
             router.out_features = n - drop
         report["parameters"] += before - (sum(p.numel() for p in experts.parameters())
                                           + sum(p.numel() for p in router.parameters()))
-    changed = [a for a in COUNT_NAMES if getattr(config, a, None) == n]
-    if not changed:
-        raise UnsupportedModuleError(f"expert_prune: none of {COUNT_NAMES} of the {config.model_type} config holds "
-                                     f"the expert count {n}")
     for a in changed:
         setattr(config, a, n - drop)
-    logger.warning("expert_prune=%s: removed %d of %d experts in each of %d blocks (%s parameters; by routing "
-                   "weight x output norm on the calibration tokens); the model now has %d experts per block",
-                   fraction, drop, n, len(blocks), f"{report['parameters']:,}", n - drop)
     return report
 
 
-__all__ = ["COUNT_NAMES", "expert_importance", "moe_blocks", "prune_experts"]
+__all__ = ["COUNT_NAMES", "expert_costs", "expert_importance", "moe_blocks", "prunable", "prune_experts",
+           "remove_experts"]
