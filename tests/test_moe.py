@@ -672,6 +672,11 @@ def test_expert_prune_refuses_what_it_cannot_do():
         prune_experts(tiny_moe("mixtral"), 0.9, [calibration_ids()])
     with pytest.raises(hf_compress.errors.ConfigError, match="no mixture-of-experts block"):
         prune_experts(_dense_llama(), 0.25, [calibration_ids()])
+    from accelerate import cpu_offload  # weights on meta, read through offload hooks: refused, not half-pruned
+
+    offloaded = cpu_offload(tiny_moe("mixtral"), execution_device=torch.device("cpu"))
+    with pytest.raises(UnsupportedModuleError, match="offloaded"):
+        prune_experts(offloaded, 0.25, [calibration_ids()])
 
 
 # ----------------------------------------------------------------------------------------------- removal as a width

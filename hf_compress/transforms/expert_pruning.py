@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModuleError
-from ..modules.experts import WEIGHT_NAMES, is_fused_experts
+from ..modules.experts import WEIGHT_NAMES, _offload_hook, is_fused_experts
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def expert_costs(model: nn.Module, batches, widths=(), group_size: int = 128, ma
 def prunable(model: nn.Module, what: str = "expert_prune") -> tuple[dict, int, int]:
     """The MoE blocks of ``model`` (`moe_blocks`), their expert count E and the experts each token is routed to
     (top-k): what removing experts needs. Refuses (naming ``what``) a model without MoE blocks, blocks with unequal
-    expert counts and routers that choose groups of experts first."""
+    expert counts, routers that choose groups of experts first and offloaded experts."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if (getattr(config, "n_group", None) or 1) > 1:
         raise UnsupportedModuleError(f"{what}: {config.model_type} routes to groups of experts first "
@@ -156,6 +156,13 @@ def prunable(model: nn.Module, what: str = "expert_prune") -> tuple[dict, int, i
     counts = {getattr(block, child).num_experts for block, child, _ in blocks.values()}
     if len(counts) != 1:
         raise UnsupportedModuleError(f"{what}: the blocks hold different numbers of experts {sorted(counts)}")
+    for name, (block, child, router) in blocks.items():
+        for module in (getattr(block, child), router):
+            if any(p.device.type == "meta" for p in module.parameters()) or _offload_hook(module) is not None:
+                raise UnsupportedModuleError(
+                    f"{what}: the experts of {name} are offloaded (accelerate device_map with 'disk' or meta "
+                    f"weights); removing experts rewrites their fused tensors, which an offload store would keep "
+                    f"whole: load the model in RAM for {what}, or use expert_bits without 0")
     top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None) or 1
     return blocks, counts.pop(), top_k
 
