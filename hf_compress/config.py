@@ -93,10 +93,10 @@ class CompressionConfig(QuantizationConfigMixin):
             default with 0).
         avg_bits: quantization methods, instead of ``bits``: a budget of this many bits per weight *as stored* (codes,
             scales and zeros) on average over the targeted layers, with a bit width per layer from ``bit_choices``
-            chosen by one global allocation (`hf_compress.allocation.allocate_layer_bits`): each layer's loss
+            chosen by one global allocation (`hf_compress.allocation.allocate_layer_formats`): each layer's loss
             increase at each width is estimated from a pre-pass over the dense model on the calibration data (the
-            activation-weighted error of rounding it, tr((W − Q_b(W)) E[xxᵀ] (W − Q_b(W))ᵀ), rescaled so that in one
-            reference format it is the error the run's method itself leaves — for gptq, after error compensation —
+            activation-weighted error of rounding it, tr((W − Q_b(W)) E[xxᵀ] (W − Q_b(W))ᵀ), rescaled so that in up to four
+            reference formats it is the error the run's method itself leaves — for gptq, after error compensation —
             times the mean squared loss gradient at its output), and the widths go where they reduce it most per
             stored bit. Layers that
             read the same input (q/k/v; gate/up: the layers vLLM fuses) share one width. Needs calibration data.

@@ -187,7 +187,7 @@ def rounding_error(weight: torch.Tensor, gram: torch.Tensor | None, bits: int, g
     """The activation-weighted error tr((W − Q(W)) H (W − Q(W))ᵀ) of rounding ``weight`` [out, in] to the nearest
     point of its min–max grid (integer zero, as gptq's; scales and zeros rounded to ``dtype``) at ``bits``:
     the summed squared output error per token when H = E[xxᵀ] is the inputs' second moment (``gram``; None: H = I,
-    the plain squared weight error). What `hf_compress.allocation.allocate_layer_bits` compares widths by."""
+    the plain squared weight error). What `hf_compress.allocation.allocate_layer_formats` compares formats by."""
     out, n = weight.shape
     wg = grouped(weight, group_size)
     s, z = minmax(wg, bits, dtype, integer_zero=True)

@@ -19,7 +19,7 @@ from torch import nn
 from ..allocation import allocate_eora, allocator_for
 from ..errors import ConfigError
 from ..methods import get_method
-from ..modules.experts import split_experts, unsplit_untouched
+from ..modules.experts import WEIGHT_NAMES, split_experts, unsplit_untouched
 from ..targets import language_model, other_modalities, targets_of, tied_output_embedding, untie
 from ..transforms import rotate_residual
 from . import datafree, sequential
@@ -65,20 +65,32 @@ def compress_modules(model: nn.Module, config, *, calibration=None, tokenizer=No
     return report
 
 
-def _prune(model, config, calibration, tokenizer) -> None:
-    """``expert_prune``: remove each block's least important experts on the calibration windows; what was removed
-    goes into ``config.pruned_experts`` (stored with the checkpoint, shown by the coverage report)."""
+def _removal_batches(config, calibration, tokenizer, what: str) -> list:
+    """The calibration batches that ``expert_prune`` / ``expert_bits`` with removal measure the experts on (the
+    run's windows, in its batch size); refuses a call without calibration data, naming ``what``."""
     from ..calibration import calibration_windows
-    from ..transforms.expert_pruning import prune_experts
 
     if calibration is None:
-        raise ConfigError("expert_prune needs calibration data: pass calibration=<text file, list of strings, "
+        raise ConfigError(f"{what} needs calibration data: pass calibration=<text file, list of strings, "
                           "datasets.Dataset or token ids> (CLI: --calib FILE)")
     cal = config.calibration
     windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
-    done = prune_experts(model, config.expert_prune, list(windows.split(cal["batch_size"])))
+    return list(windows.split(cal["batch_size"]))
+
+
+def _record_removal(config, done: dict, **extra) -> None:
+    """What `remove_experts` removed, into ``config.pruned_experts`` (stored with the checkpoint, shown by the
+    coverage report)."""
     config.pruned_experts = {"experts": list(done["experts"]), "parameters": done["parameters"],
-                             "dropped": done["dropped"]}
+                             "dropped": done["dropped"], **extra}
+
+
+def _prune(model, config, calibration, tokenizer) -> None:
+    """``expert_prune``: remove each block's least important experts on the calibration windows (`_record_removal`)."""
+    from ..transforms.expert_pruning import prune_experts
+
+    done = prune_experts(model, config.expert_prune, _removal_batches(config, calibration, tokenizer, "expert_prune"))
+    _record_removal(config, done)
 
 
 def _allocate_experts(model, config, calibration, tokenizer) -> dict[str, int]:
@@ -88,25 +100,17 @@ def _allocate_experts(model, config, calibration, tokenizer) -> dict[str, int]:
     (`remove_experts`, as ``expert_prune``). Records what was removed and the widths in ``config.pruned_experts``;
     returns the width of every kept expert's layer, by its name once the experts are split."""
     from ..allocation import allocate_expert_bits
-    from ..calibration import calibration_windows
     from ..transforms.expert_pruning import expert_costs, prunable, remove_experts
 
     what = f"expert_bits {config.expert_bits} by importance"
-    if calibration is None:
-        raise ConfigError(f"{what} needs calibration data (the experts' importance and errors are measured on it): "
-                          "pass calibration=<text file, list of strings, datasets.Dataset or token ids> "
-                          "(CLI: --calib FILE)")
+    batches = _removal_batches(config, calibration, tokenizer, what)
     blocks, n, top_k = prunable(model, what)
-    cal = config.calibration
-    windows = calibration_windows(calibration, tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"])
-    widths = [b for b in config.expert_bits if b > 0]
-    costs = expert_costs(model, list(windows.split(cal["batch_size"])), widths, config.group_size)
-    units, sizes, errors = {}, {}, {}
+    costs = expert_costs(model, batches, [b for b in config.expert_bits if b > 0], config.group_size)
+    units, sizes, errors, layers = {}, {}, {}, {}
     for name, (block, child, _) in blocks.items():
         experts = getattr(block, child)
-        per_expert = sum(w[0].numel() for w in (getattr(experts, k, None) for k in ("gate_up_proj", "up_proj",
-                                                                                    "down_proj"))
-                         if isinstance(w, torch.Tensor))
+        layers[name] = [k for k in WEIGHT_NAMES if isinstance(getattr(experts, k, None), torch.Tensor)]
+        per_expert = sum(getattr(experts, k)[0].numel() for k in layers[name])
         units[name] = [f"{name}.{child}.{e}" for e in range(n)]
         for e, u in enumerate(units[name]):
             sizes[u], errors[u] = per_expert, costs[name][e]
@@ -115,17 +119,13 @@ def _allocate_experts(model, config, calibration, tokenizer) -> dict[str, int]:
     dropped = {name: [e for e, u in enumerate(us) if chosen[u] == 0] for name, us in units.items()}
     done = remove_experts(model, dropped)
     layer_bits = {}
-    for name, (block, child, _) in blocks.items():
-        experts = getattr(block, child)
-        weight_names = [k for k in ("gate_up_proj", "up_proj", "down_proj")
-                        if isinstance(getattr(experts, k, None), torch.Tensor)]
+    for name, (_, child, _) in blocks.items():
         kept = [u for u in units[name] if chosen[u] > 0]
         for j, u in enumerate(kept):  # the kept experts are renumbered 0..E'-1
-            layer_bits.update({f"{name}.{child}.{k}.{j}": chosen[u] for k in weight_names})
+            layer_bits.update({f"{name}.{child}.{k}.{j}": chosen[u] for k in layers[name]})
     count = {str(b): sum(1 for u in chosen if chosen[u] == b) for b in sorted(set(chosen.values()))}
     spent = sum(sizes[u] * chosen[u] for u in chosen) / sum(sizes.values())
-    config.pruned_experts = {"experts": list(done["experts"]), "parameters": done["parameters"],
-                             "dropped": done["dropped"], "widths": count}
+    _record_removal(config, done, widths=count)
     logger.warning("%s (budget %g bits per original expert weight): removed %d of %d experts in each of %d blocks "
                    "(%s parameters, the least important by routing weight x output norm); %s; %.4f bits per "
                    "original expert weight (codes)", what, config.bits, n - done["experts"][1], n, len(blocks),

@@ -34,7 +34,7 @@ class Job:
     checkpoint_every: float = 60.0
     started: float = field(default_factory=time.time)
     #: per-layer bit widths that differ from ``config.bits`` (``expert_bits``: `hf_compress.allocation.allocate_expert_bits`;
-    #: ``avg_bits``: `hf_compress.allocation.allocate_layer_bits`, every target)
+    #: ``avg_bits``: `hf_compress.allocation.allocate_layer_formats`, every target)
     bits: dict[str, int] = field(default_factory=dict)
     #: per-layer group sizes (``avg_bits`` with ``group_choices``: `hf_compress.allocation.allocate_layer_formats`)
     group_sizes: dict[str, int] = field(default_factory=dict)

@@ -349,7 +349,6 @@ class Sequential:
             with clock("reference forward"):
                 ref_inputs, ref_out = reference_inputs(runner, i, block, own, {n: stack.local(i, n) for n in own}, ref)
         local = {stack.local(i, n): m for n, m in todo.items()}
-        stats = None
         for group in input_groups(block, local, runner, i, comp[0]):
             names = [stack.full(i, n) for n in group]
             stats = None  # the previous group's statistics go before this group's are gathered (a MoE block's
