@@ -289,7 +289,8 @@ def main() -> None:
     print_table(results, ["row", "decode tok/s", "x dense fp32", "x dense bf16", "x torchao", "x llama.cpp",
                           "x DynamicCache (time/token)", "prefill ms", "prefill x dense fp32", "prefill x llama.cpp",
                           "context", "peak RSS MB", "RSS over imports MB", "ckpt MB"],
-                title=f"\nSmolLM2-135M, {args.threads} threads, batch 1, greedy, {NEW} new tokens, best of 2{rounds}, "
+                title=f"\nSmolLM2-135M (MoE rows: the MoE model each names), {args.threads} threads, batch 1, greedy, "
+                      f"{NEW} new tokens, best of 2{rounds}, "
                       f"HF_COMPRESS_KERNELS={args.kernels}")
 
 

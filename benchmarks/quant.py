@@ -18,7 +18,8 @@ default 16384). A method name may carry modifiers: ``+rot`` rotates the residual
 (``rotate="hadamard"``; ``+orth``: ``rotate="orthogonal"``; ``+rot2``: also the attention heads,
 ``rotate_heads=True``), ``+act`` makes the grid activation-aware (rtn/gptq ``grid="mse-act"``, hqq
 ``act_weighted=True``; calibrated), ``+lr`` learns the rounding and clipping block by block (rtn/gptq
-``learn_rounding``, options from ``--learn-rounding JSON``; calibrated), e.g. ``gptq+rot+act:3:64``, ``gptq+lr:3:64``; ``dense+rot`` is the rotated dense model (it must score
+``learn_rounding``, options from ``--learn-rounding JSON``; calibrated), ``+ms`` weighs an ``avgX`` row's layers by
+measured sensitivity (``bits_sensitivity="measured"``), e.g. ``gptq+rot+act:3:64``, ``gptq+lr:3:64``; ``dense+rot`` is the rotated dense model (it must score
 the dense perplexity). ``other_params_M`` counts the parameters outside the quantized layers (embedding, head, norms;
 a tied matrix once): a rotation unties SmolLM2's tied head, which adds one 49152 x 576 matrix there.
 
@@ -83,7 +84,7 @@ def run_row(spec: dict) -> list[dict]:
     torch.manual_seed(0)
     model, tok = load_model(smollm2_gguf_path())
     row = {k: v for k, v in spec.items()
-           if k not in ("rotate", "rotate_heads", "act", "lr", "extra_eval", "extra_eval_tokens")}
+           if k not in ("rotate", "rotate_heads", "act", "lr", "ms", "extra_eval", "extra_eval_tokens")}
     names = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
     reset_peak_rss()
@@ -97,7 +98,8 @@ def run_row(spec: dict) -> list[dict]:
         mixed = isinstance(spec["bits"], str)  # "avg3.0": per-layer widths under 3.0 stored bits per weight
         cfg = {"method": spec["method"], "group_size": spec["group_size"],
                **({"avg_bits": float(spec["bits"][3:]), "bit_choices": spec.get("bit_choices"),
-                   "group_choices": spec.get("group_choices")} if mixed else {"bits": spec["bits"]}),
+                   "group_choices": spec.get("group_choices"),
+                   "bits_sensitivity": "measured" if spec.get("ms") else "gradient"} if mixed else {"bits": spec["bits"]}),
                "eora_rank": sweep[0] if sweep[0] else (None if budget else (eora or None)),
                "eora_bits": float(eora[1:]) if budget else None, "eora_factor_bits": spec.get("factor_bits"),
                "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0},
@@ -183,6 +185,8 @@ def _label(spec: dict) -> str:
         label += f" + rotate {spec['rotate']}" + (" + heads" if spec.get("rotate_heads") else "")
     if spec.get("act"):
         label += " + act-weighted" if spec["method"] == "hqq" else " + grid mse-act"
+    if spec.get("ms"):
+        label += " + measured sensitivity"
     if spec.get("lr"):
         label += " + learned rounding " + json.dumps(spec["lr"], separators=(",", ":"))
     return label
@@ -242,11 +246,12 @@ def _score(row: dict, spec: dict, model, tok, copy: bool = False) -> dict:
 def _parse_row(text: str, learn_rounding: dict | None = None) -> dict:
     head, *more = text.split(":")
     name, *mods = head.split("+")
-    unknown = set(mods) - {"rot", "rot2", "orth", "act", "lr"}
+    unknown = set(mods) - {"rot", "rot2", "orth", "act", "lr", "ms"}
     if unknown:
-        raise SystemExit(f"unknown row modifier(s) {sorted(unknown)} in {text!r}: use +rot, +rot2, +orth, +act, +lr")
+        raise SystemExit(f"unknown row modifier(s) {sorted(unknown)} in {text!r}: use +rot, +rot2, +orth, +act, +lr, "
+                         "+ms")
     extra = {"rotate": "orthogonal" if "orth" in mods else "hadamard" if {"rot", "rot2"} & set(mods) else None,
-             "rotate_heads": "rot2" in mods, "act": "act" in mods}
+             "rotate_heads": "rot2" in mods, "act": "act" in mods, "ms": "ms" in mods}
     if "lr" in mods:
         extra["lr"] = dict(learn_rounding or {})
     if name == "dense":

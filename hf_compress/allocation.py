@@ -321,20 +321,3 @@ def allocate_layer_formats(errors: dict[str, dict[tuple[int, int], float]], shap
     chosen = allocate_bits(unit_errors, unit_costs, avg_bits * weights)
     return {n: chosen[k] for k, u in key.items() for n in u}
 
-
-def allocate_layer_bits(errors: dict[str, dict[int, float]], shapes: dict[str, tuple[int, int]],
-                        groups: list[list[str]], group_size: int, avg_bits: float, scale_bits: int = 16
-                        ) -> dict[str, int]:
-    """Per-layer widths under a budget of ``avg_bits`` stored bits per weight (codes, scales and zeros: `stored_bits`)
-    over the layers of ``shapes``, every layer at group size ``group_size`` (`allocate_layer_formats` with one group
-    size). ``errors[name][b]``: the layer's estimated loss increase at b bits; ``groups``: layers that must share one
-    width (those vLLM fuses: q/k/v, gate/up); a layer in no group is its own. Raises `ConfigError` naming the
-    feasible range when ``avg_bits`` is outside it."""
-    if not shapes:
-        return {}
-    by_format = {n: {(b, group_size): e for b, e in errors[n].items()} for n in shapes}
-    try:
-        chosen = allocate_layer_formats(by_format, shapes, groups, avg_bits, scale_bits)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace(f" and group sizes [{group_size}]", f" and group_size {group_size}")) from None
-    return {n: b for n, (b, _) in chosen.items()}

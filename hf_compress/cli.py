@@ -50,6 +50,9 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
                                                                "(default 2 3 4 8)")
     q.add_argument("--group-choices", type=int, nargs="+", help="with --avg-bits, the group sizes a layer may get "
                                                                  "(default: --group-size alone)")
+    q.add_argument("--bits-sensitivity", choices=["gradient", "measured"], default="gradient",
+                   help="with --avg-bits, how a layer's error becomes a loss increase: the squared loss gradient at "
+                        "its output (default) or the measured KL with its fused unit quantized alone")
     e = q.add_mutually_exclusive_group()
     e.add_argument("--eora-rank", type=int, help="rank of the EoRA low-rank compensation of the quantization error")
     e.add_argument("--eora-bits", type=float, help="EoRA with per-layer ranks from a budget of this many extra bits "
@@ -121,7 +124,8 @@ def _config_from_args(args):
                              vision=bool(getattr(args, "vision", False)), alloc=args.alloc, method_kwargs=method_kwargs, calibration=calibration, bits=args.bits,
                              group_size=args.group_size, avg_bits=getattr(args, "avg_bits", None),
                              bit_choices=getattr(args, "bit_choices", None),
-                             group_choices=getattr(args, "group_choices", None), eora_rank=args.eora_rank, eora_bits=args.eora_bits,
+                             group_choices=getattr(args, "group_choices", None),
+                             bits_sensitivity=getattr(args, "bits_sensitivity", "gradient"), eora_rank=args.eora_rank, eora_bits=args.eora_bits,
                              eora_factor_bits=args.eora_factor_bits,
                              eora_factor_group_size=args.eora_factor_group_size, quantizer=args.quantizer, kv=kv,
                              rotate=args.rotate, rotate_seed=args.rotate_seed,

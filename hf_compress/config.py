@@ -29,6 +29,8 @@ EXPERT_CALIBRATION = ("routed", "all")
 #: tokens under the 4^-b rounding model, or (one width per expert, width 0 = removed) each expert's output-space
 #: importance and the output error of its rounded weights (`hf_compress.allocation.allocate_expert_bits`)
 EXPERT_BITS_BY = ("error", "usage", "importance")
+#: ``avg_bits``: how a layer's error becomes a loss increase (`CompressionConfig`, ``bits_sensitivity``)
+BITS_SENSITIVITIES = ("gradient", "measured")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -107,6 +109,11 @@ class CompressionConfig(QuantizationConfigMixin):
             is then over formats (width, group size), e.g. ``[64, 192, 576]`` lets a layer trade scale bytes for code
             bits (3-bit g192 stores 3.17 bits per weight, g64 3.5). A layer only gets group sizes that divide its
             input width (unless none does); layers that share a width share the group size too.
+        bits_sensitivity: with ``avg_bits``, how a layer's error is turned into a loss increase: ``"gradient"``
+            (default; the mean squared loss gradient at its output) or ``"measured"`` (each unit of layers that
+            share a format — q/k/v, o, gate/up, down — is quantized alone in its cheapest format and the KL of the
+            model's next-token distributions on two calibration windows is measured: one forward of the model per
+            unit, no gradient pass).
         expert_bits_by: what the allocation weighs: ``"usage"`` (default), each expert's share of routed tokens
             times 4^-b; ``"error"``, each expert layer's measured output error at each width on the tokens routed to
             it, weighted by the routing weights (`hf_compress.statistics.expert_errors`). On the top-4 MoE SmolLM2
@@ -175,6 +182,7 @@ class CompressionConfig(QuantizationConfigMixin):
         avg_bits: float | None = None,
         bit_choices: list[int] | None = None,
         group_choices: list[int] | None = None,
+        bits_sensitivity: str = "gradient",
         expert_bits_by: str | None = None,
         expert_prune: float | None = None,
         pruned_experts: dict[str, Any] | None = None,
@@ -228,6 +236,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.avg_bits = avg_bits
         self.bit_choices = bit_choices
         self.group_choices = group_choices
+        self.bits_sensitivity = bits_sensitivity
         self.expert_bits_by = expert_bits_by
         self.expert_prune = expert_prune
         #: what ``expert_prune`` (or ``expert_bits`` with 0) removed (set by `compress`): {"experts": [E, E'],
@@ -402,7 +411,12 @@ class CompressionConfig(QuantizationConfigMixin):
             if self.group_choices is not None:
                 raise ConfigError("group_choices are the group sizes a layer may get under avg_bits: give it with "
                                   "avg_bits")
+            if self.bits_sensitivity != "gradient":
+                raise ConfigError("bits_sensitivity weighs the layers' errors under avg_bits: give it with avg_bits")
             return
+        if self.bits_sensitivity not in BITS_SENSITIVITIES:
+            raise ConfigError(f"bits_sensitivity must be one of {list(BITS_SENSITIVITIES)}, got "
+                              f"{self.bits_sensitivity!r}")
         if method.family != "quant":
             raise ConfigError("avg_bits allocates per-layer quantization widths: use it with rtn, hqq or gptq")
         if self.bits is not None:
@@ -462,6 +476,8 @@ class CompressionConfig(QuantizationConfigMixin):
             **({"avg_bits": self.avg_bits, "bit_choices": list(self.bit_choices)} if self.avg_bits else {}),
             **({"group_choices": list(self.group_choices)}
                if self.avg_bits and self.group_choices != [self.group_size] else {}),
+            **({"bits_sensitivity": self.bits_sensitivity}
+               if self.avg_bits and self.bits_sensitivity != "gradient" else {}),
             **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
             **({"rotate_heads": True} if self.rotate_heads else {}),
             **({"learn_rounding": copy.deepcopy(self.learn_rounding)} if self.learn_rounding else {}),

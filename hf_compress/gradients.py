@@ -32,7 +32,7 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(type(model).forward).parameters
 
 
-def _samples(batch, device) -> list[dict[str, torch.Tensor]]:
+def samples_of(batch, device) -> list[dict[str, torch.Tensor]]:
     """One window at a time: the rows of a [n, seqlen] batch, or an input dict (image+text calibration) as it is."""
     if isinstance(batch, dict):
         return [{k: v.to(device) for k, v in batch.items()}]
@@ -83,7 +83,7 @@ def output_sensitivity(model, targets: dict[str, nn.Module], batches, progress) 
     try:
         index = 0
         for batch in tqdm(batches, desc="hf-compress sensitivity", disable=not progress, unit="batch"):
-            for sample in _samples(batch, device):  # one window at a time bounds the memory of the backward pass
+            for sample in samples_of(batch, device):  # one window at a time bounds the memory of the backward pass
                 objective(model, sample, index).backward()
                 index += 1
     finally:
@@ -107,7 +107,7 @@ def fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict
     try:
         index = 0
         for batch in tqdm(batches, desc="hf-compress fisher", disable=not progress, unit="batch"):
-            for sample in _samples(batch, device):  # per-sample gradients: the Fisher is an expectation of squares
+            for sample in samples_of(batch, device):  # per-sample gradients: the Fisher is an expectation of squares
                 model.zero_grad(set_to_none=True)
                 objective(model, sample, index).backward()
                 index += 1
@@ -122,3 +122,43 @@ def fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return rows
+
+
+
+
+def model_output(model, sample) -> tuple[torch.Tensor, bool]:
+    """What `output_divergence` compares, for one window ``sample`` (a dict of model inputs): (its logits, True)
+    where the model returns ``logits``; otherwise (its last hidden state, False)."""
+    inputs = dict(sample)
+    if _accepts(model, "use_cache"):
+        inputs["use_cache"] = False
+    with torch.no_grad():
+        out = model(**inputs)
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return logits.detach(), True
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+    return hidden.detach(), False
+
+
+def output_divergence(model, samples, reference: list[tuple[torch.Tensor, bool]], chunk: int = 128) -> float:
+    """How far the model's outputs on ``samples`` moved from ``reference`` (`model_output` of each, taken before):
+    the mean KL(reference ‖ now) of the next-token distributions per position where the model has logits, else
+    half the mean squared difference of the last hidden states per element. In float64, ``chunk`` positions at a
+    time (a small KL is a difference of nearly equal log-probabilities)."""
+    total, count = 0.0, 0
+    for sample, (ref, logits) in zip(samples, reference):
+        now, _ = model_output(model, sample)
+        ref, now = ref.reshape(-1, ref.shape[-1]), now.reshape(-1, now.shape[-1])
+        for a, b in zip(ref.split(chunk), now.split(chunk)):
+            a, b = a.double(), b.double()
+            if logits:
+                a, b = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+                total += float((a.exp() * (a - b)).sum())
+                count += a.shape[0]
+            else:
+                total += 0.5 * float((b - a).pow(2).sum())
+                count += a.numel()
+    return total / max(count, 1)

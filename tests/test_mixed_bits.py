@@ -1,5 +1,5 @@
 """Per-layer bit widths under one budget of stored bits per weight (``avg_bits``, ``bit_choices``):
-the allocator (`hf_compress.allocation.allocate_bits` / `allocate_layer_bits`), the error it compares widths by
+the allocator (`hf_compress.allocation.allocate_bits` / `allocate_layer_formats`), the error it compares widths by
 (`hf_compress.methods.quantlib.rounding_error`), the pipeline on tiny Llama models, the checkpoint and the errors."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_compress
 from conftest import VOCAB, make_tiny, output_of
-from hf_compress.allocation import (_hull_steps, allocate_bits, allocate_layer_bits, allocate_layer_formats,
+from hf_compress.allocation import (_hull_steps, allocate_bits, allocate_layer_formats,
                                    layer_groups, stored_bits)
 from hf_compress.errors import ConfigError
 from hf_compress.methods.quantlib import fake_quant, grouped, minmax, rounding_error
@@ -107,6 +107,12 @@ def test_stored_bits_is_what_a_quant_linear_stores():
         assert stored_bits(out_f, in_f, bits, group) == pytest.approx(layer.bits_per_weight * out_f * in_f, rel=1e-12)
 
 
+def _widths_at(errors, shapes, groups, avg, group_size=16):
+    """`allocate_layer_formats` at one group size: the widths."""
+    by_format = {n: {(b, group_size): e for b, e in errors[n].items()} for n in shapes}
+    return {n: b for n, (b, _) in allocate_layer_formats(by_format, shapes, groups, avg).items()}
+
+
 def test_layer_allocation_shares_widths_within_groups_and_names_the_feasible_range():
     shapes = {"q": (48, 48), "k": (24, 48), "v": (24, 48), "o": (48, 48)}
     # k alone would like 8 bits, q and v 2 bits: as a group they get one width
@@ -114,15 +120,15 @@ def test_layer_allocation_shares_widths_within_groups_and_names_the_feasible_ran
               "v": {b: 1e-3 * 4.0 ** -b for b in CHOICES}, "o": {b: 1.0 * 4.0 ** -b for b in CHOICES}}
     weights = sum(o * i for o, i in shapes.values())
     for avg in (4.0, 4.5, 5.0, 5.5, 6.5, 10.0):
-        bits = allocate_layer_bits(errors, shapes, [["q", "k", "v"]], 16, avg)
+        bits = _widths_at(errors, shapes, [["q", "k", "v"]], avg)
         assert bits["q"] == bits["k"] == bits["v"]
         assert sum(stored_bits(*shapes[n], b, 16) for n, b in bits.items()) <= avg * weights
-    free = allocate_layer_bits(errors, shapes, [], 16, 6.0)
+    free = _widths_at(errors, shapes, [], 6.0)
     assert free["k"] > free["q"]  # the constraint is what ties them above
     with pytest.raises(ConfigError, match=r"feasible range is \[4.0000, 10.0000\]"):
-        allocate_layer_bits(errors, shapes, [["q", "k", "v"]], 16, 3.0)
+        _widths_at(errors, shapes, [["q", "k", "v"]], 3.0)
     with pytest.raises(ConfigError, match="not targets"):
-        allocate_layer_bits(errors, shapes, [["q", "x"]], 16, 5.0)
+        _widths_at(errors, shapes, [["q", "x"]], 5.0)
 
 
 def _format_problem(groups=(16, 24, 48)):
@@ -170,14 +176,6 @@ def test_format_allocation_is_the_brute_force_optimum_where_it_spends_the_budget
         spent = sum(stored_bits(*shapes[n], *f) for n, f in formats.items())  # a budget it spends exactly
         assert allocate_layer_formats(errors, shapes, [["q", "k", "v"]], spent / weights) == formats
         assert err == pytest.approx(_brute_force(unit_err, unit_cost, spent)[0], rel=1e-12)
-
-
-def test_layer_bits_is_format_allocation_at_one_group_size():
-    shapes, errors = _format_problem(groups=(16,))
-    widths = {n: {b: e for (b, _), e in errors[n].items()} for n in errors}
-    for avg in (4.0, 4.5, 5.0, 5.5):
-        formats = allocate_layer_formats(errors, shapes, [["q", "k", "v"]], avg)
-        assert allocate_layer_bits(widths, shapes, [["q", "k", "v"]], 16, avg) == {n: b for n, (b, _) in formats.items()}
 
 
 def test_rounding_error_is_the_activation_weighted_error_of_rounding():
@@ -335,9 +333,25 @@ def test_mixed_model_exports_to_compressed_tensors(tmp_path, kwargs):
     q = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert sorted((g["weights"]["num_bits"], g["weights"]["group_size"]) for g in q["config_groups"].values()) == \
         sorted(set(_formats(model).values()))
+    # the stored codes, scales and zero points are ours exactly: unpacked by compressed-tensors' own helpers and
+    # dequantized in fp32 they give our weights bit for bit
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    stored = {k: v for f in sorted((tmp_path / "ct").glob("*.safetensors")) for k, v in load_file(f).items()}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            scale, shape = stored[n + ".weight_scale"].float(), stored[n + ".weight_shape"]
+            zero = unpack_from_int32(stored[n + ".weight_zero_point"], m.bits, (*shape[:-1], scale.shape[-1]),
+                                     packed_dim=0)
+            codes = unpack_from_int32(stored[n + ".weight_packed"], m.bits, shape)
+            groups = (codes.float() - zero.float().repeat_interleave(m.group_size, 1)[:, :m.in_features])
+            assert torch.equal(groups * scale.repeat_interleave(m.group_size, 1)[:, :m.in_features], m.dequantized())
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
-    # a layer whose one group spans its whole 96-wide row (3-bit g96 down_proj here) comes back from compressed-tensors
-    # up to 2.6e-4 off on these outputs, not bit for bit (seen only in that case; the cause is not traced yet)
+    # a layer whose one group spans its whole 96-wide row (3-bit g96 down_proj here) comes back up to 2.6e-4 off on
+    # these outputs. The stored tensors are exact (above); compressed-tensors' `dequantize` computes in the dtype of
+    # the fp16 scales (weights up to 2.7e-5 off on these layers, measured by hand); why its loader takes that path for
+    # this layer alone was not traced
     whole_row = any(m.group_size == m.in_features > 48 for m in model.modules() if isinstance(m, QuantLinear))
     assert (output_of(loaded, ids) - ref).abs().max() <= (1e-3 if whole_row else 1e-6)
 
@@ -449,3 +463,123 @@ def test_mixed_model_exports_to_gguf(tmp_path, tiny_tokenizer, monkeypatch):
     assert (output_of(loaded, ids) - output_of(model, ids)).abs().max() <= 1e-5
     monkeypatch.undo()
     dispatch.kernel_mode.cache_clear()
+
+
+# ------------------------------------------------------------------------------------- measured sensitivity
+def _spy(monkeypatch):
+    """Records every `output_divergence` call of the pipeline (the target weights at that moment and its result)
+    and the errors handed to the allocator (with the target weights at that moment)."""
+    from hf_compress.pipelines import sequential
+
+    seen = {"calls": [], "errors": None}
+    divergence, allocate = sequential.output_divergence, sequential.allocate_layer_formats
+
+    def spy_divergence(model, samples, reference):
+        value = divergence(model, samples, reference)
+        weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                   and n.split(".")[-1].endswith("proj")}
+        seen["calls"].append((weights, value, [s["input_ids"].clone() for s in samples]))
+        return value
+
+    def spy_allocate(errors, shapes, groups, *args, **kwargs):
+        seen["errors"], seen["groups"] = {n: dict(e) for n, e in errors.items()}, [list(g) for g in groups]
+        return allocate(errors, shapes, groups, *args, **kwargs)
+
+    monkeypatch.setattr(sequential, "output_divergence", spy_divergence)
+    monkeypatch.setattr(sequential, "allocate_layer_formats", spy_allocate)
+    return seen
+
+
+def test_measured_sensitivity_is_the_kl_with_one_unit_quantized_alone(monkeypatch):
+    """``bits_sensitivity="measured"``: every unit (q/k/v, o, gate/up, down) is quantized alone in its cheapest
+    format (rtn 2-bit, the largest group) while the rest stays dense; the measurement is the mean KL of the dense
+    model's next-token distributions to that model's, on the first two calibration windows (recomputed here by
+    hand); each unit's errors are scaled so that in that format their sum is the measurement, their shape across
+    formats unchanged; the weights are dense again afterwards."""
+    from hf_compress.methods import get_method
+
+    cfg = {"method": "rtn", "avg_bits": 3.6, "bit_choices": [2, 3, 4], "group_size": 16, "group_choices": [16, 48],
+           "calibration": {"nsamples": 8, "seqlen": 32}}
+    dense = make_tiny("llama")
+    originals = {n: m.weight.detach().clone() for n, m in dense.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.endswith("proj")}
+    gradient = _spy(monkeypatch)
+    hf_compress.compress(make_tiny("llama"), dict(cfg), calibration=_calibration(), progress=False)
+    monkeypatch.undo()
+    seen = _spy(monkeypatch)
+    model = hf_compress.compress(make_tiny("llama"), {**cfg, "bits_sensitivity": "measured"},
+                                 calibration=_calibration(), progress=False)
+    assert model.config.quantization_config.to_dict()["bits_sensitivity"] == "measured"
+    units = seen["groups"]
+    assert len(units) == 8 and len(seen["calls"]) == 8  # 4 units per block, one measurement each
+    rtn = get_method("rtn")()
+    for unit, (weights, value, windows) in zip(units, seen["calls"]):
+        assert len(windows) == 2 and all(w.shape == (1, 32) for w in windows)
+        changed = {n for n, w in weights.items() if not torch.equal(w, originals[n])}
+        assert changed == set(unit)  # this unit alone; the previous one was restored
+        check = make_tiny("llama")
+        for n in unit:
+            expected = rtn.quantize(originals[n], 2, 48, None, torch.float16).dequantize()[:, :originals[n].shape[1]]
+            torch.testing.assert_close(weights[n], expected, rtol=0, atol=1e-6)
+            check.get_submodule(n).weight.data.copy_(weights[n])
+        kl = [torch.nn.functional.kl_div(torch.log_softmax(output_of(check, w).double(), -1),
+                                         torch.log_softmax(output_of(dense, w).double(), -1),
+                                         log_target=True, reduction="sum") / w.shape[1] for w in windows]
+        assert value > 0 and value == pytest.approx(float(sum(kl)) / 2, rel=1e-6)
+        assert sum(seen["errors"][n][(2, 48)] for n in unit) == pytest.approx(value, rel=1e-9)
+        for n in unit:  # the shape across formats is the estimate's (gradient mode: one factor per layer)
+            for f, e in seen["errors"][n].items():
+                assert e / seen["errors"][n][(2, 48)] == pytest.approx(
+                    gradient["errors"][n][f] / gradient["errors"][n][(2, 48)], rel=1e-9)
+
+
+def test_measured_sensitivity_options_are_checked_and_reach_the_cli():
+    from hf_compress import cli
+
+    with pytest.raises(ConfigError, match="bits_sensitivity .* give it with avg_bits"):
+        hf_compress.CompressionConfig(method="gptq", bits=3, bits_sensitivity="measured")
+    with pytest.raises(ConfigError, match=r"bits_sensitivity must be one of \['gradient', 'measured'\]"):
+        hf_compress.CompressionConfig(method="gptq", avg_bits=3.0, bits_sensitivity="kl")
+    config = hf_compress.CompressionConfig(method="gptq", avg_bits=3.0, group_size=64)
+    assert "bits_sensitivity" not in config.to_dict()  # the default is not written
+    args = cli.build_parser().parse_args(["compress", "m", "-o", "out", "--method", "gptq", "--avg-bits", "3",
+                                          "--bits-sensitivity", "measured", "--calib", "f.txt"])
+    assert cli._config_from_args(args).bits_sensitivity == "measured"
+
+
+def test_an_encoder_is_measured_by_its_hidden_states_and_left_as_it_was():
+    """Without logits (``BertModel``) the divergence is half the mean squared change of the last hidden state;
+    an encoder compressed with ``avg_bits`` and measured sensitivity meets the budget."""
+    from hf_compress.gradients import model_output, output_divergence
+
+    model = make_tiny("bert")
+    sample = {"input_ids": _calibration(1, 16)}
+    reference = [model_output(model, sample)]
+    assert reference[0][1] is False
+    before = reference[0][0].clone()
+    assert output_divergence(model, [sample], reference) == 0.0
+    layer = model.encoder.layer[0].output.dense
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    now = output_of(model, sample["input_ids"])
+    assert output_divergence(model, [sample], reference) == pytest.approx(
+        0.5 * float((now.double() - before.double()).pow(2).mean()), rel=1e-9)
+    compressed = hf_compress.compress(make_tiny("bert"), {"method": "rtn", "avg_bits": 5.0, "bit_choices": [2, 3, 4],
+                                                          "group_size": 16, "bits_sensitivity": "measured",
+                                                          "calibration": {"nsamples": 8, "seqlen": 32}},
+                                      calibration=_calibration(), progress=False)
+    assert 4.5 < _stored(compressed) <= 5.0 and len({m.bits for m in compressed.modules()
+                                                     if isinstance(m, QuantLinear)}) > 1
+
+
+def test_measured_sensitivity_refuses_offloaded_layers(tmp_path):
+    make_tiny("llama").save_pretrained(tmp_path / "dense")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "disk",
+                  "model.norm": "cpu", "lm_head": "cpu"}
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
+                                               offload_folder=str(tmp_path / "offload"))
+    with pytest.raises(ConfigError, match=r"bits_sensitivity='measured' .* 14 targeted layers are offloaded"):
+        hf_compress.compress(off, {"method": "rtn", "avg_bits": 5.0, "group_size": 16, "bits_sensitivity": "measured",
+                                   "calibration": {"nsamples": 8, "seqlen": 32}}, calibration=_calibration(),
+                             progress=False)
+    assert not _widths(off)

@@ -37,12 +37,13 @@ from ..calibration import (BlockwiseRunner, calibration_windows, input_groups, i
 from ..errors import CheckpointError, ConfigError
 from ..factory import correct, pack_layer, replace
 from ..methods.quantlib import rounding_error
-from ..gradients import fisher_rows, output_sensitivity
+from ..calibration import device_of
+from ..gradients import fisher_rows, model_output, output_divergence, output_sensitivity, samples_of
 from ..modules.experts import is_expert_layer
 from ..modules.quant import WEIGHT_SCALE_DTYPES
 from ..progress import Progress
 from ..statistics import collect, expert_errors, expert_usage, reference_inputs
-from ..targets import block_index, find_blocks, is_offloaded, set_module
+from ..targets import block_index, dense_weight, find_blocks, is_offloaded, set_module
 from . import reconstruct
 from .common import Job, Phases, checkpoint_unit, restore
 
@@ -117,6 +118,10 @@ def needs_gram(config, method) -> bool:
                 and not config.eora_rank and not config.eora_bits)
 
 
+#: ``avg_bits`` with measured sensitivity: how many calibration windows the measurement runs the model on
+PROBE = 2
+
+
 class Sequential:
     """One run of the calibrated pipeline over ``job``'s targets (`run`)."""
 
@@ -137,6 +142,12 @@ class Sequential:
             if offloaded:
                 raise ConfigError(f"learn_rounding trains each block in memory: {len(offloaded)} targeted layers are "
                                   f"offloaded (e.g. {offloaded[0]}); load the model without offloading")
+        if job.config.avg_bits and job.config.bits_sensitivity == "measured":
+            offloaded = [n for n, t in job.targets.items() if is_offloaded(t.module)]
+            if offloaded:
+                raise ConfigError(f"bits_sensitivity='measured' swaps each unit's quantized weights into the model in "
+                                  f"memory: {len(offloaded)} targeted layers are offloaded (e.g. {offloaded[0]}); load "
+                                  "the model without offloading or use bits_sensitivity='gradient'")
         self.learned: dict[str, dict] = {}  # block index (str, as in the checkpoint's JSON) -> reconstruct.Fitted
         self.all_experts = job.config.calibration.get("experts") == "all"
         self.stack = Stack.of(job.model, job.modules)
@@ -232,13 +243,22 @@ class Sequential:
         under the budget (`allocate_layer_formats`), from each layer's loss increase estimated in each format on the
         dense model: the mean squared loss gradient at its output (`output_sensitivity`) times the activation-weighted
         error of quantizing it (`layer_errors`, with the Gram of its inputs on the training windows, one block at a
-        time). Layers fed the same input share a format. Sets ``job.group_sizes``; returns the widths."""
+        time). Layers fed the same input share a format. With ``bits_sensitivity="measured"`` the gradient pass is
+        skipped and each unit's errors are scaled to the measured KL of quantizing it alone (`_measure`). Sets
+        ``job.group_sizes``; returns the widths."""
         job, clock, stack, runner, config = self.job, self.clock, self.stack, self.runner, self.job.config
         if self.saved:
             job.group_sizes = dict(self.ckpt.extra.get("group_sizes", {}))
             return self.ckpt.extra["bits"]
-        with clock("bits: sensitivity"):
-            sens = output_sensitivity(job.model, job.modules, self.data.train_batches, job.progress)
+        measured = config.bits_sensitivity == "measured"
+        if measured:  # each unit's level is measured below: no gradient pass
+            sens = dict.fromkeys(job.modules, 1.0)
+            with clock("bits: measured sensitivity"):
+                probe = [s for b in self.data.train_batches for s in samples_of(b, device_of(job.model))][:PROBE]
+                reference = [model_output(job.model, s) for s in probe]
+        else:
+            with clock("bits: sensitivity"):
+                sens = output_sensitivity(job.model, job.modules, self.data.train_batches, job.progress)
         n_train = self.data.n_train_batches
         hidden = runner.hidden[:n_train]
         sdt = getattr(torch, config.scale_dtype)
@@ -246,8 +266,9 @@ class Sequential:
         for i in Progress(range(len(stack.blocks)), "bits: rounding errors", "block", bar=job.progress):
             layers = stack.layers[i]
             local = {stack.local(i, n): m for n, m in layers.items()}
-            groups += [[stack.full(i, n) for n in g] for g in input_groups(stack.blocks[i], local, runner, i,
-                                                                             hidden[0])]
+            block_groups = [[stack.full(i, n) for n in g] for g in input_groups(stack.blocks[i], local, runner, i,
+                                                                                  hidden[0])]
+            groups += block_groups
             with clock("bits: statistics and forward"):
                 out: list[torch.Tensor] = []
                 stats = collect(runner, i, stack.blocks[i], layers, hidden, n_train, self.fisher, need_gram=True,
@@ -257,6 +278,10 @@ class Sequential:
                     err = layer_errors(job.method, job.targets[n].weight().float(), stats[n], config, sdt,
                                        calibrate=self.method_error)
                     errors[n] = {f: sens[n] * e for f, e in err.items()}
+            if measured:
+                with clock("bits: measured sensitivity"):
+                    for unit in block_groups:
+                        self._measure(unit, stats, errors, sdt, probe, reference)
             hidden = out
         scale_bits = 8 * torch.empty(0, dtype=sdt).element_size()
         formats = allocate_layer_formats(errors, job.shapes, groups, config.avg_bits, scale_bits)
@@ -273,6 +298,35 @@ class Sequential:
         logger.info("avg_bits: estimated loss increase of every layer in one format: %s",
                     ", ".join(f"{b} bits g{g}: {v:.4g}" for (b, g), v in sorted(uniform.items())))
         return bits
+
+    def _measure(self, unit: list[str], stats, errors: dict, sdt, probe, reference) -> None:
+        """Measured sensitivity (``avg_bits``): quantize the layers of ``unit`` alone (the rest of the model dense) by
+        the run's method in its cheapest format — the fewest bits, the largest group — measure how far the model's
+        outputs move on the probe windows (`output_divergence`: the mean KL of the next-token distributions), and
+        scale the unit's estimated errors in every format so that in that format they equal the measurement."""
+        job = self.job
+        common = set.intersection(*(set(errors[n]) for n in unit))
+        low = min(b for b, _ in common)
+        fmt = (low, max(g for b, g in common if b == low))
+        saved = {}
+        try:
+            for n in unit:
+                w = dense_weight(job.modules[n])
+                q = job.method.quantize(w.detach().float(), fmt[0], fmt[1], stats[n], sdt)
+                saved[n] = w.detach().clone()
+                with torch.no_grad():
+                    w.copy_(q.dequantize()[:, :w.shape[1]].to(w))
+            moved = output_divergence(job.model, probe, reference)
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    dense_weight(job.modules[n]).copy_(w)
+        estimate = sum(errors[n][fmt] for n in unit)
+        scale = max(moved, 1e-30) / estimate if estimate > 0 else 1.0
+        for n in unit:
+            errors[n] = {f: e * scale for f, e in errors[n].items()}
+        logger.info("bits: %s quantized alone at %d bits g%d: KL %.4g (estimated %.4g)", "+".join(unit), fmt[0],
+                    fmt[1], moved, estimate)
 
     def _spectra(self) -> dict[str, torch.Tensor]:
         """Each target's spectrum in its method's metric, from statistics on the dense stream."""
