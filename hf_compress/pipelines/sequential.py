@@ -32,12 +32,11 @@ from torch import nn
 
 from ..allocation import (allocate_energy, allocate_expert_bits, allocate_layer_formats, layer_groups,
                           plan as uniform_plan, stored_bits)
-from ..calibration import (BlockwiseRunner, calibration_windows, input_groups, is_multimodal_source,
+from ..calibration import (BlockwiseRunner, calibration_windows, device_of, input_groups, is_multimodal_source,
                            multimodal_inputs)
 from ..errors import CheckpointError, ConfigError
 from ..factory import correct, pack_layer, replace
 from ..methods.quantlib import rounding_error
-from ..calibration import device_of
 from ..gradients import fisher_rows, model_output, output_divergence, output_sensitivity, samples_of
 from ..modules.experts import is_expert_layer
 from ..modules.quant import WEIGHT_SCALE_DTYPES
