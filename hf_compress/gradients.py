@@ -32,6 +32,22 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(type(model).forward).parameters
 
 
+def _inputs(model, sample: dict) -> dict:
+    """A window's model inputs, without a KV cache where the model takes ``use_cache``."""
+    inputs = dict(sample)
+    if _accepts(model, "use_cache"):
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _last_hidden(out) -> torch.Tensor:
+    """The last hidden state of a model output (a ``ModelOutput``, a tuple, or the tensor itself)."""
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+    return hidden
+
+
 def samples_of(batch, device) -> list[dict[str, torch.Tensor]]:
     """One window at a time: the rows of a [n, seqlen] batch, or an input dict (image+text calibration) as it is."""
     if isinstance(batch, dict):
@@ -44,18 +60,14 @@ def objective(model, sample, index: int) -> torch.Tensor:
     model inputs), the ``index``-th (module docstring): the model's own loss with the window's tokens as labels where
     its forward takes ``labels``; otherwise ⟨h, r⟩ of the last hidden state h and a standard normal r seeded by
     ``index`` (the Gauss-Newton form of the output-reconstruction error)."""
-    inputs = dict(sample) if isinstance(sample, dict) else {"input_ids": sample}
-    if _accepts(model, "use_cache"):
-        inputs["use_cache"] = False
+    inputs = _inputs(model, sample if isinstance(sample, dict) else {"input_ids": sample})
     if _accepts(model, "labels"):
         out = model(**inputs, labels=inputs["input_ids"])
         if getattr(out, "loss", None) is not None:
             return out.loss
     else:
         out = model(**inputs)
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+    hidden = _last_hidden(out)
     r = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(index), dtype=torch.float32)
     return (hidden.float() * r.to(hidden.device)).sum()
 
@@ -124,23 +136,15 @@ def fisher_rows(model, targets: dict[str, nn.Module], batches, progress) -> dict
     return rows
 
 
-
-
 def model_output(model, sample) -> tuple[torch.Tensor, bool]:
     """What `output_divergence` compares, for one window ``sample`` (a dict of model inputs): (its logits, True)
     where the model returns ``logits``; otherwise (its last hidden state, False)."""
-    inputs = dict(sample)
-    if _accepts(model, "use_cache"):
-        inputs["use_cache"] = False
     with torch.no_grad():
-        out = model(**inputs)
+        out = model(**_inputs(model, sample))
     logits = getattr(out, "logits", None)
     if logits is not None:
         return logits.detach(), True
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
-    return hidden.detach(), False
+    return _last_hidden(out).detach(), False
 
 
 def output_divergence(model, samples, reference: list[tuple[torch.Tensor, bool]], chunk: int = 128) -> float:

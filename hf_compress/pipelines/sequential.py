@@ -136,17 +136,18 @@ class Sequential:
         self.learn = job.config.learn_rounding if job.method.family == "quant" else None
         #: the dense model's stream is carried along: for the cross terms, or as learned rounding's targets
         self.need_ref = self.need_cross or bool(self.learn)
-        if self.learn:
+        # (needed, why, what else to do): options that change the model's weights in memory refuse offloaded layers
+        in_memory = [(bool(self.learn), "learn_rounding trains each block in memory", ""),
+                     (bool(job.config.avg_bits) and job.config.bits_sensitivity == "measured",
+                      "bits_sensitivity='measured' swaps each unit's quantized weights into the model in memory",
+                      " or use bits_sensitivity='gradient'")]
+        needed = [(why, other) for need, why, other in in_memory if need]
+        if needed:
             offloaded = [n for n, t in job.targets.items() if is_offloaded(t.module)]
             if offloaded:
-                raise ConfigError(f"learn_rounding trains each block in memory: {len(offloaded)} targeted layers are "
-                                  f"offloaded (e.g. {offloaded[0]}); load the model without offloading")
-        if job.config.avg_bits and job.config.bits_sensitivity == "measured":
-            offloaded = [n for n, t in job.targets.items() if is_offloaded(t.module)]
-            if offloaded:
-                raise ConfigError(f"bits_sensitivity='measured' swaps each unit's quantized weights into the model in "
-                                  f"memory: {len(offloaded)} targeted layers are offloaded (e.g. {offloaded[0]}); load "
-                                  "the model without offloading or use bits_sensitivity='gradient'")
+                why, other = needed[0]
+                raise ConfigError(f"{why}: {len(offloaded)} targeted layers are offloaded (e.g. {offloaded[0]}); load "
+                                  f"the model without offloading{other}")
         self.learned: dict[str, dict] = {}  # block index (str, as in the checkpoint's JSON) -> reconstruct.Fitted
         self.all_experts = job.config.calibration.get("experts") == "all"
         self.stack = Stack.of(job.model, job.modules)
