@@ -19,7 +19,8 @@ default 16384). A method name may carry modifiers: ``+rot`` rotates the residual
 ``rotate_heads=True``), ``+act`` makes the grid activation-aware (rtn/gptq ``grid="mse-act"``, hqq
 ``act_weighted=True``; calibrated), ``+lr`` learns the rounding and clipping block by block (rtn/gptq
 ``learn_rounding``, options from ``--learn-rounding JSON``; calibrated), ``+ms`` weighs an ``avgX`` row's layers by
-measured sensitivity (``bits_sensitivity="measured"``), e.g. ``gptq+rot+act:3:64``, ``gptq+lr:3:64``; ``dense+rot`` is the rotated dense model (it must score
+measured sensitivity (``bits_sensitivity="measured"``), ``+awq`` folds activation-aware channel scales into each block
+before it is quantized (``channel_scales="awq"``; calibrated), e.g. ``gptq+rot+act:3:64``, ``gptq+lr:3:64``; ``dense+rot`` is the rotated dense model (it must score
 the dense perplexity). ``other_params_M`` counts the parameters outside the quantized layers (embedding, head, norms;
 a tied matrix once): a rotation unties SmolLM2's tied head, which adds one 49152 x 576 matrix there.
 
@@ -84,7 +85,7 @@ def run_row(spec: dict) -> list[dict]:
     torch.manual_seed(0)
     model, tok = load_model(smollm2_gguf_path())
     row = {k: v for k, v in spec.items()
-           if k not in ("rotate", "rotate_heads", "act", "lr", "ms", "extra_eval", "extra_eval_tokens")}
+           if k not in ("rotate", "rotate_heads", "act", "lr", "ms", "awq", "extra_eval", "extra_eval_tokens")}
     names = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
     reset_peak_rss()
@@ -105,9 +106,9 @@ def run_row(spec: dict) -> list[dict]:
                "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0},
                "rotate": spec.get("rotate"), "rotate_heads": spec.get("rotate_heads", False),
                "method_kwargs": ({"act_weighted": True} if spec["method"] == "hqq" else {"grid": "mse-act"}) if act else {},
-               "learn_rounding": spec.get("lr")}
+               "learn_rounding": spec.get("lr"), "channel_scales": "awq" if spec.get("awq") else None}
         row["method"] = _label(spec)
-        calibrated = spec["method"] == "gptq" or eora or act or spec.get("lr") or mixed
+        calibrated = spec["method"] == "gptq" or eora or act or spec.get("lr") or mixed or spec.get("awq")
         learned = _LearnedLog()
         seq_log = logging.getLogger("hf_compress.pipelines.sequential")
         seq_log.setLevel(logging.INFO)
@@ -185,6 +186,8 @@ def _label(spec: dict) -> str:
         label += f" + rotate {spec['rotate']}" + (" + heads" if spec.get("rotate_heads") else "")
     if spec.get("act"):
         label += " + act-weighted" if spec["method"] == "hqq" else " + grid mse-act"
+    if spec.get("awq"):
+        label += " + awq scales"
     if spec.get("ms"):
         label += " + measured sensitivity"
     if spec.get("lr"):
@@ -246,12 +249,13 @@ def _score(row: dict, spec: dict, model, tok, copy: bool = False) -> dict:
 def _parse_row(text: str, learn_rounding: dict | None = None) -> dict:
     head, *more = text.split(":")
     name, *mods = head.split("+")
-    unknown = set(mods) - {"rot", "rot2", "orth", "act", "lr", "ms"}
+    unknown = set(mods) - {"rot", "rot2", "orth", "act", "lr", "ms", "awq"}
     if unknown:
         raise SystemExit(f"unknown row modifier(s) {sorted(unknown)} in {text!r}: use +rot, +rot2, +orth, +act, +lr, "
-                         "+ms")
+                         "+ms, +awq")
     extra = {"rotate": "orthogonal" if "orth" in mods else "hadamard" if {"rot", "rot2"} & set(mods) else None,
-             "rotate_heads": "rot2" in mods, "act": "act" in mods, "ms": "ms" in mods}
+             "rotate_heads": "rot2" in mods, "act": "act" in mods, "ms": "ms" in mods,
+             "awq": "awq" in mods}
     if "lr" in mods:
         extra["lr"] = dict(learn_rounding or {})
     if name == "dense":

@@ -66,6 +66,9 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
                         "the dense block's outputs (AutoRound-style); optional JSON options, e.g. "
                         '\'{"iters": 200, "lr": 0.005, "batch_size": 4, "min_clip": 0.5, "seed": 0}\' '
                         "(docs/quantization.md#learned-rounding)")
+    q.add_argument("--channel-scales", choices=["awq"],
+                   help="with rtn|hqq|gptq (calibrated): fold activation-aware channel scales into each block before "
+                        "it is quantized (AWQ; exact, no bytes added; docs/quantization.md#channel-scales)")
     q.add_argument("--quantizer", help="how a low-rank method's factors are quantized (default: gptq when "
                                        "calibrated, hqq otherwise)")
 
@@ -129,7 +132,8 @@ def _config_from_args(args):
                              eora_factor_bits=args.eora_factor_bits,
                              eora_factor_group_size=args.eora_factor_group_size, quantizer=args.quantizer, kv=kv,
                              rotate=args.rotate, rotate_seed=args.rotate_seed,
-                             rotate_heads=args.rotate_heads, learn_rounding=learn_rounding)
+                             rotate_heads=args.rotate_heads, learn_rounding=learn_rounding,
+                             channel_scales=getattr(args, "channel_scales", None))
 
 
 def cmd_compress(args) -> int:

@@ -139,6 +139,13 @@ class CompressionConfig(QuantizationConfigMixin):
         rotate_heads: with ``rotate``, also rotate every attention head's values by one orthogonal matrix of the head
             size (the same kind), folded into v_proj's rows and o_proj's columns (SpinQuant's R2): o_proj's input
             groups become incoherent too. Exact and folded, like ``rotate``.
+        channel_scales: ``"awq"``: activation-aware channel scales (`hf_compress.transforms.channel_scales`; rtn, hqq,
+            gptq; needs calibration data): block by block, before the block is quantized, the input channels of each
+            group of layers fed by a norm (q/k/v; gate/up), by v_proj (o_proj) or by up_proj (down_proj) are scaled by
+            s = a^α / w^(1−α) (AWQ: a the channels' mean |x|, w the weights' mean relative magnitude), α searched to
+            minimise the layers' rounding error on their inputs; 1/s is folded into the norm's weight or the producing
+            layer's rows. Exact and folded, no bytes added: the model stays a plain model of its class. Stored only
+            when set. ``None`` (default): off.
         learn_rounding: learned rounding and clipping (`hf_compress.pipelines.reconstruct`; rtn and gptq): after a
             block's layers are quantized, per-weight rounding offsets in [-0.5, 0.5] and per-group clipping factors
             of the grid's range in [min_clip, 1] are learned by signed gradient descent so that the quantized block's
@@ -189,6 +196,7 @@ class CompressionConfig(QuantizationConfigMixin):
         rotate: str | None = None,
         rotate_seed: int = 0,
         rotate_heads: bool = False,
+        channel_scales: str | None = None,
         learn_rounding: dict[str, Any] | bool | None = None,
         modules: dict[str, dict[str, Any]] | None = None,
         kv: dict[str, Any] | str | None = None,
@@ -246,6 +254,7 @@ class CompressionConfig(QuantizationConfigMixin):
         self.rotate = rotate
         self.rotate_seed = rotate_seed
         self.rotate_heads = rotate_heads
+        self.channel_scales = channel_scales
         self.learn_rounding = copy.deepcopy(learn_rounding)
         self.modules = dict(modules or {})
         self.kv = kv
@@ -300,6 +309,7 @@ class CompressionConfig(QuantizationConfigMixin):
         if not isinstance(self.vision, bool):
             raise ConfigError(f"vision must be True or False, got {self.vision!r}")
         self._check_rotation(method)
+        self._check_channel_scales(method)
         from .pipelines.reconstruct import options as learn_rounding_options
 
         self.learn_rounding = learn_rounding_options(self.learn_rounding, self.method, self)
@@ -330,6 +340,17 @@ class CompressionConfig(QuantizationConfigMixin):
         if method.family != "quant" and self.ratio is None and self.rank is None and not self.modules:
             raise ConfigError("rotate transforms the weights before a weight method: give bits (rtn, hqq, gptq) or a "
                               "ratio/rank")
+
+    def _check_channel_scales(self, method) -> None:
+        from .transforms.channel_scales import CHANNEL_SCALES
+
+        if self.channel_scales is None:
+            return
+        if self.channel_scales not in CHANNEL_SCALES:
+            raise ConfigError(f"channel_scales must be one of {list(CHANNEL_SCALES)} or null, got {self.channel_scales!r}")
+        if method.family != "quant":
+            raise ConfigError(f"channel_scales={self.channel_scales!r} scales the input channels a quantization grid "
+                              f"rounds: use it with rtn, hqq or gptq, not {self.method!r}")
 
     def _check_quantization(self, method) -> None:
         from .kernels import SUPPORTED_BITS
@@ -480,6 +501,7 @@ class CompressionConfig(QuantizationConfigMixin):
                if self.avg_bits and self.bits_sensitivity != "gradient" else {}),
             **({"rotate": self.rotate, "rotate_seed": self.rotate_seed} if self.rotate else {}),  # stored when used
             **({"rotate_heads": True} if self.rotate_heads else {}),
+            **({"channel_scales": self.channel_scales} if self.channel_scales else {}),  # stored when used
             **({"learn_rounding": copy.deepcopy(self.learn_rounding)} if self.learn_rounding else {}),
             "modules": copy.deepcopy(self.modules),
             "kv": copy.deepcopy(self.kv),

@@ -37,7 +37,7 @@ def uses_calibration(config, calibration_given: bool) -> bool:
         return True
     if config.expert_bits or getattr(config, "avg_bits", None):  # allocated from routing / error statistics
         return True
-    if getattr(config, "learn_rounding", None):  # learned on the calibration windows
+    if getattr(config, "learn_rounding", None) or getattr(config, "channel_scales", None):  # from calibration windows
         return True
     # optional statistics: EoRA in the inputs' eigenspace, GPTQ for low-rank factors
     return calibration_given and bool((config.eora_rank or config.eora_bits) if method.family == "quant"
@@ -145,6 +145,7 @@ def _run(model, config, method, alloc, calibration, tokenizer, progress, checkpo
     if calibrated and calibration is None:
         what = (config.method if method.needs else f"{config.method} with expert_bits" if config.expert_bits
                 else f"{config.method} with learn_rounding" if getattr(config, "learn_rounding", None)
+                else f"{config.method} with channel_scales" if getattr(config, "channel_scales", None)
                 else f"{config.method} with avg_bits" if getattr(config, "avg_bits", None)
                 else f"{config.method} with quantizer {config.quantizer}")
         raise ConfigError(f"{what!r} needs calibration data: pass calibration=<text file, list of "

@@ -43,6 +43,7 @@ from ..modules.quant import WEIGHT_SCALE_DTYPES
 from ..progress import Progress
 from ..statistics import collect, expert_errors, expert_usage, reference_inputs
 from ..targets import block_index, dense_weight, find_blocks, is_offloaded, set_module
+from ..transforms import channel_scales
 from . import reconstruct
 from .common import Job, Phases, checkpoint_unit, restore
 
@@ -134,13 +135,20 @@ class Sequential:
         self.need_gram = needs_gram(job.config, job.method)
         self.need_cross = "cross" in job.method.needs
         self.learn = job.config.learn_rounding if job.method.family == "quant" else None
+        self.scaling = job.config.channel_scales if job.method.family == "quant" else None
+        #: channel scales: per block, what each mapping chose (or why it was left out); the parameters outside the
+        #: targets they changed (norm weights), by full name, which a resumed run restores
+        self.scaled: dict[str, dict] = {}
+        self.folded: dict[str, torch.Tensor] = {}
         #: the dense model's stream is carried along: for the cross terms, or as learned rounding's targets
         self.need_ref = self.need_cross or bool(self.learn)
         # (needed, why, what else to do): options that change the model's weights in memory refuse offloaded layers
         in_memory = [(bool(self.learn), "learn_rounding trains each block in memory", ""),
                      (bool(job.config.avg_bits) and job.config.bits_sensitivity == "measured",
                       "bits_sensitivity='measured' swaps each unit's quantized weights into the model in memory",
-                      " or use bits_sensitivity='gradient'")]
+                      " or use bits_sensitivity='gradient'"),
+                     (bool(self.scaling), f"channel_scales={self.scaling!r} folds scales into each block's weights in "
+                      "memory", "")]
         needed = [(why, other) for need, why, other in in_memory if need]
         if needed:
             offloaded = [n for n, t in job.targets.items() if is_offloaded(t.module)]
@@ -179,6 +187,8 @@ class Sequential:
         logger.info("time by phase: %s", clock)
         report = {"ranks": plan, "betas": betas, "seconds": time.time() - job.started,
                   "calibration_tokens": self.data.windows.numel(), "phases": dict(clock.seconds)}
+        if self.scaling:
+            report["channel_scales"] = self._scales_report()
         if self.learn:
             kept = sum(f["kept"] for f in self.learned.values())
             report["learned_rounding"] = {"options": dict(self.learn), "blocks": dict(self.learned),
@@ -359,12 +369,20 @@ class Sequential:
             ref = [saved[f"ref.{b}"] for b in range(len(comp))] if need_ref else None
             betas = self.ckpt.extra["betas"]
             self.learned = dict(self.ckpt.extra.get("learned", {}))
+            self.scaled = dict(self.ckpt.extra.get("scaled", {}))
+            self.folded = {k[len("folded."):]: t for k, t in saved.items() if k.startswith("folded.")}
+            with torch.no_grad():  # what the finished blocks' scales changed outside their (restored) layers
+                for name, t in self.folded.items():
+                    job.model.get_parameter(name).copy_(t)
             runner.inputs[:done] = [[] for _ in range(done)]
         for i in Progress(range(len(stack.blocks)), job.config.method, "block", bar=job.progress, skipped=done):
             block = stack.blocks[i]
             todo = {n: m for n, m in stack.layers[i].items() if plan[n] is not None or job.method.corrects_dense}
             learned = None
             if todo:
+                if self.scaling:
+                    with clock("channel scales"):
+                        self._scale(i, block, todo, comp)
                 if self.learn and not need_cross:  # the dense block's outputs, before its layers are replaced
                     with clock("reference forward"):
                         ref_out = runner.run(i, block, ref)
@@ -385,6 +403,51 @@ class Sequential:
             if self.ckpt:
                 self._checkpoint(i, list(todo), plan, betas, comp, ref)
         return betas
+
+    def _scale(self, i: int, block: nn.Module, todo: dict[str, nn.Module], comp: list) -> None:
+        """Channel scales (`hf_compress.transforms.channel_scales`) of block i, still dense, before its layers are
+        fitted: the mappings among its targets ``todo`` that are exact, each one's scales searched on the statistics
+        of the compressed stream ``comp`` and folded into the block."""
+        job, stack, runner = self.job, self.stack, self.runner
+        local = {stack.local(i, n): m for n, m in todo.items()}
+        found = channel_scales.candidates(block, local, runner, i, comp[0])
+        kept, left = channel_scales.exact(block, found, runner, i, comp[0], seed=i)
+        readers = {r for m in kept for r in m.readers}
+        stats = collect(runner, i, block, {stack.full(i, r): local[r] for r in readers}, comp,
+                        self.data.n_train_batches, {}, need_gram=True, all_experts=self.all_experts) if readers else {}
+        sdt = getattr(torch, job.config.scale_dtype)
+        chosen = {}
+        for m in kept:
+            names = [stack.full(i, r) for r in m.readers]
+            st = stats[names[0]]
+            formats = [(job.config_for(n).bits, job.config_for(n).group_size) for n in names]
+            found = channel_scales.search(m, [dense_weight(local[r]) for r in m.readers], st.absmean,
+                                          st.gram / max(st.count, 1), formats, sdt)
+            chosen[m.name] = {"alpha": found["alpha"], **found["error"]}
+            if found["scales"] is not None:
+                channel_scales.fold(block, m, found["scales"])
+                if m.kind == "norm":  # outside the targets: kept for a resumed run
+                    producer = block.get_submodule(m.producer)
+                    for p in ("weight", "bias"):
+                        if isinstance(getattr(producer, p, None), torch.Tensor):
+                            self.folded[stack.full(i, f"{m.producer}.{p}")] = getattr(producer, p).detach().clone()
+        self.scaled[str(i)] = {"mappings": chosen, "left": left}
+        logger.info("block %d channel scales: %s%s", i, "; ".join(
+            f"{n} α={c['alpha']} error x{c['after'] / c['before']:.3f}" if c["alpha"] is not None
+            else f"{n} unscaled" for n, c in chosen.items() if c["before"] > 0) or "none",
+            f"; left out: {', '.join(left)}" if left else "")
+
+    def _scales_report(self) -> dict:
+        """What the channel scales did over the run: mappings scaled / found, the left-out ones with their reasons,
+        and the readers' summed rounding error after / before (the search's objective)."""
+        chosen = [c for b in self.scaled.values() for c in b["mappings"].values()]
+        left = {f"{self.stack.prefix}.{i}.{n}": why for i, b in self.scaled.items() for n, why in b["left"].items()}
+        before, after = sum(c["before"] for c in chosen), sum(c["after"] for c in chosen)
+        report = {"kind": self.scaling, "scaled": sum(c["alpha"] is not None for c in chosen), "mappings": len(chosen),
+                  "left": left, "error_ratio": after / before if before > 0 else 1.0, "blocks": dict(self.scaled)}
+        logger.info("channel scales (%s): %d of %d mappings scaled (%d left out); the readers' rounding error "
+                    "x%.3f", self.scaling, report["scaled"], report["mappings"], len(left), report["error_ratio"])
+        return report
 
     def _fit_block(self, i: int, block: nn.Module, todo: dict[str, nn.Module], plan, comp, ref, betas: dict,
                    records: dict | None = None):
@@ -476,11 +539,14 @@ class Sequential:
             streams = {f"comp.{b}": h for b, h in enumerate(comp)}
             streams.update({f"ref.{b}": h for b, h in enumerate(ref or [])})
             streams.update({f"fisher.{n}": f for n, f in self.fisher.items()})
+            streams.update({f"folded.{n}": t for n, t in self.folded.items()})
             extra = {"plan": plan, "betas": betas, "bits": self.job.bits}
             if self.job.group_sizes:
                 extra["group_sizes"] = self.job.group_sizes
             if self.learn:
                 extra["learned"] = self.learned
+            if self.scaling:
+                extra["scaled"] = self.scaled
             ckpt.commit(i + 1, extra, streams)
 
 
