@@ -79,16 +79,21 @@ def _add_provenance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--license", help="license for the model card (default: the base model's, when known)")
 
 
+#: the calibrated pipeline's summary lines (logged at INFO) that the CLI prints at any verbosity: learned rounding
+#: (blocks whose learned codes were kept, seconds spent in it this run); channel scales (mappings scaled, left out)
+SUMMARIES = ("learned rounding: kept", "channel scales (")
+
+
 @contextlib.contextmanager
-def _learned_rounding_summary():
-    """Yields a list that receives the calibrated pipeline's learned-rounding summary line (blocks whose learned
-    codes were kept, seconds spent in it this run), logged at INFO, so that the CLI prints it at any verbosity."""
+def _pipeline_summaries():
+    """Yields a list that receives the calibrated pipeline's summary lines (`SUMMARIES`), so that the CLI prints
+    them at any verbosity."""
     lines: list[str] = []
     log = logging.getLogger("hf_compress.pipelines.sequential")
     level, shown = log.level, log.getEffectiveLevel()
 
     def catch(record):  # a logger filter: records below the level the user asked for go no further
-        if record.getMessage().startswith("learned rounding: kept"):
+        if record.getMessage().startswith(SUMMARIES):
             lines.append(record.getMessage())
         return record.levelno >= shown
 
@@ -166,7 +171,7 @@ def cmd_compress(args) -> int:
         print("perplexity of the model before compression:")
         base = _print_ppl(model, tokenizer, eval_text, args)
     t0 = time.time()
-    with _learned_rounding_summary() as learned:
+    with _pipeline_summaries() as summaries:
         compress(model, config, calibration=args.calib, tokenizer=tokenizer, checkpoint_dir=partial,
                  checkpoint_every=args.checkpoint_every)
     sizes = size_breakdown(model)
@@ -174,8 +179,8 @@ def cmd_compress(args) -> int:
     print(f"compressed {sizes['compressed_layers']} layers with {config.method} in {format_seconds(time.time() - t0)} "
           f"({time.time() - t0:.1f}s), peak RSS {peak_rss_mb():.0f} MiB; their bytes {dense:,} -> {now:,} "
           f"({now / max(dense, 1):.3f}x)")
-    if learned:
-        print(learned[0])
+    for line in summaries:
+        print(line)
     print(COVERAGE_TITLE)
     print(coverage_report(model, skip=config.skip).format_table())
     if eval_text:

@@ -96,6 +96,25 @@ def test_a_norm_whose_weight_does_not_scale_its_output_is_left_out():
     assert all(torch.equal(p, weights[n]) for n, p in block.named_parameters())
 
 
+def test_left_out_mappings_are_reported(caplog):
+    """A whole run on the Gemma model: the report lists the four norm mappings left out (two per block) by full name,
+    and a warning names them."""
+    import logging
+
+    from hf_compress.pipelines import compress_modules
+
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(**_decoder_kwargs(), head_dim=12)).eval()
+    cfg = CompressionConfig(method="rtn", bits=4, group_size=16, channel_scales="awq", calibration=CAL)
+    with caplog.at_level(logging.WARNING, logger="hf_compress.pipelines.sequential"):
+        report = compress_modules(model, cfg, calibration=_windows(), progress=False)
+    rep = report["channel_scales"]
+    assert rep["mappings"] == 4 and sorted(rep["left"]) == sorted(
+        f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm -> q_proj/k_proj/v_proj",
+                                                          "post_attention_layernorm -> gate_proj/up_proj"))
+    assert "left out 4 mapping(s)" in caplog.text and "model.layers.0.input_layernorm" in caplog.text
+
+
 def test_a_norm_read_outside_the_targets_is_not_a_mapping():
     """With gate_proj not a target, post_attention_layernorm's output has a reader whose columns would not be scaled:
     no mapping for that norm."""
@@ -197,6 +216,7 @@ def test_killed_run_resumes_bit_identical(dense4, tmp_path):  # noqa: F811
               "--calib", TEXT, "--nsamples", "8", "--seqlen", "32", "--checkpoint-every", "0"]
     full = _cli("compress", dense4, "-o", tmp_path / "full", *common)
     assert full.returncode == 0, full.stderr
+    assert "channel scales (awq): " in full.stdout and " of 16 mappings scaled, 0 left out" in full.stdout
     out, partial = tmp_path / "out", tmp_path / "out.partial"
     kill_stalled_run(partial, dense4, out, common)
     assert _done(partial) == 2

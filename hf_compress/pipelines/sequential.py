@@ -410,8 +410,8 @@ class Sequential:
         of the compressed stream ``comp`` and folded into the block."""
         job, stack, runner = self.job, self.stack, self.runner
         local = {stack.local(i, n): m for n, m in todo.items()}
-        found = channel_scales.candidates(block, local, runner, i, comp[0])
-        kept, left = channel_scales.exact(block, found, runner, i, comp[0], seed=i)
+        mappings = channel_scales.candidates(block, local, runner, i, comp[0])
+        kept, left = channel_scales.exact(block, mappings, runner, i, comp[0], seed=i)
         readers = {r for m in kept for r in m.readers}
         stats = collect(runner, i, block, {stack.full(i, r): local[r] for r in readers}, comp,
                         self.data.n_train_batches, {}, need_gram=True, all_experts=self.all_experts) if readers else {}
@@ -421,11 +421,11 @@ class Sequential:
             names = [stack.full(i, r) for r in m.readers]
             st = stats[names[0]]
             formats = [(job.config_for(n).bits, job.config_for(n).group_size) for n in names]
-            found = channel_scales.search(m, [dense_weight(local[r]) for r in m.readers], st.absmean,
-                                          st.gram / max(st.count, 1), formats, sdt)
-            chosen[m.name] = {"alpha": found["alpha"], **found["error"]}
-            if found["scales"] is not None:
-                channel_scales.fold(block, m, found["scales"])
+            best = channel_scales.search(m, [dense_weight(local[r]) for r in m.readers], st.absmean,
+                                         st.gram / max(st.count, 1), formats, sdt)
+            chosen[m.name] = {"alpha": best["alpha"], **best["error"]}
+            if best["scales"] is not None:
+                channel_scales.fold(block, m, best["scales"])
                 if m.kind == "norm":  # outside the targets: kept for a resumed run
                     producer = block.get_submodule(m.producer)
                     for p in ("weight", "bias"):
@@ -445,8 +445,12 @@ class Sequential:
         before, after = sum(c["before"] for c in chosen), sum(c["after"] for c in chosen)
         report = {"kind": self.scaling, "scaled": sum(c["alpha"] is not None for c in chosen), "mappings": len(chosen),
                   "left": left, "error_ratio": after / before if before > 0 else 1.0, "blocks": dict(self.scaled)}
-        logger.info("channel scales (%s): %d of %d mappings scaled (%d left out); the readers' rounding error "
-                    "x%.3f", self.scaling, report["scaled"], report["mappings"], len(left), report["error_ratio"])
+        logger.info("channel scales (%s): %d of %d mappings scaled, %d left out; the readers' rounding error x%.3f",
+                    self.scaling, report["scaled"], report["mappings"], len(left), report["error_ratio"])
+        if left:
+            name, why = next(iter(left.items()))
+            logger.warning("channel scales (%s) left out %d mapping(s) whose folding changes the block's outputs, "
+                           "e.g. %s: %s", self.scaling, len(left), name, why)
         return report
 
     def _fit_block(self, i: int, block: nn.Module, todo: dict[str, nn.Module], plan, comp, ref, betas: dict,
