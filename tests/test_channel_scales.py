@@ -4,11 +4,8 @@ reason, the search's objective equals the output error of the rounded scaled wei
 exceeds the unscaled one, a compressed model saves and reloads, a killed run resumes bit for bit, bad input is
 refused."""
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM
 
 import hf_compress
@@ -18,7 +15,7 @@ from hf_compress.calibration import BlockwiseRunner
 from hf_compress.errors import ConfigError
 from hf_compress.methods import get_method
 from hf_compress.transforms import channel_scales as cs
-from test_resume import TEXT, _cli, _done, dense4, kill_stalled_run  # noqa: F401  (dense4: a fixture)
+from test_resume import TEXT, dense4, resumed_equals_full_run  # noqa: F401  (dense4: a fixture)
 
 CAL = {"nsamples": 8, "seqlen": 32, "batch_size": 4}
 ALL = {"input_layernorm -> q_proj/k_proj/v_proj", "post_attention_layernorm -> gate_proj/up_proj",
@@ -214,19 +211,10 @@ def test_killed_run_resumes_bit_identical(dense4, tmp_path):  # noqa: F811
     """The folded norm weights of finished blocks (outside the targets the checkpoint stores) come back."""
     common = ["--method", "rtn", "--bits", "3", "--group-size", "16", "--channel-scales", "awq",
               "--calib", TEXT, "--nsamples", "8", "--seqlen", "32", "--checkpoint-every", "0"]
-    full = _cli("compress", dense4, "-o", tmp_path / "full", *common)
-    assert full.returncode == 0, full.stderr
-    assert "channel scales (awq): " in full.stdout and " of 16 mappings scaled, 0 left out" in full.stdout
-    out, partial = tmp_path / "out", tmp_path / "out.partial"
-    kill_stalled_run(partial, dense4, out, common)
-    assert _done(partial) == 2
-    state = json.loads((partial / "state.json").read_text())
+    stdout, state, tensors = resumed_equals_full_run(dense4, tmp_path, common)
+    assert "channel scales (awq): " in stdout and " of 16 mappings scaled, 0 left out" in stdout
     assert set(state["extra"]["scaled"]) == {"0", "1"}
-    resumed = _cli("compress", dense4, "-o", out, *common, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any("layernorm" in k and not torch.equal(a[k], torch.ones_like(a[k])) for k in a)
+    assert any("layernorm" in k and not torch.equal(t, torch.ones_like(t)) for k, t in tensors.items())
 
 
 def test_bad_input_refused(tmp_path):

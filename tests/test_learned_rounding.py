@@ -2,11 +2,8 @@
 rtn/gptq's codes, keeps its offsets and clipping factors in bounds, lowers the block's output error against the dense
 block computed independently, stores the format rtn/gptq store, resumes bit for bit, and refuses bad options."""
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hf_compress
@@ -16,7 +13,7 @@ from hf_compress.errors import ConfigError
 from hf_compress.methods import get_method
 from hf_compress.modules import QuantLinear
 from hf_compress.pipelines import reconstruct
-from test_resume import TEXT, _cli, _done, dense4, kill_stalled_run  # noqa: F401  (dense4: a fixture)
+from test_resume import TEXT, dense4, resumed_equals_full_run  # noqa: F401  (dense4: a fixture)
 
 CAL = {"nsamples": 8, "seqlen": 32, "batch_size": 4}
 
@@ -147,18 +144,9 @@ def test_killed_run_resumes_bit_identical(dense4, tmp_path):  # noqa: F811
     """The dense stream (learned rounding's targets) and each block's outcome come back from the checkpoint."""
     common = ["--method", "rtn", "--bits", "3", "--group-size", "16", "--learn-rounding", '{"iters": 8}',
               "--calib", TEXT, "--nsamples", "8", "--seqlen", "32", "--checkpoint-every", "0"]
-    full = _cli("compress", dense4, "-o", tmp_path / "full", *common)
-    assert full.returncode == 0, full.stderr
-    assert "learned rounding: kept in" in full.stdout  # the time spent in it is printed without -v
-    out, partial = tmp_path / "out", tmp_path / "out.partial"
-    kill_stalled_run(partial, dense4, out, common)
-    assert _done(partial) == 2
-    state = json.loads((partial / "state.json").read_text())
+    stdout, state, _ = resumed_equals_full_run(dense4, tmp_path, common)
+    assert "learned rounding: kept in" in stdout  # the time spent in it is printed without -v
     assert set(state["extra"]["learned"]) == {"0", "1"}
-    resumed = _cli("compress", dense4, "-o", out, *common, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("value, message", [

@@ -84,6 +84,22 @@ def kill_stalled_run(partial, dense4, out, common) -> None:
     child.wait()
 
 
+def resumed_equals_full_run(dense4, tmp_path, common) -> tuple[str, dict, dict]:
+    """Compress ``dense4`` with the CLI options ``common`` once in full, and once killed inside block 2
+    (`kill_stalled_run`) then resumed; assert both succeed and write the same tensors bit for bit. Returns (the full
+    run's stdout, the killed run's state.json, the tensors)."""
+    full = _cli("compress", dense4, "-o", tmp_path / "full", *common)
+    assert full.returncode == 0, full.stderr
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    kill_stalled_run(partial, dense4, out, common)
+    assert _done(partial) == 2
+    state = json.loads((partial / "state.json").read_text())
+    resumed = _cli("compress", dense4, "-o", out, *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return full.stdout, state, a
+
 def test_killed_run_resumes_bit_identical(dense4, tmp_path):
     """svd_llm: both calibration streams (dense and compressed), the rank plan and the per-layer β come back."""
     common = ["--method", "svd_llm", "--ratio", "0.3", "--calib", TEXT, "--nsamples", "8", "--seqlen", "32", "--checkpoint-every", "0"]
