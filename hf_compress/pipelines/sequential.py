@@ -427,10 +427,8 @@ class Sequential:
             if best["scales"] is not None:
                 channel_scales.fold(block, m, best["scales"])
                 if m.kind == "norm":  # outside the targets: kept for a resumed run
-                    producer = block.get_submodule(m.producer)
-                    for p in ("weight", "bias"):
-                        if isinstance(getattr(producer, p, None), torch.Tensor):
-                            self.folded[stack.full(i, f"{m.producer}.{p}")] = getattr(producer, p).detach().clone()
+                    self.folded.update({stack.full(i, n): t.detach().clone()
+                                        for n, t in channel_scales.producer_params(block, m)})
         self.scaled[str(i)] = {"mappings": chosen, "left": left}
         logger.info("block %d channel scales: %s%s", i, "; ".join(
             f"{n} α={c['alpha']} error x{c['after'] / c['before']:.3f}" if c["alpha"] is not None

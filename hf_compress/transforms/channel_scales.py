@@ -126,9 +126,10 @@ def exact(block: nn.Module, mappings: list[Mapping], runner, index: int, hidden:
     generator = torch.Generator().manual_seed(seed)
     kept, left = [], {}
     for m in mappings:
-        n = _width(block, m)
+        n = block.get_submodule(m.producer).weight.shape[0]  # the producer's output channels
         s = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(-0.7, 0.7, generator=generator))
-        saved = _snapshot(block, m)
+        saved = {p: p.detach().clone() for p in [t for _, t in producer_params(block, m)]
+                 + [block.get_submodule(r).weight for r in m.readers]}
         try:
             fold(block, m, s)
             out = runner.run(index, block, [hidden])[0].double()
@@ -144,16 +145,11 @@ def exact(block: nn.Module, mappings: list[Mapping], runner, index: int, hidden:
     return kept, left
 
 
-def _width(block: nn.Module, m: Mapping) -> int:
-    """The number of scales of mapping ``m``: the producer's output channels."""
-    p = block.get_submodule(m.producer)
-    return p.weight.shape[0]
-
-
-def _snapshot(block: nn.Module, m: Mapping) -> dict[torch.Tensor, torch.Tensor]:
-    params = [block.get_submodule(m.producer).weight, getattr(block.get_submodule(m.producer), "bias", None)]
-    params += [block.get_submodule(r).weight for r in m.readers]
-    return {p: p.detach().clone() for p in params if isinstance(p, torch.Tensor)}
+def producer_params(block: nn.Module, m: Mapping) -> list[tuple[str, torch.Tensor]]:
+    """(name inside the block, tensor) of what `fold` divides: the producer's weight and its bias if it has one."""
+    producer = block.get_submodule(m.producer)
+    return [(f"{m.producer}.{n}", t) for n in ("weight", "bias")
+            if isinstance(t := getattr(producer, n, None), torch.Tensor)]
 
 
 def _restore(block: nn.Module, saved: dict) -> None:
@@ -174,13 +170,11 @@ def reader_scales(m: Mapping, s: torch.Tensor) -> torch.Tensor:
 def fold(block: nn.Module, m: Mapping, s: torch.Tensor) -> None:
     """Divide the producer's output channels by ``s`` and multiply the readers' input columns by it (fp64, rounded
     once to each weight's dtype)."""
-    producer = block.get_submodule(m.producer)
     s = s.double()
     with torch.no_grad():
-        for p in (producer.weight, getattr(producer, "bias", None)):
-            if isinstance(p, torch.Tensor):
-                shape = (-1,) + (1,) * (p.dim() - 1)  # a norm's weight [n]; a linear layer's rows [n, in]
-                p.copy_((p.double() / s.to(p.device).view(shape)).to(p.dtype))
+        for _, p in producer_params(block, m):
+            shape = (-1,) + (1,) * (p.dim() - 1)  # a norm's weight [n]; a linear layer's rows [n, in]
+            p.copy_((p.double() / s.to(p.device).view(shape)).to(p.dtype))
         cols = reader_scales(m, s)
         for r in m.readers:
             w = block.get_submodule(r).weight
@@ -192,7 +186,7 @@ def _weight_means(weights: list[torch.Tensor], group_sizes: list[int]) -> torch.
     rows = []
     for w, g in zip(weights, group_sizes):
         out, n = w.shape
-        g = n if g <= 0 or n % g else g
+        g = n if n % g else g  # a group size that does not divide the row: the row's largest
         a = w.abs().float().reshape(out, n // g, g)
         rows.append((a / a.amax(-1, keepdim=True).clamp_min(1e-12)).reshape(out, n))
     return torch.cat(rows).mean(0)
@@ -214,15 +208,13 @@ def search(m: Mapping, weights: list[torch.Tensor], absmean: torch.Tensor, gram:
     weights = [w.detach().float() for w in weights]
     h = gram.to(torch.float32)
 
-    def cost(cols: torch.Tensor | None) -> float:
-        if cols is None:
-            return sum(rounding_error(w, h, b, g, scale_dtype) for w, (b, g) in zip(weights, formats))
+    def cost(cols: torch.Tensor) -> float:
         hs = h / (cols[:, None] * cols[None, :])
         return sum(rounding_error(w * cols[None, :], hs, b, g, scale_dtype) for w, (b, g) in zip(weights, formats))
 
     a = _per_kv(absmean.float(), m.repeat).clamp_min(1e-12)
     wm = _per_kv(_weight_means(weights, [g for _, g in formats]), m.repeat).clamp_min(1e-12)
-    before = cost(None)
+    before = cost(torch.ones_like(h[0]))
     best = {"scales": None, "alpha": None, "error": {"before": before, "after": before}}
     for k in range(grid):
         alpha = k / grid
