@@ -309,31 +309,44 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def input_groups(block: nn.Module, names: dict[str, nn.Module], runner: BlockwiseRunner, index: int,
-                 hidden: torch.Tensor) -> list[list[str]]:
-    """Group a block's target layers by the input tensor they receive, in call order (q/k/v, o, gate/up, down)."""
+def trace_inputs(block: nn.Module, readers: dict[str, nn.Module], runner: BlockwiseRunner, index: int,
+                 hidden: torch.Tensor, producers: dict[str, nn.Module] | None = None
+                 ) -> list[tuple[list[str], str | None]]:
+    """Run ``block`` once on ``hidden`` and follow its tensors: one entry per distinct input tensor of the
+    ``readers`` (in call order), with the readers that receive it and the name of the module of ``producers`` whose
+    output that tensor is (None when no producer made it). Readers never called are left out."""
     seen: dict[int, list[str]] = {}
-    order: list[int] = []
-    alive: list[torch.Tensor] = []  # keep inputs referenced so that ids are not reused during the probe
+    produced: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # keep the tensors referenced so that ids are not reused during the probe
 
-    def make(name):
+    def on_read(name):
         def hook(module, args):
             alive.append(args[0])
-            key = id(args[0])
-            if key not in seen:
-                seen[key] = []
-                order.append(key)
-            if name not in seen[key]:
-                seen[key].append(name)
+            names = seen.setdefault(id(args[0]), [])  # dicts keep insertion order: the call order
+            if name not in names:
+                names.append(name)
         return hook
 
-    handles = [m.register_forward_pre_hook(make(n)) for n, m in names.items()]
+    def on_produce(name):
+        def hook(module, args, out):
+            alive.append(out)
+            produced.setdefault(id(out), name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(on_read(n)) for n, m in readers.items()]
+    handles += [m.register_forward_hook(on_produce(n)) for n, m in (producers or {}).items()]
     try:
         runner.run(index, block, [hidden])
     finally:
         for h in handles:
             h.remove()
-    groups = [seen[k] for k in order]
+    return [(names, produced.get(key)) for key, names in seen.items()]
+
+
+def input_groups(block: nn.Module, names: dict[str, nn.Module], runner: BlockwiseRunner, index: int,
+                 hidden: torch.Tensor) -> list[list[str]]:
+    """Group a block's target layers by the input tensor they receive, in call order (q/k/v, o, gate/up, down)."""
+    groups = [readers for readers, _ in trace_inputs(block, names, runner, index, hidden)]
     missing = [n for n in names if n not in {m for g in groups for m in g}]
     if missing:
         groups.append(missing)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..calibration import trace_inputs
 from ..methods.quantlib import rounding_error
 
 logger = logging.getLogger(__name__)
@@ -77,32 +78,8 @@ def candidates(block: nn.Module, targets: dict[str, nn.Module], runner, index: i
     o_proj, and every up_proj -> down_proj pair of one MLP. Not yet checked for exactness (`exact`)."""
     linear = {n: m for n, m in targets.items() if type(m) is nn.Linear}
     norms = {n: m for n, m in block.named_modules() if n and _is_norm(m)}
-    produced: dict[int, str] = {}
-    read: dict[int, list[str]] = {}
-    alive: list[torch.Tensor] = []
-
-    def on_norm(name):
-        def hook(module, args, out):
-            alive.append(out)
-            produced.setdefault(id(out), name)
-        return hook
-
-    def on_reader(name):
-        def hook(module, args):
-            alive.append(args[0])
-            read.setdefault(id(args[0]), [])
-            if name not in read[id(args[0])]:
-                read[id(args[0])].append(name)
-        return hook
-
-    handles = [m.register_forward_hook(on_norm(n)) for n, m in norms.items()]
-    handles += [m.register_forward_pre_hook(on_reader(n)) for n, m in linear.items()]
-    try:
-        runner.run(index, block, [hidden])
-    finally:
-        for h in handles:
-            h.remove()
-    found = [Mapping(produced[k], "norm", names) for k, names in read.items() if k in produced]
+    found = [Mapping(producer, "norm", readers)
+             for readers, producer in trace_inputs(block, linear, runner, index, hidden, producers=norms) if producer]
     for name in linear:
         parent, _, leaf = name.rpartition(".")
         pre = f"{parent}." if parent else ""
