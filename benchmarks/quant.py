@@ -85,7 +85,8 @@ def run_row(spec: dict) -> list[dict]:
     torch.manual_seed(0)
     model, tok = load_model(smollm2_gguf_path())
     row = {k: v for k, v in spec.items()
-           if k not in ("rotate", "rotate_heads", "act", "lr", "ms", "awq", "extra_eval", "extra_eval_tokens")}
+           if k not in ("rotate", "rotate_heads", "act", "lr", "ms", "awq", "extra_eval", "extra_eval_tokens",
+                         "method_kwargs")}
     names = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
     reset_peak_rss()
@@ -105,7 +106,8 @@ def run_row(spec: dict) -> list[dict]:
                "eora_bits": float(eora[1:]) if budget else None, "eora_factor_bits": spec.get("factor_bits"),
                "targets": TARGETS, "calibration": {"nsamples": spec["nsamples"], "seqlen": 512, "seed": 0},
                "rotate": spec.get("rotate"), "rotate_heads": spec.get("rotate_heads", False),
-               "method_kwargs": ({"act_weighted": True} if spec["method"] == "hqq" else {"grid": "mse-act"}) if act else {},
+               "method_kwargs": {**(({"act_weighted": True} if spec["method"] == "hqq" else {"grid": "mse-act"}) if act else {}),
+                                 **spec.get("method_kwargs", {})},
                "learn_rounding": spec.get("lr"), "channel_scales": "awq" if spec.get("awq") else None}
         row["method"] = _label(spec)
         calibrated = spec["method"] == "gptq" or eora or act or spec.get("lr") or mixed or spec.get("awq")
@@ -192,6 +194,8 @@ def _label(spec: dict) -> str:
         label += " + measured sensitivity"
     if spec.get("lr"):
         label += " + learned rounding " + json.dumps(spec["lr"], separators=(",", ":"))
+    if spec.get("method_kwargs"):
+        label += " " + json.dumps(spec["method_kwargs"], separators=(",", ":"))
     return label
 
 
@@ -301,6 +305,8 @@ def main():
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--learn-rounding", default="{}", metavar="JSON",
                    help='options of the +lr rows (learn_rounding), e.g. \'{"iters": 50, "batch_size": 2}\'')
+    p.add_argument("--method-kwargs", default="{}", metavar="JSON",
+                   help='options of the method in every hf-compress row (method_kwargs), e.g. \'{"damp": 0.1}\'')
     p.add_argument("--rows", nargs="+", help="explicit rows instead of the grid: dense[+rot], "
                                              "METHOD[+rot][+act][+lr]:BITS|avgX:GROUP[:EORA|:bBUDGET], hqq-package:BITS:GROUP, "
                                              "quanto:4:128")
@@ -324,6 +330,8 @@ def main():
             specs.append({"kind": "quanto", "method": "optimum-quanto qint4", "bits": 4, "group_size": 128, "eora": 0})
     if args.rows:
         specs = [_parse_row(r, json.loads(args.learn_rounding)) for r in args.rows]
+        kwargs = json.loads(args.method_kwargs)
+        specs = [{**s, "method_kwargs": kwargs} if kwargs and s["kind"] == "ours" else s for s in specs]
     jobs = [(f"{s['method']} w{s['bits']} g{s['group_size']} r{s['eora']}", [json.dumps({**base, **s})]) for s in specs]
     results = run_rows(__file__, jobs)
     extra = [f"ppl_{name.split('.')[0]}" for name in args.extra_eval]
