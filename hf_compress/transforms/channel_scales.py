@@ -18,8 +18,8 @@ calibration batch, and a mapping whose outputs move (a norm read by something el
 left out, with its reason in the report.
 
 The scales are searched as AWQ does: s = a^α / w^(1−α) (a: the mean |x| of each input channel on the calibration
-windows; w: the mean over rows of |W| relative to its group's largest, over every reader; normalised to geometric mean
-1), α on a grid of ``GRID`` values in [0, 1), and the unscaled weights as one more candidate. A candidate's cost is what
+windows; w: the mean over rows of |W| relative to its group's largest, over every reader; normalised as AWQ
+does, so that the largest times the smallest is 1), α on a grid of ``GRID`` values in [0, 1), and the unscaled weights as one more candidate. A candidate's cost is what
 its readers' rounding (min–max grid, the run's bits and group size per layer) adds to their outputs: Σ tr(E H Eᵀ),
 E = W − Q(W·diag(s))·diag(s)⁻¹ and H the inputs' Gram — computed from the statistics the pipeline gathers anyway,
 with no forward per candidate (AWQ runs the module once per candidate). The chosen scales are folded into the dense
